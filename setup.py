@@ -1,0 +1,33 @@
+"""megatron-rpt: Megatron-Core pretraining with the generalized beta/lambda loss and Reinforcement Pre-Training."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-rpt",
+    version="0.1.0",
+    description="Megatron-Core pretraining fork: generalized next-token loss and Reinforcement Pre-Training",
+    packages=find_packages(include=["megatron_rpt", "megatron_rpt.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "megatron-core>=0.16.1",
+        "torch>=2.6",
+        "numpy",
+        "packaging",
+        "sentencepiece",
+        "nltk",
+        "tensorboard",
+        "psutil",  # megatron-core dist-checkpoint save needs it (undeclared upstream)
+        "tqdm",  # megatron-core static inference engine needs it (undeclared upstream)
+        "pybind11",  # to build megatron-core's dataset helpers where the wheel lacks them (0.19.x)
+        "rdata",  # reads the Jane Austen corpus of the offline demo (R lazy-load data)
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]"],
+        "hf": ["transformers", "safetensors", "tokenizers"],
+        "test": ["pytest", "transformers", "tokenizers"],
+    },
+    entry_points={
+        "console_scripts": [
+            "mrpt-pretrain=megatron_rpt.pretrain:main",
+        ],
+    },
+)
