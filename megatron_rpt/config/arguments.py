@@ -1,0 +1,88 @@
+"""Command line -> `RunConfig`, with Megatron-LM flag names generated from the dataclass fields.
+
+Only flags the user actually gives override preset values and defaults (argparse.SUPPRESS), so
+`--model-preset tiny --num-layers 2` means "tiny, but two layers".
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Optional, Sequence
+
+from megatron_rpt.config.presets import get_preset, preset_names
+from megatron_rpt.config.schema import SECTIONS, RunConfig
+
+_GROUP_TITLES = {
+    "model": "network size", "parallel": "distributed", "optimizer": "optimizer and learning rate",
+    "training": "training", "data": "data and tokenizer", "checkpoint": "checkpointing",
+    "logging": "logging", "loss": "loss",
+}
+
+
+def _scalar_type(tp) -> type:
+    """The argparse `type` for a field annotation such as Optional[int]."""
+    if isinstance(tp, str):  # postponed annotations
+        tp = eval(tp, vars(typing))  # noqa: S307 - our own annotations only
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _scalar_type(args[0])
+    return tp
+
+
+def _dest(section: str, name: str) -> str:
+    return f"{section}.{name}"
+
+
+def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
+    """The pretraining parser; `extra_args_provider(parser)` may add groups (as in Megatron-LM)."""
+    parser = argparse.ArgumentParser(
+        prog="mrpt-pretrain", description="Megatron-Core pretraining (megatron-rpt).",
+        argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    parser.add_argument("--model-preset", dest="model_preset", choices=preset_names(),
+                        help="Fill the model shape from a preset; explicit flags win.")
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(_GROUP_TITLES[section])
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+            dest = _dest(section, f.name)
+            tp = _scalar_type(f.type)
+            if tp is bool:
+                group.add_argument(flag, dest=dest, action="store_true", help=meta.get("help"))
+                if meta.get("negative"):
+                    group.add_argument(meta["negative"], dest=dest, action="store_false",
+                                       help=f"Disable {flag}.")
+            elif meta.get("nargs"):
+                group.add_argument(flag, dest=dest, nargs=meta["nargs"], help=meta.get("help"))
+            else:
+                group.add_argument(flag, dest=dest, type=tp if tp in (int, float) else str,
+                                   choices=meta.get("choices"), help=meta.get("help"))
+    if extra_args_provider is not None:
+        extra_args_provider(parser)
+    return parser
+
+
+def config_from_namespace(ns: argparse.Namespace) -> RunConfig:
+    """Defaults, then the preset's model fields, then the explicitly given flags."""
+    given = vars(ns)
+    preset = given.get("model_preset")
+    sections = {}
+    for section, cls in SECTIONS.items():
+        values = {}
+        if section == "model" and preset:
+            values.update(get_preset(preset))
+        for f in dataclasses.fields(cls):
+            key = _dest(section, f.name)
+            if key in given:
+                values[f.name] = given[key]
+        sections[section] = cls(**values)
+    return RunConfig(model_preset=preset, **sections)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, extra_args_provider=None) -> RunConfig:
+    """Parse the command line (unvalidated: see `config.validation.validate_config`)."""
+    parser = build_parser(extra_args_provider)
+    return config_from_namespace(parser.parse_args(argv))

@@ -1,0 +1,211 @@
+"""Typed run configuration: one dataclass per concern, each field carrying its Megatron-LM flag.
+
+The dataclasses are the single source of truth for the command line: `config.arguments` builds
+the argparse groups from the `flag`/`help` metadata below, so a field and its flag cannot drift
+apart. Library code receives these objects explicitly; there is no global argument singleton.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+def arg(default: Any = dataclasses.MISSING, *, flag: str | None = None, help: str = "",
+        choices: tuple | None = None, nargs: str | None = None, negative: str | None = None,
+        default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with its CLI metadata (flag name defaults to --field-name)."""
+    meta = {"flag": flag, "help": help, "choices": choices, "nargs": nargs, "negative": negative}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    """Qwen3-style decoder shape (RMSNorm, SwiGLU, RoPE, GQA, QK-norm, no biases)."""
+
+    num_layers: Optional[int] = arg(None, help="Number of transformer layers.")
+    hidden_size: Optional[int] = arg(None, help="Transformer hidden size.")
+    ffn_hidden_size: Optional[int] = arg(None, help="FFN hidden size (per SwiGLU branch).")
+    num_attention_heads: Optional[int] = arg(None, help="Number of attention heads.")
+    num_query_groups: Optional[int] = arg(None, help="Key/value heads for grouped-query attention "
+                                          "(default: = heads, i.e. multi-head attention).")
+    kv_channels: Optional[int] = arg(None, help="Head dimension (default hidden/heads).")
+    seq_length: Optional[int] = arg(None, help="Training sequence length.")
+    max_position_embeddings: Optional[int] = arg(None, help="Maximum positions (default seq length).")
+    vocab_size: Optional[int] = arg(None, help="Vocabulary size; by default taken from the tokenizer.")
+    make_vocab_size_divisible_by: int = arg(128, help="Pad the vocabulary to a multiple of this "
+                                            "times the tensor-parallel size.")
+    rotary_base: float = arg(10000.0, help="RoPE base (theta).")
+    norm_epsilon: float = arg(1e-6, help="RMSNorm epsilon.")
+    qk_layernorm: bool = arg(True, flag="--qk-layernorm", negative="--no-qk-layernorm",
+                             help="RMSNorm on queries and keys (Qwen3).")
+    untie_embeddings_and_output_weights: bool = arg(False, help="Separate output layer weights.")
+    init_method_std: float = arg(0.02, help="Std of the normal weight initialisation.")
+    attention_dropout: float = arg(0.0, help="Attention dropout.")
+    hidden_dropout: float = arg(0.0, help="Hidden dropout.")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and the batch are split over ranks."""
+
+    tensor_model_parallel_size: int = arg(1, help="Tensor-parallel size.")
+    pipeline_model_parallel_size: int = arg(1, help="Pipeline-parallel size.")
+    num_layers_per_virtual_pipeline_stage: Optional[int] = arg(
+        None, help="Layers per virtual pipeline stage (enables the interleaved schedule).")
+    context_parallel_size: int = arg(1, help="Context-parallel size.")
+    sequence_parallel: bool = arg(False, help="Sequence parallelism (needs TP > 1).")
+    use_distributed_optimizer: bool = arg(False, help="Shard optimizer states over data parallel.")
+    overlap_grad_reduce: bool = arg(False, help="Overlap the gradient reduce with backward.")
+    overlap_param_gather: bool = arg(False, help="Overlap the parameter all-gather (distributed optimizer).")
+    distributed_timeout_minutes: int = arg(10, help="Timeout of collective operations.")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW and its learning-rate / weight-decay schedule."""
+
+    optimizer: str = arg("adam", choices=("adam", "sgd"), help="Optimizer (adam = AdamW).")
+    lr: Optional[float] = arg(None, help="Peak learning rate.")
+    min_lr: float = arg(0.0, help="Minimum learning rate at the end of decay.")
+    lr_decay_style: str = arg("cosine", choices=("constant", "linear", "cosine", "inverse-square-root", "WSD"),
+                              help="Learning-rate decay style.")
+    lr_warmup_iters: int = arg(0, help="Linear warmup iterations.")
+    lr_warmup_init: float = arg(0.0, help="Learning rate at the start of warmup.")
+    lr_decay_iters: Optional[int] = arg(None, help="Decay iterations (default: --train-iters).")
+    lr_wsd_decay_iters: Optional[int] = arg(None, help="WSD: iterations of the final decay phase.")
+    lr_wsd_decay_style: str = arg("exponential", choices=("exponential", "linear", "cosine", "minus_sqrt"),
+                                  help="WSD: shape of the decay phase.")
+    weight_decay: float = arg(0.01, help="AdamW weight decay.")
+    clip_grad: float = arg(1.0, help="Gradient clipping by global norm (0 disables).")
+    adam_beta1: float = arg(0.9, help="Adam beta1.")
+    adam_beta2: float = arg(0.999, help="Adam beta2.")
+    adam_eps: float = arg(1e-8, help="Adam epsilon.")
+    sgd_momentum: float = arg(0.9, help="SGD momentum.")
+
+
+@dataclass
+class TrainingConfig:
+    """Batching, precision, iterations, recompute, seeds."""
+
+    micro_batch_size: int = arg(1, help="Sequences per micro-batch per data-parallel rank.")
+    global_batch_size: Optional[int] = arg(None, help="Sequences per optimizer step "
+                                           "(default micro batch x data-parallel size).")
+    train_iters: Optional[int] = arg(None, help="Optimizer steps to train.")
+    bf16: bool = arg(False, help="bf16 mixed precision (GPU).")
+    fp16: bool = arg(False, help="fp16 mixed precision with loss scaling (GPU).")
+    calculate_per_token_loss: bool = arg(False, help="Average the loss over all tokens of the "
+                                         "global batch instead of per micro-batch.")
+    recompute_granularity: Optional[str] = arg(None, choices=("full", "selective"),
+                                               help="Activation recomputation.")
+    recompute_method: Optional[str] = arg(None, choices=("uniform", "block"),
+                                          help="How layers are recomputed with --recompute-granularity full.")
+    recompute_num_layers: Optional[int] = arg(None, help="Layers per recompute unit (full recompute).")
+    seed: int = arg(1234, help="Random seed.")
+    eval_interval: int = arg(1000, help="Evaluate on the validation split every N iterations (0: never).")
+    eval_iters: int = arg(10, help="Validation iterations per evaluation.")
+    exit_interval: Optional[int] = arg(None, help="Exit after an iteration divisible by N (after saving).")
+    exit_signal_handler: bool = arg(False, help="Save and exit cleanly on SIGTERM (SLURM preemption).")
+    use_cpu: bool = arg(False, flag="--use-cpu", help="Force the CPU/gloo platform even when CUDA is present.")
+
+
+@dataclass
+class DataConfig:
+    """Datasets and the tokenizer."""
+
+    data_path: list = arg(None, nargs="*", default_factory=list,
+                          help="Weighted blend: 'PREFIX' or 'W1 PREFIX1 W2 PREFIX2 ...'.")
+    split: str = arg("969,30,1", help="Train/valid/test split of --data-path, e.g. 969,30,1.")
+    data_cache_path: Optional[str] = arg(None, help="Where dataset index caches are written.")
+    mock_data: bool = arg(False, help="Random tokens instead of a dataset (smoke tests).")
+    tokenizer_type: Optional[str] = arg(None, choices=("SentencePieceTokenizer", "HuggingFaceTokenizer",
+                                                       "GPT2BPETokenizer", "NullTokenizer"),
+                                        help="Tokenizer kind.")
+    tokenizer_model: Optional[str] = arg(None, help="Tokenizer model file or folder.")
+    vocab_file: Optional[str] = arg(None, help="Vocabulary file (GPT2BPETokenizer).")
+    merge_file: Optional[str] = arg(None, help="BPE merges file (GPT2BPETokenizer).")
+    reset_position_ids: bool = arg(False, help="Reset position ids at document ends.")
+    reset_attention_mask: bool = arg(False, help="Reset the attention mask at document ends.")
+    eod_mask_loss: bool = arg(False, help="Mask the loss at end-of-document tokens.")
+
+
+@dataclass
+class CheckpointConfig:
+    """Megatron-Core distributed checkpoints (torch_dist)."""
+
+    save: Optional[str] = arg(None, help="Directory to save checkpoints in.")
+    load: Optional[str] = arg(None, help="Directory to resume from (its latest complete checkpoint).")
+    save_interval: Optional[int] = arg(None, help="Save every N iterations (and at the end).")
+    ckpt_step: Optional[int] = arg(None, help="Load this iteration instead of the latest.")
+    no_load_optim: bool = arg(False, help="Do not load optimizer state.")
+    no_load_rng: bool = arg(False, help="Do not load RNG state.")
+    finetune: bool = arg(False, help="Load weights only and start at iteration 0.")
+    ckpt_fully_parallel_save: bool = arg(True, flag="--ckpt-fully-parallel-save",
+                                         negative="--no-ckpt-fully-parallel-save",
+                                         help="Spread the save over data-parallel ranks.")
+
+
+@dataclass
+class LoggingConfig:
+    """Stdout and TensorBoard logging."""
+
+    log_interval: int = arg(10, help="Log every N iterations.")
+    tensorboard_dir: Optional[str] = arg(None, help="TensorBoard event directory.")
+    tensorboard_log_interval: int = arg(1, help="Write TensorBoard scalars every N iterations.")
+    log_throughput: bool = arg(True, flag="--log-throughput", negative="--no-log-throughput",
+                               help="Log tokens/s, TFLOP/s per device and MFU.")
+    log_memory: bool = arg(True, flag="--log-memory", negative="--no-log-memory",
+                           help="Log peak memory.")
+    peak_tflops: Optional[float] = arg(None, help="Device peak TFLOP/s used for MFU "
+                                       "(default: known GPUs' dense bf16 peak; CPU: none).")
+
+
+@dataclass
+class LossConfig:
+    """Which per-token loss the pretraining step uses (cross-entropy by default)."""
+
+    loss_function: str = arg("cross_entropy", help="Registered per-token loss function name.")
+
+
+@dataclass
+class RunConfig:
+    """Everything one pretraining run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    model_preset: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in d:
+                continue
+            value = d[f.name]
+            sub = _SECTIONS.get(f.name)
+            if sub is not None:
+                known = {sf.name for sf in dataclasses.fields(sub)}
+                kwargs[f.name] = sub(**{k: v for k, v in value.items() if k in known})
+            else:
+                kwargs[f.name] = value
+        return cls(**kwargs)
+
+
+_SECTIONS = {
+    "model": ModelConfig, "parallel": ParallelConfig, "optimizer": OptimizerConfig,
+    "training": TrainingConfig, "data": DataConfig, "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig, "loss": LossConfig,
+}
+SECTIONS = dict(_SECTIONS)

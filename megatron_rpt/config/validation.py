@@ -1,0 +1,239 @@
+"""Checks a `RunConfig` against itself, the world size and the file system.
+
+Every problem becomes one line naming the flag(s) and what to do; all lines are reported
+together in a single `ConfigError` so a user fixes a launch script in one pass.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional
+
+from megatron_rpt.config.schema import RunConfig
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; `problems` holds one message per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(self.problems))
+
+
+def _complete_defaults(cfg: RunConfig, world_size: int) -> None:
+    """Derived values Megatron-LM also derives (filled in place, only where unset)."""
+    m, p, t, o = cfg.model, cfg.parallel, cfg.training, cfg.optimizer
+    if m.num_query_groups is None:
+        m.num_query_groups = m.num_attention_heads
+    if m.kv_channels is None and m.hidden_size and m.num_attention_heads:
+        m.kv_channels = m.hidden_size // m.num_attention_heads
+    if m.max_position_embeddings is None:
+        m.max_position_embeddings = m.seq_length
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+    dp = world_size // model_parallel if model_parallel and world_size % model_parallel == 0 else None
+    if t.global_batch_size is None and dp:
+        t.global_batch_size = t.micro_batch_size * dp
+    if o.lr_decay_iters is None:
+        o.lr_decay_iters = t.train_iters
+    if p.sequence_parallel and p.tensor_model_parallel_size == 1:
+        warnings.warn("--sequence-parallel has no effect with --tensor-model-parallel-size 1; disabled")
+        p.sequence_parallel = False
+
+
+def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
+    p = cfg.parallel
+    return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+                          * p.context_parallel_size)
+
+
+def validate_config(cfg: RunConfig, world_size: int, *, check_files: bool = True) -> RunConfig:
+    """Fill derived defaults and raise `ConfigError` listing every problem found."""
+    _complete_defaults(cfg, world_size)
+    m, p, t, o, d, c = cfg.model, cfg.parallel, cfg.training, cfg.optimizer, cfg.data, cfg.checkpoint
+    problems: list[str] = []
+
+    def need(value, flag: str) -> None:
+        if value is None:
+            problems.append(f"{flag} is required (or use --model-preset)" if flag in _SHAPE_FLAGS
+                            else f"{flag} is required")
+
+    for flag, value in (("--num-layers", m.num_layers), ("--hidden-size", m.hidden_size),
+                        ("--ffn-hidden-size", m.ffn_hidden_size),
+                        ("--num-attention-heads", m.num_attention_heads), ("--seq-length", m.seq_length),
+                        ("--lr", o.lr), ("--train-iters", t.train_iters)):
+        need(value, flag)
+
+    for flag, value in (("--tensor-model-parallel-size", p.tensor_model_parallel_size),
+                        ("--pipeline-model-parallel-size", p.pipeline_model_parallel_size),
+                        ("--context-parallel-size", p.context_parallel_size),
+                        ("--micro-batch-size", t.micro_batch_size)):
+        if value < 1:
+            problems.append(f"{flag} must be >= 1 (got {value})")
+    if problems and any("must be >= 1" in x for x in problems):
+        raise ConfigError(problems)
+
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    mp = tp * pp * cp
+    if world_size % mp != 0:
+        problems.append(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+            f"--pipeline-model-parallel-size {pp} x --context-parallel-size {cp} = {mp}; "
+            f"launch a multiple of {mp} processes (torchrun --nproc-per-node / srun -n)")
+    dp = world_size // mp if world_size % mp == 0 else None
+
+    if m.num_attention_heads is not None:
+        if m.num_attention_heads % tp:
+            problems.append(f"--num-attention-heads {m.num_attention_heads} is not divisible by "
+                            f"--tensor-model-parallel-size {tp}")
+        if m.num_query_groups is not None:
+            if m.num_attention_heads % m.num_query_groups:
+                problems.append(f"--num-attention-heads {m.num_attention_heads} is not divisible by "
+                                f"--num-query-groups {m.num_query_groups}")
+            if m.num_query_groups % tp:
+                problems.append(f"--num-query-groups {m.num_query_groups} is not divisible by "
+                                f"--tensor-model-parallel-size {tp}")
+        if m.kv_channels is None and m.hidden_size and m.hidden_size % m.num_attention_heads:
+            problems.append(f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
+                            f"{m.num_attention_heads}; set --kv-channels")
+    if m.ffn_hidden_size is not None and m.ffn_hidden_size % tp:
+        problems.append(f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by "
+                        f"--tensor-model-parallel-size {tp}")
+    if m.num_layers is not None:
+        if m.num_layers % pp:
+            problems.append(f"--num-layers {m.num_layers} is not divisible by "
+                            f"--pipeline-model-parallel-size {pp}")
+        vl = p.num_layers_per_virtual_pipeline_stage
+        if vl is not None:
+            if pp < 2:
+                problems.append("--num-layers-per-virtual-pipeline-stage needs "
+                                "--pipeline-model-parallel-size >= 2")
+            elif vl < 1 or m.num_layers % (pp * vl):
+                problems.append(f"--num-layers {m.num_layers} is not divisible by "
+                                f"--pipeline-model-parallel-size {pp} x "
+                                f"--num-layers-per-virtual-pipeline-stage {vl}")
+    if m.seq_length is not None and m.max_position_embeddings is not None \
+            and m.seq_length > m.max_position_embeddings:
+        problems.append(f"--seq-length {m.seq_length} exceeds --max-position-embeddings "
+                        f"{m.max_position_embeddings}")
+    if p.sequence_parallel and m.seq_length is not None and m.seq_length % tp:
+        problems.append(f"--seq-length {m.seq_length} is not divisible by --tensor-model-parallel-size "
+                        f"{tp} (needed by --sequence-parallel)")
+
+    if dp is not None and t.global_batch_size is not None:
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            problems.append(f"--global-batch-size {t.global_batch_size} is not divisible by "
+                            f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp}")
+        if p.num_layers_per_virtual_pipeline_stage is not None and \
+                (t.global_batch_size // max(1, t.micro_batch_size * dp)) % pp:
+            problems.append("the interleaved schedule needs the number of micro-batches "
+                            f"(--global-batch-size / (--micro-batch-size x DP)) divisible by "
+                            f"--pipeline-model-parallel-size {pp}")
+    if t.bf16 and t.fp16:
+        problems.append("--bf16 and --fp16 are mutually exclusive")
+    if t.recompute_granularity == "full" and t.recompute_method is None:
+        problems.append("--recompute-granularity full needs --recompute-method uniform|block")
+    if t.train_iters is not None and t.train_iters < 1:
+        problems.append(f"--train-iters must be >= 1 (got {t.train_iters})")
+    if o.lr is not None and o.lr < 0 or o.min_lr < 0:
+        problems.append("--lr and --min-lr must be >= 0")
+    if o.lr is not None and o.min_lr > o.lr:
+        problems.append(f"--min-lr {o.min_lr} exceeds --lr {o.lr}")
+    if t.train_iters is not None and o.lr_warmup_iters > (o.lr_decay_iters or t.train_iters):
+        problems.append(f"--lr-warmup-iters {o.lr_warmup_iters} exceeds the decay iterations "
+                        f"{o.lr_decay_iters or t.train_iters}")
+    if o.lr_decay_style == "WSD":
+        if o.lr_wsd_decay_iters is None:
+            problems.append("--lr-decay-style WSD needs --lr-wsd-decay-iters")
+        elif o.lr_decay_iters is not None and o.lr_wsd_decay_iters > o.lr_decay_iters - o.lr_warmup_iters:
+            problems.append(f"--lr-wsd-decay-iters {o.lr_wsd_decay_iters} is longer than the "
+                            f"post-warmup schedule ({o.lr_decay_iters - o.lr_warmup_iters} iterations)")
+    if not (0.0 <= o.adam_beta1 < 1.0 and 0.0 <= o.adam_beta2 < 1.0):
+        problems.append("--adam-beta1/--adam-beta2 must be in [0, 1)")
+    if o.clip_grad < 0:
+        problems.append(f"--clip-grad must be >= 0 (got {o.clip_grad})")
+    if p.overlap_param_gather and not p.use_distributed_optimizer:
+        problems.append("--overlap-param-gather needs --use-distributed-optimizer")
+    if c.save_interval is not None and c.save is None:
+        problems.append("--save-interval needs --save DIR")
+    if c.save_interval is not None and c.save_interval < 1:
+        problems.append(f"--save-interval must be >= 1 (got {c.save_interval})")
+    if cfg.logging.log_interval < 1:
+        problems.append(f"--log-interval must be >= 1 (got {cfg.logging.log_interval})")
+
+    problems.extend(_check_data(cfg, check_files))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+_SHAPE_FLAGS = {"--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads", "--seq-length"}
+
+
+def parse_blend(data_path: list) -> tuple[list[str], Optional[list[float]]]:
+    """'A' or 'W1 A W2 B' -> (prefixes, weights or None); ValueError names the bad item."""
+    items = [str(x) for x in data_path]
+    if len(items) == 1:
+        return items, None
+    if len(items) % 2:
+        raise ValueError(f"--data-path: expected 'PREFIX' or weight/prefix pairs, got {len(items)} items")
+    weights, prefixes = [], []
+    for w, prefix in zip(items[::2], items[1::2]):
+        try:
+            weight = float(w)
+        except ValueError:
+            raise ValueError(f"--data-path: {w!r} is not a weight (expected 'W1 PREFIX1 W2 PREFIX2 ...')") from None
+        if weight < 0:
+            raise ValueError(f"--data-path: negative weight {weight} for {prefix}")
+        weights.append(weight)
+        prefixes.append(prefix)
+    if sum(weights) <= 0:
+        raise ValueError("--data-path: weights sum to zero")
+    return prefixes, weights
+
+
+def parse_split(split: str) -> list[float]:
+    try:
+        parts = [float(x) for x in split.replace("/", ",").split(",")]
+    except ValueError:
+        raise ValueError(f"--split: {split!r} is not a comma-separated list of numbers") from None
+    if not 1 <= len(parts) <= 3 or any(x < 0 for x in parts) or sum(parts) <= 0:
+        raise ValueError(f"--split: {split!r} must be 1-3 non-negative numbers with a positive sum")
+    return parts + [0.0] * (3 - len(parts))
+
+
+def _check_data(cfg: RunConfig, check_files: bool) -> list[str]:
+    d = cfg.data
+    problems = []
+    if not d.mock_data and not d.data_path:
+        problems.append("--data-path is required (or --mock-data)")
+    if d.data_path:
+        try:
+            prefixes, _ = parse_blend(d.data_path)
+        except ValueError as e:
+            problems.append(str(e))
+            prefixes = []
+        if check_files:
+            for prefix in prefixes:
+                missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+                if missing:
+                    problems.append(f"--data-path: {' and '.join(prefix + ext for ext in missing)} not found "
+                                    f"(run tools/preprocess_data.py to create it)")
+    try:
+        parse_split(d.split)
+    except ValueError as e:
+        problems.append(str(e))
+    if d.tokenizer_type is None and not d.mock_data:
+        problems.append("--tokenizer-type is required")
+    if d.tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer") and d.tokenizer_model is None:
+        problems.append(f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
+    if d.tokenizer_type == "GPT2BPETokenizer" and (d.vocab_file is None or d.merge_file is None):
+        problems.append("--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
+    if d.tokenizer_type == "NullTokenizer" and cfg.model.vocab_size is None:
+        problems.append("--tokenizer-type NullTokenizer needs --vocab-size")
+    if check_files:
+        for flag, path in (("--tokenizer-model", d.tokenizer_model), ("--vocab-file", d.vocab_file),
+                           ("--merge-file", d.merge_file)):
+            if path is not None and not os.path.exists(path):
+                problems.append(f"{flag}: {path} not found")
+    return problems
