@@ -225,6 +225,8 @@ def _check_data(cfg: RunConfig, check_files: bool) -> list[str]:
         problems.append(str(e))
     if d.tokenizer_type is None and not d.mock_data:
         problems.append("--tokenizer-type is required")
+    if d.tokenizer_type is None and d.mock_data and cfg.model.vocab_size is None:
+        problems.append("--mock-data without --tokenizer-type needs --vocab-size")
     if d.tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer") and d.tokenizer_model is None:
         problems.append(f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
     if d.tokenizer_type == "GPT2BPETokenizer" and (d.vocab_file is None or d.merge_file is None):

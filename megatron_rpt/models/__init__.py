@@ -1,0 +1,1 @@
+"""Model builders (Qwen3-style GPT on Megatron-Core) and parameter/FLOP accounting."""

@@ -1,0 +1,129 @@
+"""Qwen3-style GPT built from Megatron-Core's GPTModel: TransformerConfig, layer spec, model chunks.
+
+RMSNorm, SwiGLU, RoPE, grouped-query attention, QK-norm, no biases, tied or untied embeddings.
+Transformer Engine specs are used when the platform has TE on CUDA, Megatron-Core's local specs
+otherwise (the same modules the CPU path tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_rpt.config.schema import RunConfig
+from megatron_rpt.platform import Platform
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int) -> int:
+    """Megatron-LM's padding: a multiple of divisible_by x TP so every shard is equal."""
+    multiple = divisible_by * tensor_parallel_size
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def num_virtual_stages(cfg: RunConfig) -> int | None:
+    p = cfg.parallel
+    if p.num_layers_per_virtual_pipeline_stage is None:
+        return None
+    return cfg.model.num_layers // (p.pipeline_model_parallel_size * p.num_layers_per_virtual_pipeline_stage)
+
+
+def params_dtype(cfg: RunConfig) -> torch.dtype:
+    if cfg.training.bf16:
+        return torch.bfloat16
+    if cfg.training.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def transformer_config(cfg: RunConfig, platform: Platform) -> TransformerConfig:
+    """The Megatron-Core TransformerConfig of this run (model shape + parallel layout + precision)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    dtype = params_dtype(cfg)
+    recompute_num_layers = t.recompute_num_layers
+    if t.recompute_granularity == "full" and recompute_num_layers is None:
+        recompute_num_layers = 1
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        qk_layernorm=m.qk_layernorm,
+        attention_dropout=m.attention_dropout,
+        hidden_dropout=m.hidden_dropout,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=num_virtual_stages(cfg),
+        context_parallel_size=p.context_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=t.bf16,
+        fp16=t.fp16,
+        use_cpu_initialization=platform.device_type == "cpu",
+        # Fused kernels need CUDA extensions (apex/TE); the unfused paths are exact everywhere.
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        batch_p2p_comm=platform.batch_p2p_comm,
+        calculate_per_token_loss=t.calculate_per_token_loss,
+        recompute_granularity=t.recompute_granularity,
+        recompute_method=t.recompute_method if t.recompute_granularity == "full" else None,
+        recompute_num_layers=recompute_num_layers if t.recompute_granularity == "full" else None,
+        deallocate_pipeline_outputs=True,
+    )
+
+
+def layer_spec(cfg: RunConfig, platform: Platform) -> ModuleSpec:
+    if platform.transformer_engine:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.model.qk_layernorm)
+    return get_gpt_layer_local_spec(qk_layernorm=cfg.model.qk_layernorm, normalization="RMSNorm")
+
+
+def build_model_chunks(cfg: RunConfig, platform: Platform, vocab_size: int, device: torch.device,
+                       config: TransformerConfig | None = None) -> list[GPTModel]:
+    """This rank's GPTModel chunk(s): one, or one per virtual pipeline stage (unwrapped, on device).
+
+    `vocab_size` is the padded vocabulary size (see `padded_vocab_size`).
+    """
+    config = config or transformer_config(cfg, platform)
+    spec = layer_spec(cfg, platform)
+    vp = num_virtual_stages(cfg)
+    chunks = []
+    for stage in range(vp or 1):
+        vp_stage = stage if vp else None
+        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=vocab_size,
+            max_sequence_length=cfg.model.max_position_embeddings,
+            pre_process=pre,
+            post_process=post,
+            parallel_output=True,
+            share_embeddings_and_output_weights=not cfg.model.untie_embeddings_and_output_weights,
+            position_embedding_type="rope",
+            rotary_base=int(cfg.model.rotary_base),
+            vp_stage=vp_stage,
+        )
+        model.to(device)
+        chunks.append(model)
+    return chunks

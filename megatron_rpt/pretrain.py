@@ -1,0 +1,30 @@
+"""`mrpt-pretrain` / `python -m megatron_rpt.pretrain`: parse Megatron-LM flags and run pretraining.
+
+Launch with `torchrun --nproc-per-node N -m megatron_rpt.pretrain ...` or `srun -n N mrpt-pretrain ...`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+from megatron_rpt.config import ConfigError, parse_args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    cfg = parse_args(argv)
+    from megatron_rpt.training.loop import pretrain
+    from megatron_rpt.training.checkpointing import CheckpointError
+    try:
+        pretrain(cfg)
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        from megatron_rpt.distributed import destroy_distributed
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pretraining: loop, step, optimizer/scheduler, checkpointing and logging on Megatron-Core."""

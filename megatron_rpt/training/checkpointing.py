@@ -1,0 +1,226 @@
+"""Distributed checkpoints (Megatron-Core dist_checkpointing, torch_dist) with atomic publication.
+
+Layout (Megatron-LM compatible names):
+    SAVE/iter_0000100/                 one torch_dist checkpoint (+ run_config.json)
+    SAVE/latest_checkpointed_iteration.txt
+
+A checkpoint is written to `iter_XXXXXXX.tmp`, renamed to its final name only after every rank
+finished writing, and only then does the tracker file (itself written to a temp name and
+renamed) point at it. A crash at any point leaves the previous checkpoint as "latest".
+
+Contents: model (one entry per virtual pipeline chunk), optimizer (distributed optimizer with the
+`fully_reshardable` layout, so TP/PP/DP may change on load), LR scheduler, iteration, consumed
+train/valid samples (the data position), per-rank RNG states, the run configuration and the
+parallel layout it was saved with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+from megatron_rpt.config.schema import RunConfig
+
+TRACKER = "latest_checkpointed_iteration.txt"
+OPTIMIZER_SHARDING = "fully_reshardable"  # the default fully_sharded_model_space cannot save (see notes)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or inconsistent with the run."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    iteration: int
+    consumed_train_samples: int
+    consumed_valid_samples: int
+    path: str
+    resharded: bool
+
+
+def checkpoint_path(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def read_tracker(root: str) -> Optional[int]:
+    """The latest complete iteration under `root`, None if there is no checkpoint."""
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"{path}: expected an iteration number, found {text[:40]!r}") from None
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _layout() -> dict:
+    return {
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "dp": parallel_state.get_data_parallel_world_size(),
+        "vp": parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+    }
+
+
+def _rng_state() -> dict:
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded_object(state: Optional[dict]) -> ShardedObject:
+    pp, tp = parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_world_size()
+    return ShardedObject(
+        "rng_state", state, (pp, tp),
+        (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
+        replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True))
+
+
+def _state_dict(state, *, is_loading: bool, with_optimizer: bool, with_rng: bool) -> dict:
+    sd: dict = {}
+    if len(state.model) == 1:
+        sd["model"] = state.model[0].sharded_state_dict()
+    else:
+        for i, chunk in enumerate(state.model):
+            sd[f"model{i}"] = chunk.sharded_state_dict()
+    if with_optimizer:
+        sd["optimizer"] = state.optimizer.sharded_state_dict(
+            sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": OPTIMIZER_SHARDING})
+        sd["opt_param_scheduler"] = state.scheduler.state_dict()
+    if with_rng:
+        sd["rng_state"] = _rng_sharded_object(None if is_loading else _rng_state())
+    return sd
+
+
+def save_checkpoint(root: str, iteration: int, state, cfg: RunConfig, *, consumed_train_samples: int,
+                    consumed_valid_samples: int, fully_parallel: bool = True) -> str:
+    """Write iteration `iteration` under `root` atomically; returns the final directory."""
+    final = checkpoint_path(root, iteration)
+    tmp = final + ".tmp"
+    if _rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted save
+        os.makedirs(tmp)
+    _barrier()
+    sd = _state_dict(state, is_loading=False, with_optimizer=True, with_rng=True)
+    sd.update(iteration=iteration, consumed_train_samples=consumed_train_samples,
+              consumed_valid_samples=consumed_valid_samples, run_config=cfg.to_dict(),
+              parallel_layout=_layout(), checkpoint_version=1)
+    strategy = get_default_save_sharded_strategy()
+    if fully_parallel and parallel_state.get_data_parallel_world_size() > 1:
+        strategy = FullyParallelSaveStrategyWrapper(
+            strategy, parallel_state.get_data_parallel_group(with_context_parallel=True))
+    dist_checkpointing.save(sd, tmp, sharded_strategy=strategy)
+    _barrier()
+    if _rank() == 0:
+        with open(os.path.join(tmp, "run_config.json"), "w") as f:
+            json.dump({"iteration": iteration, "run_config": cfg.to_dict(), "parallel_layout": _layout()},
+                      f, indent=2, default=str)
+        if os.path.exists(final):  # re-saving an iteration: keep the old one until the new is in place
+            old = final + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tracker_tmp, "w") as f:
+            f.write(str(iteration))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+    _barrier()
+    return final
+
+
+def load_checkpoint(root: str, state, cfg: RunConfig, *, iteration: Optional[int] = None) -> Optional[LoadedCheckpoint]:
+    """Load the latest (or `iteration`) checkpoint under `root` into `state`; None if there is none.
+
+    Optimizer and RNG state are skipped with --finetune / --no-load-optim / --no-load-rng; RNG is
+    also skipped (with a warning) when the tensor/pipeline layout differs from the saved one.
+    """
+    c = cfg.checkpoint
+    if iteration is None:
+        iteration = read_tracker(root)
+        if iteration is None:
+            if os.path.isdir(root) and any(n.startswith("iter_") for n in os.listdir(root)):
+                raise CheckpointError(f"--load {root}: no {TRACKER} but iteration folders exist; "
+                                      f"pass --ckpt-step N to pick one")
+            return None
+    path = checkpoint_path(root, iteration)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"--load {root}: checkpoint folder {path} for iteration {iteration} not found")
+    try:
+        common = dist_checkpointing.load_common_state_dict(path)
+    except Exception as e:  # noqa: BLE001 - any failure here means an unreadable checkpoint
+        raise CheckpointError(f"--load {root}: cannot read checkpoint {path}: {e}") from e
+    saved_layout = common.get("parallel_layout", {})
+    layout = _layout()
+    same_layout = all(saved_layout.get(k) == layout[k] for k in ("tp", "pp"))
+    load_optim = not (c.finetune or c.no_load_optim)
+    load_rng = not (c.finetune or c.no_load_rng) and same_layout
+    if not same_layout and not (c.finetune or c.no_load_rng) and _rank() == 0:
+        warnings.warn(f"checkpoint {path} was saved with TP={saved_layout.get('tp')} PP={saved_layout.get('pp')}; "
+                      f"loading into TP={layout['tp']} PP={layout['pp']}: RNG state not restored")
+    if load_optim:
+        prepare = getattr(state.optimizer, "_init_optimizer_states_with_dummy_values", None)
+        if prepare is not None:
+            # A fresh distributed optimizer has no Adam states to load into (upstream asserts).
+            prepare()
+    sd = _state_dict(state, is_loading=True, with_optimizer=load_optim, with_rng=load_rng)
+    try:
+        loaded = dist_checkpointing.load(sd, path)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"--load {root}: loading {path} failed: {type(e).__name__}: {e}") from e
+    if len(state.model) == 1:
+        state.model[0].load_state_dict(loaded["model"], strict=True)
+    else:
+        for i, chunk in enumerate(state.model):
+            chunk.load_state_dict(loaded[f"model{i}"], strict=True)
+    if load_optim:
+        state.optimizer.load_state_dict(loaded["optimizer"])
+        state.scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if load_rng:
+        _set_rng_state(loaded["rng_state"])
+    if c.finetune:
+        return LoadedCheckpoint(0, 0, 0, path, not same_layout)
+    return LoadedCheckpoint(int(common["iteration"]), int(common["consumed_train_samples"]),
+                            int(common["consumed_valid_samples"]), path, not same_layout)

@@ -1,0 +1,138 @@
+"""Training metrics: one Megatron-style line per log interval on stdout, scalars to TensorBoard.
+
+Throughput is measured over the whole interval (wall time / iterations); TFLOP/s per device uses
+`models.flops.training_flops_per_token`, and MFU divides by the device's dense peak (unknown on
+CPU unless --peak-tflops is given, then MFU is not printed).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional
+
+import torch
+
+
+def peak_memory_gib(device_type: str) -> Optional[float]:
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    except Exception:  # noqa: BLE001
+        return None
+
+
+class MetricsLogger:
+    """Accumulates per-iteration results and prints/writes them every `log_interval` iterations."""
+
+    def __init__(self, *, log_interval: int, tensorboard_dir: Optional[str], tensorboard_log_interval: int,
+                 train_iters: int, global_batch_size: int, seq_length: int, flops_per_token: float,
+                 world_size: int, peak_tflops: Optional[float], device_type: str, is_logging_rank: bool,
+                 log_throughput: bool = True, log_memory: bool = True):
+        self.log_interval = log_interval
+        self.tb_interval = tensorboard_log_interval
+        self.train_iters = train_iters
+        self.tokens_per_iter = global_batch_size * seq_length
+        self.global_batch_size = global_batch_size
+        self.flops_per_token = flops_per_token
+        self.world_size = world_size
+        self.peak_tflops = peak_tflops
+        self.device_type = device_type
+        self.is_logging_rank = is_logging_rank
+        self.log_throughput, self.log_memory = log_throughput, log_memory
+        self.writer = None
+        if tensorboard_dir and is_logging_rank:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=tensorboard_dir, max_queue=100)
+        self._reset(time.perf_counter())
+        self.last_line: Optional[str] = None
+
+    def _reset(self, now: float) -> None:
+        self.t0 = now
+        self.n = 0
+        self.loss_sum = 0.0
+        self.skipped = 0
+        self.nan_iters = 0
+
+    def throughput(self, seconds_per_iter: float) -> dict:
+        tokens_per_s = self.tokens_per_iter / seconds_per_iter
+        tflops_per_device = tokens_per_s * self.flops_per_token / self.world_size / 1e12
+        out = {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops_per_device}
+        if self.peak_tflops:
+            out["mfu"] = tflops_per_device / self.peak_tflops
+        return out
+
+    def scalar(self, name: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(name, value, step)
+
+    def record(self, iteration: int, result, consumed_samples: int) -> Optional[str]:
+        """Account one iteration; returns the printed line at interval ends (rank-local)."""
+        if not result.update_successful:
+            self.skipped += 1
+        elif math.isfinite(result.loss):
+            self.loss_sum += result.loss
+        else:
+            self.nan_iters += 1
+        self.n += 1
+        if self.writer is not None and iteration % self.tb_interval == 0:
+            self.scalar("lm loss", result.loss, iteration)
+            self.scalar("learning-rate", result.lr, iteration)
+            if result.grad_norm is not None:
+                self.scalar("grad-norm", result.grad_norm, iteration)
+            self.scalar("consumed-samples", consumed_samples, iteration)
+        if iteration % self.log_interval and iteration != self.train_iters:
+            return None
+        now = time.perf_counter()
+        elapsed = (now - self.t0) / max(self.n, 1)
+        counted = self.n - self.skipped - self.nan_iters
+        avg_loss = self.loss_sum / counted if counted else float("nan")
+        parts = [f" iteration {iteration:8d}/{self.train_iters:8d}",
+                 f"consumed samples: {consumed_samples:12d}",
+                 f"elapsed time per iteration (ms): {elapsed * 1000:.1f}",
+                 f"learning rate: {result.lr:.6E}", f"global batch size: {self.global_batch_size:5d}",
+                 f"lm loss: {avg_loss:.6E}"]
+        if result.grad_norm is not None:
+            parts.append(f"grad norm: {result.grad_norm:.3f}")
+        if self.log_throughput:
+            tp = self.throughput(elapsed)
+            parts.append(f"tokens/s: {tp['tokens_per_s']:.0f}")
+            parts.append(f"TFLOP/s/device: {tp['tflops_per_device']:.3f}")
+            if "mfu" in tp:
+                parts.append(f"MFU: {100 * tp['mfu']:.1f}%")
+            if self.writer is not None:
+                self.scalar("throughput/tokens-per-sec", tp["tokens_per_s"], iteration)
+                self.scalar("throughput/tflops-per-device", tp["tflops_per_device"], iteration)
+                if "mfu" in tp:
+                    self.scalar("throughput/mfu", tp["mfu"], iteration)
+        if self.log_memory:
+            mem = peak_memory_gib(self.device_type)
+            if mem is not None:
+                parts.append(f"peak mem (GiB): {mem:.2f}")
+                self.scalar("memory/peak-gib", mem, iteration)
+        parts.append(f"number of skipped iterations: {self.skipped:3d}")
+        parts.append(f"number of nan iterations: {self.nan_iters:3d}")
+        line = " | ".join(parts) + " |"
+        self.last_line = line
+        if self.is_logging_rank:
+            print(line, flush=True)
+        self._reset(now)
+        return line
+
+    def log_eval(self, iteration: int, loss: float, tokens: int) -> None:
+        ppl = math.exp(min(loss, 20.0))
+        line = (f" validation loss at iteration {iteration} | lm loss value: {loss:.6E} | "
+                f"lm loss PPL: {ppl:.6E} | tokens: {tokens} |")
+        if self.is_logging_rank:
+            print("-" * len(line), flush=True)
+            print(line, flush=True)
+            print("-" * len(line), flush=True)
+        self.scalar("lm loss validation", loss, iteration)
+        self.scalar("lm loss validation ppl", ppl, iteration)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()

@@ -1,0 +1,204 @@
+"""The pretraining driver: platform -> distributed -> model/optimizer -> data -> train/eval/save.
+
+`pretrain(cfg)` is the whole job; the console script only parses flags and calls it. It returns a
+`PretrainResult` (per-iteration losses, final iteration, where outputs went) for callers and tests.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_rpt.config.schema import RunConfig
+from megatron_rpt.config.validation import ConfigError, validate_config
+from megatron_rpt.platform import setup_platform
+
+
+@dataclass
+class PretrainResult:
+    iteration: int
+    start_iteration: int
+    losses: dict = field(default_factory=dict)         # iteration -> lm loss
+    grad_norms: dict = field(default_factory=dict)
+    valid_losses: dict = field(default_factory=dict)   # iteration -> validation loss
+    saved: list = field(default_factory=list)          # checkpoint folders written
+    resumed_from: Optional[str] = None
+    exit_reason: str = "train_iters"
+
+
+class _SignalFlag:
+    """Remembers SIGTERM/SIGUSR1 (SLURM preemption) so the loop saves and exits between iterations."""
+
+    def __init__(self, enabled: bool):
+        self.received: Optional[int] = None
+        if enabled:
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):  # noqa: ARG002
+        self.received = signum
+
+    def any_rank(self, device: torch.device) -> bool:
+        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32, device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _build_tokenizer(cfg: RunConfig):
+    from megatron_rpt.data.tokenizers import build_tokenizer
+    d = cfg.data
+    kind = d.tokenizer_type or "NullTokenizer"
+    return build_tokenizer(kind, tokenizer_model=d.tokenizer_model, vocab_file=d.vocab_file,
+                           merge_file=d.merge_file, vocab_size=cfg.model.vocab_size)
+
+
+def pretrain(cfg: RunConfig) -> PretrainResult:
+    """Run (or resume) the pretraining job described by `cfg` on the current launcher's ranks."""
+    from megatron_rpt import distributed as dist
+    from megatron_rpt.data.datasets import MicroBatchIterator, build_datasets
+    from megatron_rpt.loss import get_loss_function
+    from megatron_rpt.models.flops import count_parameters, peak_tflops_for_device, training_flops_per_token
+    from megatron_rpt.models.gpt import build_model_chunks, padded_vocab_size, transformer_config
+    from megatron_rpt.training.checkpointing import load_checkpoint, save_checkpoint
+    from megatron_rpt.training.logging import MetricsLogger
+    from megatron_rpt.training.optimizer import setup_model_and_optimizer
+    from megatron_rpt.training.step import evaluate, make_forward_step, train_step
+
+    platform = setup_platform(force_cpu=cfg.training.use_cpu)
+    p = cfg.parallel
+    env = dist.resolve_dist_env()
+    # Validate before any process group exists so a bad launch fails fast with one message.
+    validate_config(cfg, env.world_size)
+    env = dist.init_distributed(
+        backend=platform.backend, device_type=platform.device_type,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=_vp(cfg), context_parallel_size=p.context_parallel_size,
+        timeout_minutes=p.distributed_timeout_minutes)
+    device = platform.device(env.local_rank)
+    dist.set_random_seed(cfg.training.seed)
+    t, m = cfg.training, cfg.model
+
+    tokenizer = _build_tokenizer(cfg)
+    if m.vocab_size is not None and m.vocab_size < tokenizer.vocab_size:
+        raise ConfigError([f"--vocab-size {m.vocab_size} is smaller than the tokenizer's vocabulary "
+                           f"({tokenizer.vocab_size})"])
+    vocab = padded_vocab_size(m.vocab_size or tokenizer.vocab_size, m.make_vocab_size_divisible_by,
+                              p.tensor_model_parallel_size)
+    config = transformer_config(cfg, platform)
+    chunks = build_model_chunks(cfg, platform, vocab, device, config)
+    state = setup_model_and_optimizer(chunks, cfg, config)
+
+    params = count_parameters(m, vocab)
+    flops_per_token = training_flops_per_token(m, vocab)
+    dist.print_rank_0(
+        f"> platform: {platform.device_type}/{platform.backend}, transformer engine: {platform.transformer_engine}, "
+        f"megatron-core {platform.megatron_core_version}\n"
+        f"> world size {env.world_size} (launcher {env.launcher}): TP={p.tensor_model_parallel_size} "
+        f"PP={p.pipeline_model_parallel_size} DP={parallel_state.get_data_parallel_world_size()}"
+        f"{' VPP=' + str(_vp(cfg)) if _vp(cfg) else ''}\n"
+        f"> model: {m.num_layers} layers, hidden {m.hidden_size}, heads {m.num_attention_heads}/"
+        f"{m.num_query_groups}, vocab {vocab} (padded from {tokenizer.vocab_size}); parameters "
+        f"{params.total / 1e6:.2f}M ({params.non_embedding / 1e6:.2f}M non-embedding); "
+        f"{flops_per_token / 1e9:.3f} GFLOP per trained token")
+
+    result = PretrainResult(iteration=0, start_iteration=0)
+    consumed_train = consumed_valid = 0
+    if cfg.checkpoint.load:
+        loaded = load_checkpoint(cfg.checkpoint.load, state, cfg, iteration=cfg.checkpoint.ckpt_step)
+        if loaded is not None:
+            result.iteration = result.start_iteration = loaded.iteration
+            consumed_train, consumed_valid = loaded.consumed_train_samples, loaded.consumed_valid_samples
+            result.resumed_from = loaded.path
+            dist.print_rank_0(f"> resumed from {loaded.path} at iteration {loaded.iteration} "
+                              f"(consumed samples {consumed_train}){' [resharded]' if loaded.resharded else ''}")
+        else:
+            dist.print_rank_0(f"> no checkpoint in {cfg.checkpoint.load}; starting from scratch")
+
+    datasets = build_datasets(cfg, tokenizer, create_attention_mask=not platform.transformer_engine)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp = parallel_state.get_data_parallel_world_size()
+    n_chunks = len(state.model)
+    train_iters = [MicroBatchIterator(datasets.train, t.micro_batch_size, dp_rank, dp, consumed_train)
+                   for _ in range(n_chunks)]
+    num_micro = t.global_batch_size // (t.micro_batch_size * dp)
+    loss_fn = get_loss_function(cfg)
+    forward_step = make_forward_step(loss_fn, device)
+
+    peak = cfg.logging.peak_tflops
+    if peak is None and platform.device_type == "cuda":
+        peak = peak_tflops_for_device(torch.cuda.get_device_name())
+    logger = MetricsLogger(
+        log_interval=cfg.logging.log_interval, tensorboard_dir=cfg.logging.tensorboard_dir,
+        tensorboard_log_interval=cfg.logging.tensorboard_log_interval, train_iters=t.train_iters,
+        global_batch_size=t.global_batch_size, seq_length=m.seq_length, flops_per_token=flops_per_token,
+        world_size=env.world_size, peak_tflops=peak, device_type=platform.device_type,
+        is_logging_rank=env.rank == 0, log_throughput=cfg.logging.log_throughput,
+        log_memory=cfg.logging.log_memory)
+    signals = _SignalFlag(t.exit_signal_handler)
+    step_kwargs = dict(num_microbatches=num_micro, seq_length=m.seq_length,
+                       micro_batch_size=t.micro_batch_size, device=device)
+
+    def save(iteration: int) -> None:
+        if cfg.checkpoint.save:
+            t0 = time.perf_counter()
+            path = save_checkpoint(cfg.checkpoint.save, iteration, state, cfg,
+                                   consumed_train_samples=consumed_train, consumed_valid_samples=consumed_valid,
+                                   fully_parallel=cfg.checkpoint.ckpt_fully_parallel_save)
+            result.saved.append(path)
+            dist.print_rank_0(f"> saved checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
+
+    def run_eval(iteration: int) -> None:
+        nonlocal consumed_valid
+        if datasets.valid is None or len(datasets.valid) == 0:
+            return
+        iters = [MicroBatchIterator(datasets.valid, t.micro_batch_size, dp_rank, dp, consumed_valid, cyclic=True)
+                 for _ in range(n_chunks)]
+        loss, tokens = evaluate(state, iters, forward_step, eval_iters=t.eval_iters, **step_kwargs)
+        consumed_valid = iters[0].consumed_samples
+        result.valid_losses[iteration] = loss
+        logger.log_eval(iteration, loss, tokens)
+
+    iteration = result.iteration
+    last_saved = iteration if result.resumed_from else None
+    try:
+        while iteration < t.train_iters:
+            step = train_step(state, train_iters, forward_step, global_batch_size=t.global_batch_size, **step_kwargs)
+            iteration += 1
+            consumed_train += t.global_batch_size
+            result.losses[iteration] = step.loss
+            if step.grad_norm is not None:
+                result.grad_norms[iteration] = step.grad_norm
+            logger.record(iteration, step, consumed_train)
+            if not math.isfinite(step.loss) and step.update_successful:
+                raise FloatingPointError(f"iteration {iteration}: lm loss is {step.loss}")
+            if t.eval_interval and iteration % t.eval_interval == 0 and t.eval_iters > 0:
+                run_eval(iteration)
+            if cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0:
+                save(iteration)
+                last_saved = iteration
+            if t.exit_signal_handler and signals.any_rank(device):
+                result.exit_reason = "signal"
+                break
+            if t.exit_interval and iteration % t.exit_interval == 0:
+                result.exit_reason = "exit_interval"
+                break
+        result.iteration = iteration
+        if cfg.checkpoint.save and last_saved != iteration:
+            save(iteration)
+        dist.print_rank_0(f"> training stopped at iteration {iteration} ({result.exit_reason})")
+    finally:
+        logger.close()
+    return result
+
+
+def _vp(cfg: RunConfig) -> Optional[int]:
+    from megatron_rpt.models.gpt import num_virtual_stages
+    return num_virtual_stages(cfg)

@@ -1,0 +1,118 @@
+"""One training / evaluation step on Megatron-Core's forward-backward schedules.
+
+The model returns vocab-parallel logits (labels are not passed to GPTModel); the per-token loss
+comes from the pluggable `megatron_rpt.loss` function, masked and summed here, and Megatron's
+schedule divides by tokens and micro-batches (or not, with --calculate-per-token-loss).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator, Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_rpt.loss import LossFn
+
+
+@dataclass
+class StepResult:
+    loss: float                 # token-weighted mean LM loss over the global batch
+    num_tokens: int             # loss tokens in the global batch
+    grad_norm: Optional[float]
+    num_zeros: Optional[int]
+    update_successful: bool
+    lr: float
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _loss_func(loss_fn: LossFn, labels: torch.Tensor, loss_mask: torch.Tensor, logits: torch.Tensor):
+    """logits [b, s, V/TP] -> (masked loss sum, token count, report) in Megatron's 3-tuple form."""
+    per_token = loss_fn(logits.transpose(0, 1).contiguous(), labels.transpose(0, 1).contiguous())
+    per_token = per_token.transpose(0, 1).float()                       # [b, s]
+    mask = loss_mask.float()
+    loss = torch.sum(per_token * mask)
+    num_tokens = mask.sum().detach().to(torch.int)
+    report = torch.stack([loss.detach().clone(), num_tokens.float()])
+    return loss, num_tokens, {"lm loss": report}
+
+
+def make_forward_step(loss_fn: LossFn, device: torch.device):
+    """Megatron-style forward_step_func(data_iterator, model)."""
+
+    def forward_step(data_iterator: Iterator[dict], model):
+        batch = _to_device(next(data_iterator), device)
+        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+        return output, partial(_loss_func, loss_fn, batch["labels"], batch["loss_mask"])
+
+    return forward_step
+
+
+def _reduce_losses(losses_reduced: list, device: torch.device) -> tuple[float, int]:
+    """Sum (loss, tokens) over micro-batches and data parallel; share it with every pipeline stage."""
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for item in losses_reduced:
+        total += item["lm loss"].to(torch.float64)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    else:
+        total.zero_()
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+    tokens = int(total[1].item())
+    return (total[0].item() / max(tokens, 1)), tokens
+
+
+def train_step(state, data_iterators: list, forward_step, *, num_microbatches: int, seq_length: int,
+               micro_batch_size: int, global_batch_size: int, device: torch.device) -> StepResult:
+    """Zero grads, run the schedule, step the optimizer and (on success) the LR scheduler.
+
+    `data_iterators` holds one iterator per model chunk (virtual pipeline stages each read the same
+    micro-batch sequence; see `MicroBatchIterator`).
+    """
+    for chunk in state.model:
+        chunk.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    iterators = data_iterators[0] if len(data_iterators) == 1 else data_iterators
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators,
+        model=state.model,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    update_successful, grad_norm, num_zeros = state.optimizer.step()
+    if update_successful:
+        state.scheduler.step(increment=global_batch_size)
+    loss, tokens = _reduce_losses(losses, device)
+    lr = state.optimizer.param_groups[0]["lr"]
+    return StepResult(loss=loss, num_tokens=tokens, grad_norm=None if grad_norm is None else float(grad_norm),
+                      num_zeros=num_zeros, update_successful=bool(update_successful), lr=float(lr))
+
+
+@torch.no_grad()
+def evaluate(state, data_iterators: list, forward_step, *, eval_iters: int, num_microbatches: int,
+             seq_length: int, micro_batch_size: int, device: torch.device) -> tuple[float, int]:
+    """Mean LM loss over `eval_iters` global batches of the validation split (forward only)."""
+    for chunk in state.model:
+        chunk.eval()
+    iterators = data_iterators[0] if len(data_iterators) == 1 else data_iterators
+    losses = []
+    try:
+        for _ in range(eval_iters):
+            losses.extend(get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iterators, model=state.model,
+                num_microbatches=num_microbatches, seq_length=seq_length,
+                micro_batch_size=micro_batch_size, forward_only=True))
+    finally:
+        for chunk in state.model:
+            chunk.train()
+    return _reduce_losses(losses, device)
