@@ -1,0 +1,144 @@
+"""Flags -> dataclasses, presets and every validation error of the foundation issue."""
+
+import pytest
+
+from megatron_rpt.config import ConfigError, get_preset, parse_args, parse_blend, parse_split, validate_config
+
+BASE = ["--lr", "1e-3", "--train-iters", "10", "--mock-data", "--vocab-size", "512"]
+
+
+def problems(argv, world_size=1, check_files=True):
+    with pytest.raises(ConfigError) as e:
+        validate_config(parse_args(argv), world_size, check_files=check_files)
+    return e.value.problems
+
+
+def test_preset_fills_shape_and_explicit_flags_win():
+    cfg = parse_args(["--model-preset", "dense-1b", "--num-layers", "2"] + BASE)
+    assert cfg.model.num_layers == 2
+    assert (cfg.model.hidden_size, cfg.model.ffn_hidden_size, cfg.model.num_attention_heads,
+            cfg.model.num_query_groups, cfg.model.kv_channels) == (1536, 4608, 16, 4, 128)
+    cfg = parse_args(["--model-preset", "dense-4b"] + BASE)
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.ffn_hidden_size,
+            cfg.model.num_attention_heads, cfg.model.num_query_groups) == (36, 2560, 9728, 32, 8)
+
+
+def test_megatron_flag_names_and_types():
+    cfg = parse_args(["--model-preset", "tiny", "--tensor-model-parallel-size", "2",
+                      "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
+                      "--sequence-parallel", "--use-distributed-optimizer", "--micro-batch-size", "2",
+                      "--global-batch-size", "16", "--lr", "3e-4", "--min-lr", "3e-5", "--lr-decay-style", "WSD",
+                      "--lr-warmup-iters", "5", "--lr-wsd-decay-iters", "20", "--train-iters", "100",
+                      "--weight-decay", "0.1", "--clip-grad", "1.0", "--adam-beta1", "0.9", "--adam-beta2", "0.95",
+                      "--bf16", "--recompute-granularity", "selective", "--data-path", "0.3", "a", "0.7", "b",
+                      "--split", "98,2,0", "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", "m",
+                      "--save", "s", "--load", "l", "--save-interval", "10", "--eval-interval", "50",
+                      "--eval-iters", "2", "--log-interval", "5", "--tensorboard-dir", "tb", "--seed", "7",
+                      "--no-qk-layernorm"])
+    assert cfg.parallel.tensor_model_parallel_size == 2 and cfg.parallel.sequence_parallel
+    assert cfg.parallel.num_layers_per_virtual_pipeline_stage == 1
+    assert cfg.optimizer.lr == 3e-4 and cfg.optimizer.adam_beta2 == 0.95 and cfg.optimizer.lr_decay_style == "WSD"
+    assert cfg.training.bf16 and cfg.training.seed == 7 and cfg.training.global_batch_size == 16
+    assert cfg.data.data_path == ["0.3", "a", "0.7", "b"]
+    assert cfg.model.qk_layernorm is False
+    assert parse_blend(cfg.data.data_path) == (["a", "b"], [0.3, 0.7])
+
+
+def test_unknown_preset_and_unknown_flag_exit():
+    with pytest.raises(SystemExit):
+        parse_args(["--model-preset", "nope"])
+    with pytest.raises(ValueError, match="known presets"):
+        get_preset("nope")
+    with pytest.raises(SystemExit):
+        parse_args(["--hidden-sise", "3"])
+
+
+def test_defaults_derived():
+    cfg = validate_config(parse_args(["--model-preset", "tiny", "--micro-batch-size", "3"] + BASE), 2)
+    assert cfg.training.global_batch_size == 6        # micro x DP
+    assert cfg.optimizer.lr_decay_iters == 10
+    cfg = validate_config(parse_args(["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
+                                      "--num-attention-heads", "4", "--seq-length", "16"] + BASE), 1)
+    assert cfg.model.kv_channels == 16 and cfg.model.num_query_groups == 4 and cfg.model.max_position_embeddings == 16
+
+
+def test_world_size_vs_model_parallel():
+    p = problems(["--model-preset", "tiny", "--tensor-model-parallel-size", "2",
+                  "--pipeline-model-parallel-size", "2"] + BASE, world_size=6)
+    assert any("world size 6 is not divisible" in x and "--tensor-model-parallel-size 2" in x for x in p)
+
+
+def test_heads_groups_ffn_vs_tp():
+    p = problems(["--model-preset", "tiny", "--tensor-model-parallel-size", "8"] + BASE, world_size=8)
+    assert any(x.startswith("--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 8") for x in p)
+    assert any(x.startswith("--num-query-groups 2 is not divisible") for x in p)
+    p = problems(["--model-preset", "tiny", "--num-query-groups", "3"] + BASE)
+    assert any("--num-attention-heads 4 is not divisible by --num-query-groups 3" in x for x in p)
+
+
+def test_layers_vs_pp_and_vpp():
+    p = problems(["--model-preset", "tiny", "--pipeline-model-parallel-size", "3"] + BASE, world_size=3)
+    assert any("--num-layers 4 is not divisible by --pipeline-model-parallel-size 3" in x for x in p)
+    p = problems(["--model-preset", "tiny", "--pipeline-model-parallel-size", "2",
+                  "--num-layers-per-virtual-pipeline-stage", "3"] + BASE, world_size=2)
+    assert any("--num-layers-per-virtual-pipeline-stage 3" in x for x in p)
+    p = problems(["--model-preset", "tiny", "--num-layers-per-virtual-pipeline-stage", "1"] + BASE)
+    assert any("needs --pipeline-model-parallel-size >= 2" in x for x in p)
+
+
+def test_global_batch_vs_micro_and_dp():
+    p = problems(["--model-preset", "tiny", "--micro-batch-size", "2", "--global-batch-size", "6"] + BASE,
+                 world_size=2)
+    assert any("--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2" in x
+               for x in p)
+
+
+def test_missing_data_and_tokenizer_files(tmp_path):
+    argv = ["--model-preset", "tiny", "--lr", "1e-3", "--train-iters", "10",
+            "--data-path", str(tmp_path / "corpus_text_document"),
+            "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tmp_path / "tok.model")]
+    p = problems(argv)
+    assert any("corpus_text_document.bin and" in x and "not found" in x and "preprocess_data" in x for x in p)
+    assert any(x == f"--tokenizer-model: {tmp_path / 'tok.model'} not found" for x in p)
+    (tmp_path / "corpus_text_document.bin").write_bytes(b"")
+    p = problems(argv)
+    assert any("corpus_text_document.idx not found" in x for x in p)
+
+
+def test_required_and_misc_errors():
+    p = problems(["--hidden-size", "64"])
+    for flag in ("--num-layers", "--ffn-hidden-size", "--num-attention-heads", "--seq-length", "--lr",
+                 "--train-iters", "--data-path"):
+        assert any(x.startswith(flag + " is required") for x in p), flag
+    p = problems(["--model-preset", "tiny", "--bf16", "--fp16", "--lr-decay-style", "WSD",
+                  "--save-interval", "5", "--recompute-granularity", "full", "--min-lr", "1"] + BASE)
+    joined = "\n".join(p)
+    for text in ("--bf16 and --fp16 are mutually exclusive", "--lr-decay-style WSD needs --lr-wsd-decay-iters",
+                 "--save-interval needs --save", "--recompute-granularity full needs --recompute-method",
+                 "--min-lr 1.0 exceeds --lr 0.001"):
+        assert text in joined
+    p = problems(["--model-preset", "tiny", "--tensor-model-parallel-size", "0"] + BASE)
+    assert p == ["--tensor-model-parallel-size must be >= 1 (got 0)"]
+    p = problems(["--model-preset", "tiny", "--lr", "1e-3", "--train-iters", "10", "--mock-data"])
+    assert "--mock-data without --tokenizer-type needs --vocab-size" in p
+
+
+def test_blend_and_split_parsing():
+    assert parse_blend(["x"]) == (["x"], None)
+    with pytest.raises(ValueError, match="weight/prefix pairs"):
+        parse_blend(["0.5", "a", "b"])
+    with pytest.raises(ValueError, match="'a' is not a weight"):
+        parse_blend(["a", "b"])
+    with pytest.raises(ValueError, match="negative weight"):
+        parse_blend(["-1", "a", "1", "b"])
+    assert parse_split("969,30,1") == [969.0, 30.0, 1.0]
+    assert parse_split("100") == [100.0, 0.0, 0.0]
+    for bad in ("a,b", "1,2,3,4", "0,0,0", "-1,2"):
+        with pytest.raises(ValueError, match="--split"):
+            parse_split(bad)
+
+
+def test_sequence_parallel_disabled_without_tp():
+    with pytest.warns(UserWarning, match="--sequence-parallel has no effect"):
+        cfg = validate_config(parse_args(["--model-preset", "tiny", "--sequence-parallel"] + BASE), 1)
+    assert cfg.parallel.sequence_parallel is False
