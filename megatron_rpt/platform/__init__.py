@@ -1,0 +1,139 @@
+"""Platform choice for the whole process: device type, collective backend and optional GPU extras.
+
+`setup_platform()` is called once at start-up (entry points, test harness) before any model is
+built. It picks CUDA + NCCL when a GPU is usable, otherwise CPU + gloo, and on CPU installs the
+Megatron-Core compatibility layer (`megatron_rpt.platform.cpu_compat`). Everything CPU-specific
+lives in this package; the rest of the code asks `get_platform()` instead of testing for CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Platform", "setup_platform", "get_platform", "detect_transformer_engine", "detect_apex"]
+
+# Failures seen when importing partially installed GPU packages (see notes/gpu-and-dependencies.md):
+# a TE core wheel without cuDNN raises RuntimeError / OSError, not ImportError.
+_IMPORT_FAILURES = (ImportError, OSError, RuntimeError)
+
+
+@dataclass(frozen=True)
+class Platform:
+    """What this process runs on. Chosen once by `setup_platform`."""
+
+    device_type: str  # "cuda" or "cpu"
+    backend: str  # "nccl" or "gloo"
+    transformer_engine: bool  # TE importable AND CUDA present
+    apex: bool  # NVIDIA Apex (fused optimizers) importable AND CUDA present
+    megatron_core_version: str
+    # Batched p2p (torch.distributed.batch_isend_irecv) in Megatron-Core pipeline schedules.
+    # False on gloo: with interleaved PP=2 the previous and next stage are the same peer and gloo
+    # matches sends/recvs in posting order, so batched messages cross (silently wrong grads).
+    batch_p2p_comm: bool
+
+    def device(self, local_rank: int = 0) -> torch.device:
+        """The torch device of a rank with this local rank."""
+        if self.device_type == "cuda":
+            return torch.device("cuda", local_rank)
+        return torch.device("cpu")
+
+
+_PLATFORM: Platform | None = None
+
+
+def _megatron_core_version() -> str:
+    # Read from package metadata: importing megatron.core here would run before P1 is in place.
+    from importlib import metadata
+
+    try:
+        return metadata.version("megatron-core")
+    except metadata.PackageNotFoundError:
+        return "0"
+
+
+def detect_transformer_engine(cuda: bool) -> bool:
+    """True when Transformer Engine's PyTorch API imports and CUDA is present.
+
+    Any import failure (ImportError, OSError, RuntimeError: partial installs without CUDA/cuDNN)
+    means "no TE". Without CUDA the import is not attempted at all.
+    """
+    if not cuda:
+        return False
+    try:
+        importlib.import_module("transformer_engine.pytorch")
+    except _IMPORT_FAILURES:
+        return False
+    return True
+
+
+def detect_apex(cuda: bool) -> bool:
+    """True when NVIDIA Apex's fused optimizers import and CUDA is present.
+
+    An unrelated PyPI package named `apex` also imports as `apex`; Megatron-Core then picks Apex
+    code paths and fails, so we warn about it here (it must be uninstalled).
+    """
+    try:
+        spec = importlib.util.find_spec("apex")
+    except (ValueError, *_IMPORT_FAILURES):
+        spec = None
+    if spec is None:
+        return False
+    try:
+        importlib.import_module("apex.optimizers")
+        nvidia_apex = True
+    except (AttributeError, *_IMPORT_FAILURES):
+        nvidia_apex = False
+    if not nvidia_apex:
+        warnings.warn(
+            "A top-level module 'apex' is importable but it is not NVIDIA Apex; Megatron-Core "
+            "will select Apex code paths and fail. Uninstall it (pip uninstall apex).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return nvidia_apex and cuda
+
+
+def setup_platform(force_cpu: bool = False) -> Platform:
+    """Choose the platform for this process (idempotent: the first choice wins).
+
+    CUDA + NCCL when `torch.cuda.is_available()` and not `force_cpu`; else CPU + gloo with the
+    Megatron-Core CPU compatibility layer installed. Safe to call before or after
+    `megatron.core` is imported. Raises RuntimeError when asked for CPU after CUDA was chosen
+    (the CPU layer would redirect CUDA calls of a process that already uses the GPU).
+    """
+    global _PLATFORM
+    if _PLATFORM is not None:
+        if force_cpu and _PLATFORM.device_type != "cpu":
+            raise RuntimeError(
+                "setup_platform(force_cpu=True) after the CUDA platform was chosen in this process"
+            )
+        return _PLATFORM
+
+    from megatron_rpt.platform import cpu_compat
+
+    cuda = torch.cuda.is_available() and not force_cpu
+    if cuda:
+        # Upstream bugs of the torch-optimizer fallback hit GPU runs without Apex/TE too.
+        cpu_compat.install_upstream_fixes()
+    else:
+        cpu_compat.install_cpu_compat()
+    _PLATFORM = Platform(
+        device_type="cuda" if cuda else "cpu",
+        backend="nccl" if cuda else "gloo",
+        transformer_engine=detect_transformer_engine(cuda),
+        apex=detect_apex(cuda),
+        megatron_core_version=_megatron_core_version(),
+        batch_p2p_comm=cuda,
+    )
+    return _PLATFORM
+
+
+def get_platform() -> Platform:
+    """The platform chosen by `setup_platform`; RuntimeError if it was not called."""
+    if _PLATFORM is None:
+        raise RuntimeError("get_platform() called before setup_platform()")
+    return _PLATFORM
