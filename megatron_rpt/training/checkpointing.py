@@ -32,6 +32,7 @@ from megatron.core.dist_checkpointing.serialization import get_default_save_shar
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
 from megatron_rpt.config.schema import RunConfig
+from megatron_rpt.training.optimizer import unwrap
 
 TRACKER = "latest_checkpointed_iteration.txt"
 OPTIMIZER_SHARDING = "fully_reshardable"  # the default fully_sharded_model_space cannot save (see notes)
@@ -115,10 +116,11 @@ def _rng_sharded_object(state: Optional[dict]) -> ShardedObject:
 
 def _state_dict(state, *, is_loading: bool, with_optimizer: bool, with_rng: bool) -> dict:
     sd: dict = {}
-    if len(state.model) == 1:
-        sd["model"] = state.model[0].sharded_state_dict()
+    chunks = [unwrap(m) for m in state.model]  # keys without DDP/Float16Module prefixes (as Megatron-LM)
+    if len(chunks) == 1:
+        sd["model"] = chunks[0].sharded_state_dict()
     else:
-        for i, chunk in enumerate(state.model):
+        for i, chunk in enumerate(chunks):
             sd[f"model{i}"] = chunk.sharded_state_dict()
     if with_optimizer:
         sd["optimizer"] = state.optimizer.sharded_state_dict(
@@ -210,10 +212,11 @@ def load_checkpoint(root: str, state, cfg: RunConfig, *, iteration: Optional[int
         loaded = dist_checkpointing.load(sd, path)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"--load {root}: loading {path} failed: {type(e).__name__}: {e}") from e
-    if len(state.model) == 1:
-        state.model[0].load_state_dict(loaded["model"], strict=True)
+    chunks = [unwrap(m) for m in state.model]
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(loaded["model"], strict=True)
     else:
-        for i, chunk in enumerate(state.model):
+        for i, chunk in enumerate(chunks):
             chunk.load_state_dict(loaded[f"model{i}"], strict=True)
     if load_optim:
         state.optimizer.load_state_dict(loaded["optimizer"])
