@@ -114,6 +114,21 @@ def _rng_sharded_object(state: Optional[dict]) -> ShardedObject:
         replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True))
 
 
+def _prepare_optimizer_for_load(optimizer) -> None:
+    """Give a fresh distributed optimizer Adam states to load into (W1 in the CPU notes).
+
+    `DistributedOptimizer.state_dict()` (distrib_optimizer.py, 0.16.1 ~l.642) asserts one shared
+    `step` over param states, and a freshly built torch-AdamW-backed optimizer (no Apex/TE, on CPU
+    AND on GPU) has none, so `sharded_state_dict(is_loading=True)` fails. Upstream's own
+    `_init_optimizer_states_with_dummy_values` fills them; the checkpoint then overwrites them.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        init = getattr(opt, "_init_optimizer_states_with_dummy_values", None)
+        inner = getattr(opt, "optimizer", None)
+        if init is not None and inner is not None and not getattr(inner, "state", None):
+            init()
+
+
 def _state_dict(state, *, is_loading: bool, with_optimizer: bool, with_rng: bool) -> dict:
     sd: dict = {}
     chunks = [unwrap(m) for m in state.model]  # keys without DDP/Float16Module prefixes (as Megatron-LM)
@@ -203,10 +218,7 @@ def load_checkpoint(root: str, state, cfg: RunConfig, *, iteration: Optional[int
         warnings.warn(f"checkpoint {path} was saved with TP={saved_layout.get('tp')} PP={saved_layout.get('pp')}; "
                       f"loading into TP={layout['tp']} PP={layout['pp']}: RNG state not restored")
     if load_optim:
-        prepare = getattr(state.optimizer, "_init_optimizer_states_with_dummy_values", None)
-        if prepare is not None:
-            # A fresh distributed optimizer has no Adam states to load into (upstream asserts).
-            prepare()
+        _prepare_optimizer_for_load(state.optimizer)
     sd = _state_dict(state, is_loading=True, with_optimizer=load_optim, with_rng=load_rng)
     try:
         loaded = dist_checkpointing.load(sd, path)

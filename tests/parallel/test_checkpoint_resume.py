@@ -1,0 +1,113 @@
+"""Checkpoint save/resume: exact trajectories, resharding on load, atomic publication, bad checkpoints."""
+
+import os
+
+import pytest
+
+from tests.dist_harness import run_ranks
+from tests.parallel.test_training_parity import BASE, RTOL, _pretrain, assert_close
+
+SIX = [a if a != "4" or BASE[i - 1] != "--train-iters" else "6" for i, a in enumerate(BASE)]
+
+
+def run(world, extra, timeout=240):
+    return run_ranks(_pretrain, world, SIX + list(extra), timeout=timeout)[0]
+
+
+@pytest.mark.parametrize("layout", [
+    ["--tensor-model-parallel-size", "2"],
+    ["--use-distributed-optimizer"],
+    ["--pipeline-model-parallel-size", "2"],
+], ids=["tp2", "dp2-distopt", "pp2"])
+def test_resume_is_exact(tmp_path, layout):
+    straight = run(2, layout)
+    ckpt = str(tmp_path / "ckpt")
+    first = run(2, layout + ["--save", ckpt, "--save-interval", "3", "--exit-interval", "3"])
+    assert sorted(first["losses"]) == [1, 2, 3]
+    assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read() == "3"
+    second = run(2, layout + ["--save", ckpt, "--load", ckpt, "--save-interval", "3"])
+    assert second["resumed_from"].endswith("iter_0000003")
+    assert sorted(second["losses"]) == [4, 5, 6]
+    # bit-identical continuation on CPU: model, Adam moments and step, LR schedule, data position, RNG
+    for it in (4, 5, 6):
+        assert second["losses"][it] == straight["losses"][it], (it, second["losses"][it], straight["losses"][it])
+
+
+@pytest.mark.parametrize("save_layout,load_world,load_layout", [
+    (["--tensor-model-parallel-size", "2"], 1, []),
+    (["--use-distributed-optimizer"], 1, ["--use-distributed-optimizer"]),
+    (["--tensor-model-parallel-size", "2"], 2, ["--pipeline-model-parallel-size", "2"]),
+], ids=["tp2-to-tp1", "dp2-distopt-to-dp1", "tp2-to-pp2"])
+def test_reshard_on_load(tmp_path, save_layout, load_world, load_layout):
+    straight = run(2, save_layout)
+    ckpt = str(tmp_path / "ckpt")
+    run(2, save_layout + ["--save", ckpt, "--save-interval", "3", "--exit-interval", "3"])
+    resumed = run(load_world, load_layout + ["--load", ckpt])
+    assert sorted(resumed["losses"]) == [4, 5, 6]
+    assert_close(resumed["losses"], {k: v for k, v in straight["losses"].items() if k > 3}, rtol=RTOL)
+
+
+def _save_then_crash(rank, world, argv, ckpt):
+    """Save iteration 2 normally, then make the iteration-4 save die inside dist_checkpointing."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_rpt.config import parse_args
+    from megatron_rpt.training import checkpointing
+    from megatron_rpt.training.loop import pretrain
+
+    real_save = dist_checkpointing.save
+
+    def crashing_save(sd, path, **kw):
+        if path.endswith("iter_0000004.tmp"):
+            real_save(sd, path, **kw)          # the data is on disk ...
+            raise KeyboardInterrupt("killed")  # ... but the job dies before publishing it
+        return real_save(sd, path, **kw)
+
+    checkpointing.dist_checkpointing.save = crashing_save
+    try:
+        pretrain(parse_args(argv + ["--save", ckpt, "--save-interval", "2"]))
+    except KeyboardInterrupt:
+        pass
+    return sorted(os.listdir(ckpt))
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    names = run_ranks(_save_then_crash, 1, SIX, ckpt)[0]
+    assert "iter_0000002" in names and "iter_0000004" not in names and "iter_0000004.tmp" in names
+    assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read() == "2"
+    resumed = run(1, ["--load", ckpt])
+    assert resumed["resumed_from"].endswith("iter_0000002") and sorted(resumed["losses"]) == [3, 4, 5, 6]
+
+
+def _load_expect_error(rank, world, argv):
+    from megatron_rpt.config import parse_args
+    from megatron_rpt.training.checkpointing import CheckpointError
+    from megatron_rpt.training.loop import pretrain
+    try:
+        pretrain(parse_args(argv))
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("garbage")
+    msg = run_ranks(_load_expect_error, 1, SIX + ["--load", str(ckpt)])[0]
+    assert msg and "expected an iteration number" in msg and "garbage" in msg
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("7")
+    msg = run_ranks(_load_expect_error, 1, SIX + ["--load", str(ckpt)])[0]
+    assert msg and "iter_0000007" in msg and "not found" in msg
+    (ckpt / "latest_checkpointed_iteration.txt").unlink()
+    (ckpt / "iter_0000005").mkdir()
+    msg = run_ranks(_load_expect_error, 1, SIX + ["--load", str(ckpt)])[0]
+    assert msg and "--ckpt-step" in msg
+    msg = run_ranks(_load_expect_error, 1, SIX + ["--load", str(ckpt), "--ckpt-step", "5"])[0]
+    assert msg and "cannot read checkpoint" in msg and "iter_0000005" in msg
+
+
+def test_empty_load_dir_starts_from_scratch(tmp_path):
+    out = run(1, ["--load", str(tmp_path / "none")])
+    assert out["resumed_from"] is None and sorted(out["losses"]) == [1, 2, 3, 4, 5, 6]
