@@ -1,0 +1,68 @@
+"""Metrics: the Megatron-style log line and TensorBoard scalars agree with the run's own numbers."""
+
+import re
+
+import pytest
+
+from megatron_rpt.training.logging import MetricsLogger
+from megatron_rpt.training.step import StepResult
+from tests.dist_harness import run_ranks
+from tests.parallel.test_training_parity import BASE, _pretrain
+
+
+def _pretrain_capture(rank, world, argv):
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        out = _pretrain(rank, world, argv)
+    out["stdout"] = buf.getvalue()
+    return out
+
+
+def test_tensorboard_and_stdout(tmp_path):
+    tb = tmp_path / "tb"
+    out = run_ranks(_pretrain_capture, 2, BASE + ["--tensor-model-parallel-size", "2", "--tensorboard-dir", str(tb),
+                                                  "--log-interval", "2", "--eval-interval", "2", "--eval-iters", "1",
+                                                  "--peak-tflops", "0.5"])[0]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("lm loss", "learning-rate", "grad-norm", "throughput/tokens-per-sec", "throughput/mfu",
+                "lm loss validation"):
+        assert tag in tags, tag
+    tb_loss = {e.step: e.value for e in acc.Scalars("lm loss")}
+    assert tb_loss == pytest.approx(out["losses"], rel=1e-6)
+    assert {e.step for e in acc.Scalars("lm loss validation")} == {2, 4}
+    lines = [x for x in out["stdout"].splitlines() if x.startswith(" iteration")]
+    assert len(lines) == 2
+    # the printed loss is the mean of the interval's iterations
+    printed = float(re.search(r"lm loss: ([0-9.E+-]+)", lines[1]).group(1))
+    assert printed == pytest.approx((out["losses"][3] + out["losses"][4]) / 2, rel=1e-6)
+    tflops = float(re.search(r"TFLOP/s/device: ([0-9.]+)", lines[1]).group(1))
+    mfu = float(re.search(r"MFU: ([0-9.]+)%", lines[1]).group(1))
+    assert mfu == pytest.approx(100 * tflops / 0.5, abs=0.2)
+    assert "number of skipped iterations:   0" in lines[1]
+
+
+def test_throughput_arithmetic():
+    log = MetricsLogger(log_interval=1, tensorboard_dir=None, tensorboard_log_interval=1, train_iters=10,
+                        global_batch_size=8, seq_length=1024, flops_per_token=6e9, world_size=4, peak_tflops=100.0,
+                        device_type="cpu", is_logging_rank=False)
+    tp = log.throughput(seconds_per_iter=0.5)
+    assert tp["tokens_per_s"] == 8 * 1024 / 0.5
+    assert tp["tflops_per_device"] == pytest.approx(8 * 1024 / 0.5 * 6e9 / 4 / 1e12)
+    assert tp["mfu"] == pytest.approx(tp["tflops_per_device"] / 100.0)
+
+
+def test_skipped_and_nan_iterations_are_counted_not_averaged():
+    log = MetricsLogger(log_interval=3, tensorboard_dir=None, tensorboard_log_interval=1, train_iters=10,
+                        global_batch_size=1, seq_length=1, flops_per_token=1.0, world_size=1, peak_tflops=None,
+                        device_type="cpu", is_logging_rank=False)
+    log.record(1, StepResult(2.0, 1, 1.0, 0, True, 1e-3), 1)
+    log.record(2, StepResult(float("nan"), 1, None, None, True, 1e-3), 2)
+    line = log.record(3, StepResult(9.0, 1, None, None, False, 1e-3), 3)
+    assert "lm loss: 2.000000E+00" in line
+    assert "number of skipped iterations:   1" in line and "number of nan iterations:   1" in line
+    assert "MFU" not in line
