@@ -35,7 +35,8 @@ class ModelConfig:
     kv_channels: Optional[int] = arg(None, help="Head dimension (default hidden/heads).")
     seq_length: Optional[int] = arg(None, help="Training sequence length.")
     max_position_embeddings: Optional[int] = arg(None, help="Maximum positions (default seq length).")
-    vocab_size: Optional[int] = arg(None, help="Vocabulary size; by default taken from the tokenizer.")
+    vocab_size: Optional[int] = arg(None, help="Vocabulary size of the NullTokenizer (the model always uses "
+                                     "the tokenizer's vocabulary, padded).")
     make_vocab_size_divisible_by: int = arg(128, help="Pad the vocabulary to a multiple of this "
                                             "times the tensor-parallel size.")
     rotary_base: float = arg(10000.0, help="RoPE base (theta).")

@@ -17,7 +17,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_rpt.config.schema import RunConfig
-from megatron_rpt.config.validation import ConfigError, validate_config
+from megatron_rpt.config.validation import validate_config
 from megatron_rpt.platform import setup_platform
 
 
@@ -86,12 +86,10 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
     dist.set_random_seed(cfg.training.seed)
     t, m = cfg.training, cfg.model
 
+    # As in Megatron-LM the model's vocabulary is the tokenizer's, padded; --vocab-size only sizes
+    # the NullTokenizer.
     tokenizer = _build_tokenizer(cfg)
-    if m.vocab_size is not None and m.vocab_size < tokenizer.vocab_size:
-        raise ConfigError([f"--vocab-size {m.vocab_size} is smaller than the tokenizer's vocabulary "
-                           f"({tokenizer.vocab_size})"])
-    vocab = padded_vocab_size(m.vocab_size or tokenizer.vocab_size, m.make_vocab_size_divisible_by,
-                              p.tensor_model_parallel_size)
+    vocab = padded_vocab_size(tokenizer.vocab_size, m.make_vocab_size_divisible_by, p.tensor_model_parallel_size)
     config = transformer_config(cfg, platform)
     chunks = build_model_chunks(cfg, platform, vocab, device, config)
     state = setup_model_and_optimizer(chunks, cfg, config)

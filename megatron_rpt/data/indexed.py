@@ -1,0 +1,55 @@
+"""Writing Megatron indexed datasets (.bin/.idx) atomically.
+
+`AtomicIndexedWriter` wraps Megatron-Core's `IndexedDatasetBuilder` so both files are written
+under temporary names and renamed only after `finalize()`: an interrupted run never leaves a
+truncated pair that looks valid, and readers see either the old pair or the new one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+
+def token_dtype(vocab_size: int) -> type:
+    """uint16 when every id fits (as Megatron-LM picks), else int32."""
+    return np.uint16 if vocab_size < 65500 else np.int32
+
+
+class AtomicIndexedWriter:
+    """Append documents; `finalize()` publishes `{prefix}.bin` and `{prefix}.idx` together."""
+
+    def __init__(self, prefix: str, vocab_size: int):
+        self.prefix = prefix
+        self._tmp_bin, self._tmp_idx = prefix + ".bin.tmp", prefix + ".idx.tmp"
+        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        self.dtype = token_dtype(vocab_size)
+        self._builder = IndexedDatasetBuilder(self._tmp_bin, dtype=self.dtype)
+        self.documents = 0
+        self.tokens = 0
+
+    def add_document(self, ids: Sequence[int], sentence_lengths: Sequence[int] | None = None) -> None:
+        tensor = torch.tensor(np.asarray(ids, dtype=np.int64))
+        self._builder.add_document(tensor, list(sentence_lengths) if sentence_lengths else [len(ids)])
+        self.documents += 1
+        self.tokens += len(ids)
+
+    def finalize(self) -> tuple[str, str]:
+        self._builder.finalize(self._tmp_idx)
+        os.replace(self._tmp_bin, self.prefix + ".bin")
+        os.replace(self._tmp_idx, self.prefix + ".idx")
+        return self.prefix + ".bin", self.prefix + ".idx"
+
+    def abort(self) -> None:
+        """Drop the temporary files (after an error)."""
+        try:
+            self._builder.data_file.close()
+        except Exception:  # noqa: BLE001 - best effort cleanup
+            pass
+        for path in (self._tmp_bin, self._tmp_idx):
+            if os.path.exists(path):
+                os.remove(path)

@@ -1,0 +1,192 @@
+"""Tokenizers by Megatron-LM `--tokenizer-type` name, and sentencepiece tokenizer training.
+
+Every tokenizer exposes what Megatron-Core's GPT datasets and our tools need: `vocab_size` (the
+tokenizer's own size; the model pads it), `eod`, `pad` (-1 when the tokenizer has none, which is
+Megatron's "no pad" id), `bos`, `tokenize`, `detokenize` and `unique_identifiers` (keys the
+dataset index cache). Files are local only: nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer")
+# Special pieces of tokenizers trained by tools/train_tokenizer.py (ids 0..3, in this order).
+SPM_SPECIALS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eod": "<eod>"}
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be built (names the flag and the path)."""
+
+
+class Tokenizer:
+    """Common interface; subclasses set the attributes in __init__."""
+
+    vocab_size: int
+    eod: int
+    pad: int = -1
+    bos: Optional[int] = None
+
+    def __init__(self, **identifiers):
+        self.unique_identifiers = OrderedDict(cls=type(self).__name__, **identifiers)
+
+    def tokenize(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, eod={self.eod}, pad={self.pad})"
+
+
+def _require_file(path: Optional[str], flag: str, kind: str) -> str:
+    if path is None:
+        raise TokenizerError(f"{kind} needs {flag}")
+    if not os.path.exists(path):
+        raise TokenizerError(f"{flag}: {path} not found")
+    return path
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, model_file: str):
+        import sentencepiece as spm
+        super().__init__(model=os.path.abspath(model_file))
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=model_file)
+        except (OSError, RuntimeError) as e:
+            raise TokenizerError(f"--tokenizer-model: {model_file} is not a sentencepiece model ({e})") from None
+        self.vocab_size = self._sp.get_piece_size()
+        eod = self._sp.piece_to_id(SPM_SPECIALS["eod"])
+        if eod == self._sp.unk_id() or eod < 0:
+            eod = self._sp.eos_id()
+        if eod < 0:
+            raise TokenizerError(f"--tokenizer-model: {model_file} has neither an {SPM_SPECIALS['eod']} piece "
+                                 "nor an eos id; train it with tools/train_tokenizer.py")
+        self.eod = eod
+        self.pad = self._sp.pad_id() if self._sp.pad_id() >= 0 else -1
+        self.bos = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+
+class _HFBase(Tokenizer):
+    def _init_from(self, tok, eod_token: Optional[str]) -> None:
+        self._tok = tok
+        self.vocab_size = len(tok)
+        eod = tok.eos_token_id
+        if eod_token is not None:
+            eod = tok.convert_tokens_to_ids(eod_token)
+        if eod is None:
+            raise TokenizerError("the tokenizer defines no end-of-document token (eos_token)")
+        self.eod = int(eod)
+        self.pad = int(tok.pad_token_id) if tok.pad_token_id is not None else -1
+        self.bos = tok.bos_token_id
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+
+class HuggingFaceTokenizer(_HFBase):
+    def __init__(self, path: str):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+        super().__init__(path=os.path.abspath(path))
+        if os.path.isdir(path):
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        else:
+            tok = PreTrainedTokenizerFast(tokenizer_file=path)
+            if tok.eos_token is None:
+                for candidate in ("<|endoftext|>", "</s>", "<eod>", "<|end_of_text|>"):
+                    if tok.convert_tokens_to_ids(candidate) not in (None, tok.unk_token_id):
+                        tok.eos_token = candidate
+                        break
+        self._init_from(tok, None)
+
+
+class GPT2BPETokenizer(_HFBase):
+    def __init__(self, vocab_file: str, merge_file: str):
+        from tokenizers import ByteLevelBPETokenizer
+        from transformers import PreTrainedTokenizerFast
+        super().__init__(vocab=os.path.abspath(vocab_file), merges=os.path.abspath(merge_file))
+        backend = ByteLevelBPETokenizer(vocab_file, merge_file)
+        tok = PreTrainedTokenizerFast(tokenizer_object=backend._tokenizer)
+        vocab = json.load(open(vocab_file, encoding="utf-8"))
+        if "<|endoftext|>" not in vocab:
+            raise TokenizerError(f"--vocab-file: {vocab_file} has no <|endoftext|> token")
+        self._init_from(tok, "<|endoftext|>")
+
+
+class NullTokenizer(Tokenizer):
+    """Text is whitespace-separated ids; as in Megatron-LM, ids 0..N-1 plus eod = N (size N + 1)."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__(vocab_size=vocab_size)
+        self.vocab_size = int(vocab_size) + 1
+        self.eod = int(vocab_size)
+
+    def tokenize(self, text: str) -> list[int]:
+        ids = [int(x) for x in text.split()]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"NullTokenizer: id {bad[0]} outside [0, {self.vocab_size})")
+        return ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
+def build_tokenizer(tokenizer_type: str, *, tokenizer_model: Optional[str] = None, vocab_file: Optional[str] = None,
+                    merge_file: Optional[str] = None, vocab_size: Optional[int] = None) -> Tokenizer:
+    """The tokenizer for Megatron-LM's --tokenizer-type and file flags."""
+    if tokenizer_type == "SentencePieceTokenizer":
+        return SentencePieceTokenizer(_require_file(tokenizer_model, "--tokenizer-model", tokenizer_type))
+    if tokenizer_type == "HuggingFaceTokenizer":
+        return HuggingFaceTokenizer(_require_file(tokenizer_model, "--tokenizer-model", tokenizer_type))
+    if tokenizer_type == "GPT2BPETokenizer":
+        return GPT2BPETokenizer(_require_file(vocab_file, "--vocab-file", tokenizer_type),
+                                _require_file(merge_file, "--merge-file", tokenizer_type))
+    if tokenizer_type == "NullTokenizer":
+        if vocab_size is None or int(vocab_size) < 1:
+            raise TokenizerError("NullTokenizer needs --vocab-size >= 1")
+        return NullTokenizer(int(vocab_size))
+    raise TokenizerError(f"--tokenizer-type: unknown {tokenizer_type!r}; known: {', '.join(TOKENIZER_TYPES)}")
+
+
+def train_sentencepiece(texts: Iterable[str], output_prefix: str, *, vocab_size: int, model_type: str = "bpe",
+                        max_sentences: int = 2_000_000, seed_sentencepiece_size: int = 1_000_000,
+                        num_threads: int = 2) -> Path:
+    """Train a sentencepiece model with <pad>=0 <unk>=1 <s>=2 <eod>=3, byte fallback, no normalisation.
+
+    Byte fallback + identity normalisation make detokenize(tokenize(text)) == text for any text.
+    Writes `{output_prefix}.model` / `.vocab` (via temporary names); returns the .model path.
+    """
+    import sentencepiece as spm
+    if model_type not in ("bpe", "unigram"):
+        raise TokenizerError(f"--model-type must be bpe or unigram, got {model_type!r}")
+    prefix = Path(output_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    tmp_prefix = str(prefix) + ".tmp"
+    lines = (line for text in texts for line in text.split("\n") if line.strip())
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines, model_prefix=tmp_prefix, vocab_size=vocab_size, model_type=model_type,
+        character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3, pad_piece=SPM_SPECIALS["pad"], unk_piece=SPM_SPECIALS["unk"],
+        bos_piece=SPM_SPECIALS["bos"], eos_piece=SPM_SPECIALS["eod"], input_sentence_size=max_sentences,
+        shuffle_input_sentence=False, seed_sentencepiece_size=seed_sentencepiece_size,
+        num_threads=num_threads, minloglevel=2)
+    for ext in (".model", ".vocab"):
+        os.replace(tmp_prefix + ext, str(prefix) + ext)
+    return Path(str(prefix) + ".model")
