@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import sys
 import time
@@ -53,11 +54,13 @@ def _worker(rank: int, world_size: int, port: int, timeout: float, fn: Callable,
             "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout)
         )
         result = fn(rank, world_size, *args, **kwargs)
-        conn.send(("ok", result))
+        # Plain pickle by value: Connection.send would use torch's shared-memory reducers, whose
+        # file descriptors die with the worker once it exits.
+        conn.send_bytes(pickle.dumps(("ok", result)))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent
         status = 1
         try:
-            conn.send(("err", traceback.format_exc()))
+            conn.send_bytes(pickle.dumps(("err", traceback.format_exc())))
         except Exception:  # noqa: BLE001 - unpicklable or broken pipe: the parent sees the exit
             pass
     finally:
@@ -72,11 +75,33 @@ def _worker(rank: int, world_size: int, port: int, timeout: float, fn: Callable,
                 torch.distributed.destroy_process_group()
         except Exception:  # noqa: BLE001
             pass
+        # Helper processes the worker started (e.g. dist-checkpoint's multiprocessing Manager) would
+        # outlive os._exit: end them explicitly.
+        for child in mp.active_children():
+            child.terminate()
+            child.join(timeout=5)
         conn.close()
         sys.stdout.flush()
         sys.stderr.flush()
         # Skip the parent's atexit handlers and pytest's teardown inherited through fork.
         os._exit(status)
+
+
+def _kill_tree(proc: Any) -> None:
+    """SIGKILL a worker and the processes it started (a killed worker cannot end its own
+    helpers, e.g. dist-checkpoint's Manager server, which would otherwise be orphaned)."""
+    try:
+        import psutil
+
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except Exception:  # noqa: BLE001 - already gone, or psutil missing
+        children = []
+    proc.kill()
+    for child in children:
+        try:
+            child.kill()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0, **kwargs: Any) -> list:
@@ -101,7 +126,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0,
         p = ctx.Process(
             target=_worker,
             args=(rank, world_size, port, timeout, fn, args, kwargs, child_end),
-            daemon=True,
+            daemon=False,  # workers may start processes of their own (dist-checkpoint writers)
         )
         p.start()
         child_end.close()
@@ -123,7 +148,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0,
                 if obj in pending:
                     rank = pending.pop(obj)
                     try:
-                        kind, value = obj.recv()
+                        kind, value = pickle.loads(obj.recv_bytes())
                     except EOFError:
                         error = f"rank {rank} exited without a result (exit code {procs[rank].exitcode})"
                         break
@@ -141,10 +166,10 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0,
     finally:
         for p in procs:
             if error is not None and p.is_alive():
-                p.kill()
+                _kill_tree(p)
             p.join(timeout=10)
             if p.is_alive():
-                p.kill()
+                _kill_tree(p)
                 p.join()
         for c in conns:
             c.close()

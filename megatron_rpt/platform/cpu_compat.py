@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import importlib.abc
 import importlib.machinery
+import logging
 import sys
 import threading
 import types
@@ -62,13 +63,13 @@ def _mcore_version() -> Version:
 
 _APPLIED: list[str] = []
 _DISABLED: set[str] = set()
-_ORIGINALS: dict[str, list[tuple[Any, str, Any]]] = {}
+_ORIGINALS: dict[str, list[tuple[Any, str, Any, Any]]] = {}  # id -> (obj, attr, old, new)
 _LOCK = threading.RLock()
 
 
 def _set_attr(patch_id: str, obj: Any, name: str, value: Any) -> None:
     """setattr that remembers the original so a test can undo the patch."""
-    _ORIGINALS.setdefault(patch_id, []).append((obj, name, getattr(obj, name, _MISSING)))
+    _ORIGINALS.setdefault(patch_id, []).append((obj, name, getattr(obj, name, _MISSING), value))
     setattr(obj, name, value)
 
 
@@ -144,7 +145,7 @@ def _when_imported(patch_id: str, module_name: str, fn: Callable[[types.ModuleTy
 
 
 # ---------------------------------------------------------------------------------------------
-# The device mode (P3 `.cuda()`, P4, P5 record_stream, P8): one TorchFunctionMode for everything
+# The device mode (P3 `.cuda()`, P4, P8): one TorchFunctionMode for everything
 # that goes through torch's Python dispatch.
 # ---------------------------------------------------------------------------------------------
 
@@ -176,7 +177,7 @@ class _CpuDeviceMode(TorchFunctionMode):
         if kwargs is None:
             kwargs = {}
         feats = _MODE_FEATURES
-        if func is _T.to or func is _T.cuda or func is _T.type or func is _T.record_stream or func is _T.pin_memory:
+        if func is _T.to or func is _T.cuda or func is _T.type or func is _T.pin_memory:
             return _special(func, args, kwargs, feats)
         if "P4" in feats:
             dev = kwargs.get("device")
@@ -205,9 +206,6 @@ def _special(func: Any, args: tuple, kwargs: dict, feats: set[str]) -> Any:
             if isinstance(dtype, str):  # conversion to a CUDA tensor type -> same CPU type
                 kwargs = {k: v for k, v in kwargs.items() if k != "dtype"}
                 return func(args[0], _cpu_type_name(dtype), **kwargs)
-    elif func is _T.record_stream:
-        if "P5" in feats:  # streams are no-ops on CPU
-            return None
     elif func is _T.pin_memory:
         if "P4" in feats:
             return args[0]
@@ -301,7 +299,7 @@ def _p1_triton_stub() -> None:
     triton.language = language  # type: ignore[attr-defined]
     sys.modules["triton"] = triton
     sys.modules["triton.language"] = language
-    _ORIGINALS.setdefault("P1", []).append((sys.modules, "__dict_keys__", ("triton", "triton.language")))
+    _ORIGINALS.setdefault("P1", []).append((sys.modules, "__dict_keys__", ("triton", "triton.language"), None))
 
 
 def _p1_applies(v: Version) -> bool:
@@ -325,6 +323,11 @@ def _cpu_set_rng_state(new_state: torch.Tensor, device: Any = "cuda") -> None:
 
 def _cpu_manual_seed(seed: int) -> None:
     torch.default_generator.manual_seed(int(seed))
+
+
+class _SameGeneratorWarningFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
 def _p2_rng() -> None:
@@ -353,6 +356,11 @@ def _p2_rng() -> None:
         torch.set_rng_state(new_state)
 
     def fix(mod: types.ModuleType) -> None:
+        # The tracker warns when the CPU RNG moves inside fork(); here the "CUDA" RNG IS the CPU
+        # RNG, so it would warn on every dropout. Drop exactly that message.
+        logger = logging.getLogger(mod.__name__)
+        if not any(isinstance(f, _SameGeneratorWarningFilter) for f in logger.filters):
+            logger.addFilter(_SameGeneratorWarningFilter())
         _rebind_everywhere("P2", mod, "_get_cuda_rng_state", get_state)
         _rebind_everywhere("P2", mod, "_set_cuda_rng_state", set_state)
 
@@ -448,7 +456,7 @@ def _p5_streams() -> None:
     (all versions).
 
     torch.cuda.Stream/Event/stream()/current_stream()/default_stream() become no-op objects and
-    Tensor.record_stream a no-op.
+    Tensor.record_stream a no-op (CPU tensors have no stream to record on).
     """
     cuda = torch.cuda
     _set_attr("P5", cuda, "Stream", _NoStream)
@@ -456,8 +464,9 @@ def _p5_streams() -> None:
     _set_attr("P5", cuda, "stream", lambda stream=None: contextlib.nullcontext(stream))
     _set_attr("P5", cuda, "current_stream", lambda device=None: _DEFAULT_STREAM)
     _set_attr("P5", cuda, "default_stream", lambda device=None: _DEFAULT_STREAM)
-    _install_device_mode()
-    _MODE_FEATURES.add("P5")
+    # Not through the device mode: the C++ argument parser rejects a non-Stream argument before
+    # torch-function dispatch happens.
+    _set_attr("P5", torch.Tensor, "record_stream", lambda self, stream: None)
 
 
 def _p6_split_sizes_to_numpy() -> None:
@@ -590,6 +599,26 @@ def _p13_te_general_gemm() -> None:
     _when_imported("P13", "megatron.core.transformer.moe.moe_utils", fix)
 
 
+def _p14_fork_results_queue() -> None:
+    """P14 (new; speed, not correctness): `dist_checkpointing/strategies/filesystem_async.py:
+    _get_write_results_queue` starts a multiprocessing Manager with the *spawn* context on the
+    first save of every process: a fresh interpreter importing torch, 4-13 s per rank on 2 cores
+    (the "first save 4-7 s warm-up" of the note). Spawn protects CUDA state; a CPU process has
+    none, so the Manager is started with fork (~0.05 s). Same queue type (all versions).
+    """
+    import multiprocessing as mp
+
+    def fix(mod: types.ModuleType) -> None:
+        def _get_write_results_queue() -> Any:
+            if mod._results_queue is None:
+                mod._results_queue = mp.get_context("fork").Manager().Queue()
+            return mod._results_queue
+
+        _rebind_everywhere("P14", mod, "_get_write_results_queue", _get_write_results_queue)
+
+    _when_imported("P14", "megatron.core.dist_checkpointing.strategies.filesystem_async", fix)
+
+
 @dataclass(frozen=True)
 class _Patch:
     id: str
@@ -612,6 +641,7 @@ _PATCHES: tuple[_Patch, ...] = (
     _Patch("P9", _p9_optimizer_state_copy, _ALL, False),
     _Patch("P10", _p10_unshare_step, _ALL, False),
     _Patch("P13", _p13_te_general_gemm, lambda v: v < Version("0.17"), False),
+    _Patch("P14", _p14_fork_results_queue, _ALL, True),
 )
 
 PATCH_IDS: tuple[str, ...] = tuple(p.id for p in _PATCHES)
@@ -658,15 +688,21 @@ def uninstall_patches(ids: Collection[str]) -> None:
         for pid in ids:
             if pid not in _APPLIED:
                 continue
-            for obj, name, old in reversed(_ORIGINALS.pop(pid, [])):
+            for obj, name, old, new in reversed(_ORIGINALS.pop(pid, [])):
                 if obj is sys.modules and name == "__dict_keys__":
                     for key in old:
                         sys.modules.pop(key, None)
-                elif old is _MISSING:
+                    continue
+                if old is _MISSING:
                     with contextlib.suppress(AttributeError):
                         delattr(obj, name)
-                else:
-                    setattr(obj, name, old)
+                    continue
+                setattr(obj, name, old)
+                if isinstance(obj, types.ModuleType):
+                    # Modules imported after the patch bound the new object by name: undo those too.
+                    for mod_name, mod in list(sys.modules.items()):
+                        if mod is not None and mod_name.startswith("megatron.") and getattr(mod, name, None) is new:
+                            setattr(mod, name, old)
             _MODE_FEATURES.discard(pid)
             _DISABLED.add(pid)
             _APPLIED.remove(pid)

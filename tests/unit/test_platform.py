@@ -1,0 +1,269 @@
+"""Unit tests of megatron_rpt.platform: platform choice, optional-package detection, patch
+bookkeeping, the device mode (threads, fork, overhead) and the P1 triton stub.
+
+Tests that change process-wide state run in a forked child (`run_ranks(..., 1)`), so the pytest
+process keeps one consistent platform.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import sys
+import threading
+import time
+from typing import Any
+
+import pytest
+import torch
+
+import megatron_rpt.platform as platform_mod
+from megatron_rpt.platform import cpu_compat, get_platform, setup_platform
+from tests.dist_harness import RankError, run_ranks
+
+
+def test_cpu_platform_chosen_without_cuda() -> None:
+    p = setup_platform(force_cpu=True)
+    assert not torch.cuda.is_available()  # CPU torch build on this machine
+    assert (p.device_type, p.backend, p.batch_p2p_comm) == ("cpu", "gloo", False)
+    assert p.transformer_engine is False and p.apex is False
+    assert p.megatron_core_version.startswith("0.")
+    assert p.device(3) == torch.device("cpu")
+    assert get_platform() is p
+    assert setup_platform() is p  # idempotent, first choice wins
+    with pytest.raises(Exception):
+        p.device_type = "cuda"  # type: ignore[misc]  # frozen
+
+
+def _fresh_setup(rank: int, world: int, cuda_available: bool) -> tuple[Any, ...]:
+    platform_mod._PLATFORM = None
+    with pytest.raises(RuntimeError, match="before setup_platform"):
+        get_platform()
+    torch.cuda.is_available = lambda: cuda_available  # type: ignore[assignment]
+    chosen = setup_platform()
+    forced = setup_platform(force_cpu=False)
+    return chosen.device_type, chosen.backend, chosen.batch_p2p_comm, forced is chosen, chosen.device(1)
+
+
+def test_auto_selection_follows_cuda_availability() -> None:
+    assert run_ranks(_fresh_setup, 1, False)[0] == ("cpu", "gloo", False, True, torch.device("cpu"))
+    # With CUDA "available" (simulated) the CUDA platform is chosen; no device is touched.
+    assert run_ranks(_fresh_setup, 1, True)[0] == ("cuda", "nccl", True, True, torch.device("cuda", 1))
+
+
+class _BrokenTE(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Makes `import transformer_engine...` fail the way partial installs do."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname.split(".")[0] == "transformer_engine":
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec: Any) -> None:
+        return None
+
+    def exec_module(self, module: Any) -> None:
+        raise self.exc
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [ImportError("no TE"), OSError("libcudnn.so.9: cannot open"), RuntimeError("cudnn shared object not found")],
+)
+def test_transformer_engine_detection_survives_broken_installs(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> None:
+    for name in [m for m in sys.modules if m.startswith("transformer_engine")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [_BrokenTE(exc), *sys.meta_path])
+    assert platform_mod.detect_transformer_engine(cuda=True) is False
+    assert platform_mod.detect_transformer_engine(cuda=False) is False
+
+
+def test_transformer_engine_detected_when_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    te = types.ModuleType("transformer_engine")
+    te_pt = types.ModuleType("transformer_engine.pytorch")
+    monkeypatch.setitem(sys.modules, "transformer_engine", te)
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", te_pt)
+    assert platform_mod.detect_transformer_engine(cuda=True) is True
+    assert platform_mod.detect_transformer_engine(cuda=False) is False  # TE needs CUDA
+
+
+def test_unrelated_apex_package_warns_and_is_not_apex(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    fake = types.ModuleType("apex")  # like the unrelated PyPI `apex`: no apex.optimizers
+    fake.__spec__ = importlib.machinery.ModuleSpec("apex", None)
+    monkeypatch.setitem(sys.modules, "apex", fake)
+    with pytest.warns(RuntimeWarning, match="not NVIDIA Apex"):
+        assert platform_mod.detect_apex(cuda=True) is False
+
+
+def test_patch_set_for_installed_megatron_core() -> None:
+    setup_platform(force_cpu=True)
+    applied = cpu_compat.installed_patches()
+    # 0.16.x: no triton import (P1 off), te_general_gemm NameError (P13 on).
+    assert "P1" not in applied and "P13" in applied
+    for pid in ("P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "P14"):
+        assert pid in applied
+    assert cpu_compat.install_cpu_compat() == applied  # idempotent
+    with pytest.raises(ValueError, match="unknown patch"):
+        cpu_compat.install_cpu_compat(exclude={"P99"})
+    for patch in cpu_compat._PATCHES:  # every patch documents its upstream site
+        assert patch.apply.__doc__ and ".py" in patch.apply.__doc__, patch.id
+
+
+def _device_mode_probe(rank: int, world: int) -> dict:
+    seen: dict[str, Any] = {"fork": cpu_compat.device_mode_active()}
+
+    def in_thread() -> None:
+        seen["thread"] = cpu_compat.device_mode_active()
+        seen["thread_tensor"] = torch.zeros(2, device="cuda").device.type
+
+    t = threading.Thread(target=in_thread)
+    t.start()
+    t.join()
+    x = torch.ones(3)
+    seen.update(
+        factory=torch.empty(2, device="cuda").device.type,
+        factory_dev=torch.zeros(2, device=torch.device("cuda", 0)).device.type,
+        to=x.to("cuda").device.type,
+        to_kw=x.to(device="cuda:0", dtype=torch.float64).dtype,
+        cuda_is_self=x.cuda() is x,
+        type_name=x.type(),
+        type_conv=x.type("torch.cuda.DoubleTensor").dtype,
+        current_device=torch.cuda.current_device(),
+        pinned=torch.empty(2, pin_memory=True).is_pinned(),
+    )
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        stream.wait_stream(torch.cuda.current_stream())
+        x.record_stream(stream)
+    ev = torch.cuda.Event()
+    ev.record()
+    seen["event"] = ev.query()
+    return seen
+
+
+def test_device_mode_in_forked_workers_and_threads() -> None:
+    (seen,) = run_ranks(_device_mode_probe, 1)
+    assert seen == {
+        "fork": True,
+        "thread": True,
+        "thread_tensor": "cpu",
+        "factory": "cpu",
+        "factory_dev": "cpu",
+        "to": "cpu",
+        "to_kw": torch.float64,
+        "cuda_is_self": True,
+        "type_name": "torch.cuda.FloatTensor",
+        "type_conv": torch.float64,
+        "current_device": "cpu",
+        "pinned": False,
+        "event": True,
+    }
+
+
+def _uninstall_probe(rank: int, world: int) -> tuple[str, bool]:
+    cpu_compat.uninstall_patches({"P8", "P3"})
+    x = torch.ones(1)
+    try:
+        x.cuda()
+        moved = True
+    except (RuntimeError, AssertionError):
+        moved = False
+    return x.type(), moved
+
+
+def test_uninstall_restores_upstream_behaviour() -> None:
+    assert run_ranks(_uninstall_probe, 1)[0] == ("torch.FloatTensor", False)
+
+
+def test_device_mode_overhead_is_small() -> None:
+    """Per-call cost of the mode on a tiny op; it is paid on every torch call on CPU."""
+    setup_platform(force_cpu=True)
+    a, b = torch.randn(8), torch.randn(8)
+
+    def bench() -> float:
+        for _ in range(200):
+            torch.add(a, b)
+        t0 = time.perf_counter()
+        for _ in range(20000):
+            torch.add(a, b)
+        return (time.perf_counter() - t0) / 20000
+
+    with_mode = min(bench() for _ in range(3))
+    with torch._C.DisableTorchFunction():
+        without = min(bench() for _ in range(3))
+    overhead_us = (with_mode - without) * 1e6
+    print(f"device mode overhead: {overhead_us:.2f} us/call ({without * 1e6:.2f} -> {with_mode * 1e6:.2f})")
+    assert overhead_us < 10.0
+
+
+def _triton_stub_probe(rank: int, world: int) -> tuple:
+    sys.modules.pop("triton", None)
+    real = cpu_compat._p1_applies
+    # Simulate megatron-core 0.19 on a machine without triton.
+    sys.modules["triton"] = None  # type: ignore[assignment]  # makes `import triton` fail
+    try:
+        import triton  # noqa: F401
+        failed = False
+    except ImportError:
+        failed = True
+    del sys.modules["triton"]
+    cpu_compat._p1_triton_stub()
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(x_ptr: Any, BLOCK: tl.constexpr) -> None:
+        """doc"""
+
+    try:
+        kernel[(1,)](None, BLOCK=4)
+        launched = True
+    except RuntimeError:
+        launched = False
+    import torch.utils._triton as tt
+
+    return failed, kernel.__name__, launched, real(cpu_compat.Version("0.16.1")), tt.has_triton()
+
+
+def test_p1_triton_stub_allows_import_but_not_launch() -> None:
+    failed, name, launched, applies_016, torch_sees_triton = run_ranks(_triton_stub_probe, 1)[0]
+    assert failed and name == "kernel" and not launched
+    assert applies_016 is False
+    assert torch_sees_triton is False  # the stub must not make torch believe triton works
+
+
+def test_harness_returns_by_rank_and_reports_tracebacks() -> None:
+    def ok(rank: int, world: int, k: int, *, offset: int) -> int:
+        t = torch.tensor([rank + offset], dtype=torch.float32)
+        torch.distributed.all_reduce(t)
+        return int(t.item()) * k + rank
+
+    t0 = time.perf_counter()
+    assert run_ranks(ok, 2, 10, offset=1) == [30, 31]
+    elapsed = time.perf_counter() - t0
+    print(f"2-rank run_ranks overhead: {elapsed:.3f} s")
+    assert elapsed < 5.0
+
+    def bad(rank: int, world: int) -> None:
+        if rank == 1:
+            raise ValueError("boom on one rank")
+        torch.distributed.barrier()  # rank 0 would hang: the harness must kill it
+
+    with pytest.raises(RankError, match=r"(?s)rank 1 raised.*ValueError: boom on one rank"):
+        run_ranks(bad, 2, timeout=60)
+
+    def slow(rank: int, world: int) -> None:
+        time.sleep(30)
+
+    t0 = time.perf_counter()
+    with pytest.raises(RankError, match="timeout"):
+        run_ranks(slow, 2, timeout=1.0)
+    assert time.perf_counter() - t0 < 5
