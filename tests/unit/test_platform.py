@@ -267,3 +267,32 @@ def test_harness_returns_by_rank_and_reports_tracebacks() -> None:
     with pytest.raises(RankError, match="timeout"):
         run_ranks(slow, 2, timeout=1.0)
     assert time.perf_counter() - t0 < 5
+
+
+def test_setup_after_megatron_import_patches_bound_names(tmp_path: Any) -> None:
+    """A fresh interpreter that imports megatron.core first, then installs the layer (with one
+    patch excluded): module attributes and `from x import f` copies are both patched."""
+    import subprocess
+
+    script = """
+import megatron.core.transformer.moe.token_dispatcher as td
+import megatron.core.transformer.moe.moe_utils as mu
+import megatron.core.tensor_parallel.random as rnd
+from megatron_rpt.platform import cpu_compat
+applied = cpu_compat.install_cpu_compat(exclude={"P13"})
+assert "P13" not in applied and "P6" in applied, applied
+assert td.maybe_move_tensor_to_cpu is mu.maybe_move_tensor_to_cpu
+assert "_p6_" in td.maybe_move_tensor_to_cpu.__qualname__
+assert not hasattr(mu, "te_general_gemm")
+import torch
+assert rnd._get_cuda_rng_state().equal(torch.get_rng_state())
+print("OK", cpu_compat.install_cpu_compat())
+"""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", script], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "P13" in out.stdout  # a later call without exclude installs it
