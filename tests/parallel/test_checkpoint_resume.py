@@ -111,3 +111,33 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
 def test_empty_load_dir_starts_from_scratch(tmp_path):
     out = run(1, ["--load", str(tmp_path / "none")])
     assert out["resumed_from"] is None and sorted(out["losses"]) == [1, 2, 3, 4, 5, 6]
+
+
+def _preempted(rank, world, argv, signal_after):
+    """SIGTERM arrives at rank 0 only, during iteration `signal_after` (as SLURM preemption would)."""
+    import signal
+
+    from megatron_rpt.training import step
+
+    real = step.train_step
+    calls = {"n": 0}
+
+    def train_step(*a, **kw):
+        calls["n"] += 1
+        if rank == 0 and calls["n"] == signal_after:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **kw)
+
+    step.train_step = train_step
+    return _pretrain(rank, world, argv)
+
+
+def test_sigterm_saves_and_resumes_exactly(tmp_path):
+    layout = ["--tensor-model-parallel-size", "2"]
+    straight = run(2, layout)
+    ckpt = str(tmp_path / "ckpt")
+    first = run_ranks(_preempted, 2, SIX + layout + ["--save", ckpt, "--exit-signal-handler"], 2)[0]
+    assert sorted(first["losses"]) == [1, 2]  # both ranks stopped after the iteration the signal hit
+    assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read() == "2"
+    second = run(2, layout + ["--save", ckpt, "--load", ckpt])
+    assert {k: second["losses"][k] for k in (3, 4, 5, 6)} == {k: straight["losses"][k] for k in (3, 4, 5, 6)}

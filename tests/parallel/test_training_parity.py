@@ -107,3 +107,11 @@ def test_wsd_schedule_and_clipping_match_across_layouts():
     assert_close(out["losses"], ref["losses"])
     # clip 0.05 is below every measured norm: clipping is active in both
     assert all(g > 0.05 for g in ref["grad_norms"].values())
+
+
+@pytest.mark.parametrize("recompute", [["--recompute-granularity", "full", "--recompute-method", "uniform",
+                                        "--recompute-num-layers", "1"],
+                                       ["--recompute-granularity", "selective"]], ids=["full", "selective"])
+def test_activation_recompute_changes_nothing(reference, recompute):
+    out = train(1, recompute)
+    assert out["losses"] == reference["losses"]
