@@ -13,8 +13,8 @@ module is imported (a post-import hook), so `install_cpu_compat()` works before 
 
 Only `megatron_rpt.platform.setup_platform` should call `install_cpu_compat()`. P9, P10 (and P13)
 fix upstream bugs of the torch-optimizer fallback that also hit CUDA runs without Apex/TE; they
-are the only ones `install_upstream_fixes()` applies on CUDA. W1 is a function callers use:
-`prepare_optimizer_for_load(optimizer)`.
+are the only ones `install_upstream_fixes()` applies on CUDA. W1 is not CPU-specific (it hits any
+run without Apex/TE): it lives in `megatron_rpt.training.checkpointing.prepare_optimizer_for_load`.
 
 Tests may disable patches in a forked worker with `uninstall_patches({...})` to show the failure
 each one fixes; never do that in a process that goes on to do real work.
@@ -43,7 +43,6 @@ __all__ = [
     "install_upstream_fixes",
     "installed_patches",
     "uninstall_patches",
-    "prepare_optimizer_for_load",
     "ensure_device_mode",
     "device_mode_active",
     "PATCH_IDS",
@@ -706,27 +705,3 @@ def uninstall_patches(ids: Collection[str]) -> None:
             _MODE_FEATURES.discard(pid)
             _DISABLED.add(pid)
             _APPLIED.remove(pid)
-
-
-# ---------------------------------------------------------------------------------------------
-# W1: a helper for checkpoint loading (a call site, not a patch).
-# ---------------------------------------------------------------------------------------------
-
-
-def prepare_optimizer_for_load(optimizer: Any) -> None:
-    """W1: make a freshly built Megatron optimizer loadable from a distributed checkpoint.
-
-    `optimizer/distrib_optimizer.py:DistributedOptimizer.state_dict` (0.19.2 lines 837-839)
-    asserts that all param states share one `step` when Apex/TE are absent; a fresh optimizer has
-    no state at all, so building `sharded_state_dict(..., is_loading=True)` fails. We initialise
-    the states with dummy values (`_init_optimizer_states_with_dummy_values`, a zero-grad step)
-    exactly as upstream does for its other formats; the checkpoint overwrites them in place.
-    Works for a DistributedOptimizer, a ChainedOptimizer of them, and is a no-op for others or
-    when states exist. Call it before `optimizer.sharded_state_dict(..., is_loading=True)`.
-    """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        init = getattr(opt, "_init_optimizer_states_with_dummy_values", None)
-        inner = getattr(opt, "optimizer", None)
-        if init is None or inner is None or len(getattr(inner, "state", {})) > 0:
-            continue
-        init()

@@ -114,7 +114,7 @@ def _rng_sharded_object(state: Optional[dict]) -> ShardedObject:
         replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True))
 
 
-def _prepare_optimizer_for_load(optimizer) -> None:
+def prepare_optimizer_for_load(optimizer) -> None:
     """Give a fresh distributed optimizer Adam states to load into (W1 in the CPU notes).
 
     `DistributedOptimizer.state_dict()` (distrib_optimizer.py, 0.16.1 ~l.642) asserts one shared
@@ -218,7 +218,7 @@ def load_checkpoint(root: str, state, cfg: RunConfig, *, iteration: Optional[int
         warnings.warn(f"checkpoint {path} was saved with TP={saved_layout.get('tp')} PP={saved_layout.get('pp')}; "
                       f"loading into TP={layout['tp']} PP={layout['pp']}: RNG state not restored")
     if load_optim:
-        _prepare_optimizer_for_load(state.optimizer)
+        prepare_optimizer_for_load(state.optimizer)
     sd = _state_dict(state, is_loading=True, with_optimizer=load_optim, with_rng=load_rng)
     try:
         loaded = dist_checkpointing.load(sd, path)

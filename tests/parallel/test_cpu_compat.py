@@ -31,7 +31,8 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, model_par
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 from megatron.core import dist_checkpointing  # noqa: E402
 
-from megatron_rpt.platform.cpu_compat import prepare_optimizer_for_load, uninstall_patches  # noqa: E402
+from megatron_rpt.platform.cpu_compat import uninstall_patches  # noqa: E402
+from megatron_rpt.training.checkpointing import prepare_optimizer_for_load  # noqa: E402
 from tests.dist_harness import RankError, run_ranks  # noqa: E402
 
 VOCAB, SEQ, MBS = 512, 32, 2
