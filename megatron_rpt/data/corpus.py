@@ -52,8 +52,23 @@ def _r_lazyload(data_dir: Path) -> dict:
     return out
 
 
+def _apt_lists_empty() -> bool:
+    lists = Path("/var/lib/apt/lists")
+    return not any(lists.glob("*_Packages*")) if lists.is_dir() else True
+
+
+def _apt_update(reason: str) -> None:
+    """`apt-get update` when we are root; otherwise a CorpusError saying what to run."""
+    if os.geteuid() != 0:
+        raise CorpusError(f"{reason}, so `apt-get download` cannot fetch the corpus packages; "
+                          "run `sudo apt-get update` once and retry")
+    proc = subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CorpusError(f"`apt-get update` failed: {proc.stderr.strip()[-400:]}")
+
+
 def _download(packages: list[str], workdir: Path) -> Path:
-    """apt-get download + dpkg-deb -x into workdir/root; runs `apt-get update` once if root needs it."""
+    """apt-get download + dpkg-deb -x into workdir/root (no install, no R needed)."""
     for tool in ("apt-get", "dpkg-deb"):
         if shutil.which(tool) is None:
             raise CorpusError(f"the demo corpus needs `{tool}` (Debian/Ubuntu); not found on PATH")
@@ -62,14 +77,14 @@ def _download(packages: list[str], workdir: Path) -> Path:
     def fetch() -> subprocess.CompletedProcess:
         return subprocess.run(["apt-get", "download", *packages], cwd=workdir, capture_output=True, text=True)
 
+    if _apt_lists_empty():
+        _apt_update("the apt package lists (/var/lib/apt/lists) are empty")
     proc = fetch()
-    if proc.returncode != 0:
-        if os.geteuid() == 0:
-            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
-            proc = fetch()
+    if proc.returncode != 0:  # lists may be stale (package version gone from the mirror)
+        _apt_update(f"`apt-get download` failed ({proc.stderr.strip()[-300:]})")
+        proc = fetch()
         if proc.returncode != 0:
-            raise CorpusError(f"`apt-get download {' '.join(packages)}` failed: {proc.stderr.strip()[-400:]}\n"
-                              "run `sudo apt-get update` (package lists are needed) and retry")
+            raise CorpusError(f"`apt-get download {' '.join(packages)}` failed: {proc.stderr.strip()[-400:]}")
     for deb in sorted(workdir.glob("*.deb")):
         subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
     return root
@@ -130,7 +145,9 @@ def build_demo_corpus(output_dir: str | Path, *, sources=("austen", "moby_dick")
         raise ValueError(f"unknown corpus sources {sorted(unknown)}; known: {sorted(PACKAGES)}")
     out_dir = Path(output_dir)
     out = out_dir / "demo_corpus.jsonl"
-    if out.exists() and not force:
+    if out.exists() and not force:  # only ever renamed into place complete
+        with open(out, "rb") as f:
+            _summary(out, sum(1 for _ in f), cached=True)
         return out
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mrpt-corpus-") as tmp:
@@ -146,10 +163,23 @@ def build_demo_corpus(output_dir: str | Path, *, sources=("austen", "moby_dick")
             text = _strip_gutenberg(str(moby[0]))
             for piece in _documents(text.split("\n")):
                 docs.append({"text": piece, "source": "tokenizers", "title": "Moby Dick"})
-    tmp_out = out.with_suffix(".jsonl.tmp")
-    with open(tmp_out, "w", encoding="utf-8") as f:
-        for doc in docs:
-            f.write(json.dumps(doc, ensure_ascii=False) + "\n")
-    os.replace(tmp_out, out)
-    print(f"demo corpus: {len(docs)} documents, {out.stat().st_size / 2**20:.1f} MB -> {out}", flush=True)
+    # A unique temporary name in the same folder: concurrent builders never see a partial file,
+    # and os.replace is atomic on one filesystem.
+    fd, tmp_out = tempfile.mkstemp(prefix=".demo_corpus.", suffix=".tmp", dir=out_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for doc in docs:
+                f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+        os.chmod(tmp_out, 0o644)
+        os.replace(tmp_out, out)
+    except BaseException:
+        if os.path.exists(tmp_out):
+            os.remove(tmp_out)
+        raise
+    _summary(out, len(docs))
     return out
+
+
+def _summary(path: Path, docs: int, cached: bool = False) -> None:
+    note = " (cached)" if cached else ""
+    print(f"demo corpus{note}: {docs} documents, {path.stat().st_size / 2**20:.1f} MB -> {path}", flush=True)
