@@ -3,59 +3,44 @@
 
 Writes PREFIX.model and PREFIX.vocab, loadable with
 --tokenizer-type SentencePieceTokenizer --tokenizer-model PREFIX.model.
+Library code: megatron_rpt.data.tokenizers.train_sentencepiece.
 """
+
+from __future__ import annotations
 
 import argparse
 import sys
 import time
 
-from megatron_rpt.data.preprocess import BadInputError, expand_inputs
-from megatron_rpt.data.tokenizers import TokenizerError, train_sentencepiece
+from megatron_rpt.data.preprocess import expand_inputs
+from megatron_rpt.data.tokenizers import TokenizerError, iter_texts, train_sentencepiece
 
 
-def _texts(files, keys):
-    import gzip
-    import json
-    for path in files:
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                if path.endswith((".jsonl", ".json", ".jsonl.gz")):
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise BadInputError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-                    for key in keys:
-                        if not isinstance(obj.get(key), str):
-                            raise BadInputError(f"{path}:{lineno}: missing or non-string key {key!r}")
-                        yield obj[key]
-                else:
-                    yield line
-
-
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    ap.add_argument("--input", nargs="+", required=True, help="jsonl (uses --json-keys) or plain text files")
+    ap.add_argument("--input", nargs="+", required=True,
+                    help="jsonl[.gz] files (texts under --json-keys) or plain text files; globs allowed")
     ap.add_argument("--json-keys", nargs="+", default=["text"])
     ap.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
     ap.add_argument("--vocab-size", type=int, required=True)
-    ap.add_argument("--output-prefix", required=True)
-    ap.add_argument("--max-sentences", type=int, default=2_000_000)
+    ap.add_argument("--output-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
+    ap.add_argument("--max-sentences", type=int, default=10_000,
+                    help="train on a uniform sample of at most this many lines (bounds time and memory)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the line sample")
+    ap.add_argument("--num-threads", type=int, default=2)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        path = train_sentencepiece(_texts(expand_inputs(args.input), args.json_keys), args.output_prefix,
+        path = train_sentencepiece(iter_texts(expand_inputs(args.input), args.json_keys), args.output_prefix,
                                    vocab_size=args.vocab_size, model_type=args.model_type,
-                                   max_sentences=args.max_sentences)
-    except (BadInputError, TokenizerError, FileNotFoundError) as e:
+                                   max_sentences=args.max_sentences, seed=args.seed, num_threads=args.num_threads)
+    except (TokenizerError, FileNotFoundError, ValueError, UnicodeDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # sentencepiece's own errors, e.g. vocab too large for the text
+    except RuntimeError as e:  # sentencepiece's own errors, e.g. a vocab too large for the text
         print(f"error: sentencepiece training failed: {e}", file=sys.stderr)
         return 2
-    print(f"tokenizer written to {path} ({time.perf_counter() - t0:.1f} s)")
+    print(f"tokenizer written to {path} and {path.with_suffix('.vocab')} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 

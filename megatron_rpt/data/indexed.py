@@ -11,7 +11,6 @@ import os
 from typing import Sequence
 
 import numpy as np
-import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 
@@ -33,8 +32,12 @@ class AtomicIndexedWriter:
         self.tokens = 0
 
     def add_document(self, ids: Sequence[int], sentence_lengths: Sequence[int] | None = None) -> None:
-        tensor = torch.tensor(np.asarray(ids, dtype=np.int64))
-        self._builder.add_document(tensor, list(sentence_lengths) if sentence_lengths else [len(ids)])
+        arr = np.asarray(ids, dtype=np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(self.dtype).max):
+            raise ValueError(f"token id outside the {np.dtype(self.dtype).name} range of {self.prefix}")
+        # The builder only calls numpy.array(x, dtype) on it: an int64 array avoids a per-document
+        # torch tensor and numpy's __array__ deprecation warning.
+        self._builder.add_document(arr, list(sentence_lengths) if sentence_lengths else [len(arr)])
         self.documents += 1
         self.tokens += len(ids)
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import Iterator, Optional, Sequence
 
-from megatron_rpt.data.indexed import AtomicIndexedWriter
 from megatron_rpt.data.tokenizers import build_tokenizer
 
 
@@ -116,6 +115,8 @@ def preprocess(inputs: Sequence[str], output_prefix: str, *, json_keys: Sequence
     tok_kwargs = dict(tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model, vocab_file=vocab_file,
                       merge_file=merge_file, vocab_size=vocab_size)
     tokenizer = build_tokenizer(**tok_kwargs)  # fail before starting workers, and for vocab size
+    # Imported here: megatron.core takes seconds to import and expand_inputs users don't need it.
+    from megatron_rpt.data.indexed import AtomicIndexedWriter
     keys = tuple(json_keys)
     writers = {k: AtomicIndexedWriter(f"{output_prefix}_{k}_document", tokenizer.vocab_size) for k in keys}
     stats = PreprocessStats()
