@@ -80,6 +80,13 @@ def _worker(rank: int, world_size: int, port: int, timeout: float, fn: Callable,
         for child in mp.active_children():
             child.terminate()
             child.join(timeout=5)
+        try:  # and any process they forked in turn (not tracked by multiprocessing)
+            import psutil
+
+            for child in psutil.Process().children(recursive=True):
+                child.kill()
+        except Exception:  # noqa: BLE001
+            pass
         conn.close()
         sys.stdout.flush()
         sys.stderr.flush()
