@@ -96,7 +96,10 @@ def _encode(item: tuple[str, int, bytes]):
             return "bad", f"{where}: key {key!r} is {type(value).__name__}, not a string"
         if not value.strip():
             return "bad", f"{where}: key {key!r} is an empty document"
-        ids = _TOKENIZER.tokenize(value)
+        try:
+            ids = _TOKENIZER.tokenize(value)
+        except Exception as e:  # noqa: BLE001 - e.g. NullTokenizer text that is not ids
+            return "bad", f"{where}: key {key!r} cannot be tokenized ({e})"
         if _APPEND_EOD:
             ids = list(ids) + [_TOKENIZER.eod]
         out[key] = ids
@@ -120,7 +123,8 @@ def preprocess(inputs: Sequence[str], output_prefix: str, *, json_keys: Sequence
     keys = tuple(json_keys)
     writers = {k: AtomicIndexedWriter(f"{output_prefix}_{k}_document", tokenizer.vocab_size) for k in keys}
     stats = PreprocessStats()
-    total = sum(os.path.getsize(f) for f in files)
+    # .gz sizes are compressed while we count decompressed bytes: no total (the bar just counts).
+    total = None if any(f.endswith(".gz") for f in files) else sum(os.path.getsize(f) for f in files)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -149,11 +153,19 @@ def preprocess(inputs: Sequence[str], output_prefix: str, *, json_keys: Sequence
                         writers[key].add_document(ids)
                         stats.tokens += len(ids)
                     stats.documents += 1
-                    if log_interval and stats.documents % log_interval == 0 and bar is None:
-                        print(f"processed {stats.documents} documents", flush=True)
+                    if log_interval and stats.documents % log_interval == 0:
+                        msg = (f"processed {stats.documents} documents, {stats.tokens} tokens "
+                               f"({stats.bytes_read / 2**20 / max(time.perf_counter() - t0, 1e-9):.1f} MB/s)")
+                        if bar is not None:
+                            bar.write(msg)  # keeps the progress bar on its own line
+                        else:
+                            print(msg, flush=True)
             if bar is not None:
                 bar.update(sum(len(raw) for _, _, raw in block))
                 bar.set_postfix(docs=stats.documents)
+        if stats.documents == 0:
+            raise BadInputError(f"--input: no documents in {', '.join(files)}"
+                                + (f" ({stats.skipped} bad lines skipped)" if stats.skipped else ""))
         for key, writer in writers.items():
             stats.outputs[key] = writer.finalize()
     except BaseException:

@@ -112,3 +112,39 @@ def test_interrupted_run_keeps_previous_output(tmp_path, spm, monkeypatch):
         run([write_jsonl(tmp_path / "b.jsonl", DOCS[:5])], tmp_path / "out", spm)
     assert open(tmp_path / "out_text_document.bin", "rb").read() == before
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_null_tokenizer_large_vocab_uses_int32_and_bad_ids_are_located(tmp_path):
+    src = write_jsonl(tmp_path / "ids.jsonl", ["1 70000 3", "99999"])
+    preprocess([src], str(tmp_path / "big"), tokenizer_type="NullTokenizer", vocab_size=100_000,
+               append_eod=True, progress=False)
+    ds = IndexedDataset(str(tmp_path / "big_text_document"))
+    assert ds.index.dtype == np.int32 and [ds[0].tolist(), ds[1].tolist()] == [[1, 70000, 3, 100000], [99999, 100000]]
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["1 2", "1 two"])
+    with pytest.raises(BadInputError, match=f"{bad}:2: key 'text' cannot be tokenized"):
+        preprocess([bad], str(tmp_path / "x"), tokenizer_type="NullTokenizer", vocab_size=10, workers=2,
+                   progress=False)
+    assert not list(tmp_path.glob("x_*"))
+
+
+def test_several_json_keys_and_no_documents(tmp_path, spm):
+    src = tmp_path / "k.jsonl"
+    src.write_text("".join(json.dumps({"text": d, "title": f"T{i}"}) + "\n" for i, d in enumerate(DOCS[:20])))
+    run([str(src)], tmp_path / "multi", spm, json_keys=("text", "title"), append_eod=False)
+    tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=spm)
+    titles = IndexedDataset(str(tmp_path / "multi_title_document"))
+    assert [titles[i].tolist() for i in range(20)] == [tok.tokenize(f"T{i}") for i in range(20)]
+    assert len(IndexedDataset(str(tmp_path / "multi_text_document"))) == 20
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(BadInputError, match="no documents"):
+        run([str(empty)], tmp_path / "none", spm)
+    assert not list(tmp_path.glob("none*"))
+
+
+def test_log_interval_lines(tmp_path, spm, capsys):
+    src = write_jsonl(tmp_path / "a.jsonl", DOCS)
+    run([src], tmp_path / "out", spm, log_interval=100)
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("processed")]
+    assert [l.split(",")[0] for l in lines] == ["processed 100 documents", "processed 200 documents",
+                                                "processed 300 documents"]

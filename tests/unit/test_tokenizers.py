@@ -97,3 +97,49 @@ def test_corrupt_sentencepiece_model(tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(TokenizerError, match="is not a sentencepiece model"):
         build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(bad))
+
+
+def test_training_sample_is_uniform_bounded_and_deterministic():
+    from megatron_rpt.data.tokenizers import sample_lines
+    lines = [f"line {i}" for i in range(10_000)]
+    a, b = sample_lines(iter(lines), 500, seed=0), sample_lines(iter(lines), 500, seed=0)
+    assert a == b and len(a) == 500 and len(set(a)) == 500
+    idx = [int(x.split()[1]) for x in a]
+    assert idx == sorted(idx)  # input order kept
+    assert 2 * 500 // 10 < sum(i >= 5000 for i in idx) < 8 * 500 // 10  # both halves represented
+    assert sample_lines(iter(lines), 500, seed=1) != a
+    assert sample_lines(iter(lines[:7]), 500) == lines[:7]
+
+
+def test_long_lines_are_cut_not_dropped():
+    from megatron_rpt.data.tokenizers import _training_lines
+    para = " ".join(f"Sentence number {i} ends here." for i in range(400))  # ~11 KB, one line
+    pieces = list(_training_lines([para + "\n\n" + "short\n" + "x" * 5000], max_chars=2000))
+    assert all(0 < len(p) <= 2000 for p in pieces)
+    assert " ".join(pieces[:-4]) == para and pieces[-4] == "short" and "".join(pieces[-3:]) == "x" * 5000
+
+
+def test_training_is_deterministic_and_uses_long_paragraphs(tmp_path):
+    para = " ".join(["Zyxwvut qrstuv."] * 600)  # longer than sentencepiece's default 4192-byte limit
+    a = train_sentencepiece([TEXT * 20, para], str(tmp_path / "a"), vocab_size=300)
+    b = train_sentencepiece([TEXT * 20, para], str(tmp_path / "a"), vocab_size=300)
+    assert a.read_bytes() == b.read_bytes()
+    import sentencepiece as spm
+    ref = spm.SentencePieceProcessor(model_file=str(a))
+    # "Z" occurs only in the long paragraph: a piece of its own, not byte fallback, so it was used.
+    assert not any(ref.is_byte(i) for i in ref.encode("Zyxwvut"))
+    assert any(ref.is_byte(i) for i in ref.encode("J"))  # control: a character never seen
+
+
+def test_iter_texts_jsonl_and_plain(tmp_path):
+    import gzip
+    from megatron_rpt.data.tokenizers import iter_texts
+    (tmp_path / "a.jsonl").write_text('{"text": "one", "t": "x"}\n\n{"text": "two", "t": "y"}\n')
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.write('{"text": "three", "t": "z"}\n')
+    (tmp_path / "c.txt").write_text("plain 1\nplain 2\n")
+    files = [str(tmp_path / n) for n in ("a.jsonl", "b.jsonl.gz", "c.txt")]
+    assert list(iter_texts(files)) == ["one", "two", "three", "plain 1\n", "plain 2\n"]
+    assert list(iter_texts(files[:1], ["text", "t"])) == ["one", "x", "two", "y"]
+    with pytest.raises(ValueError, match=r"a.jsonl:1: missing or non-string key 'body'"):
+        list(iter_texts(files[:1], ["body"]))

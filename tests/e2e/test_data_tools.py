@@ -1,0 +1,148 @@
+"""The data CLIs end to end on the real demo corpus: build_demo_corpus -> train_tokenizer -> preprocess_data.
+
+Each tool runs as users run it (`python tools/X.py` from the repo root, a fresh process); its
+outputs are checked against references: ids equal the tokenizer's, the files equal an in-process
+single-worker run byte for byte, and Megatron-Core's GPTDataset reads them with our tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+needs_apt = pytest.mark.skipif(shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None,
+                               reason="apt-get/dpkg-deb not available (not a Debian/Ubuntu machine)")
+
+
+def tool(name: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, f"tools/{name}.py", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    # Same cache folder as tests/unit/test_corpus.py: one download per pytest session.
+    out_dir = tmp_path_factory.getbasetemp() / "demo_corpus_cache"
+    proc = tool("build_demo_corpus", "--output-dir", out_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == str(out_dir / "demo_corpus.jsonl")
+    assert "documents" in proc.stdout and "MB" in proc.stdout
+    return out_dir / "demo_corpus.jsonl"
+
+
+@pytest.fixture(scope="module")
+def spm_model(corpus, tmp_path_factory) -> Path:
+    prefix = tmp_path_factory.mktemp("tok") / "demo"
+    proc = tool("train_tokenizer", "--input", corpus, "--json-keys", "text", "--model-type", "bpe",
+                "--vocab-size", 4000, "--output-prefix", prefix)
+    assert proc.returncode == 0, proc.stderr
+    assert Path(f"{prefix}.model").is_file() and Path(f"{prefix}.vocab").is_file()
+    return Path(f"{prefix}.model")
+
+
+@needs_apt
+def test_tokenizer_trained_on_corpus(corpus, spm_model):
+    import sentencepiece as spm
+
+    from megatron_rpt.data.tokenizers import build_tokenizer
+    tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(spm_model))
+    ref = spm.SentencePieceProcessor(model_file=str(spm_model))
+    assert tok.vocab_size == 4000 and ref.id_to_piece(tok.eod) == "<eod>" and ref.id_to_piece(tok.pad) == "<pad>"
+    assert ref.is_control(tok.eod) and ref.is_control(tok.pad)
+    docs = [json.loads(line)["text"] for line in open(corpus, encoding="utf-8")]
+    for text in docs[::100]:
+        ids = tok.tokenize(text)
+        assert tok.detokenize(ids) == text and tok.eod not in ids and tok.pad not in ids
+    # A real BPE on English prose: well under one token per character.
+    sample = "".join(docs[::50])
+    assert len(tok.tokenize(sample)) < 0.4 * len(sample)
+
+
+@needs_apt
+def test_preprocess_cli_round_trip_and_gpt_dataset(corpus, spm_model, tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_rpt.data.preprocess import preprocess
+    from megatron_rpt.data.tokenizers import build_tokenizer
+    proc = tool("preprocess_data", "--input", corpus, "--json-keys", "text",
+                "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", spm_model,
+                "--append-eod", "--workers", 2, "--log-interval", 500, "--output-prefix", tmp_path / "cli")
+    assert proc.returncode == 0, proc.stderr
+    assert "processed 500 documents" in proc.stdout + proc.stderr
+    prefix = str(tmp_path / "cli_text_document")
+    assert sorted(os.listdir(tmp_path)) == ["cli_text_document.bin", "cli_text_document.idx"]
+
+    tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(spm_model))
+    docs = [json.loads(line)["text"] for line in open(corpus, encoding="utf-8")]
+    ds = IndexedDataset(prefix)
+    assert len(ds) == len(docs) and ds.index.dtype == np.uint16
+    for i, text in enumerate(docs):
+        assert ds[i].tolist() == tok.tokenize(text) + [tok.eod]
+
+    # The CLI with 2 workers writes the same bytes as the library with 1.
+    preprocess([str(corpus)], str(tmp_path / "lib"), tokenizer_type="SentencePieceTokenizer",
+               tokenizer_model=str(spm_model), append_eod=True, workers=1, progress=False)
+    for ext in (".bin", ".idx"):
+        assert Path(prefix + ext).read_bytes() == (tmp_path / f"lib_text_document{ext}").read_bytes()
+
+    # Megatron-Core's GPT dataset accepts our tokenizer and reads windows of the documents.
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    seq = 128
+    config = GPTDatasetConfig(random_seed=1234, sequence_length=seq, blend=([prefix], None), split="1,0,0",
+                              path_to_cache=str(tmp_path / "cache"), tokenizer=tok, reset_position_ids=False,
+                              reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False)
+    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [64, 0, 0], lambda: True, config).build()
+    flat = np.concatenate([ds[i] for i in range(len(ds))]).astype(np.int64)
+    for i in range(0, 64, 7):
+        sample = train[i]
+        tokens, labels = sample["tokens"].numpy(), sample["labels"].numpy()
+        assert tokens.shape == (seq,) and np.array_equal(tokens[1:], labels[:-1])
+        assert bool(sample["loss_mask"].all())  # pad id 0 never occurs in text
+        # Split after each eod, every piece lies inside one document: a contiguous slice of the file.
+        window = np.append(tokens, labels[-1])
+        pieces = np.split(window, np.flatnonzero(window == tok.eod) + 1)
+        assert sum(map(len, pieces)) == seq + 1
+        assert all(_contains(flat, piece) for piece in pieces if len(piece))
+
+
+def _contains(haystack: np.ndarray, needle: np.ndarray) -> bool:
+    starts = np.flatnonzero(haystack[: len(haystack) - len(needle) + 1] == needle[0])
+    return any(np.array_equal(haystack[s:s + len(needle)], needle) for s in starts)
+
+
+def test_preprocess_cli_bad_line_fails_with_location(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"text": "3 1 4"}) + "\n" + '{"text": 5}\n')
+    proc = tool("preprocess_data", "--input", src, "--tokenizer-type", "NullTokenizer", "--vocab-size", 10,
+                "--output-prefix", tmp_path / "out", "--no-progress")
+    assert proc.returncode == 2
+    assert f"{src}:2: key 'text' is int, not a string" in proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
+
+
+def test_cli_flag_errors(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"text": "hello"}) + "\n")
+    proc = tool("preprocess_data", "--input", src, "--tokenizer-type", "SentencePieceTokenizer",
+                "--tokenizer-model", tmp_path / "missing.model", "--output-prefix", tmp_path / "out")
+    assert proc.returncode == 2 and f"--tokenizer-model: {tmp_path / 'missing.model'} not found" in proc.stderr
+    proc = tool("train_tokenizer", "--input", tmp_path / "nothing*.jsonl", "--vocab-size", 100,
+                "--output-prefix", tmp_path / "t")
+    assert proc.returncode == 2 and "--input: " in proc.stderr and "matches no file" in proc.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"oops"\n')
+    proc = tool("train_tokenizer", "--input", bad, "--vocab-size", 100, "--output-prefix", tmp_path / "t")
+    assert proc.returncode == 2 and f"{bad}:2: malformed JSON" in proc.stderr
+    assert not list(tmp_path.glob("t.*"))
+    proc = tool("build_demo_corpus", "--output-dir", tmp_path, "--sources", "shakespeare")
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
