@@ -10,8 +10,15 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+import warnings
+
 import numpy as np
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+with warnings.catch_warnings():
+    # Importing any megatron.core module runs its package __init__, which warns about missing
+    # Apex/TE optimizers: irrelevant to writing files, and noise in every preprocess_data run.
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed", category=UserWarning)
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 
 def token_dtype(vocab_size: int) -> type:
