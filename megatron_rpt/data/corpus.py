@@ -85,7 +85,10 @@ def _download(packages: list[str], workdir: Path) -> Path:
         proc = fetch()
         if proc.returncode != 0:
             raise CorpusError(f"`apt-get download {' '.join(packages)}` failed: {proc.stderr.strip()[-400:]}")
-    for deb in sorted(workdir.glob("*.deb")):
+    debs = sorted(workdir.glob("*.deb"))
+    # Package file names carry the version: the provenance of the texts in one line.
+    print(f"demo corpus: downloaded {', '.join(d.name for d in debs)}", flush=True)
+    for deb in debs:
         subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
     return root
 

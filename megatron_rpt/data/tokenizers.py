@@ -1,4 +1,4 @@
-"""Tokenizers by Megatron-LM `--tokenizer-type` name, and sentencepiece tokenizer training.
+"""Tokenizers by Megatron-LM `--tokenizer-type` name, and tokenizer training (sentencepiece, byte-level BPE).
 
 Every tokenizer exposes what Megatron-Core's GPT datasets and our tools need: `vocab_size` (the
 tokenizer's own size; the model pads it), `eod`, `pad` (-1 when the tokenizer has none, which is
@@ -27,7 +27,14 @@ class TokenizerError(ValueError):
 
 
 class Tokenizer:
-    """Common interface; subclasses set the attributes in __init__."""
+    """Common interface; subclasses set the attributes in __init__.
+
+    Not a subclass of megatron.core's tokenizer base classes: in megatron-core 0.16 the
+    `megatron_tokenizer.MegatronLegacyTokenizer` base logs a deprecation warning on every
+    construction and the new `megatron.core.tokenizers` API loads through its own config/library
+    layer. GPTDataset only reads `vocab_size`, `eod`, `pad` and `unique_identifiers` (duck typed),
+    which this class provides.
+    """
 
     vocab_size: int
     eod: int
@@ -281,3 +288,46 @@ def train_sentencepiece(texts: Iterable[str], output_prefix: str, *, vocab_size:
     for ext in (".model", ".vocab"):
         os.replace(tmp_prefix + ext, str(prefix) + ext)
     return Path(str(prefix) + ".model")
+
+
+# Special tokens of byte-level BPE tokenizers trained here: GPT-2's end-of-text doubles as eod
+# (what GPT2BPETokenizer looks up), plus a dedicated pad so padding never collides with eod.
+BPE_SPECIALS = {"eod": "<|endoftext|>", "pad": "<|pad|>"}
+
+
+def train_byte_level_bpe(texts: Iterable[str], output_dir: str, *, vocab_size: int, max_sentences: int = 10_000,
+                         max_sentence_chars: int = 2_000, seed: int = 0) -> Path:
+    """Train a GPT-2 style byte-level BPE with Hugging Face `tokenizers`; returns the folder.
+
+    The folder holds vocab.json + merges.txt (usable with --tokenizer-type GPT2BPETokenizer) and
+    tokenizer.json + tokenizer_config.json (--tokenizer-type HuggingFaceTokenizer, the folder).
+    Same deterministic line sample as `train_sentencepiece`; written to a temporary folder that
+    replaces `output_dir` only when complete.
+    """
+    import shutil
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+    lines = sample_lines(_training_lines(texts, max_sentence_chars), max_sentences, seed)
+    if not lines:
+        raise TokenizerError("--input: no non-empty text to train the tokenizer on")
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise TokenizerError(f"--output-prefix: {out} exists and is not a folder")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                special_tokens=[BPE_SPECIALS["eod"], BPE_SPECIALS["pad"]])
+        bpe.save_model(str(tmp))
+        PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=BPE_SPECIALS["eod"],
+                                bos_token=BPE_SPECIALS["eod"], pad_token=BPE_SPECIALS["pad"]
+                                ).save_pretrained(str(tmp))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from megatron_rpt.data.tokenizers import TokenizerError, build_tokenizer, train_sentencepiece
+from megatron_rpt.data.tokenizers import TokenizerError, build_tokenizer, train_byte_level_bpe, train_sentencepiece
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
         "must be in want of a wife.\nCall me Ishmael. Some years ago--never mind how long precisely--\n")
@@ -70,6 +70,23 @@ def test_huggingface_tokenizer_json_and_folder(tmp_path):
                             pad_token="<|endoftext|>").save_pretrained(str(folder))
     tok2 = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(folder))
     assert tok2.tokenize(TEXT) == tok.tokenize(TEXT) and tok2.eod == tok.eod
+
+
+def test_trained_byte_level_bpe_loads_as_gpt2_and_hf(tmp_path):
+    from tokenizers import Tokenizer as RawTokenizer
+    out = train_byte_level_bpe([TEXT * 20], str(tmp_path / "bpe"), vocab_size=300)
+    first = {f.name: f.read_bytes() for f in out.iterdir()}
+    gpt2 = build_tokenizer("GPT2BPETokenizer", vocab_file=str(out / "vocab.json"), merge_file=str(out / "merges.txt"))
+    hf = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(out))
+    ref = RawTokenizer.from_file(str(out / "tokenizer.json"))
+    assert gpt2.eod == hf.eod == ref.token_to_id("<|endoftext|>") and hf.pad == ref.token_to_id("<|pad|>") != hf.eod
+    for text in [TEXT] + SAMPLES:
+        ids = gpt2.tokenize(text)
+        assert ids == hf.tokenize(text) == ref.encode(text).ids and gpt2.eod not in ids
+        assert gpt2.detokenize(ids) == text
+    train_byte_level_bpe([TEXT * 20], str(out), vocab_size=300)  # rerun replaces it identically
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bpe"]
 
 
 def test_null_tokenizer_is_megatron_convention():
