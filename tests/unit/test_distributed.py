@@ -337,14 +337,22 @@ def test_seed_rejects_negative():
 
 
 def test_seed_on_cpu_without_platform_says_what_to_do():
-    import megatron_rpt.platform as platform
-    if torch.cuda.is_available() or getattr(platform, "_PLATFORM", None) is not None:
-        pytest.skip("needs a CPU process where setup_platform() has not run yet")
-    with pytest.raises(RuntimeError, match="setup_platform"):
-        dist.set_random_seed(7)
-    # python, numpy and torch were seeded before the tracker step complained
-    assert random.random() == random.Random(7).random()
-    assert torch.equal(torch.rand(4), _rand_after_seed(7))
+    """In a fresh interpreter (the suite's own process has the platform set up already)."""
+    import subprocess
+    import sys
+    code = (
+        "import random, torch, pytest\n"
+        "from megatron_rpt import distributed as dist\n"
+        "with pytest.raises(RuntimeError, match='setup_platform'):\n"
+        "    dist.set_random_seed(7)\n"
+        "# python, numpy and torch were seeded before the tracker step complained\n"
+        "assert random.random() == random.Random(7).random()\n"
+        "g = torch.Generator().manual_seed(7)\n"
+        "assert torch.equal(torch.rand(4), torch.rand(4, generator=g))\n"
+        "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
 
 
 # ------------------------------------------------- real 2-task init through the SLURM variables
