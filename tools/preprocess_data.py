@@ -23,7 +23,8 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab-size", type=int)
     ap.add_argument("--append-eod", action="store_true")
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--log-interval", type=int, default=0)
+    ap.add_argument("--log-interval", type=int, default=1000,
+                    help="print a progress line every N documents (default 1000 as in Megatron-LM; 0: off)")
     ap.add_argument("--skip-bad-lines", action="store_true", help="skip malformed lines and report them")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
