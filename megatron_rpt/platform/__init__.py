@@ -9,6 +9,7 @@ lives in this package; the rest of the code asks `get_platform()` instead of tes
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -40,6 +41,19 @@ class Platform:
         if self.device_type == "cuda":
             return torch.device("cuda", local_rank)
         return torch.device("cpu")
+
+    def cpu_threads(self, local_world_size: int, environ: dict | None = None) -> int | None:
+        """Intra-op threads for one of `local_world_size` ranks sharing this node's cores.
+
+        On CPU, ranks that each use every core oversubscribe the machine (srun does not set
+        OMP_NUM_THREADS as torchrun does); each gets cores // ranks, at least 1. An explicit
+        OMP_NUM_THREADS wins, and on CUDA the host threads are left alone (None).
+        """
+        env = os.environ if environ is None else environ
+        if self.device_type != "cpu" or env.get("OMP_NUM_THREADS"):
+            return None
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores // max(1, local_world_size))
 
 
 _PLATFORM: Platform | None = None

@@ -100,9 +100,11 @@ class _PostImportHooks(importlib.abc.MetaPathFinder):
 
     def __init__(self) -> None:
         self.hooks: dict[str, list[Callable[[types.ModuleType], None]]] = {}
+        # Context managers wrapped around a module's execution (P1 scopes its stub to one import).
+        self.around: dict[str, list[Callable[[], Any]]] = {}
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname not in self.hooks:
+        if fullname not in self.hooks and fullname not in self.around:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -118,7 +120,10 @@ class _PostImportHooks(importlib.abc.MetaPathFinder):
         original_exec = loader.exec_module
 
         def exec_module(module: types.ModuleType) -> None:
-            original_exec(module)
+            with contextlib.ExitStack() as stack:
+                for make_context in self.around.get(fullname, ()):
+                    stack.enter_context(make_context())
+                original_exec(module)
             for hook in self.hooks.get(fullname, ()):
                 hook(module)
 
@@ -252,16 +257,11 @@ def _install_device_mode() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _p1_triton_stub() -> None:
-    """P1: `transformer/moe/ops/paged_stash.py` does an unconditional `import triton` (0.19.x;
-    gated on megatron-core >= 0.17 and triton not installed).
+_P1_TARGET = "megatron.core.transformer.moe.ops.paged_stash"
 
-    Registers a stub `triton` / `triton.language` whose `jit` decorator returns a kernel that
-    raises when launched (those kernels are CUDA-only paths). Not a package, so torch's probes
-    for `triton.compiler` etc. still fail with ImportError and torch does not think triton exists.
-    """
-    if "triton" in sys.modules:
-        return
+
+def _triton_stub_modules() -> dict[str, types.ModuleType]:
+    """`triton` / `triton.language` stand-ins whose `jit` kernels raise when launched."""
 
     def _unavailable(*_a: Any, **_k: Any) -> Any:
         raise RuntimeError("triton is not installed (megatron_rpt CPU stub, patch P1)")
@@ -296,9 +296,33 @@ def _p1_triton_stub() -> None:
     triton.Config = lambda *a, **k: None  # type: ignore[attr-defined]
     triton.cdiv = lambda a, b: -(-a // b)  # type: ignore[attr-defined]
     triton.language = language  # type: ignore[attr-defined]
-    sys.modules["triton"] = triton
-    sys.modules["triton.language"] = language
-    _ORIGINALS.setdefault("P1", []).append((sys.modules, "__dict_keys__", ("triton", "triton.language"), None))
+    return {"triton": triton, "triton.language": language}
+
+
+def _p1_triton_stub(target: str = _P1_TARGET) -> None:
+    """P1: `transformer/moe/ops/paged_stash.py` does an unconditional `import triton` (0.19.x;
+    gated on megatron-core >= 0.17 and triton not installed).
+
+    The stub modules are in `sys.modules` only WHILE `target` executes, so that module binds them
+    and nothing else ever sees them: a process-wide stub made `torch.utils._triton.has_triton_package()`
+    true, and the next `import torch._inductor...` then failed on `import triton.backends.compiler`.
+    """
+
+    @contextlib.contextmanager
+    def scoped_stub() -> Any:
+        stubs = {} if "triton" in sys.modules else _triton_stub_modules()
+        sys.modules.update(stubs)
+        try:
+            yield
+        finally:
+            for name, mod in stubs.items():
+                if sys.modules.get(name) is mod:
+                    del sys.modules[name]
+
+    if _HOOKS not in sys.meta_path:
+        sys.meta_path.insert(0, _HOOKS)
+    _HOOKS.around.setdefault(target, []).append(scoped_stub)
+    _ORIGINALS.setdefault("P1", []).append((_HOOKS.around, "__around__", (target, scoped_stub), None))
 
 
 def _p1_applies(v: Version) -> bool:
@@ -688,9 +712,10 @@ def uninstall_patches(ids: Collection[str]) -> None:
             if pid not in _APPLIED:
                 continue
             for obj, name, old, new in reversed(_ORIGINALS.pop(pid, [])):
-                if obj is sys.modules and name == "__dict_keys__":
-                    for key in old:
-                        sys.modules.pop(key, None)
+                if obj is _HOOKS.around and name == "__around__":
+                    target, context = old
+                    with contextlib.suppress(KeyError, ValueError):
+                        _HOOKS.around[target].remove(context)
                     continue
                 if old is _MISSING:
                     with contextlib.suppress(AttributeError):

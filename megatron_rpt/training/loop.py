@@ -83,6 +83,9 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
         virtual_pipeline_model_parallel_size=_vp(cfg), context_parallel_size=p.context_parallel_size,
         timeout_minutes=p.distributed_timeout_minutes)
     device = platform.device(env.local_rank)
+    threads = platform.cpu_threads(env.local_world_size)
+    if threads is not None:
+        torch.set_num_threads(threads)
     dist.set_random_seed(cfg.training.seed)
     t, m = cfg.training, cfg.model
 

@@ -204,10 +204,21 @@ def test_device_mode_overhead_is_small() -> None:
     assert overhead_us < 10.0
 
 
-def _triton_stub_probe(rank: int, world: int) -> tuple:
+_FAKE_PAGED_STASH = """
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def kernel(x_ptr, BLOCK: tl.constexpr):
+    \"\"\"doc\"\"\"
+"""
+
+
+def _triton_stub_probe(rank: int, world: int, folder: str) -> tuple:
+    """Simulate megatron-core 0.19's paged_stash on a machine without triton."""
     sys.modules.pop("triton", None)
     real = cpu_compat._p1_applies
-    # Simulate megatron-core 0.19 on a machine without triton.
     sys.modules["triton"] = None  # type: ignore[assignment]  # makes `import triton` fail
     try:
         import triton  # noqa: F401
@@ -215,29 +226,34 @@ def _triton_stub_probe(rank: int, world: int) -> tuple:
     except ImportError:
         failed = True
     del sys.modules["triton"]
-    cpu_compat._p1_triton_stub()
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def kernel(x_ptr: Any, BLOCK: tl.constexpr) -> None:
-        """doc"""
+    sys.path.insert(0, folder)
+    cpu_compat._p1_triton_stub(target="fake_paged_stash")
+    import fake_paged_stash
 
     try:
-        kernel[(1,)](None, BLOCK=4)
+        fake_paged_stash.kernel[(1,)](None, BLOCK=4)
         launched = True
     except RuntimeError:
         launched = False
+    try:  # the stub is gone once the target module executed
+        import triton  # noqa: F401,F811
+        visible_after = True
+    except ImportError:
+        visible_after = False
     import torch.utils._triton as tt
+    import torch._inductor.utils  # noqa: F401  - failed on `triton.backends` with a global stub
 
-    return failed, kernel.__name__, launched, real(cpu_compat.Version("0.16.1")), tt.has_triton()
+    return (failed, fake_paged_stash.kernel.__name__, launched, real(cpu_compat.Version("0.16.1")),
+            tt.has_triton_package(), visible_after)
 
 
-def test_p1_triton_stub_allows_import_but_not_launch() -> None:
-    failed, name, launched, applies_016, torch_sees_triton = run_ranks(_triton_stub_probe, 1)[0]
+def test_p1_triton_stub_allows_import_but_not_launch(tmp_path) -> None:
+    (tmp_path / "fake_paged_stash.py").write_text(_FAKE_PAGED_STASH)
+    failed, name, launched, applies_016, torch_sees_triton, visible_after = run_ranks(
+        _triton_stub_probe, 1, str(tmp_path))[0]
     assert failed and name == "kernel" and not launched
     assert applies_016 is False
-    assert torch_sees_triton is False  # the stub must not make torch believe triton works
+    assert torch_sees_triton is False and visible_after is False  # only the target module sees the stub
 
 
 def test_harness_returns_by_rank_and_reports_tracebacks() -> None:
@@ -296,3 +312,17 @@ print("OK", cpu_compat.install_cpu_compat())
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "P13" in out.stdout  # a later call without exclude installs it
+
+
+def test_cpu_threads_share_the_node():
+    import os
+
+    from megatron_rpt.platform import Platform
+    cpu = Platform("cpu", "gloo", False, False, "0.16.1", False)
+    cores = len(os.sched_getaffinity(0))
+    assert cpu.cpu_threads(1, environ={}) == cores
+    assert cpu.cpu_threads(2, environ={}) == max(1, cores // 2)
+    assert cpu.cpu_threads(4 * cores, environ={}) == 1
+    assert cpu.cpu_threads(2, environ={"OMP_NUM_THREADS": "3"}) is None
+    gpu = Platform("cuda", "nccl", False, False, "0.16.1", True)
+    assert gpu.cpu_threads(8, environ={}) is None
