@@ -624,7 +624,7 @@ def _p13_te_general_gemm() -> None:
 
 def _p14_fork_results_queue() -> None:
     """P14 (new; speed, not correctness): `dist_checkpointing/strategies/filesystem_async.py:
-    _get_write_results_queue` starts a multiprocessing Manager with the *spawn* context on the
+    _get_write_results_queue` (0.16.x; `get_write_results_queue(mp_mode)` in 0.19.x) starts a multiprocessing Manager with the *spawn* context on the
     first save of every process: a fresh interpreter importing torch, 4-13 s per rank on 2 cores
     (the "first save 4-7 s warm-up" of the note). Spawn protects CUDA state; a CPU process has
     none, so the Manager is started with fork (~0.05 s). Same queue type (all versions).
@@ -632,12 +632,18 @@ def _p14_fork_results_queue() -> None:
     import multiprocessing as mp
 
     def fix(mod: types.ModuleType) -> None:
-        def _get_write_results_queue() -> Any:
+        def get_write_results_queue(mp_mode: str = "fork") -> Any:  # noqa: ARG001 - always fork on CPU
             if mod._results_queue is None:
                 mod._results_queue = mp.get_context("fork").Manager().Queue()
             return mod._results_queue
 
-        _rebind_everywhere("P14", mod, "_get_write_results_queue", _get_write_results_queue)
+        # 0.16.x: `_get_write_results_queue()`; 0.19.x: `get_write_results_queue(mp_mode="spawn")`.
+        names = [n for n in ("get_write_results_queue", "_get_write_results_queue") if hasattr(mod, n)]
+        if not names:
+            raise RuntimeError(f"P14: {mod.__name__} has no (_)get_write_results_queue; update the patch "
+                               "for this megatron-core version")
+        for name in names:
+            _rebind_everywhere("P14", mod, name, get_write_results_queue)
 
     _when_imported("P14", "megatron.core.dist_checkpointing.strategies.filesystem_async", fix)
 

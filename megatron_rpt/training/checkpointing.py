@@ -51,6 +51,16 @@ class LoadedCheckpoint:
     resharded: bool
 
 
+def _megatron_core_older_than(version: str) -> bool:
+    from importlib import metadata
+
+    from packaging.version import Version
+    try:
+        return Version(metadata.version("megatron-core")) < Version(version)
+    except metadata.PackageNotFoundError:
+        return False
+
+
 def checkpoint_path(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
@@ -205,6 +215,11 @@ def load_checkpoint(root: str, state, cfg: RunConfig, *, iteration: Optional[int
     path = checkpoint_path(root, iteration)
     if not os.path.isdir(path):
         raise CheckpointError(f"--load {root}: checkpoint folder {path} for iteration {iteration} not found")
+    if not os.path.isfile(os.path.join(path, "common.pt")) and _megatron_core_older_than("0.17"):
+        # megatron-core >= 0.17 keeps the common state inside the .distcp files; 0.16 cannot read it.
+        if any(n.endswith(".distcp") for n in os.listdir(path)):
+            raise CheckpointError(f"--load {root}: {path} was saved by megatron-core >= 0.17 (no common.pt); "
+                                  f"load it with megatron-core >= 0.17 (Python >= 3.12)")
     try:
         common = dist_checkpointing.load_common_state_dict(path)
     except Exception as e:  # noqa: BLE001 - any failure here means an unreadable checkpoint

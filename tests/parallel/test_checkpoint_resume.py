@@ -141,3 +141,18 @@ def test_sigterm_saves_and_resumes_exactly(tmp_path):
     assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read() == "2"
     second = run(2, layout + ["--save", ckpt, "--load", ckpt])
     assert {k: second["losses"][k] for k in (3, 4, 5, 6)} == {k: straight["losses"][k] for k in (3, 4, 5, 6)}
+
+
+def test_checkpoint_from_newer_megatron_core_is_named(tmp_path):
+    """0.19 stores the common state inside the .distcp files (no common.pt); 0.16 cannot read it."""
+    import importlib.metadata as md
+    from packaging.version import Version
+    if Version(md.version("megatron-core")) >= Version("0.17"):
+        pytest.skip("only megatron-core < 0.17 lacks the reader for common state in .distcp")
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "iter_0000003").mkdir(parents=True)
+    (ckpt / "iter_0000003" / "__0_0.distcp").write_bytes(b"")
+    (ckpt / "iter_0000003" / ".metadata").write_bytes(b"")
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("3")
+    msg = run_ranks(_load_expect_error, 1, SIX + ["--load", str(ckpt)])[0]
+    assert msg and "saved by megatron-core >= 0.17" in msg
