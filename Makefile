@@ -7,7 +7,7 @@ DEMO_DIR ?= runs/demo
 
 .PHONY: setup demo test test-fast clean-demo
 
-$(STAMP): setup.py constraints-cpu.txt tools/setup_env.sh
+$(STAMP): setup.py tools/constraints-cpu.txt tools/setup_env.sh
 	VENV=$(VENV) bash tools/setup_env.sh
 	touch $(STAMP)
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates/updates the project virtual environment (.venv) and installs megatron-rpt into it.
-# CPU-only machines: torch is pinned to the local CPU build (constraints-cpu.txt), because an
+# CPU-only machines: torch is pinned to the local CPU build (tools/constraints-cpu.txt), because an
 # unpinned install pulls the CUDA torch wheels (several GB). GPU machines: the venv sees the
 # system site-packages so the machine's existing CUDA torch is kept, and torch is pinned to it.
 set -euo pipefail
@@ -16,9 +16,9 @@ if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
   constraints=$(mktemp)
   echo "torch==$torch_version" > "$constraints"
 else
-  echo "setup_env: no CUDA; CPU torch pinned by constraints-cpu.txt"
+  echo "setup_env: no CUDA; CPU torch pinned by tools/constraints-cpu.txt"
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-  constraints=constraints-cpu.txt
+  constraints=tools/constraints-cpu.txt
 fi
 # pip passes PIP_CONSTRAINT to isolated build environments too (sdists must not pull CUDA torch).
 export PIP_CONSTRAINT=$(realpath "$constraints")
