@@ -26,12 +26,14 @@ from typing import Optional
 
 import numpy as np
 import torch
+from packaging.version import Version
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
 from megatron_rpt.config.schema import RunConfig
+from megatron_rpt.platform import get_platform
 from megatron_rpt.training.optimizer import unwrap
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -49,16 +51,6 @@ class LoadedCheckpoint:
     consumed_valid_samples: int
     path: str
     resharded: bool
-
-
-def _megatron_core_older_than(version: str) -> bool:
-    from importlib import metadata
-
-    from packaging.version import Version
-    try:
-        return Version(metadata.version("megatron-core")) < Version(version)
-    except metadata.PackageNotFoundError:
-        return False
 
 
 def checkpoint_path(root: str, iteration: int) -> str:
@@ -215,7 +207,8 @@ def load_checkpoint(root: str, state, cfg: RunConfig, *, iteration: Optional[int
     path = checkpoint_path(root, iteration)
     if not os.path.isdir(path):
         raise CheckpointError(f"--load {root}: checkpoint folder {path} for iteration {iteration} not found")
-    if not os.path.isfile(os.path.join(path, "common.pt")) and _megatron_core_older_than("0.17"):
+    old_reader = Version(get_platform().megatron_core_version) < Version("0.17")
+    if old_reader and not os.path.isfile(os.path.join(path, "common.pt")):
         # megatron-core >= 0.17 keeps the common state inside the .distcp files; 0.16 cannot read it.
         if any(n.endswith(".distcp") for n in os.listdir(path)):
             raise CheckpointError(f"--load {root}: {path} was saved by megatron-core >= 0.17 (no common.pt); "

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from megatron.core import parallel_state
 
 from megatron_rpt.config.schema import RunConfig
 from megatron_rpt.config.validation import validate_config
@@ -61,26 +60,31 @@ def _build_tokenizer(cfg: RunConfig):
 
 def pretrain(cfg: RunConfig) -> PretrainResult:
     """Run (or resume) the pretraining job described by `cfg` on the current launcher's ranks."""
+    # The platform (and on CPU the compatibility layer) comes before any Megatron-Core import.
+    platform = setup_platform(force_cpu=cfg.training.use_cpu)
+    from megatron.core import parallel_state
+
     from megatron_rpt import distributed as dist
     from megatron_rpt.data.datasets import MicroBatchIterator, build_datasets
     from megatron_rpt.loss import get_loss_function
     from megatron_rpt.models.flops import count_parameters, peak_tflops_for_device, training_flops_per_token
-    from megatron_rpt.models.gpt import build_model_chunks, padded_vocab_size, transformer_config
+    from megatron_rpt.models.gpt import (build_model_chunks, num_virtual_stages, padded_vocab_size,
+                                         transformer_config)
     from megatron_rpt.training.checkpointing import load_checkpoint, save_checkpoint
     from megatron_rpt.training.logging import MetricsLogger
     from megatron_rpt.training.optimizer import setup_model_and_optimizer
     from megatron_rpt.training.step import evaluate, make_forward_step, train_step
 
-    platform = setup_platform(force_cpu=cfg.training.use_cpu)
     p = cfg.parallel
     env = dist.resolve_dist_env()
     # Validate before any process group exists so a bad launch fails fast with one message.
     validate_config(cfg, env.world_size)
+    vp = num_virtual_stages(cfg)
     env = dist.init_distributed(
         backend=platform.backend, device_type=platform.device_type,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=_vp(cfg), context_parallel_size=p.context_parallel_size,
+        virtual_pipeline_model_parallel_size=vp, context_parallel_size=p.context_parallel_size,
         timeout_minutes=p.distributed_timeout_minutes)
     device = platform.device(env.local_rank)
     threads = platform.cpu_threads(env.local_world_size)
@@ -104,7 +108,7 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
         f"megatron-core {platform.megatron_core_version}\n"
         f"> world size {env.world_size} (launcher {env.launcher}): TP={p.tensor_model_parallel_size} "
         f"PP={p.pipeline_model_parallel_size} DP={parallel_state.get_data_parallel_world_size()}"
-        f"{' VPP=' + str(_vp(cfg)) if _vp(cfg) else ''}\n"
+        f"{' VPP=' + str(vp) if vp else ''}\n"
         f"> model: {m.num_layers} layers, hidden {m.hidden_size}, heads {m.num_attention_heads}/"
         f"{m.num_query_groups}, vocab {vocab} (padded from {tokenizer.vocab_size}); parameters "
         f"{params.total / 1e6:.2f}M ({params.non_embedding / 1e6:.2f}M non-embedding); "
@@ -199,7 +203,3 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
         logger.close()
     return result
 
-
-def _vp(cfg: RunConfig) -> Optional[int]:
-    from megatron_rpt.models.gpt import num_virtual_stages
-    return num_virtual_stages(cfg)
