@@ -14,6 +14,9 @@ import torch
 from megatron.core import tensor_parallel
 
 from megatron_rpt.config.schema import RunConfig
+from megatron_rpt.loss.generalized import STAT_NAMES, generalized_vocab_parallel_loss
+
+__all__ = ["STAT_NAMES", "generalized_vocab_parallel_loss", "get_loss_function", "loss_names", "register_loss"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # factory(cfg) -> loss function; factories let a loss read its own hyperparameters from the config
