@@ -166,9 +166,17 @@ class LoggingConfig:
 
 @dataclass
 class LossConfig:
-    """Which per-token loss the pretraining step uses (cross-entropy by default)."""
+    """Which per-token loss the pretraining step uses; the defaults give cross-entropy."""
 
-    loss_function: str = arg("cross_entropy", help="Registered per-token loss function name.")
+    loss_function: str = arg("generalized", help="Registered per-token loss: 'generalized' (the "
+                             "beta/lambda loss; cross-entropy at zero settings, with distribution "
+                             "metrics) or 'cross_entropy' (Megatron-Core's own, no metrics).")
+    loss_beta: float = arg(0.0, help="Target-weight exponent beta of the generalized loss: < 0 "
+                           "precision (lower entropy), > 0 diversity; must be >= -1.")
+    loss_lambda_high: float = arg(0.0, help="Reward lambda-tilde on top-k non-target tokens.")
+    loss_lambda_low: float = arg(0.0, help="Reward lambda-hat on tail (non-top-k) non-target tokens; "
+                                 "< 0 pushes mass out of the tail.")
+    loss_topk: int = arg(100, help="k of the top-k set that separates high- from low-ranked negatives.")
 
 
 @dataclass

@@ -6,6 +6,8 @@ together in a single `ConfigError` so a user fixes a launch script in one pass.
 
 from __future__ import annotations
 
+import math
+
 import os
 import warnings
 from typing import Optional
@@ -45,6 +47,27 @@ def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
     p = cfg.parallel
     return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size
                           * p.context_parallel_size)
+
+
+def _check_loss(cfg: RunConfig) -> list[str]:
+    from megatron_rpt.loss import loss_names   # the registry is the list of valid names
+    lc, out = cfg.loss, []
+    if lc.loss_function not in loss_names():
+        out.append(f"--loss-function {lc.loss_function!r} is unknown; known: {', '.join(loss_names())}")
+    for flag, value in (("--loss-beta", lc.loss_beta), ("--loss-lambda-high", lc.loss_lambda_high),
+                        ("--loss-lambda-low", lc.loss_lambda_low)):
+        if not math.isfinite(value):
+            out.append(f"{flag} must be a finite number (got {value})")
+    if lc.loss_beta < -1:
+        out.append(f"--loss-beta {lc.loss_beta} < -1: the target weight pi(x)**(1-(1-pi(x))**beta) "
+                   "is unbounded as pi(x) -> 1; use a value >= -1 (the paper uses -0.25 and 0.5)")
+    if lc.loss_topk < 1:
+        out.append(f"--loss-topk must be >= 1 (got {lc.loss_topk})")
+    settings = (lc.loss_beta, lc.loss_lambda_high, lc.loss_lambda_low)
+    if lc.loss_function == "cross_entropy" and any(settings):
+        out.append("--loss-beta/--loss-lambda-high/--loss-lambda-low need --loss-function generalized "
+                   "(the default); --loss-function cross_entropy is Megatron-Core's plain loss")
+    return out
 
 
 def validate_config(cfg: RunConfig, world_size: int, *, check_files: bool = True) -> RunConfig:
@@ -160,6 +183,7 @@ def validate_config(cfg: RunConfig, world_size: int, *, check_files: bool = True
         problems.append(f"--save-interval must be >= 1 (got {c.save_interval})")
     if cfg.logging.log_interval < 1:
         problems.append(f"--log-interval must be >= 1 (got {cfg.logging.log_interval})")
+    problems.extend(_check_loss(cfg))
 
     problems.extend(_check_data(cfg, check_files))
     if problems:

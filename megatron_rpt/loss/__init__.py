@@ -2,29 +2,34 @@
 
 Every function has the signature of Megatron-Core's vocab-parallel cross-entropy:
 ``fn(vocab_parallel_logits [s, b, V/TP], target [s, b]) -> per-token loss [s, b]`` with autograd,
-computed over the tensor-parallel group. The training step only ever calls `get_loss_function`,
+computed over the tensor-parallel group, plus an optional ``stats`` dict that receives per-token
+distribution metrics (`STAT_NAMES`) where the loss can compute them. The training step only ever calls `get_loss_function`,
 so the generalized beta/lambda loss registers here and drops in without touching the loop.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional, Protocol
 
 import torch
-from megatron.core import tensor_parallel
 
 from megatron_rpt.config.schema import RunConfig
 from megatron_rpt.loss.generalized import STAT_NAMES, generalized_vocab_parallel_loss
 
 __all__ = ["STAT_NAMES", "generalized_vocab_parallel_loss", "get_loss_function", "loss_names", "register_loss"]
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-# factory(cfg) -> loss function; factories let a loss read its own hyperparameters from the config
-_REGISTRY: dict[str, Callable[[RunConfig], LossFn]] = {}
+class LossFn(Protocol):
+    def __call__(self, vocab_parallel_logits: torch.Tensor, target: torch.Tensor, *,
+                 stats: Optional[dict] = None) -> torch.Tensor: ...
+
+
+# factory(cfg, vocab_size) -> loss function; factories read their own hyperparameters from the config
+# and learn the real (unpadded) vocabulary, whose padded entries a loss may need to exclude.
+_REGISTRY: dict[str, Callable[[RunConfig, int], LossFn]] = {}
 
 
 def register_loss(name: str):
-    def wrap(factory: Callable[[RunConfig], LossFn]):
+    def wrap(factory: Callable[[RunConfig, int], LossFn]):
         _REGISTRY[name] = factory
         return factory
     return wrap
@@ -34,16 +39,31 @@ def loss_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_loss_function(cfg: RunConfig) -> LossFn:
+def get_loss_function(cfg: RunConfig, vocab_size: int) -> LossFn:
+    """The configured per-token loss; `vocab_size` is the tokenizer's (unpadded) vocabulary."""
     name = cfg.loss.loss_function
     if name not in _REGISTRY:
         raise ValueError(f"--loss-function: unknown loss {name!r}; known: {', '.join(loss_names())}")
-    return _REGISTRY[name](cfg)
+    return _REGISTRY[name](cfg, vocab_size)
 
 
 @register_loss("cross_entropy")
-def _cross_entropy(cfg: RunConfig) -> LossFn:
-    def loss(vocab_parallel_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _cross_entropy(cfg: RunConfig, vocab_size: int) -> LossFn:
+    """Megatron-Core's own vocab-parallel cross-entropy (the baseline; no distribution stats)."""
+    def loss(vocab_parallel_logits: torch.Tensor, target: torch.Tensor, *, stats: Optional[dict] = None):
+        from megatron.core import tensor_parallel  # lazily: the platform layer comes first
         # fp32 math whatever the logits dtype, as Megatron-LM does for the LM loss.
         return tensor_parallel.vocab_parallel_cross_entropy(vocab_parallel_logits.float(), target)
+    return loss
+
+
+@register_loss("generalized")
+def _generalized(cfg: RunConfig, vocab_size: int) -> LossFn:
+    """The beta/lambda loss (cross-entropy at zero settings) with vocab-parallel distribution stats."""
+    c = cfg.loss
+
+    def loss(vocab_parallel_logits: torch.Tensor, target: torch.Tensor, *, stats: Optional[dict] = None):
+        return generalized_vocab_parallel_loss(
+            vocab_parallel_logits, target, beta=c.loss_beta, lambda_high=c.loss_lambda_high,
+            lambda_low=c.loss_lambda_low, top_k=c.loss_topk, vocab_size=vocab_size, stats=stats)
     return loss

@@ -365,7 +365,9 @@ class _GeneralizedLoss(torch.autograd.Function):
             loss64 = -w * lp - settings.lambda_high * p_k - settings.lambda_low * p_t
             big_w = (w + settings.lambda_high * p_k + settings.lambda_low * p_t)
             loss32 = loss64.to(cd)
-            w, big_w = w.to(cd), big_w.to(cd)
+            # ignored tokens' numbers are meaningless (even NaN): zero them so 0 * NaN never reaches a gradient
+            w = torch.where(valid, w, 0.0).to(cd)
+            big_w = torch.where(valid, big_w, 0.0).to(cd)
         loss32 = torch.where(valid, loss32, 0.0)
 
         stats = torch.empty(0, device=z.device)

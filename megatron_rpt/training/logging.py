@@ -24,6 +24,15 @@ def peak_memory_gib(device_type: str) -> Optional[float]:
         return None
 
 
+# Short labels of the loss's distribution statistics (megatron_rpt.loss.STAT_NAMES) in the log line.
+_STAT_LABELS = {"cross_entropy": "ce", "entropy": "entropy", "target_prob": "p(target)", "top1": "top1 acc",
+                "topk_mass": "topk mass", "tail_mass": "tail mass"}
+
+
+def _format_stats(stats: dict) -> str:
+    return " | ".join(f"{_STAT_LABELS.get(k, k)}: {v:.4f}" for k, v in stats.items())
+
+
 class MetricsLogger:
     """Accumulates per-iteration results and prints/writes them every `log_interval` iterations."""
 
@@ -68,6 +77,11 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.add_scalar(name, value, step)
 
+    def wants_stats(self, iteration: int) -> bool:
+        """Whether `iteration` is printed or written to TensorBoard (its loss statistics are)."""
+        return (iteration % self.log_interval == 0 or iteration == self.train_iters
+                or (self.writer is not None and iteration % self.tb_interval == 0))
+
     def record(self, iteration: int, result, consumed_samples: int) -> Optional[str]:
         """Account one iteration; returns the printed line at interval ends (rank-local)."""
         if not result.update_successful:
@@ -83,6 +97,8 @@ class MetricsLogger:
             if result.grad_norm is not None:
                 self.scalar("grad-norm", result.grad_norm, iteration)
             self.scalar("consumed-samples", consumed_samples, iteration)
+            for name, value in (result.stats or {}).items():
+                self.scalar(f"distribution/{name}", value, iteration)
         if iteration % self.log_interval and iteration != self.train_iters:
             return None
         now = time.perf_counter()
@@ -96,6 +112,8 @@ class MetricsLogger:
                  f"lm loss: {avg_loss:.6E}"]
         if result.grad_norm is not None:
             parts.append(f"grad norm: {result.grad_norm:.3f}")
+        if result.stats:
+            parts.append(_format_stats(result.stats))
         if self.log_throughput:
             tp = self.throughput(elapsed)
             parts.append(f"tokens/s: {tp['tokens_per_s']:.0f}")
@@ -121,10 +139,14 @@ class MetricsLogger:
         self._reset(now)
         return line
 
-    def log_eval(self, iteration: int, loss: float, tokens: int) -> None:
+    def log_eval(self, iteration: int, loss: float, tokens: int, stats: Optional[dict] = None) -> None:
         ppl = math.exp(min(loss, 20.0))
         line = (f" validation loss at iteration {iteration} | lm loss value: {loss:.6E} | "
                 f"lm loss PPL: {ppl:.6E} | tokens: {tokens} |")
+        if stats:
+            line += f" {_format_stats(stats)} |"
+            for name, value in stats.items():
+                self.scalar(f"distribution-validation/{name}", value, iteration)
         if self.is_logging_rank:
             print("-" * len(line), flush=True)
             print(line, flush=True)

@@ -27,6 +27,8 @@ class PretrainResult:
     losses: dict = field(default_factory=dict)         # iteration -> lm loss
     grad_norms: dict = field(default_factory=dict)
     valid_losses: dict = field(default_factory=dict)   # iteration -> validation loss
+    distribution: dict = field(default_factory=dict)   # iteration -> loss statistics (logged steps)
+    valid_distribution: dict = field(default_factory=dict)
     saved: list = field(default_factory=list)          # checkpoint folders written
     resumed_from: Optional[str] = None
     exit_reason: str = "train_iters"
@@ -134,7 +136,7 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
     train_iters = [MicroBatchIterator(datasets.train, t.micro_batch_size, dp_rank, dp, consumed_train)
                    for _ in range(n_chunks)]
     num_micro = t.global_batch_size // (t.micro_batch_size * dp)
-    loss_fn = get_loss_function(cfg)
+    loss_fn = get_loss_function(cfg, tokenizer.vocab_size)
     forward_step = make_forward_step(loss_fn, device)
 
     peak = cfg.logging.peak_tflops
@@ -166,21 +168,26 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
             return
         iters = [MicroBatchIterator(datasets.valid, t.micro_batch_size, dp_rank, dp, consumed_valid, cyclic=True)
                  for _ in range(n_chunks)]
-        loss, tokens = evaluate(state, iters, forward_step, eval_iters=t.eval_iters, **step_kwargs)
+        loss, tokens, stats = evaluate(state, iters, forward_step, eval_iters=t.eval_iters, **step_kwargs)
         consumed_valid = iters[0].consumed_samples
         result.valid_losses[iteration] = loss
-        logger.log_eval(iteration, loss, tokens)
+        if stats:
+            result.valid_distribution[iteration] = stats
+        logger.log_eval(iteration, loss, tokens, stats)
 
     iteration = result.iteration
     last_saved = iteration if result.resumed_from else None
     try:
         while iteration < t.train_iters:
+            forward_step.collect_stats = logger.wants_stats(iteration + 1)
             step = train_step(state, train_iters, forward_step, global_batch_size=t.global_batch_size, **step_kwargs)
             iteration += 1
             consumed_train += t.global_batch_size
             result.losses[iteration] = step.loss
             if step.grad_norm is not None:
                 result.grad_norms[iteration] = step.grad_norm
+            if step.stats:
+                result.distribution[iteration] = step.stats
             logger.record(iteration, step, consumed_train)
             if not math.isfinite(step.loss) and step.update_successful:
                 raise FloatingPointError(f"iteration {iteration}: lm loss is {step.loss}")

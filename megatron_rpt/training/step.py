@@ -2,7 +2,9 @@
 
 The model returns vocab-parallel logits (labels are not passed to GPTModel); the per-token loss
 comes from the pluggable `megatron_rpt.loss` function, masked and summed here, and Megatron's
-schedule divides by tokens and micro-batches (or not, with --calculate-per-token-loss).
+schedule divides by tokens and micro-batches (or not, with --calculate-per-token-loss). On steps
+that are logged, the loss also returns distribution statistics (cross-entropy, entropy, ...),
+which are token-averaged over the global batch like the loss.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_rpt.loss import LossFn
+from megatron_rpt.loss import STAT_NAMES, LossFn
 
 
 @dataclass
@@ -26,47 +28,72 @@ class StepResult:
     num_zeros: Optional[int]
     update_successful: bool
     lr: float
+    stats: Optional[dict] = None   # token means of the loss's distribution statistics (logged steps)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def _loss_func(loss_fn: LossFn, labels: torch.Tensor, loss_mask: torch.Tensor, logits: torch.Tensor):
-    """logits [b, s, V/TP] -> (masked loss sum, token count, report) in Megatron's 3-tuple form."""
-    per_token = loss_fn(logits.transpose(0, 1).contiguous(), labels.transpose(0, 1).contiguous())
-    per_token = per_token.transpose(0, 1).float()                       # [b, s]
+def _loss_func(loss_fn: LossFn, labels: torch.Tensor, loss_mask: torch.Tensor, collect_stats: bool,
+               logits: torch.Tensor):
+    """logits [b, s, V/TP] -> (masked loss sum, token count, report) in Megatron's 3-tuple form.
+
+    The loss is per token, so it takes the [b, s] layout directly (no transposed copy of the logits).
+    """
+    stats: Optional[dict] = {} if collect_stats else None
+    per_token = loss_fn(logits, labels, stats=stats).float()             # [b, s]
     mask = loss_mask.float()
     loss = torch.sum(per_token * mask)
     num_tokens = mask.sum().detach().to(torch.int)
-    report = torch.stack([loss.detach().clone(), num_tokens.float()])
-    return loss, num_tokens, {"lm loss": report}
+    report = {"lm loss": torch.stack([loss.detach().clone(), num_tokens.float()])}
+    if stats:
+        keep = mask > 0
+        report["stats"] = torch.stack([torch.where(keep, stats[name].float(), 0.0).sum() for name in STAT_NAMES])
+    return loss, num_tokens, report
 
 
-def make_forward_step(loss_fn: LossFn, device: torch.device):
-    """Megatron-style forward_step_func(data_iterator, model)."""
+class ForwardStep:
+    """Megatron-style forward_step_func(data_iterator, model); set `collect_stats` before a step
+    whose distribution statistics should be reported."""
 
-    def forward_step(data_iterator: Iterator[dict], model):
-        batch = _to_device(next(data_iterator), device)
+    def __init__(self, loss_fn: LossFn, device: torch.device):
+        self.loss_fn, self.device = loss_fn, device
+        self.collect_stats = False
+
+    def __call__(self, data_iterator: Iterator[dict], model):
+        batch = _to_device(next(data_iterator), self.device)
         output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
-        return output, partial(_loss_func, loss_fn, batch["labels"], batch["loss_mask"])
-
-    return forward_step
+        return output, partial(_loss_func, self.loss_fn, batch["labels"], batch["loss_mask"], self.collect_stats)
 
 
-def _reduce_losses(losses_reduced: list, device: torch.device) -> tuple[float, int]:
-    """Sum (loss, tokens) over micro-batches and data parallel; share it with every pipeline stage."""
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+def make_forward_step(loss_fn: LossFn, device: torch.device) -> ForwardStep:
+    return ForwardStep(loss_fn, device)
+
+
+def _reduce_losses(losses_reduced: list, device: torch.device) -> tuple[float, int, Optional[dict]]:
+    """Sum (loss, tokens[, stats]) over micro-batches and data parallel; share with every pipeline stage."""
+    n_stats = len(STAT_NAMES)
+    total = torch.zeros(2 + n_stats, dtype=torch.float64, device=device)
+    have_stats = torch.zeros(1, dtype=torch.float64, device=device)
     for item in losses_reduced:
-        total += item["lm loss"].to(torch.float64)
+        total[:2] += item["lm loss"].to(torch.float64)
+        if "stats" in item:
+            total[2:] += item["stats"].to(torch.float64)
+            have_stats.fill_(1.0)
+    total = torch.cat([total, have_stats])
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     else:
         total.zero_()
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         torch.distributed.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
-    tokens = int(total[1].item())
-    return (total[0].item() / max(tokens, 1)), tokens
+    values = total.tolist()
+    tokens = int(values[1])
+    stats = None
+    if values[-1] > 0:
+        stats = {name: values[2 + i] / max(tokens, 1) for i, name in enumerate(STAT_NAMES)}
+    return values[0] / max(tokens, 1), tokens, stats
 
 
 def train_step(state, data_iterators: list, forward_step, *, num_microbatches: int, seq_length: int,
@@ -92,18 +119,20 @@ def train_step(state, data_iterators: list, forward_step, *, num_microbatches: i
     update_successful, grad_norm, num_zeros = state.optimizer.step()
     if update_successful:
         state.scheduler.step(increment=global_batch_size)
-    loss, tokens = _reduce_losses(losses, device)
+    loss, tokens, stats = _reduce_losses(losses, device)
     lr = state.optimizer.param_groups[0]["lr"]
     return StepResult(loss=loss, num_tokens=tokens, grad_norm=None if grad_norm is None else float(grad_norm),
-                      num_zeros=num_zeros, update_successful=bool(update_successful), lr=float(lr))
+                      num_zeros=num_zeros, update_successful=bool(update_successful), lr=float(lr), stats=stats)
 
 
 @torch.no_grad()
 def evaluate(state, data_iterators: list, forward_step, *, eval_iters: int, num_microbatches: int,
-             seq_length: int, micro_batch_size: int, device: torch.device) -> tuple[float, int]:
-    """Mean LM loss over `eval_iters` global batches of the validation split (forward only)."""
+             seq_length: int, micro_batch_size: int, device: torch.device) -> tuple[float, int, Optional[dict]]:
+    """Mean LM loss (and distribution statistics, where the loss has them) over `eval_iters` global
+    batches of the validation split (forward only)."""
     for chunk in state.model:
         chunk.eval()
+    collect, forward_step.collect_stats = forward_step.collect_stats, True
     iterators = data_iterators[0] if len(data_iterators) == 1 else data_iterators
     losses = []
     try:
@@ -113,6 +142,7 @@ def evaluate(state, data_iterators: list, forward_step, *, eval_iters: int, num_
                 num_microbatches=num_microbatches, seq_length=seq_length,
                 micro_batch_size=micro_batch_size, forward_only=True))
     finally:
+        forward_step.collect_stats = collect
         for chunk in state.model:
             chunk.train()
     return _reduce_losses(losses, device)
