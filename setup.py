@@ -23,7 +23,7 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
         "hf": ["transformers", "safetensors", "tokenizers"],
-        "test": ["pytest", "transformers", "tokenizers"],
+        "test": ["pytest", "transformers", "tokenizers", "triton"],  # triton: CPU tests of the loss kernels (interpreter)
     },
     entry_points={
         "console_scripts": [

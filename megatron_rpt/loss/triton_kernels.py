@@ -12,8 +12,8 @@ deterministic. Only Triton language features present in Triton 3.6-3.9 are used 
 compiling both kernels for sm_80/sm_90 with Triton 3.6.0, 3.7.1 and 3.9.0).
 
 Triton is imported lazily: importing this module never needs Triton, and the kernels are compiled
-(or, under TRITON_INTERPRET=1, interpreted on CPU tensors, which is how the unit tests run them)
-on first use.
+on first use, or interpreted on CPU tensors when TRITON_INTERPRET=1 was set before the process
+first imported triton (how the unit tests run them without a GPU).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def available() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _kernels():
-    """Define the kernels on first use (Triton decides at decoration time whether to interpret)."""
+    """Define the kernels on first use, so that importing this module never needs Triton."""
     import triton
     import triton.language as tl
 
