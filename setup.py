@@ -23,6 +23,7 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
         "hf": ["transformers", "safetensors", "tokenizers"],
+        "examples": ["matplotlib"],   # examples/loss_study plots
         "test": ["pytest", "transformers", "tokenizers", "triton"],  # triton: CPU tests of the loss kernels (interpreter)
     },
     entry_points={

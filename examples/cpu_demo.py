@@ -42,6 +42,31 @@ def run(cmd: list[str], what: str, log: Path | None = None) -> str:
     return "".join(lines)
 
 
+def prepare_data(out: Path, vocab_size: int) -> tuple[Path, Path]:
+    """Steps 1-3 (each skipped when done): corpus, sentencepiece model, indexed dataset.
+    Returns (tokenizer model, dataset prefix). Also used by examples/loss_study."""
+    py = sys.executable
+    from megatron_rpt.data.corpus import build_demo_corpus
+    print("==> corpus (public-domain prose from Debian packages, offline)", flush=True)
+    corpus = build_demo_corpus(out / "corpus")
+
+    tok_prefix = out / "tokenizer" / "spm"
+    tok_model = Path(str(tok_prefix) + ".model")
+    if not tok_model.exists():
+        tok_prefix.parent.mkdir(parents=True, exist_ok=True)
+        run([py, "tools/train_tokenizer.py", "--input", str(corpus), "--model-type", "bpe",
+             "--vocab-size", str(vocab_size), "--output-prefix", str(tok_prefix)], "train tokenizer")
+
+    data_prefix = out / "data" / "demo"
+    document = Path(str(data_prefix) + "_text_document")
+    if not Path(str(document) + ".idx").exists():
+        data_prefix.parent.mkdir(parents=True, exist_ok=True)
+        run([py, "tools/preprocess_data.py", "--input", str(corpus), "--json-keys", "text",
+             "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tok_model),
+             "--append-eod", "--workers", "2", "--output-prefix", str(data_prefix)], "preprocess to .bin/.idx")
+    return tok_model, document
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--output-dir", default="runs/demo")
@@ -54,24 +79,8 @@ def main() -> None:
     py = sys.executable
     t_start = time.perf_counter()
 
-    from megatron_rpt.data.corpus import build_demo_corpus
-    print("==> corpus (public-domain prose from Debian packages, offline)", flush=True)
-    corpus = build_demo_corpus(out / "corpus")
-
-    tok_prefix = out / "tokenizer" / "spm"
-    tok_model = Path(str(tok_prefix) + ".model")
-    if not tok_model.exists():
-        tok_prefix.parent.mkdir(parents=True, exist_ok=True)
-        run([py, "tools/train_tokenizer.py", "--input", str(corpus), "--model-type", "bpe",
-             "--vocab-size", str(args.vocab_size), "--output-prefix", str(tok_prefix)], "train tokenizer")
-
-    data_prefix = out / "data" / "demo"
-    document = Path(str(data_prefix) + "_text_document")
-    if not Path(str(document) + ".idx").exists():
-        data_prefix.parent.mkdir(parents=True, exist_ok=True)
-        run([py, "tools/preprocess_data.py", "--input", str(corpus), "--json-keys", "text",
-             "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tok_model),
-             "--append-eod", "--workers", "2", "--output-prefix", str(data_prefix)], "preprocess to .bin/.idx")
+    tok_model, document = prepare_data(out, args.vocab_size)
+    corpus = out / "corpus"
 
     ckpt, tb = out / "checkpoints", out / "tensorboard"
     train = [py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
