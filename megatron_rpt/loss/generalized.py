@@ -433,7 +433,7 @@ def _resolve_impl(impl: str, logits: torch.Tensor) -> str:
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"generalized loss: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
     if impl == "auto":
-        if not logits.is_cuda:
+        if not logits.is_cuda or logits.dtype == torch.float64:   # the kernels are fp32-only
             return "torch"
         from megatron_rpt.loss import triton_kernels
         return "triton" if triton_kernels.available() else "torch"
