@@ -142,3 +142,20 @@ def test_sequence_parallel_disabled_without_tp():
     with pytest.warns(UserWarning, match="--sequence-parallel has no effect"):
         cfg = validate_config(parse_args(["--model-preset", "tiny", "--sequence-parallel"] + BASE), 1)
     assert cfg.parallel.sequence_parallel is False
+
+
+def test_loss_flags():
+    cfg = validate_config(parse_args(["--model-preset", "tiny", "--loss-beta", "-0.25", "--loss-lambda-high", "0.1",
+                                      "--loss-lambda-low", "-0.1", "--loss-topk", "50"] + BASE), 1)
+    assert (cfg.loss.loss_function, cfg.loss.loss_beta, cfg.loss.loss_lambda_high, cfg.loss.loss_lambda_low,
+            cfg.loss.loss_topk) == ("generalized", -0.25, 0.1, -0.1, 50)
+    default = parse_args(["--model-preset", "tiny"] + BASE).loss
+    assert (default.loss_beta, default.loss_lambda_high, default.loss_lambda_low) == (0.0, 0.0, 0.0)  # = CE
+    p = problems(["--model-preset", "tiny", "--loss-beta", "-1.5", "--loss-topk", "0"] + BASE)
+    assert any("--loss-beta -1.5 < -1" in x for x in p) and any("--loss-topk must be >= 1" in x for x in p)
+    p = problems(["--model-preset", "tiny", "--loss-function", "cross_entropy", "--loss-lambda-low", "-0.1"] + BASE)
+    assert any("need --loss-function generalized" in x for x in p)
+    p = problems(["--model-preset", "tiny", "--loss-function", "focal"] + BASE)
+    assert any("--loss-function 'focal' is unknown; known: cross_entropy, generalized" in x for x in p)
+    p = problems(["--model-preset", "tiny", "--loss-lambda-high", "inf"] + BASE)
+    assert any("--loss-lambda-high must be a finite number" in x for x in p)
