@@ -5,8 +5,8 @@ Pretrains the `tiny` preset on the demo corpus (examples/cpu_demo.py's data) onc
 lambda_high = 0.1; identical seed, data order and schedule. Every `--log-interval` iterations the
 loss's vocab-parallel statistics (cross-entropy, entropy of pi, pi(target), top-k and tail mass)
 are recorded; the validation set is evaluated at the same points. Writes, under --output-dir:
-<setting>.json (the curves), study.png (plot) and study.md (table), which are committed next to
-this script as the study's results.
+<setting>.json (the curves), study.png (plot) and study.md (table); a setting whose JSON exists is
+not trained again (delete it to rerun). The committed results are in results/ next to this script.
 
     python examples/loss_study/run_study.py [--train-iters 600] [--parallel 2]
 """
@@ -59,49 +59,71 @@ def run_one(args) -> None:
     Path(args.json).write_text(json.dumps(out, indent=1))
 
 
-def plot(results: dict, path: Path) -> None:
+def _smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average: single-batch statistics are noisy, the trend is what matters."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v - (values[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def _curve(res: dict, split: str, key: str) -> tuple[list[int], list[float]]:
+    curve = res[split]
+    its = sorted(int(i) for i in curve)
+    return its, [curve[str(i)][key] for i in its]
+
+
+def plot(results: dict, path: Path, window: int) -> None:
     try:
         import matplotlib
     except ImportError:
         sys.exit("loss study: the plot needs matplotlib (pip install -e '.[examples]')")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = [("entropy", "entropy of pi (train)"), ("cross_entropy", "cross-entropy (validation)"),
-              ("target_prob", "pi(target) (train)"), ("tail_mass", "tail mass, outside top-100 (train)")]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for ax, (key, title) in zip(axes.flat, panels):
+    panels = [("train", "entropy", f"entropy of pi (train, moving average of {window} steps)"),
+              ("valid", "entropy", "entropy of pi (validation)"),
+              ("train", "target_prob", f"pi(target) (train, moving average of {window})"),
+              ("valid", "cross_entropy", "cross-entropy (validation)"),
+              ("train", "tail_mass", f"tail mass outside the top-100 (train, moving average of {window})"),
+              ("valid", "tail_mass", "tail mass outside the top-100 (validation)")]
+    fig, axes = plt.subplots(3, 2, figsize=(12, 11))
+    for ax, (split, key, title) in zip(axes.flat, panels):
         for name, res in results.items():
-            curve = res["valid"] if key == "cross_entropy" else res["train"]
-            its = sorted(int(i) for i in curve)
-            ax.plot(its, [curve[str(i)][key] for i in its], label=name)
-        ax.set_title(title)
+            its, vals = _curve(res, split, key)
+            if split == "train":
+                its, vals = its[window - 1:], _smooth(vals, window)[window - 1:]
+            ax.plot(its, vals, label=name, marker="o" if split == "valid" else None, markersize=3)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     axes[0, 0].legend()
-    fig.suptitle("tiny (4 layers, hidden 128) on the demo corpus: generalized loss settings, k = 100")
+    fig.suptitle("`tiny` (4 layers, hidden 128, 4096-token BPE) on the demo corpus: generalized-loss settings, k = 100")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def table(results: dict, args) -> str:
-    def last(curve, key, n=3):   # mean of the last n logged points (the curves are noisy)
-        its = sorted(curve, key=int)[-n:]
-        return sum(curve[i][key] for i in its) / len(its)
+    def tail_mean(res, key):   # mean over the last `--table-window` iterations (single batches are noisy)
+        its, vals = _curve(res, "train", key)
+        keep = [v for i, v in zip(its, vals) if i > args.train_iters - args.table_window]
+        return sum(keep) / len(keep)
 
     lines = [f"# Loss study: `tiny` on the demo corpus, {args.train_iters} iterations, k = 100", "",
              f"Command: `python examples/loss_study/run_study.py --train-iters {args.train_iters} "
-             f"--log-interval {args.log_interval} --eval-interval {args.eval_interval}`. Train columns: mean of "
-             "the last 3 logged steps (one global batch of 8 x 128 tokens each); validation: the final "
-             "evaluation (8 batches).", "",
-             "| setting | train entropy | train CE | train pi(x) | top-1 | tail mass | valid CE | valid entropy | valid pi(x) | time (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"--log-interval {args.log_interval} --eval-interval {args.eval_interval}` (one seed, identical "
+             "data order). Train columns: mean over the last "
+             f"{args.table_window} iterations (one global batch of 8 x 128 tokens each); validation: the "
+             "final evaluation (8 batches of 8 x 128 tokens).", "",
+             "| setting | train entropy | train CE | train pi(x) | train tail mass | valid entropy | valid CE | valid pi(x) | valid top-1 | valid tail mass | time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        tr, va = r["train"], r["valid"]
+        va = r["valid"]
         fin = va[max(va, key=int)]
-        lines.append(f"| {name} | {last(tr, 'entropy'):.3f} | {last(tr, 'cross_entropy'):.3f} | "
-                     f"{last(tr, 'target_prob'):.4f} | {last(tr, 'top1'):.3f} | {last(tr, 'tail_mass'):.4f} | "
-                     f"{fin['cross_entropy']:.3f} | {fin['entropy']:.3f} | {fin['target_prob']:.4f} | "
-                     f"{r['seconds']:.0f} |")
+        lines.append(f"| {name} | {tail_mean(r, 'entropy'):.3f} | {tail_mean(r, 'cross_entropy'):.3f} | "
+                     f"{tail_mean(r, 'target_prob'):.4f} | {tail_mean(r, 'tail_mass'):.4f} | "
+                     f"{fin['entropy']:.3f} | {fin['cross_entropy']:.3f} | {fin['target_prob']:.4f} | "
+                     f"{fin['top1']:.3f} | {fin['tail_mass']:.4f} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -112,6 +134,8 @@ def main() -> None:
     ap.add_argument("--train-iters", type=int, default=600)
     ap.add_argument("--log-interval", type=int, default=20)
     ap.add_argument("--eval-interval", type=int, default=100)
+    ap.add_argument("--smooth", type=int, default=25, help="moving-average window of the train curves")
+    ap.add_argument("--table-window", type=int, default=100, help="train statistics averaged over these last iterations")
     ap.add_argument("--parallel", type=int, default=2, help="settings trained at the same time")
     ap.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--run-one", help=argparse.SUPPRESS)
@@ -148,7 +172,7 @@ def main() -> None:
                 print(f"    {name} done", flush=True)
         time.sleep(1)
     results = {name: json.loads((out / f"{name}.json").read_text()) for name in args.settings}
-    plot(results, out / "study.png")
+    plot(results, out / "study.png", args.smooth)
     md = table(results, args)
     (out / "study.md").write_text(md)
     print(md)
