@@ -120,10 +120,28 @@ def _chunks(n_rows: int, row_elems: int, chunk_tokens: Optional[int]):
 # kernels in `triton_kernels.py` implement the same two functions for CUDA.
 # ---------------------------------------------------------------------------------------------
 
+class _Workspace:
+    """Chunk-sized scratch tensors allocated once per call and reused for every chunk: a fresh
+    multi-MiB tensor per chunk costs page faults (CPU) or allocator traffic that rivals the math."""
+
+    def __init__(self, rows: int, v: int, device: torch.device):
+        self.rows, self.v, self.device, self.bufs = rows, v, device, {}
+
+    def get(self, name: str, dtype: torch.dtype, rows: int, cols: Optional[int] = None) -> torch.Tensor:
+        buf = self.bufs.get((name, dtype))
+        if buf is None:
+            buf = self.bufs[(name, dtype)] = torch.empty(self.rows, self.v, dtype=dtype, device=self.device)
+        return buf[:rows, :cols] if cols is not None else buf[:rows]
+
+
+def _chunk_rows(n: int, v: int, chunk_tokens: Optional[int]) -> int:
+    return min(n, chunk_tokens or max(1, _DEFAULT_CHUNK_ELEMENTS // max(1, v)))
+
+
 def row_sums_torch(z: torch.Tensor, m: torch.Tensor, x_local: torch.Tensor, t: Optional[torch.Tensor],
                    *, n_real: int, zero_target: bool, want_entropy: bool,
                    chunk_tokens: Optional[int] = None) -> torch.Tensor:
-    """Per-row partial sums of one shard: returns [N, 7] fp32 with columns
+    """Per-row partial sums of one shard: returns [N, 7] (compute dtype) with columns
 
     0 sum_e    sum_j exp(z_j - m) over the shard (the target's term left out when zero_target)
     1 e_x      exp(z_x - m) on the row's owner shard, else 0
@@ -136,25 +154,33 @@ def row_sums_torch(z: torch.Tensor, m: torch.Tensor, x_local: torch.Tensor, t: O
     n, v = z.shape
     cd = compute_dtype(z)
     out = torch.zeros(n, 7, dtype=cd, device=z.device)
-    for rows in _chunks(n, v, chunk_tokens):
-        zf = z[rows].to(cd)
-        d = zf - m[rows, None]
+    if n == 0:
+        return out
+    step = _chunk_rows(n, v, chunk_tokens)
+    ws = _Workspace(step, v, z.device)
+    for lo in range(0, n, step):
+        rows = slice(lo, min(n, lo + step))
+        c = rows.stop - lo
+        zc = z[rows]
         xl = x_local[rows]
         own = xl >= 0
         idx = xl.clamp(min=0)[:, None]
+        zx = torch.where(own, zc.gather(1, idx)[:, 0].to(cd), 0.0)
+        d = ws.get("d", cd, c)
+        torch.sub(zc, m[rows, None], out=d)                # == z.float() - m, rounded once
         zx_m = torch.where(own, d.gather(1, idx)[:, 0], 0.0)
-        zx = torch.where(own, zf.gather(1, idx)[:, 0], 0.0)
         if t is not None:
             tr = t[rows]
             tie = own & (zx == tr) & (xl > 0)
             if bool(tie.any()):
                 sel = tie.nonzero()[:, 0]
                 before = torch.arange(v, device=z.device)[None, :] < xl[sel, None]
-                eq = (zf[sel, :n_real] == tr[sel, None]) & before[:, :n_real]
-                out[rows.start + sel, 6] = eq.sum(-1).float()
+                eq = (zc[sel, :n_real].to(cd) == tr[sel, None]) & before[:, :n_real]
+                out[lo + sel, 6] = eq.sum(-1).to(cd)
         if want_entropy:
-            e = torch.exp(d)
-            out[rows, 5] = (e * d).sum(-1)
+            e = ws.get("e", cd, c)
+            torch.exp(d, out=e)
+            out[rows, 5] = torch.bmm(e[:, None, :], d[:, :, None])[:, 0, 0]   # row dot products, no temporary
         else:
             e = d.exp_()
         e_x = torch.where(own, e.gather(1, idx)[:, 0], 0.0)
@@ -170,6 +196,12 @@ def row_sums_torch(z: torch.Tensor, m: torch.Tensor, x_local: torch.Tensor, t: O
     return out
 
 
+def _lowest_ties(zr: torch.Tensor, tr: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
+    """[r, V] bool: per row the first `quota` entries equal to `tr`, in index order."""
+    eq = zr == tr[:, None]
+    return eq & (eq.cumsum(-1, dtype=torch.int32) <= quota[:, None])
+
+
 def write_grad_torch(z: torch.Tensor, out: torch.Tensor, m: torch.Tensor, s: torch.Tensor, big_w: torch.Tensor,
                      w: torch.Tensor, g: torch.Tensor, x_local: torch.Tensor, *, n_real: int,
                      lambda_high: float, lambda_low: float, t: Optional[torch.Tensor],
@@ -181,42 +213,67 @@ def write_grad_torch(z: torch.Tensor, out: torch.Tensor, m: torch.Tensor, s: tor
     for j = x_i and padded j. The top-k set on this shard is {z > t} plus the first q_local entries
     equal to t (in index order); `partial` marks rows where that prefix rule is needed (else all
     ties are in). `out` may be `z` itself (in-place: each chunk is read before it is written).
+    Operation order: pi = exp(z - m) / s; pi *= (W - lam); pi[x] = pi_x * W - w; pi *= g.
     """
     n, v = z.shape
+    if n == 0:
+        return
+    cd = compute_dtype(z)
     use_lam = lambda_high != 0 or lambda_low != 0
     split = use_lam and lambda_high != lambda_low
-    cd = compute_dtype(z)
-    for rows in _chunks(n, v, chunk_tokens):
-        zf = z[rows].to(cd)
-        pi = torch.exp(zf - m[rows, None])
+    unit_w = not use_lam and bool((big_w == 1).all())      # cross-entropy: skip the multiply by 1
+    if split:
+        # one comparison per element: ties wholly inside K compare against the next float below t
+        full = (q_local > 0) & ~partial
+        t_cmp = torch.where(full, torch.nextafter(t, torch.full_like(t, -math.inf)), t)
+        coef_k = (big_w - lambda_high)[:, None]
+        coef_t = (big_w - lambda_low)[:, None]
+    step = _chunk_rows(n, v, chunk_tokens)
+    ws = _Workspace(step, v, z.device)
+    for lo in range(0, n, step):
+        rows = slice(lo, min(n, lo + step))
+        c = rows.stop - lo
+        zc = z[rows]
+        pi = ws.get("pi", cd, c)
+        torch.sub(zc, m[rows, None], out=pi)
+        pi.exp_()
         pi.div_(s[rows, None])
         xl = x_local[rows]
-        own = xl >= 0
-        if use_lam:
-            lam = torch.zeros_like(pi)
-            real = lam[:, :n_real]
-            if split:
-                tr = t[rows, None]
-                zr = zf[:, :n_real]
-                in_k = zr > tr
+        r_own = (xl >= 0).nonzero()[:, 0]
+        x_own = xl[r_own]
+        px = pi[r_own, x_own]
+        wr = big_w[rows]
+        if split:
+            zr = zc[:, :n_real]
+            in_k = ws.get("mask", torch.bool, c, n_real)
+            maybe = partial[rows]
+            tc = t_cmp[rows]
+            part = None
+            if bool(maybe.any()):
+                # rows whose window was full of ties: count the ties; if the quota takes them all,
+                # compare against the float below t, else take the lowest-id ones (cumsum, rare)
+                eqm = ws.get("eq", torch.bool, c, n_real)
+                torch.eq(zr, t[rows, None], out=eqm)
+                cnt = eqm.sum(-1)
                 ql = q_local[rows]
-                full_ties = (ql > 0) & ~partial[rows]
-                in_k |= (zr == tr) & full_ties[:, None]
-                part = partial[rows].nonzero()[:, 0]
-                if part.numel():
-                    eq = zr[part] == tr[part]
-                    in_k[part] |= eq & (eq.cumsum(-1) <= ql[part, None])
-                real.fill_(lambda_low)
-                real.masked_fill_(in_k, lambda_high)
-            else:
-                real.fill_(lambda_high)
-            r_own = own.nonzero()[:, 0]
-            lam[r_own, xl[r_own]] = 0.0
-            pi.mul_(big_w[rows, None] - lam)
-        else:
-            pi.mul_(big_w[rows, None])
-        r_own = own.nonzero()[:, 0]
-        pi[r_own, xl[r_own]] -= w[rows][r_own]
+                all_in = maybe & (cnt <= ql)
+                tc = torch.where(all_in, torch.nextafter(t[rows], torch.full_like(tc, -math.inf)), tc)
+                part = (maybe & (cnt > ql)).nonzero()[:, 0]
+            torch.gt(zr, tc[:, None], out=in_k)
+            if part is not None and part.numel():
+                in_k[part] |= _lowest_ties(zr[part].to(cd), t[rows][part], q_local[rows][part])
+            coef = ws.get("coef", cd, c, n_real)
+            torch.where(in_k, coef_k[rows], coef_t[rows], out=coef)
+            pi[:, :n_real].mul_(coef)
+            if n_real < v:
+                pi[:, n_real:].mul_(wr[:, None])
+        elif use_lam:
+            pi[:, :n_real].mul_((wr - lambda_high)[:, None])
+            if n_real < v:
+                pi[:, n_real:].mul_(wr[:, None])
+        elif not unit_w:
+            pi.mul_(wr[:, None])
+        pi[r_own, x_own] = px * wr[r_own] - w[rows][r_own]
         pi.mul_(g[rows, None])
         out[rows] = pi
 
