@@ -287,3 +287,24 @@ def test_leading_shape_and_non_contiguous_logits():
     g = torch.linspace(0.5, 1.5, 12).view(3, 4)
     (loss3 * g).sum().backward()
     torch.testing.assert_close(leaf.grad.transpose(0, 1).reshape(12, 40), grad2d, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_prefilter_on_wide_rows(dtype):
+    """Rows wide enough for the group-max prefilter (V > 128 k), ragged tail, ties, -inf entries."""
+    from megatron_rpt.loss.generalized import _topk_values
+    g = torch.Generator().manual_seed(21)
+    v = 20000 + 13
+    z = (torch.randn(6, v, generator=g) * 3).to(dtype)
+    z[1] = torch.randint(-2, 3, (v,), generator=g).to(dtype)       # massive ties
+    z[2, :5000] = -math.inf
+    z[3, -13:] = 50.0                                                # the top values in the ragged tail
+    for k in (1, 10, 33):
+        assert torch.equal(_topk_values(z, k), torch.topk(z, k, dim=-1).values), k
+    x = torch.randint(0, v, (6,), generator=g)
+    kw = dict(beta=-0.25, lambda_high=0.1, lambda_low=-0.1, top_k=10)
+    loss, grad, gg = _ours(z, x, **kw)
+    rloss, rgrad, _ = _ref(z.double(), x, gg, **kw)
+    torch.testing.assert_close(loss.double(), rloss, rtol=2e-6, atol=2e-6)
+    tol = dict(rtol=1e-5, atol=2e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-5)
+    torch.testing.assert_close(grad.double(), rgrad, **tol)
