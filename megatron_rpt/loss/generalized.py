@@ -297,7 +297,7 @@ def _topk_values(z: torch.Tensor, k: int) -> torch.Tensor:
     """
     c, v = z.shape
     nb = v // _TOPK_GROUPS
-    if nb <= 4 * k:
+    if nb <= 4 * k or v < 65536:   # measured on CPU: no gain at 32k columns, 1.7x at 152k
         return torch.topk(z, k, dim=-1, sorted=True).values
     main = z[:, :nb * _TOPK_GROUPS].unflatten(1, (_TOPK_GROUPS, nb))
     groups = torch.topk(main.amax(1), k, dim=-1, sorted=False).indices              # [c, k]

@@ -291,13 +291,13 @@ def test_leading_shape_and_non_contiguous_logits():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_topk_prefilter_on_wide_rows(dtype):
-    """Rows wide enough for the group-max prefilter (V > 128 k), ragged tail, ties, -inf entries."""
+    """Rows wide enough for the group-max prefilter (V >= 65536), ragged tail, ties, -inf entries."""
     from megatron_rpt.loss.generalized import _topk_values
     g = torch.Generator().manual_seed(21)
-    v = 20000 + 13
+    v = 65536 + 13
     z = (torch.randn(6, v, generator=g) * 3).to(dtype)
     z[1] = torch.randint(-2, 3, (v,), generator=g).to(dtype)       # massive ties
-    z[2, :5000] = -math.inf
+    z[2, :20000] = -math.inf
     z[3, -13:] = 50.0                                                # the top values in the ragged tail
     for k in (1, 10, 33):
         assert torch.equal(_topk_values(z, k), torch.topk(z, k, dim=-1).values), k
