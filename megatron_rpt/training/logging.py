@@ -52,6 +52,7 @@ class MetricsLogger:
         self.is_logging_rank = is_logging_rank
         self.log_throughput, self.log_memory = log_throughput, log_memory
         self.writer = None
+        self.tensorboard = bool(tensorboard_dir)
         if tensorboard_dir and is_logging_rank:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(log_dir=tensorboard_dir, max_queue=100)
@@ -78,9 +79,12 @@ class MetricsLogger:
             self.writer.add_scalar(name, value, step)
 
     def wants_stats(self, iteration: int) -> bool:
-        """Whether `iteration` is printed or written to TensorBoard (its loss statistics are)."""
+        """Whether `iteration` is printed or written to TensorBoard (its loss statistics are).
+
+        Must be the same on every rank (statistics change the loss's collectives), so it depends on
+        the configuration only, never on which rank holds the TensorBoard writer."""
         return (iteration % self.log_interval == 0 or iteration == self.train_iters
-                or (self.writer is not None and iteration % self.tb_interval == 0))
+                or (self.tensorboard and iteration % self.tb_interval == 0))
 
     def record(self, iteration: int, result, consumed_samples: int) -> Optional[str]:
         """Account one iteration; returns the printed line at interval ends (rank-local)."""
