@@ -109,12 +109,6 @@ def compute_dtype(z: torch.Tensor) -> torch.dtype:
     return torch.float64 if z.dtype == torch.float64 else torch.float32
 
 
-def _chunks(n_rows: int, row_elems: int, chunk_tokens: Optional[int]):
-    step = chunk_tokens or max(1, _DEFAULT_CHUNK_ELEMENTS // max(1, row_elems))
-    for lo in range(0, n_rows, step):
-        yield slice(lo, min(n_rows, lo + step))
-
-
 # ---------------------------------------------------------------------------------------------
 # Elementwise passes over the logits. The torch versions below are the reference; the Triton
 # kernels in `triton_kernels.py` implement the same two functions for CUDA.
@@ -135,7 +129,14 @@ class _Workspace:
 
 
 def _chunk_rows(n: int, v: int, chunk_tokens: Optional[int]) -> int:
-    return min(n, chunk_tokens or max(1, _DEFAULT_CHUNK_ELEMENTS // max(1, v)))
+    return max(1, min(n, chunk_tokens or max(1, _DEFAULT_CHUNK_ELEMENTS // max(1, v))))
+
+
+def _chunks(n: int, v: int, chunk_tokens: Optional[int]):
+    """Row slices of at most `_chunk_rows` tokens covering [0, n)."""
+    step = _chunk_rows(n, v, chunk_tokens)
+    for lo in range(0, n, step):
+        yield slice(lo, min(n, lo + step))
 
 
 def row_sums_torch(z: torch.Tensor, m: torch.Tensor, x_local: torch.Tensor, t: Optional[torch.Tensor],
@@ -156,11 +157,9 @@ def row_sums_torch(z: torch.Tensor, m: torch.Tensor, x_local: torch.Tensor, t: O
     out = torch.zeros(n, 7, dtype=cd, device=z.device)
     if n == 0:
         return out
-    step = _chunk_rows(n, v, chunk_tokens)
-    ws = _Workspace(step, v, z.device)
-    for lo in range(0, n, step):
-        rows = slice(lo, min(n, lo + step))
-        c = rows.stop - lo
+    ws = _Workspace(_chunk_rows(n, v, chunk_tokens), v, z.device)
+    for rows in _chunks(n, v, chunk_tokens):
+        lo, c = rows.start, rows.stop - rows.start
         zc = z[rows]
         xl = x_local[rows]
         own = xl >= 0
@@ -229,11 +228,9 @@ def write_grad_torch(z: torch.Tensor, out: torch.Tensor, m: torch.Tensor, s: tor
         t_cmp = torch.where(full, torch.nextafter(t, torch.full_like(t, -math.inf)), t)
         coef_k = (big_w - lambda_high)[:, None]
         coef_t = (big_w - lambda_low)[:, None]
-    step = _chunk_rows(n, v, chunk_tokens)
-    ws = _Workspace(step, v, z.device)
-    for lo in range(0, n, step):
-        rows = slice(lo, min(n, lo + step))
-        c = rows.stop - lo
+    ws = _Workspace(_chunk_rows(n, v, chunk_tokens), v, z.device)
+    for rows in _chunks(n, v, chunk_tokens):
+        c = rows.stop - rows.start
         zc = z[rows]
         pi = ws.get("pi", cd, c)
         torch.sub(zc, m[rows, None], out=pi)

@@ -10,22 +10,15 @@ import math
 import pytest
 
 from megatron_rpt.loss import STAT_NAMES
-from tests.dist_harness import run_ranks
-from tests.parallel.test_training_parity import BASE, RTOL, assert_close
+from tests.parallel.test_training_parity import RTOL, assert_close
+from tests.parallel.test_training_parity import train as parity_train
 
 LOSS = ["--loss-beta", "-0.25", "--loss-lambda-high", "0.1", "--loss-lambda-low", "-0.1", "--loss-topk", "10",
         "--log-interval", "1", "--eval-interval", "2", "--eval-iters", "1", "--split", "90,10,0"]
 
 
-def _pretrain(rank, world, argv):
-    from megatron_rpt.config import parse_args
-    from megatron_rpt.training.loop import pretrain
-    r = pretrain(parse_args(argv))
-    return {"losses": r.losses, "stats": r.distribution, "valid": r.valid_losses, "valid_stats": r.valid_distribution}
-
-
 def train(world, extra=()):
-    return run_ranks(_pretrain, world, BASE + LOSS + list(extra), timeout=240)[0]
+    return parity_train(world, LOSS + list(extra))
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +74,8 @@ def test_zero_settings_are_megatron_cross_entropy(reference):
     """Default flags (generalized loss at zero) train exactly like Megatron's own cross-entropy, and
     the CE statistic of the beta/lambda run at iteration 1 (before any update) is that loss."""
     plain = ["--log-interval", "1"]
-    ours = run_ranks(_pretrain, 1, BASE + plain, timeout=240)[0]
-    meg = run_ranks(_pretrain, 1, BASE + plain + ["--loss-function", "cross_entropy"], timeout=240)[0]
+    ours = parity_train(1, plain)
+    meg = parity_train(1, plain + ["--loss-function", "cross_entropy"])
     assert ours["losses"] == meg["losses"]
     assert meg["stats"] == {}
     assert ours["stats"][1]["cross_entropy"] == pytest.approx(ours["losses"][1], rel=1e-6)

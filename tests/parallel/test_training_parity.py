@@ -27,7 +27,8 @@ def _pretrain(rank, world, argv):
     from megatron_rpt.training.loop import pretrain
     result = pretrain(parse_args(argv))
     return {"losses": result.losses, "grad_norms": result.grad_norms, "iteration": result.iteration,
-            "resumed_from": result.resumed_from, "valid": result.valid_losses}
+            "resumed_from": result.resumed_from, "valid": result.valid_losses,
+            "stats": result.distribution, "valid_stats": result.valid_distribution}
 
 
 def train(world, extra=(), base=BASE):
