@@ -2,7 +2,8 @@
 
 Every tokenizer exposes what Megatron-Core's GPT datasets and our tools need: `vocab_size` (the
 tokenizer's own size; the model pads it), `eod`, `pad` (-1 when the tokenizer has none, which is
-Megatron's "no pad" id), `bos`, `tokenize`, `detokenize` and `unique_identifiers` (keys the
+Megatron's "no pad" id), `bos`, `tokenize`, `tokenize_batch` (the same ids, through the
+library's batch call: what preprocessing uses), `detokenize` and `unique_identifiers` (keys the
 dataset index cache). Files are local only: nothing is ever downloaded.
 """
 
@@ -17,7 +18,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer")
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "TikTokenizer",
+                   "NullTokenizer")
 # Special pieces of tokenizers trained by tools/train_tokenizer.py (ids 0..3, in this order).
 SPM_SPECIALS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eod": "<eod>"}
 
@@ -46,6 +48,10 @@ class Tokenizer:
 
     def tokenize(self, text: str) -> list[int]:
         raise NotImplementedError
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`[tokenize(t) for t in texts]`; subclasses use their library's batch call (less per-call overhead)."""
+        return [self.tokenize(t) for t in texts]
 
     def detokenize(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
@@ -84,6 +90,10 @@ class SentencePieceTokenizer(Tokenizer):
     def tokenize(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # One thread: preprocessing parallelises over worker processes.
+        return self._sp.encode(list(texts), num_threads=1)
+
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
@@ -103,6 +113,10 @@ class _HFBase(Tokenizer):
 
     def tokenize(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False)
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # The Rust backend directly: transformers' per-call Python overhead dominates short documents.
+        return [e.ids for e in self._tok.backend_tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)]
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids])
@@ -138,6 +152,92 @@ class GPT2BPETokenizer(_HFBase):
         self._init_from(tok, "<|endoftext|>")
 
 
+def _megatron_tiktoken_conventions() -> tuple[dict[str, str], tuple[str, ...]]:
+    """Megatron-Core's TikTokenizer split patterns (v1, v2) and fixed special tokens.
+
+    Imported, not copied, so that our ids follow Megatron-Core's definition.
+    """
+    from megatron.core.tokenizers.text.libraries import tiktoken_tokenizer as mt
+    return {"v1": mt._PATTERN_TIKTOKEN_V1, "v2": mt._PATTERN_TIKTOKEN_V2}, tuple(mt.SPECIAL_TOKENS)
+
+
+def load_bpe_ranks(path: str) -> dict[bytes, int]:
+    """BPE ranks from Megatron-LM's tiktoken JSON (a list of {rank, token_bytes, token_str}) or a
+    `.tiktoken` file (one `base64 rank` per line, as cl100k_base or Qwen's ranks ship)."""
+    import base64
+    ranks: dict[bytes, int] = {}
+    if path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            vocab = json.load(f)
+        if not isinstance(vocab, list):
+            raise TokenizerError(f"--tokenizer-model: {path} is not a tiktoken JSON vocabulary (a list)")
+        for i, item in enumerate(vocab):
+            if not isinstance(item, dict) or item.get("rank") != i or "token_bytes" not in item:
+                raise TokenizerError(f"--tokenizer-model: {path}: entry {i} is not {{rank: {i}, token_bytes: ...}}")
+            ranks[base64.b64decode(item["token_bytes"])] = i
+    else:
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token)] = int(rank)
+                except ValueError:
+                    raise TokenizerError(f"--tokenizer-model: {path}:{lineno}: not a 'base64 rank' line") from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise TokenizerError(f"--tokenizer-model: {path}: ranks are not 0..{len(ranks) - 1} without gaps")
+    return ranks
+
+
+class TikTokenizer(Tokenizer):
+    """Megatron-LM's TikTokenizer: specials at ids 0..num_special_tokens-1 ("</s>" = 2 is eod), then
+    the BPE ranks shifted by num_special_tokens.
+
+    Ids equal Megatron-Core's `TikTokenTokenizer` for the same file, pattern, special-token count
+    and vocabulary size, including Megatron's choice that special-token text in a document ("</s>")
+    becomes the special id (as Hugging Face tokenizers do with their added tokens).
+    `vocab_size` defaults to all the file's ranks plus the specials.
+    """
+
+    def __init__(self, path: str, *, pattern: str = "v2", num_special_tokens: int = 1000,
+                 special_tokens: Optional[Sequence[str]] = None, vocab_size: Optional[int] = None):
+        import tiktoken
+        patterns, required = _megatron_tiktoken_conventions()
+        if pattern not in patterns:
+            raise TokenizerError(f"--tiktoken-pattern must be one of {', '.join(patterns)}, got {pattern!r}")
+        specials = list(special_tokens) if special_tokens else list(required)
+        if any(t not in specials for t in required) or len(set(specials)) != len(specials):
+            raise TokenizerError("--tiktoken-special-tokens must be unique and include " + " ".join(required))
+        if not len(specials) <= num_special_tokens:
+            raise TokenizerError(f"--tiktoken-num-special-tokens {num_special_tokens} < {len(specials)} special tokens")
+        ranks = load_bpe_ranks(path)
+        if vocab_size is None:
+            vocab_size = num_special_tokens + len(ranks)
+        inner = vocab_size - num_special_tokens
+        if not 256 <= inner <= len(ranks):
+            raise TokenizerError(f"--vocab-size {vocab_size}: must leave 256..{len(ranks)} BPE ranks of {path} after "
+                                 f"{num_special_tokens} special tokens")
+        super().__init__(path=os.path.abspath(path), pattern=pattern, num_special_tokens=num_special_tokens,
+                         vocab_size=vocab_size)
+        specials += [f"<SPECIAL_{i}>" for i in range(len(specials), num_special_tokens)]
+        self._enc = tiktoken.Encoding(
+            name=Path(path).stem, pat_str=patterns[pattern],
+            mergeable_ranks={b: r + num_special_tokens for b, r in ranks.items() if r < inner},
+            special_tokens={t: i for i, t in enumerate(specials)})
+        self._specials = specials
+        self.vocab_size = vocab_size
+        self.eod = specials.index("</s>")
+        self.pad = specials.index("<pad>")
+        self.bos = specials.index("<s>")
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._enc.encode(text, allowed_special="all")
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._enc.decode([int(i) for i in ids])
+
+
 class NullTokenizer(Tokenizer):
     """Text is whitespace-separated ids; as in Megatron-LM, ids 0..N-1 plus eod = N (size N + 1)."""
 
@@ -158,8 +258,14 @@ class NullTokenizer(Tokenizer):
 
 
 def build_tokenizer(tokenizer_type: str, *, tokenizer_model: Optional[str] = None, vocab_file: Optional[str] = None,
-                    merge_file: Optional[str] = None, vocab_size: Optional[int] = None) -> Tokenizer:
+                    merge_file: Optional[str] = None, vocab_size: Optional[int] = None, tiktoken_pattern: str = "v2",
+                    tiktoken_num_special_tokens: int = 1000,
+                    tiktoken_special_tokens: Optional[Sequence[str]] = None) -> Tokenizer:
     """The tokenizer for Megatron-LM's --tokenizer-type and file flags."""
+    if tokenizer_type == "TikTokenizer":
+        return TikTokenizer(_require_file(tokenizer_model, "--tokenizer-model", tokenizer_type),
+                            pattern=tiktoken_pattern, num_special_tokens=tiktoken_num_special_tokens,
+                            special_tokens=tiktoken_special_tokens, vocab_size=vocab_size)
     if tokenizer_type == "SentencePieceTokenizer":
         return SentencePieceTokenizer(_require_file(tokenizer_model, "--tokenizer-model", tokenizer_type))
     if tokenizer_type == "HuggingFaceTokenizer":

@@ -15,7 +15,17 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Platform", "setup_platform", "get_platform", "detect_transformer_engine", "detect_apex"]
+__all__ = ["Platform", "setup_platform", "get_platform", "detect_transformer_engine", "detect_apex",
+           "quiet_optional_backend_warnings"]
+
+
+def quiet_optional_backend_warnings() -> None:
+    """Silence Megatron-Core's import-time "Apex / Transformer Engine not installed" warnings.
+
+    Importing any megatron.core module runs its package __init__, which warns about missing GPU
+    extras: irrelevant to the data tools (which only read and write files) and noise in every run.
+    """
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed", category=UserWarning)
 
 # Failures seen when importing partially installed GPU packages (see notes/gpu-and-dependencies.md):
 # a TE core wheel without cuDNN raises RuntimeError / OSError, not ImportError.

@@ -60,8 +60,8 @@ def test_no_eod_several_inputs_glob_and_gzip(tmp_path, spm):
 
 def test_worker_count_does_not_change_output(tmp_path, spm):
     src = write_jsonl(tmp_path / "a.jsonl", DOCS)
-    run([src], tmp_path / "w1", spm, workers=1, block_size=37)
-    run([src], tmp_path / "w2", spm, workers=2, block_size=64)
+    run([src], tmp_path / "w1", spm, workers=1, chunk_bytes=37)
+    run([src], tmp_path / "w2", spm, workers=2, chunk_bytes=4096, partitions=3)
     for ext in (".bin", ".idx"):
         assert open(f"{tmp_path}/w1_text_document{ext}", "rb").read() == open(f"{tmp_path}/w2_text_document{ext}", "rb").read()
 
@@ -106,8 +106,8 @@ def test_interrupted_run_keeps_previous_output(tmp_path, spm, monkeypatch):
     run([src], tmp_path / "out", spm)
     before = open(tmp_path / "out_text_document.bin", "rb").read()
     import megatron_rpt.data.indexed as indexed
-    monkeypatch.setattr(indexed.AtomicIndexedWriter, "add_document",
-                        lambda self, ids, s=None: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(indexed.IndexedWriter, "add_batch",
+                        lambda self, *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         run([write_jsonl(tmp_path / "b.jsonl", DOCS[:5])], tmp_path / "out", spm)
     assert open(tmp_path / "out_text_document.bin", "rb").read() == before
@@ -144,7 +144,9 @@ def test_several_json_keys_and_no_documents(tmp_path, spm):
 
 def test_log_interval_lines(tmp_path, spm, capsys):
     src = write_jsonl(tmp_path / "a.jsonl", DOCS)
-    run([src], tmp_path / "out", spm, log_interval=100)
+    run([src], tmp_path / "out", spm, log_interval=100, chunk_bytes=1000)  # ~5 documents per chunk
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("processed")]
-    assert [l.split(",")[0] for l in lines] == ["processed 100 documents", "processed 200 documents",
-                                                "processed 300 documents"]
+    counts = [int(l.split()[1]) for l in lines]
+    # One line per multiple of 100 crossed, with the true count at the chunk where it was crossed.
+    assert [c // 100 for c in counts] == [1, 2, 3] and counts[-1] == 300 and all(c % 100 < 20 for c in counts)
+    assert all("docs/s" in l and "MB/s" in l for l in lines)
