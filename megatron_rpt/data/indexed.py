@@ -38,6 +38,18 @@ def token_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size < 65500 else np.int32
 
 
+def open_index(prefix: str):
+    """Megatron-Core's reader of `prefix.idx` (memory-mapped); clear errors for a missing or corrupt pair."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    for ext in (".bin", ".idx"):
+        if not os.path.isfile(prefix + ext):
+            raise FileNotFoundError(f"{prefix}{ext} not found")
+    try:
+        return IndexedDataset(prefix, mmap=True).index
+    except Exception as e:  # noqa: BLE001 - the reader asserts / struct errors on garbage
+        raise ValueError(f"{prefix}.idx is not a readable Megatron index ({type(e).__name__}: {e})") from None
+
+
 class IndexedWriter:
     """Append documents (one at a time or in numpy batches); `finalize()` publishes `.bin` + `.idx`.
 
@@ -96,11 +108,7 @@ class IndexedWriter:
         Raises ValueError naming the prefix for a dtype different from this writer's or a .bin
         whose size does not match its .idx.
         """
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-        for ext in (".bin", ".idx"):
-            if not os.path.isfile(prefix + ext):
-                raise FileNotFoundError(f"{prefix}{ext} not found")
-        index = IndexedDataset(prefix, mmap=True).index
+        index = open_index(prefix)
         if index.dtype != self.dtype:
             raise ValueError(f"{prefix}: token dtype {np.dtype(index.dtype).name} differs from "
                              f"{np.dtype(self.dtype).name} of the datasets before it (different tokenizers?)")
@@ -171,3 +179,25 @@ class IndexedWriter:
 
 # The name the foundation code and tests use.
 AtomicIndexedWriter = IndexedWriter
+
+
+def merge_datasets(prefixes: Sequence[str], output_prefix: str) -> IndexedWriter:
+    """Concatenate indexed datasets (documents in the given order) into `output_prefix`.
+
+    All inputs must have the same token dtype. Streams; the output appears only when complete.
+    Returns the finalized writer (its documents/sequences/tokens counts).
+    """
+    if not prefixes:
+        raise ValueError("nothing to merge")
+    if os.path.abspath(output_prefix) in {os.path.abspath(p) for p in prefixes}:
+        raise ValueError(f"--output-prefix {output_prefix} is also an input")
+    indices = [open_index(p) for p in prefixes]  # all readable before anything is written
+    writer = IndexedWriter(output_prefix, dtype=indices[0].dtype)
+    try:
+        for prefix in prefixes:
+            writer.append_dataset(prefix)
+        writer.finalize()
+    except BaseException:
+        writer.abort()
+        raise
+    return writer

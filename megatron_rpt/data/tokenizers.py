@@ -9,6 +9,7 @@ dataset index cache). Files are local only: nothing is ever downloaded.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
@@ -140,6 +141,20 @@ class HuggingFaceTokenizer(_HFBase):
 
 
 class GPT2BPETokenizer(_HFBase):
+    """GPT-2 style byte-level BPE from vocab.json + merges.txt.
+
+    Ids are those of Hugging Face `tokenizers`' ByteLevelBPETokenizer on the same files (text
+    "<|endoftext|>" is encoded as text, as Megatron-LM's GPT2BPETokenizer does). Encoding runs
+    on tiktoken when the files allow it (every byte is a token and merges create ids in
+    increasing order, true of GPT-2's files and of tools/train_tokenizer.py's): about 6x faster on
+    prose, same ids (checked on a probe text at construction, and by the tests on real corpora).
+    """
+
+    # Exercises the pre-tokenizer's branches: contractions, letters, digits, punctuation runs,
+    # whitespace runs (incl. trailing), non-ASCII, emoji, CR/LF.
+    _PROBE = ("It's 2026: they'll say  \"hello\"   world!!\n\n\tTabs\r\nÜñïcödé ☃ 🙂 数字123456 <|endoftext|>"
+              " 'S 'LL 're   ")
+
     def __init__(self, vocab_file: str, merge_file: str):
         from tokenizers import ByteLevelBPETokenizer
         from transformers import PreTrainedTokenizerFast
@@ -150,6 +165,67 @@ class GPT2BPETokenizer(_HFBase):
         if "<|endoftext|>" not in vocab:
             raise TokenizerError(f"--vocab-file: {vocab_file} has no <|endoftext|> token")
         self._init_from(tok, "<|endoftext|>")
+        self._fast = _byte_level_tiktoken(vocab, merge_file)
+        if self._fast is not None and self._fast.encode_ordinary(self._PROBE) != super().tokenize(self._PROBE):
+            self._fast = None
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._fast.encode_ordinary(text) if self._fast is not None else super().tokenize(text)
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        if self._fast is None:
+            return super().tokenize_batch(texts)
+        return [self._fast.encode_ordinary(t) for t in texts]
+
+
+def _byte_level_tiktoken(vocab: dict, merge_file: str):
+    """A tiktoken Encoding equal to byte-level BPE on (vocab, merges), or None where it would not be.
+
+    tiktoken merges the pair whose result has the lowest rank; BPE applies merges in file order.
+    The two agree when the merge results' ids increase in file order and the ranks hold exactly
+    the 256 bytes plus the merge results (other vocabulary entries, e.g. specials, are never
+    produced by BPE and must not be by tiktoken either).
+    """
+    try:
+        import tiktoken
+        from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizer pattern
+    except ImportError:
+        return None
+    byte_of = {ch: b for b, ch in _gpt2_byte_alphabet().items()}
+    ranks: dict[bytes, int] = {}
+    for b, ch in _gpt2_byte_alphabet().items():
+        if ch not in vocab:
+            return None
+        ranks[bytes([b])] = vocab[ch]
+    last = max(ranks.values())
+    with open(merge_file, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("#version") or not line.strip():
+                continue
+            parts = line.rstrip("\n").split(" ")
+            merged = "".join(parts)
+            if len(parts) != 2 or merged not in vocab or vocab[merged] <= last:
+                return None
+            try:
+                ranks[bytes(byte_of[c] for c in merged)] = last = vocab[merged]
+            except KeyError:
+                return None
+    return tiktoken.Encoding("byte_level_bpe", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={})
+
+
+@functools.lru_cache(maxsize=1)
+def _gpt2_byte_alphabet() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used in vocab.json/merges.txt."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
 
 
 def _megatron_tiktoken_conventions() -> tuple[dict[str, str], tuple[str, ...]]:

