@@ -140,7 +140,7 @@ class HuggingFaceTokenizer(_HFBase):
         self._init_from(tok, None)
 
 
-class GPT2BPETokenizer(_HFBase):
+class GPT2BPETokenizer(Tokenizer):
     """GPT-2 style byte-level BPE from vocab.json + merges.txt.
 
     Ids are those of Hugging Face `tokenizers`' ByteLevelBPETokenizer on the same files (text
@@ -148,6 +148,7 @@ class GPT2BPETokenizer(_HFBase):
     on tiktoken when the files allow it (every byte is a token and merges create ids in
     increasing order, true of GPT-2's files and of tools/train_tokenizer.py's): about 6x faster on
     prose, same ids (checked on a probe text at construction, and by the tests on real corpora).
+    Needs `tokenizers` only (not transformers/torch: preprocessing workers stay small).
     """
 
     # Exercises the pre-tokenizer's branches: contractions, letters, digits, punctuation runs,
@@ -157,25 +158,31 @@ class GPT2BPETokenizer(_HFBase):
 
     def __init__(self, vocab_file: str, merge_file: str):
         from tokenizers import ByteLevelBPETokenizer
-        from transformers import PreTrainedTokenizerFast
         super().__init__(vocab=os.path.abspath(vocab_file), merges=os.path.abspath(merge_file))
-        backend = ByteLevelBPETokenizer(vocab_file, merge_file)
-        tok = PreTrainedTokenizerFast(tokenizer_object=backend._tokenizer)
-        vocab = json.load(open(vocab_file, encoding="utf-8"))
+        try:
+            vocab = json.load(open(vocab_file, encoding="utf-8"))
+            self._ref = ByteLevelBPETokenizer(vocab_file, merge_file)
+        except Exception as e:  # noqa: BLE001 - json / tokenizers errors on malformed files
+            raise TokenizerError(f"--vocab-file/--merge-file: {vocab_file}, {merge_file} are not GPT-2 BPE files "
+                                 f"({e})") from None
         if "<|endoftext|>" not in vocab:
             raise TokenizerError(f"--vocab-file: {vocab_file} has no <|endoftext|> token")
-        self._init_from(tok, "<|endoftext|>")
+        self.vocab_size = self._ref.get_vocab_size()
+        self.eod = int(vocab["<|endoftext|>"])
         self._fast = _byte_level_tiktoken(vocab, merge_file)
-        if self._fast is not None and self._fast.encode_ordinary(self._PROBE) != super().tokenize(self._PROBE):
+        if self._fast is not None and self._fast.encode_ordinary(self._PROBE) != self._ref.encode(self._PROBE).ids:
             self._fast = None
 
     def tokenize(self, text: str) -> list[int]:
-        return self._fast.encode_ordinary(text) if self._fast is not None else super().tokenize(text)
+        return self._fast.encode_ordinary(text) if self._fast is not None else self._ref.encode(text).ids
 
     def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
         if self._fast is None:
-            return super().tokenize_batch(texts)
+            return [e.ids for e in self._ref.encode_batch(list(texts))]
         return [self._fast.encode_ordinary(t) for t in texts]
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._ref.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
 def _byte_level_tiktoken(vocab: dict, merge_file: str):
