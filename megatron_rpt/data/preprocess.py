@@ -9,8 +9,9 @@ Pipeline (why it is fast and bounded):
   but `json` accepts, so accepted input is the same as Megatron-LM's) and tokenize a whole chunk
   with the tokenizer library's batch call.
 - At most `2 * workers + 1` chunks per partition are in flight: memory is bounded by that window
-  whatever the input size (Megatron-LM's `Pool.imap` reads its whole input ahead of the workers).
-  The index is spooled to disk by `IndexedWriter`, never held in lists.
+  whatever the input size. The index is spooled to disk by `IndexedWriter`, never held in lists
+  (Megatron-Core's builder keeps every sequence length in a Python list). Workers import only the
+  tokenizer library (Megatron-LM's import torch and transformers before forking).
 - Results are written in input order, so the output is byte-identical for any --workers and
   --partitions. With `--partitions N` the inputs are cut into N contiguous ranges (whole .gz files;
   plain files also at line boundaries) that N threads read, decompress and write concurrently
