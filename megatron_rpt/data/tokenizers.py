@@ -100,8 +100,16 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 class _HFBase(Tokenizer):
+    _fast = None
+
     def _init_from(self, tok, eod_token: Optional[str]) -> None:
         self._tok = tok
+        backend = tok.backend_tokenizer
+        fast = tiktoken_equivalent(backend)
+        probe = GPT2BPETokenizer._PROBE + " ".join(list(tok.get_added_vocab())[:64])
+        if fast is not None and fast.encode(probe, allowed_special="all") == \
+                backend.encode(probe, add_special_tokens=False).ids:
+            self._fast = fast
         self.vocab_size = len(tok)
         eod = tok.eos_token_id
         if eod_token is not None:
@@ -113,9 +121,13 @@ class _HFBase(Tokenizer):
         self.bos = tok.bos_token_id
 
     def tokenize(self, text: str) -> list[int]:
+        if self._fast is not None:
+            return self._fast.encode(text, allowed_special="all")
         return self._tok.encode(text, add_special_tokens=False)
 
     def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        if self._fast is not None:
+            return [self._fast.encode(t, allowed_special="all") for t in texts]
         # The Rust backend directly: transformers' per-call Python overhead dominates short documents.
         return [e.ids for e in self._tok.backend_tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)]
 
@@ -124,6 +136,12 @@ class _HFBase(Tokenizer):
 
 
 class HuggingFaceTokenizer(_HFBase):
+    """A Hugging Face tokenizer folder or tokenizer.json; ids of `encode(text, add_special_tokens=False)`.
+
+    Byte-level BPE tokenizers (GPT-2, Llama-3, Qwen style) encode on tiktoken when
+    `tiktoken_equivalent` proves it gives the same ids (and a probe text agrees).
+    """
+
     def __init__(self, path: str):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -169,7 +187,7 @@ class GPT2BPETokenizer(Tokenizer):
             raise TokenizerError(f"--vocab-file: {vocab_file} has no <|endoftext|> token")
         self.vocab_size = self._ref.get_vocab_size()
         self.eod = int(vocab["<|endoftext|>"])
-        self._fast = _byte_level_tiktoken(vocab, merge_file)
+        self._fast = tiktoken_equivalent(self._ref._tokenizer)
         if self._fast is not None and self._fast.encode_ordinary(self._PROBE) != self._ref.encode(self._PROBE).ids:
             self._fast = None
 
@@ -185,19 +203,48 @@ class GPT2BPETokenizer(Tokenizer):
         return self._ref.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-def _byte_level_tiktoken(vocab: dict, merge_file: str):
-    """A tiktoken Encoding equal to byte-level BPE on (vocab, merges), or None where it would not be.
+def tiktoken_equivalent(backend) -> Optional["tiktoken.Encoding"]:
+    """A tiktoken Encoding giving the same ids as a byte-level BPE `tokenizers.Tokenizer`, or None.
 
-    tiktoken merges the pair whose result has the lowest rank; BPE applies merges in file order.
-    The two agree when the merge results' ids increase in file order and the ranks hold exactly
-    the 256 bytes plus the merge results (other vocabulary entries, e.g. specials, are never
-    produced by BPE and must not be by tiktoken either).
+    Supported: no normalizer; pre-tokenizer ByteLevel(use_regex) (GPT-2's pattern) or
+    Split(regex, isolated) + ByteLevel(no regex) (Llama-3/Qwen style); plain BPE (no dropout,
+    byte fallback, unk or subword affixes); added tokens without lstrip/rstrip/single_word (they
+    become tiktoken specials, matched in text as Hugging Face matches them: encode with
+    allowed_special="all").
+    Within a pre-tokenized piece tiktoken (1) returns a piece that is itself a rank as that one
+    token, else (2) repeatedly merges the adjacent pair whose result has the lowest rank; BPE
+    applies merges in merge-list order. They agree on every input when the ranks hold exactly the
+    256 bytes plus the merge results, merge results' ids increase in list order ((2) = BPE), and
+    BPE encodes each merge result as itself ((1) = BPE): all checked here, token by token (0.1 s
+    for GPT-2's 50k merges). Callers also compare both on a probe text.
     """
     try:
         import tiktoken
         from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizer pattern
     except ImportError:
         return None
+    spec = json.loads(backend.to_str())
+    pre, model = spec.get("pre_tokenizer") or {}, spec.get("model") or {}
+    if spec.get("normalizer") is not None or model.get("type") != "BPE":
+        return None
+    if model.get("dropout") or model.get("byte_fallback") or model.get("unk_token") or \
+            model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        return None
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
+        pattern = r50k_pat_str
+    elif pre.get("type") == "Sequence" and len(pre.get("pretokenizers", [])) == 2:
+        split, level = pre["pretokenizers"]
+        if split.get("type") != "Split" or "Regex" not in split.get("pattern", {}) or split.get("invert") or \
+                split.get("behavior") != "Isolated" or level.get("type") != "ByteLevel" or level.get("use_regex") or \
+                level.get("add_prefix_space"):
+            return None
+        pattern = split["pattern"]["Regex"]
+    else:
+        return None
+    added = spec.get("added_tokens") or []
+    if any(t.get("lstrip") or t.get("rstrip") or t.get("single_word") for t in added):
+        return None
+    vocab = model.get("vocab") or {}
     byte_of = {ch: b for b, ch in _gpt2_byte_alphabet().items()}
     ranks: dict[bytes, int] = {}
     for b, ch in _gpt2_byte_alphabet().items():
@@ -205,19 +252,22 @@ def _byte_level_tiktoken(vocab: dict, merge_file: str):
             return None
         ranks[bytes([b])] = vocab[ch]
     last = max(ranks.values())
-    with open(merge_file, encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("#version") or not line.strip():
-                continue
-            parts = line.rstrip("\n").split(" ")
-            merged = "".join(parts)
-            if len(parts) != 2 or merged not in vocab or vocab[merged] <= last:
-                return None
-            try:
-                ranks[bytes(byte_of[c] for c in merged)] = last = vocab[merged]
-            except KeyError:
-                return None
-    return tiktoken.Encoding("byte_level_bpe", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={})
+    bpe = backend.model
+    for merge in model.get("merges") or []:
+        parts = merge.split(" ") if isinstance(merge, str) else list(merge)
+        merged = "".join(parts)
+        if len(parts) != 2 or merged not in vocab or vocab[merged] <= last:
+            return None
+        try:
+            ranks[bytes(byte_of[c] for c in merged)] = last = vocab[merged]
+        except KeyError:
+            return None
+        if [t.id for t in bpe.tokenize(merged)] != [last]:
+            return None
+    specials = {t["content"]: t["id"] for t in added}
+    if any(t.encode("utf-8") in ranks for t in specials):
+        return None
+    return tiktoken.Encoding("byte_level_bpe", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
 
 
 @functools.lru_cache(maxsize=1)

@@ -294,3 +294,65 @@ def test_tiktokenizer_bad_files(tmp_path):
         build_tokenizer("TikTokenizer", tokenizer_model=str(gap))
     with pytest.raises(TokenizerError, match="TikTokenizer needs --tokenizer-model"):
         build_tokenizer("TikTokenizer")
+
+
+# ---------------------------------------------------------------- HuggingFaceTokenizer on tiktoken
+
+def _prose():
+    """Real prose when the demo corpus was built in this session, else the module's samples."""
+    import glob
+    texts = [TEXT] + SAMPLES + ADVERSARIAL
+    for path in glob.glob("/tmp/pytest-of-*/pytest-*/demo_corpus_cache/demo_corpus.jsonl")[:1]:
+        with open(path, encoding="utf-8") as f:
+            texts += [json.loads(line)["text"] for _, line in zip(range(300), f)]
+    return texts
+
+
+def _hf_folder(tmp_path, backend, **special):
+    from transformers import PreTrainedTokenizerFast
+    folder = tmp_path / "hf"
+    PreTrainedTokenizerFast(tokenizer_object=backend, **special).save_pretrained(str(folder))
+    return folder
+
+
+def test_hf_gpt2_llama3_style_and_trained_folders_run_on_tiktoken_with_the_reference_ids(tmp_path):
+    from tokenizers import Regex, Tokenizer as RawTokenizer, pre_tokenizers
+    from tokenizers.models import BPE
+    vocab, merges = _gpt2_package_files()
+    gpt2 = RawTokenizer(BPE.from_file(str(vocab), str(merges)))
+    gpt2.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    gpt2.add_special_tokens(["<|endoftext|>"])
+    # Llama-3 / Qwen layout: a Split regex (cl100k's style) then ByteLevel without its own regex.
+    llama = RawTokenizer(BPE.from_file(str(vocab), str(merges)))
+    llama.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
+                                   r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    llama.add_special_tokens(["<|endoftext|>", "<|im_start|>"])
+    trained = train_byte_level_bpe([TEXT * 20] + SAMPLES, str(tmp_path / "trained"), vocab_size=400)
+    folders = {"gpt2": _hf_folder(tmp_path / "a", gpt2, eos_token="<|endoftext|>"),
+               "llama3-style": _hf_folder(tmp_path / "b", llama, eos_token="<|endoftext|>"),
+               "trained": trained}
+    texts = _prose() + ["<|im_start|>user\nhi<|endoftext|>", "x<|endoftext|>y"]
+    for name, folder in folders.items():
+        tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(folder))
+        ref = RawTokenizer.from_file(str(folder / "tokenizer.json"))
+        assert tok._fast is not None, name
+        assert tok.tokenize_batch(texts) == [e.ids for e in ref.encode_batch(texts, add_special_tokens=False)], name
+        assert tok.tokenize("a<|endoftext|>") == ref.encode("a<|endoftext|>", add_special_tokens=False).ids
+        assert tok.tokenize("a<|endoftext|>")[-1] == tok.eod  # added tokens in text: the special id, as HF
+
+
+def test_hf_tokenizer_tiktoken_cannot_reproduce_keeps_the_reference(tmp_path):
+    from tokenizers import Tokenizer as RawTokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+    vocab, merges = _gpt2_package_files()
+    tok = RawTokenizer(BPE.from_file(str(vocab), str(merges)))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.normalizer = normalizers.NFKC()  # tiktoken has no normalizer
+    tok.add_special_tokens(["<|endoftext|>"])
+    folder = _hf_folder(tmp_path, tok, eos_token="<|endoftext|>")
+    ours = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(folder))
+    assert ours._fast is None
+    texts = [TEXT] + SAMPLES + ["ﬁ ligature Ⅻ ①"]
+    assert ours.tokenize_batch(texts) == [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
