@@ -61,18 +61,18 @@ import multiprocessing as mp
 import os
 import pickle
 import platform as pyplatform
-import re
 import resource
 import shlex
 import socket
 import statistics
-import subprocess
 import sys
 import time
 import traceback
 from datetime import timedelta
 from multiprocessing.connection import wait
 from pathlib import Path
+
+import machine  # benchmarks/machine.py
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -357,11 +357,6 @@ def _job_time(ctx: _Ctx) -> dict:
     return {"checks": checks, "times": times, "failed": False, "info": info}
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
-
-
 def _job_mem(ctx: _Ctx) -> dict:
     torch = _torch()
     m = ctx.spec["method"]
@@ -389,10 +384,10 @@ def _job_mem(ctx: _Ctx) -> dict:
             reset = True
         except OSError:
             reset = False
-        rss0 = _status_kb("VmRSS")
+        rss0 = machine.status_kb("VmRSS")
         maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         loss, grad, st = _step(fn, z, target, gout)
-        peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, _status_kb("VmHWM"))
+        peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, machine.status_kb("VmHWM"))
         out.update(extra_bytes=(peak - rss0) * 1024, rss_before_bytes=rss0 * 1024, peak_rss_bytes=peak * 1024,
                    hwm_reset=reset, method_used="rss")
         if not reset and maxrss0 > rss0:
@@ -588,32 +583,6 @@ def run_ranks(spec: dict, world: int) -> list:
     return [results[r] for r in range(world)]
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-        if m:
-            return m.group(1).strip()
-    except OSError:
-        pass
-    return pyplatform.processor() or pyplatform.machine()
-
-
-def _mem_total() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            return int(re.search(r"^MemTotal:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
-    except (OSError, AttributeError):
-        return None
-
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return ""
-
-
 def _environment() -> dict:
     from importlib import metadata
 
@@ -621,10 +590,10 @@ def _environment() -> dict:
     gen = REPO / "megatron_rpt" / "loss" / "generalized.py"
     return {
         "machine": {
-            "cpu_model": _cpu_model(),
+            "cpu_model": machine.cpu_model(),
             "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "cpu_count": os.cpu_count(),
-            "memory_bytes": _mem_total(),
+            "memory_bytes": machine.mem_total(),
             "os": f"{pyplatform.system()} {pyplatform.release()}",
         },
         "versions": {
@@ -633,9 +602,9 @@ def _environment() -> dict:
             "megatron_core": metadata.version("megatron-core"),
         },
         "git": {
-            "commit": _git("rev-parse", "HEAD"),
-            "generalized_py_modified": bool(_git("status", "--porcelain", "--", "megatron_rpt/loss/generalized.py")),
-            "loss_dir_status": _git("status", "--porcelain", "--", "megatron_rpt/loss").splitlines(),
+            "commit": machine.git("rev-parse", "HEAD"),
+            "generalized_py_modified": bool(machine.git("status", "--porcelain", "--", "megatron_rpt/loss/generalized.py")),
+            "loss_dir_status": machine.git("status", "--porcelain", "--", "megatron_rpt/loss").splitlines(),
             "generalized_py_sha256": hashlib.sha256(gen.read_bytes()).hexdigest() if gen.exists() else None,
         },
     }

@@ -101,6 +101,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import machine  # benchmarks/machine.py
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -304,17 +306,6 @@ def _shell(argv: list, tool: str, args) -> str:
 # Running one command: wall time, rusage, process-tree memory
 # =============================================================================================
 
-def _status_kb(pid: int, field: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
 def _pss_kb(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
@@ -358,7 +349,7 @@ class TreeSampler(threading.Thread):
                     continue      # zombie
                 alive += 1
                 rss_sum += rss
-                self.largest_hwm_kb = max(self.largest_hwm_kb, _status_kb(p.pid, "VmHWM"))
+                self.largest_hwm_kb = max(self.largest_hwm_kb, machine.status_kb("VmHWM", p.pid))
             if tick % 5 == 0 and alive:
                 self.peak_pss_sum = max(self.peak_pss_sum, 1024 * sum(_pss_kb(p.pid) for p in procs))
             self.peak_rss_sum = max(self.peak_rss_sum, rss_sum)
@@ -532,47 +523,12 @@ def compare_outputs(ref: Path, ours: Path, input_path: Path, decode) -> dict:
 # Environment
 # =============================================================================================
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-        if m:
-            return m.group(1).strip()
-    except OSError:
-        pass
-    return pyplatform.processor() or pyplatform.machine()
-
-
-def _mem_total() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            return int(re.search(r"^MemTotal:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
-    except (OSError, AttributeError):
-        return None
-
-
-def _git(*args: str, cwd: Path = REPO) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return ""
-
-
-def _version(dist: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def megatron_lm_info(path: Path, commit_arg: str | None) -> dict:
     info = {"path": str(path), "commit": None, "commit_source": None}
     if (path / ".git").exists():
-        info["commit"], info["commit_source"] = _git("rev-parse", "HEAD", cwd=path) or None, "git rev-parse HEAD"
-        info["describe"] = _git("describe", "--tags", "--always", cwd=path) or None
-        info["modified"] = bool(_git("status", "--porcelain", "--", "tools", "megatron", cwd=path))
+        info["commit"], info["commit_source"] = machine.git("rev-parse", "HEAD", cwd=path) or None, "git rev-parse HEAD"
+        info["describe"] = machine.git("describe", "--tags", "--always", cwd=path) or None
+        info["modified"] = bool(machine.git("status", "--porcelain", "--", "tools", "megatron", cwd=path))
     if commit_arg:
         if info["commit"] and not info["commit"].startswith(commit_arg) and not commit_arg.startswith(info["commit"]):
             log(f"warning: --megatron-lm-commit {commit_arg} differs from the checkout's HEAD {info['commit']}")
@@ -602,27 +558,26 @@ def check_megatron_lm(path: Path) -> dict:
 
 
 def environment(args) -> dict:
-    from importlib import metadata  # noqa: F401
 
     return {
         "machine": {
-            "cpu_model": _cpu_model(),
+            "cpu_model": machine.cpu_model(),
             "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "cpu_count": os.cpu_count(),
-            "memory_bytes": _mem_total(),
+            "memory_bytes": machine.mem_total(),
             "os": f"{pyplatform.system()} {pyplatform.release()}",
         },
         "versions": {
             "python": pyplatform.python_version(),
-            **{k: _version(d) for k, d in (("megatron_core", "megatron-core"), ("tokenizers", "tokenizers"),
+            **{k: machine.version(d) for k, d in (("megatron_core", "megatron-core"), ("tokenizers", "tokenizers"),
                                            ("transformers", "transformers"), ("torch", "torch"), ("numpy", "numpy"),
                                            ("psutil", "psutil"), ("orjson", "orjson"), ("nltk", "nltk"))},
         },
         "git": {
-            "commit": _git("rev-parse", "HEAD"),
-            "preprocess_modified": bool(_git("status", "--porcelain", "--", "tools/preprocess_data.py",
+            "commit": machine.git("rev-parse", "HEAD"),
+            "preprocess_modified": bool(machine.git("status", "--porcelain", "--", "tools/preprocess_data.py",
                                              "megatron_rpt/data")),
-            "preprocess_status": _git("status", "--porcelain", "--", "tools/preprocess_data.py",
+            "preprocess_status": machine.git("status", "--porcelain", "--", "tools/preprocess_data.py",
                                       "megatron_rpt/data").splitlines(),
         },
     }

@@ -203,7 +203,7 @@ class GPT2BPETokenizer(Tokenizer):
         return self._ref.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-def tiktoken_equivalent(backend) -> Optional["tiktoken.Encoding"]:
+def tiktoken_equivalent(backend) -> Optional[object]:
     """A tiktoken Encoding giving the same ids as a byte-level BPE `tokenizers.Tokenizer`, or None.
 
     Supported: no normalizer; pre-tokenizer ByteLevel(use_regex) (GPT-2's pattern) or

@@ -1,0 +1,59 @@
+"""What every benchmark records about where it ran: CPU model, memory, git state, package versions,
+and /proc/<pid>/status fields. Imported by the benchmark scripts (run as `python benchmarks/X.py`,
+so this folder is on sys.path)."""
+
+from __future__ import annotations
+
+import platform as pyplatform
+import re
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+        if m:
+            return m.group(1).strip()
+    except OSError:
+        pass
+    return pyplatform.processor() or pyplatform.machine()
+
+
+def mem_total() -> int | None:
+    """Total RAM in bytes (None where /proc/meminfo is unreadable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return int(re.search(r"^MemTotal:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
+    except (OSError, AttributeError):
+        return None
+
+
+def git(*args: str, cwd: Path = REPO) -> str:
+    """`git ARGS` output in cwd ("" when git fails: results still get written)."""
+    try:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def status_kb(field: str, pid: int | str = "self") -> int:
+    """A kB field of /proc/<pid>/status (VmRSS, VmHWM, ...); 0 when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+        return int(m.group(1)) if m else 0
+    except OSError:
+        return 0
