@@ -584,30 +584,10 @@ def run_ranks(spec: dict, world: int) -> list:
 
 
 def _environment() -> dict:
-    from importlib import metadata
-
-    torch = _torch()
+    env = machine.describe({"torch": "torch", "megatron_core": "megatron-core"}, ["megatron_rpt/loss"])
     gen = REPO / "megatron_rpt" / "loss" / "generalized.py"
-    return {
-        "machine": {
-            "cpu_model": machine.cpu_model(),
-            "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "cpu_count": os.cpu_count(),
-            "memory_bytes": machine.mem_total(),
-            "os": f"{pyplatform.system()} {pyplatform.release()}",
-        },
-        "versions": {
-            "python": pyplatform.python_version(),
-            "torch": torch.__version__,
-            "megatron_core": metadata.version("megatron-core"),
-        },
-        "git": {
-            "commit": machine.git("rev-parse", "HEAD"),
-            "generalized_py_modified": bool(machine.git("status", "--porcelain", "--", "megatron_rpt/loss/generalized.py")),
-            "loss_dir_status": machine.git("status", "--porcelain", "--", "megatron_rpt/loss").splitlines(),
-            "generalized_py_sha256": hashlib.sha256(gen.read_bytes()).hexdigest() if gen.exists() else None,
-        },
-    }
+    env["git"]["generalized_py_sha256"] = hashlib.sha256(gen.read_bytes()).hexdigest() if gen.exists() else None
+    return env
 
 
 def _fused_available() -> bool:
@@ -703,9 +683,9 @@ def _markdown(doc: dict) -> str:
             f"- Machine: {mach['cpu_model']}, {mach['cores_available']} cores available, {gb:.0f} GiB RAM, {mach['os']}"
             + (f"; GPU {doc['results'][0]['info'].get('gpu')}" if doc["results"] and doc["results"][0]["info"].get("gpu") else ""),
             f"- Versions: torch {ver['torch']}, megatron-core {ver['megatron_core']}, Python {ver['python']}",
-            f"- Code: commit `{env['git']['commit'][:12]}`, megatron_rpt/loss/generalized.py "
-            + ("**with uncommitted changes**" if env["git"]["generalized_py_modified"] else "as committed")
-            + f" (sha256 `{(env['git']['generalized_py_sha256'] or '')[:12]}`)",
+            f"- Code: commit `{env['git']['commit'][:12]}`, megatron_rpt/loss/ "
+            + ("**with uncommitted changes**" if env["git"].get("modified", env["git"].get("generalized_py_modified")) else "as committed")
+            + f" (generalized.py sha256 `{(env['git']['generalized_py_sha256'] or '')[:12]}`)",
             f"- Command: `{doc['command']}`",
             f"- Total wall time: {doc['wall_s'] / 60:.1f} min; 1-minute load average at start {doc['load_average_1m']['start']:.1f}, "
             f"at the end {doc['load_average_1m']['end']:.1f} (this benchmark keeps about `cores` busy by itself)",
@@ -913,10 +893,7 @@ def main(argv=None) -> int:
         "load_average_1m": {"start": load_start[0], "end": os.getloadavg()[0]},
         "notes": [f"Note: {n}" for n in args.note],
     }
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = Path(f"{prefix}.json"), Path(f"{prefix}.md")
-    json_path.write_text(json.dumps(doc, indent=1) + "\n")
-    md_path.write_text(_markdown(doc))
+    json_path, md_path = machine.write_results(prefix, doc, _markdown)
     log(f"wrote {json_path} and {md_path} ({doc['wall_s'] / 60:.1f} min)")
     return 0
 

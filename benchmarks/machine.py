@@ -57,3 +57,30 @@ def status_kb(field: str, pid: int | str = "self") -> int:
         return int(m.group(1)) if m else 0
     except OSError:
         return 0
+
+
+def describe(packages: dict[str, str], watched: list[str]) -> dict:
+    """The machine, the versions of `packages` ({key: distribution}), and the git state of `watched` paths."""
+    import os
+    status = git("status", "--porcelain", "--", *watched).splitlines()
+    return {
+        "machine": {
+            "cpu_model": cpu_model(),
+            "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "cpu_count": os.cpu_count(),
+            "memory_bytes": mem_total(),
+            "os": f"{pyplatform.system()} {pyplatform.release()}",
+        },
+        "versions": {"python": pyplatform.python_version(), **{k: version(d) for k, d in packages.items()}},
+        "git": {"commit": git("rev-parse", "HEAD"), "watched": watched, "modified": bool(status), "status": status},
+    }
+
+
+def write_results(prefix: Path, doc: dict, render) -> tuple[Path, Path]:
+    """`prefix.json` (the document) and `prefix.md` (render(doc)); returns both paths."""
+    import json
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = Path(f"{prefix}.json"), Path(f"{prefix}.md")
+    json_path.write_text(json.dumps(doc, indent=1) + "\n")
+    md_path.write_text(render(doc))
+    return json_path, md_path

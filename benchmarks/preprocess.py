@@ -87,7 +87,6 @@ import hashlib
 import json
 import math
 import os
-import platform as pyplatform
 import random
 import re
 import shlex
@@ -558,29 +557,9 @@ def check_megatron_lm(path: Path) -> dict:
 
 
 def environment(args) -> dict:
-
-    return {
-        "machine": {
-            "cpu_model": machine.cpu_model(),
-            "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "cpu_count": os.cpu_count(),
-            "memory_bytes": machine.mem_total(),
-            "os": f"{pyplatform.system()} {pyplatform.release()}",
-        },
-        "versions": {
-            "python": pyplatform.python_version(),
-            **{k: machine.version(d) for k, d in (("megatron_core", "megatron-core"), ("tokenizers", "tokenizers"),
-                                           ("transformers", "transformers"), ("torch", "torch"), ("numpy", "numpy"),
-                                           ("psutil", "psutil"), ("orjson", "orjson"), ("nltk", "nltk"))},
-        },
-        "git": {
-            "commit": machine.git("rev-parse", "HEAD"),
-            "preprocess_modified": bool(machine.git("status", "--porcelain", "--", "tools/preprocess_data.py",
-                                             "megatron_rpt/data")),
-            "preprocess_status": machine.git("status", "--porcelain", "--", "tools/preprocess_data.py",
-                                      "megatron_rpt/data").splitlines(),
-        },
-    }
+    return machine.describe({k: k.replace("_", "-") for k in ("megatron_core", "tokenizers", "transformers", "torch",
+                                                               "numpy", "psutil", "orjson", "tiktoken")},
+                            ["tools/preprocess_data.py", "megatron_rpt/data"])
 
 
 # =============================================================================================
@@ -629,7 +608,7 @@ def markdown(doc: dict) -> str:
             f"{(mach['memory_bytes'] or 0) / 2**30:.0f} GiB RAM, {mach['os']}",
             "- Versions: " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in ver.items() if v),
             f"- Code: commit `{env['git']['commit'][:12]}`, tools/preprocess_data.py + megatron_rpt/data "
-            + ("**with uncommitted changes**" if env["git"]["preprocess_modified"] else "as committed")]
+            + ("**with uncommitted changes**" if env["git"].get("modified", env["git"].get("preprocess_modified")) else "as committed")]
     if mlm:
         out += [f"- Megatron-LM: commit `{mlm.get('commit') or 'unknown'}`"
                 + (f" ({mlm['describe']})" if mlm.get("describe") else "")
@@ -916,10 +895,7 @@ def main(argv=None) -> int:
         "notes": [f"Note: {n}" for n in args.note],
     }
     prefix = Path(args.output) if args.output else REPO / "benchmarks" / "results" / "preprocess_cpu"
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = Path(f"{prefix}.json"), Path(f"{prefix}.md")
-    json_path.write_text(json.dumps(doc, indent=1) + "\n")
-    md_path.write_text(markdown(doc))
+    json_path, md_path = machine.write_results(prefix, doc, markdown)
     log(f"wrote {json_path} and {md_path} ({doc['wall_s'] / 60:.1f} min)")
     return 0
 
