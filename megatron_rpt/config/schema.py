@@ -118,9 +118,22 @@ class DataConfig:
     """Datasets and the tokenizer."""
 
     data_path: list = arg(None, nargs="*", default_factory=list,
-                          help="Weighted blend: 'PREFIX' or 'W1 PREFIX1 W2 PREFIX2 ...'.")
-    split: str = arg("969,30,1", help="Train/valid/test split of --data-path, e.g. 969,30,1.")
-    data_cache_path: Optional[str] = arg(None, help="Where dataset index caches are written.")
+                          help="Blend for all splits: 'PREFIX', 'PREFIX1 PREFIX2 ...' (weighted by size) "
+                          "or 'W1 PREFIX1 W2 PREFIX2 ...'; divided by --split.")
+    split: str = arg("969,30,1", help="Train/valid/test shares of --data-path, e.g. 969,30,1 (ignored "
+                     "with --train-data-path/--valid-data-path/--test-data-path).")
+    train_data_path: list = arg(None, nargs="*", default_factory=list,
+                                help="Training blend (like --data-path), instead of --data-path; "
+                                "--split is then ignored and each split uses only its own flag.")
+    valid_data_path: list = arg(None, nargs="*", default_factory=list,
+                                help="Validation blend (like --data-path), with --train-data-path; "
+                                "without it there is no validation set.")
+    test_data_path: list = arg(None, nargs="*", default_factory=list,
+                               help="Test blend (like --data-path), with --train-data-path; "
+                               "without it there is no test set.")
+    data_cache_path: Optional[str] = arg(None, help="Folder for the dataset index caches, reused by "
+                                         "later runs (default, as in Megatron-Core: PREFIX/cache/"
+                                         "GPTDataset_indices, and blend indices are not cached).")
     mock_data: bool = arg(False, help="Random tokens instead of a dataset (smoke tests).")
     tokenizer_type: Optional[str] = arg(None, choices=("SentencePieceTokenizer", "HuggingFaceTokenizer",
                                                        "GPT2BPETokenizer", "NullTokenizer"),

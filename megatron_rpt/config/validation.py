@@ -12,7 +12,7 @@ import os
 import warnings
 from typing import Optional
 
-from megatron_rpt.config.schema import RunConfig
+from megatron_rpt.config.schema import DataConfig, RunConfig
 
 
 class ConfigError(ValueError):
@@ -194,26 +194,71 @@ def validate_config(cfg: RunConfig, world_size: int, *, check_files: bool = True
 _SHAPE_FLAGS = {"--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads", "--seq-length"}
 
 
-def parse_blend(data_path: list) -> tuple[list[str], Optional[list[float]]]:
-    """'A' or 'W1 A W2 B' -> (prefixes, weights or None); ValueError names the bad item."""
-    items = [str(x) for x in data_path]
-    if len(items) == 1:
+def _number(item: str) -> Optional[float]:
+    try:
+        return float(item)
+    except ValueError:
+        return None
+
+
+def parse_blend(data_path: list, flag: str = "--data-path") -> tuple[list[str], Optional[list[float]]]:
+    """A Megatron-LM blend list -> (prefixes, weights or None); ValueError names the flag and item.
+
+    'A' or 'A B ...' (no weights: Megatron-Core weighs each prefix by its size) or
+    'W1 A W2 B ...' (weights > 0, normalised by Megatron-Core).
+    """
+    items = [str(x).strip() for x in data_path]
+    if not items:
+        raise ValueError(f"{flag}: no prefix given")
+    numbers = [_number(x) for x in items]
+    if all(x is None for x in numbers):
         return items, None
     if len(items) % 2:
-        raise ValueError(f"--data-path: expected 'PREFIX' or weight/prefix pairs, got {len(items)} items")
+        raise ValueError(f"{flag}: {len(items)} items, with numbers among them: expected weight/prefix "
+                         "pairs 'W1 PREFIX1 W2 PREFIX2 ...' (or prefixes only)")
     weights, prefixes = [], []
-    for w, prefix in zip(items[::2], items[1::2]):
-        try:
-            weight = float(w)
-        except ValueError:
-            raise ValueError(f"--data-path: {w!r} is not a weight (expected 'W1 PREFIX1 W2 PREFIX2 ...')") from None
+    for i in range(0, len(items), 2):
+        weight, prefix = numbers[i], items[i + 1]
+        if weight is None:
+            raise ValueError(f"{flag}: item {i + 1} {items[i]!r} is not a weight "
+                             "(expected 'W1 PREFIX1 W2 PREFIX2 ...')")
+        if numbers[i + 1] is not None:
+            raise ValueError(f"{flag}: item {i + 2} {prefix!r} is a number where a prefix is expected "
+                             "(expected 'W1 PREFIX1 W2 PREFIX2 ...')")
+        if not math.isfinite(weight):
+            raise ValueError(f"{flag}: weight {items[i]} for {prefix} is not a finite number")
         if weight < 0:
-            raise ValueError(f"--data-path: negative weight {weight} for {prefix}")
+            raise ValueError(f"{flag}: negative weight {weight} for {prefix}")
+        if weight == 0:
+            raise ValueError(f"{flag}: zero weight for {prefix} (Megatron-Core cannot blend it); "
+                             "drop the prefix instead")
         weights.append(weight)
         prefixes.append(prefix)
-    if sum(weights) <= 0:
-        raise ValueError("--data-path: weights sum to zero")
     return prefixes, weights
+
+
+PER_SPLIT_FLAGS = ("--train-data-path", "--valid-data-path", "--test-data-path")
+
+
+def data_blends(d: DataConfig) -> list[tuple[str, list]]:
+    """The blends given, as (flag, items): --data-path and/or the per-split flags, in that order."""
+    given = [("--data-path", d.data_path)] + list(zip(PER_SPLIT_FLAGS, (d.train_data_path, d.valid_data_path,
+                                                                        d.test_data_path)))
+    return [(flag, items) for flag, items in given if items]
+
+
+def prefix_position(flag: str, i: int, n: int) -> str:
+    """How messages name a prefix: its flag, and its position when the blend has several."""
+    return flag if n == 1 else f"{flag} prefix {i + 1} of {n}"
+
+
+def data_prefixes(d: DataConfig) -> list[tuple[str, str]]:
+    """(position, prefix) of every prefix of every blend given (ValueError for a bad blend)."""
+    out = []
+    for flag, items in data_blends(d):
+        prefixes, _ = parse_blend(items, flag)
+        out.extend((prefix_position(flag, i, len(prefixes)), p) for i, p in enumerate(prefixes))
+    return out
 
 
 def parse_split(split: str) -> list[float]:
@@ -227,26 +272,49 @@ def parse_split(split: str) -> list[float]:
 
 
 def _check_data(cfg: RunConfig, check_files: bool) -> list[str]:
-    d = cfg.data
+    d, t = cfg.data, cfg.training
     problems = []
-    if not d.mock_data and not d.data_path:
-        problems.append("--data-path is required (or --mock-data)")
-    if d.data_path:
+    blends = data_blends(d)
+    per_split = [flag for flag, _ in blends if flag != "--data-path"]
+    if d.data_path and per_split:
+        problems.append(f"--data-path and {'/'.join(per_split)} are mutually exclusive: give one blend "
+                        "divided by --split, or one blend per split")
+    elif not d.mock_data and not blends:
+        problems.append("--data-path is required (or --train-data-path [--valid-data-path "
+                        "--test-data-path], or --mock-data)")
+    elif not d.mock_data and per_split and not d.train_data_path:
+        problems.append(f"{'/'.join(per_split)} without --train-data-path: give the training blend too")
+    parsed = []
+    for flag, items in blends:
         try:
-            prefixes, _ = parse_blend(d.data_path)
+            parsed.append((flag, parse_blend(items, flag)[0]))
         except ValueError as e:
             problems.append(str(e))
-            prefixes = []
-        if check_files:
-            for prefix in prefixes:
-                missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
-                if missing:
-                    problems.append(f"--data-path: {' and '.join(prefix + ext for ext in missing)} not found "
-                                    f"(run tools/preprocess_data.py to create it)")
-    try:
-        parse_split(d.split)
-    except ValueError as e:
-        problems.append(str(e))
+    split, shares = None, None
+    if not per_split:  # Megatron-LM ignores --split when each split has its own blend
+        try:
+            shares = parse_split(d.split)
+            split = ",".join(str(x) for x in shares)
+        except ValueError as e:
+            problems.append(str(e))
+    if t.eval_interval > 0 and t.eval_iters > 0 and not d.mock_data:
+        asks = f"--eval-interval {t.eval_interval} with --eval-iters {t.eval_iters} asks for validation"
+        if per_split and not d.valid_data_path and not d.data_path:
+            problems.append(f"{asks}, but there is no --valid-data-path; give one or set --eval-interval 0")
+        elif d.data_path and shares is not None and shares[1] == 0:
+            problems.append(f"{asks}, but --split {d.split} gives the validation split no data; give it "
+                            "a share (e.g. --split 969,30,1) or set --eval-interval 0")
+    if check_files and not d.mock_data:
+        from megatron_rpt.data.validate import check_prefix, check_split_documents
+        for flag, prefixes in parsed:
+            for i, prefix in enumerate(prefixes):
+                where = prefix_position(flag, i, len(prefixes))
+                found = check_prefix(prefix, where)
+                problems.extend(found)
+                if not found and flag == "--data-path" and split is not None:
+                    problems.extend(check_split_documents(prefix, where, split, f"--split {d.split}"))
+        if d.data_cache_path is not None:
+            problems.extend(_check_writable_dir(d.data_cache_path, "--data-cache-path"))
     if d.tokenizer_type is None and not d.mock_data:
         problems.append("--tokenizer-type is required")
     if d.tokenizer_type is None and d.mock_data and cfg.model.vocab_size is None:
@@ -263,3 +331,17 @@ def _check_data(cfg: RunConfig, check_files: bool) -> list[str]:
             if path is not None and not os.path.exists(path):
                 problems.append(f"{flag}: {path} not found")
     return problems
+
+
+def _check_writable_dir(path: str, flag: str) -> list[str]:
+    """`path` is (or can be created as) a folder this process may write to."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            return [f"{flag}: {path} exists and is not a folder"]
+        return [] if os.access(path, os.W_OK | os.X_OK) else [f"{flag}: {path} is not writable"]
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        return [f"{flag}: cannot create {path} ({parent} is not a writable folder)"]
+    return []

@@ -1,6 +1,9 @@
 """Training datasets: Megatron-Core GPT dataset builders + a resumable micro-batch iterator.
 
-Datasets come from `BlendedMegatronDatasetBuilder` (weighted blends, `--split`, index caches).
+Datasets come from `BlendedMegatronDatasetBuilder`: one blend divided by `--split`, or one blend
+per split (`--train/valid/test-data-path`, Megatron's `blend_per_split`), index caches in
+`--data-cache-path`. Before building, the token ids are checked against the tokenizer
+(`data.validate`, a bounded sample, on rank 0 only).
 Every rank indexes the memory-mapped dataset itself (no broadcast): indices are a pure function
 of (consumed samples, data-parallel rank), which is what makes resumption exact.
 """
@@ -15,7 +18,8 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from megatron_rpt.config.schema import RunConfig
-from megatron_rpt.config.validation import parse_blend, parse_split
+from megatron_rpt.config.validation import ConfigError, data_prefixes, parse_blend, parse_split
+from megatron_rpt.data.validate import check_token_ids_all
 
 
 @dataclass
@@ -34,13 +38,23 @@ def split_sample_counts(cfg: RunConfig) -> list[int]:
 
 
 def gpt_dataset_config(cfg: RunConfig, tokenizer, *, create_attention_mask: bool) -> GPTDatasetConfig:
+    """Megatron's config: `blend` + `split` for --data-path, else `blend_per_split` (split None:
+    Megatron-Core rejects both); neither for --mock-data."""
     d = cfg.data
-    blend = None if d.mock_data else parse_blend(d.data_path)
-    split = ",".join(str(x) for x in parse_split(d.split))
+    blend = blend_per_split = None
+    split: Optional[str] = ",".join(str(x) for x in parse_split(d.split))
+    if d.data_path and not d.mock_data:
+        blend = parse_blend(d.data_path)
+    elif not d.mock_data:
+        blend_per_split = [parse_blend(items, flag) if items else None for flag, items in
+                           (("--train-data-path", d.train_data_path), ("--valid-data-path", d.valid_data_path),
+                            ("--test-data-path", d.test_data_path))]
+        split = None
     return GPTDatasetConfig(
         random_seed=cfg.training.seed,
         sequence_length=cfg.model.seq_length,
         blend=blend,
+        blend_per_split=blend_per_split,
         split=split,
         path_to_cache=d.data_cache_path,
         tokenizer=tokenizer,
@@ -51,13 +65,53 @@ def gpt_dataset_config(cfg: RunConfig, tokenizer, *, create_attention_mask: bool
     )
 
 
-def build_datasets(cfg: RunConfig, tokenizer, *, create_attention_mask: bool = True) -> SplitDatasets:
-    """Train/valid/test GPT datasets (mock ones with --mock-data)."""
+def _on_rank_0(check) -> list[str]:
+    """Run `check()` on global rank 0 only and give every rank its answer, so that all ranks raise
+    together (and a shared file system is read once, not once per rank)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return check()
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = check()
+        except Exception as e:  # noqa: BLE001 - other ranks wait in the broadcast: answer them
+            box[0] = [f"checking the data failed: {type(e).__name__}: {e}"]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def build_datasets(cfg: RunConfig, tokenizer, *, create_attention_mask: bool = True,
+                   check_tokens: bool = True) -> SplitDatasets:
+    """Train/valid/test GPT datasets (mock ones with --mock-data); a split without data is None.
+
+    With `check_tokens`, a sample of every prefix is first checked for ids outside the
+    tokenizer's vocabulary (`ConfigError` naming the prefix, the id and the vocabulary size).
+    """
+    if check_tokens and not cfg.data.mock_data:
+        prefixes = data_prefixes(cfg.data)
+        problems = _on_rank_0(lambda: check_token_ids_all(prefixes, tokenizer.vocab_size))
+        if problems:
+            raise ConfigError(problems)
     config = gpt_dataset_config(cfg, tokenizer, create_attention_mask=create_attention_mask)
     cls = MockGPTDataset if cfg.data.mock_data else GPTDataset
     train, valid, test = BlendedMegatronDatasetBuilder(
         cls, split_sample_counts(cfg), lambda: True, config).build()
     return SplitDatasets(train, valid, test)
+
+
+def require_validation_set(cfg: RunConfig, datasets: SplitDatasets) -> None:
+    """`ConfigError` naming the flags when evaluation is asked for but there is no validation data."""
+    t, d = cfg.training, cfg.data
+    if not (t.eval_interval > 0 and t.eval_iters > 0):
+        return
+    if datasets.valid is not None and len(datasets.valid) > 0:
+        return
+    why = ("no --valid-data-path was given" if d.train_data_path and not d.data_path
+           else f"--split {d.split} gives the validation split no data")
+    raise ConfigError([f"--eval-interval {t.eval_interval} with --eval-iters {t.eval_iters} asks for "
+                       f"validation, but there is no validation set ({why}); set --eval-interval 0 "
+                       "to train without validation"])
 
 
 class MicroBatchIterator(Iterator[dict]):
@@ -72,7 +126,7 @@ class MicroBatchIterator(Iterator[dict]):
     def __init__(self, dataset, micro_batch_size: int, dp_rank: int, dp_size: int,
                  consumed_samples: int = 0, cyclic: bool = False):
         if dataset is None:
-            raise ValueError("no dataset for this split (check --split)")
+            raise ValueError("no dataset for this split (check --split or --train/valid/test-data-path)")
         self.dataset = dataset
         self.micro_batch_size = micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size

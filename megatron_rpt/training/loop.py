@@ -67,7 +67,7 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
     from megatron.core import parallel_state
 
     from megatron_rpt import distributed as dist
-    from megatron_rpt.data.datasets import MicroBatchIterator, build_datasets
+    from megatron_rpt.data.datasets import MicroBatchIterator, build_datasets, require_validation_set
     from megatron_rpt.loss import get_loss_function
     from megatron_rpt.models.flops import count_parameters, peak_tflops_for_device, training_flops_per_token
     from megatron_rpt.models.gpt import (build_model_chunks, num_virtual_stages, padded_vocab_size,
@@ -130,6 +130,8 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
             dist.print_rank_0(f"> no checkpoint in {cfg.checkpoint.load}; starting from scratch")
 
     datasets = build_datasets(cfg, tokenizer, create_attention_mask=not platform.transformer_engine)
+    # Evaluation asked for without validation data is an error, not a silent skip.
+    require_validation_set(cfg, datasets)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp = parallel_state.get_data_parallel_world_size()
     n_chunks = len(state.model)
@@ -164,8 +166,6 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
 
     def run_eval(iteration: int) -> None:
         nonlocal consumed_valid
-        if datasets.valid is None or len(datasets.valid) == 0:
-            return
         iters = [MicroBatchIterator(datasets.valid, t.micro_batch_size, dp_rank, dp, consumed_valid, cyclic=True)
                  for _ in range(n_chunks)]
         loss, tokens, stats = evaluate(state, iters, forward_step, eval_iters=t.eval_iters, **step_kwargs)

@@ -127,8 +127,9 @@ def test_blend_and_split_parsing():
     assert parse_blend(["x"]) == (["x"], None)
     with pytest.raises(ValueError, match="weight/prefix pairs"):
         parse_blend(["0.5", "a", "b"])
+    assert parse_blend(["a", "b"]) == (["a", "b"], None)  # Megatron-LM: unweighted, blended by size
     with pytest.raises(ValueError, match="'a' is not a weight"):
-        parse_blend(["a", "b"])
+        parse_blend(["a", "0.5"])
     with pytest.raises(ValueError, match="negative weight"):
         parse_blend(["-1", "a", "1", "b"])
     assert parse_split("969,30,1") == [969.0, 30.0, 1.0]
@@ -159,3 +160,11 @@ def test_loss_flags():
     assert any("--loss-function 'focal' is unknown; known: cross_entropy, generalized" in x for x in p)
     p = problems(["--model-preset", "tiny", "--loss-lambda-high", "inf"] + BASE)
     assert any("--loss-lambda-high must be a finite number" in x for x in p)
+
+
+def test_data_flags_parse():
+    cfg = parse_args(["--train-data-path", "0.3", "a", "0.7", "b", "--valid-data-path", "c", "--test-data-path",
+                      "d", "e", "--data-cache-path", "cache", "--split", "1"] + BASE)
+    d = cfg.data
+    assert (d.data_path, d.train_data_path, d.valid_data_path, d.test_data_path, d.data_cache_path, d.split) == (
+        [], ["0.3", "a", "0.7", "b"], ["c"], ["d", "e"], "cache", "1")

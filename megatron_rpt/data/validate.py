@@ -1,0 +1,179 @@
+"""Checks of .bin/.idx prefixes before Megatron-Core builds datasets from them.
+
+Megatron-Core fails late and obscurely on bad data: an assertion deep in the reader for a missing
+or foreign .idx, silent garbage for a truncated .bin, an endless loop in `GPTDataset` for a split
+that holds no documents, and a CUDA index error (or silently wrong training on CPU) for token ids
+beyond the tokenizer's vocabulary. Each check here returns one message per problem, naming
+the flag and position (`where`), the file, and what to do; callers gather them into one
+`ConfigError`. The .idx header is read with Megatron-Core's own `_IndexReader`.
+
+Cost: `check_prefix` and `check_split_documents` read the .idx header and O(1) entries of it;
+`check_token_ids` reads a bounded sample of the .bin (`sample_tokens` per prefix, spread over
+`windows` windows that include the first and the last tokens), never the whole file.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+from typing import Optional, Sequence
+
+import numpy as np
+
+# Tokens scanned per prefix by check_token_ids: 8 windows of 1 Mi tokens (16 MiB of uint16).
+SAMPLE_TOKENS = 8 * 2 ** 20
+SAMPLE_WINDOWS = 8
+SPLIT_NAMES = ("train", "validation", "test")
+_REMEDY = "recreate the pair with tools/preprocess_data.py"
+
+
+class _Index:
+    """What the checks need from one prefix's .idx (read by Megatron-Core's `_IndexReader`)."""
+
+    def __init__(self, prefix: str):
+        with warnings.catch_warnings():
+            # megatron.core's package __init__ warns about missing Apex/TE: irrelevant here.
+            warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed",
+                                    category=UserWarning)
+            from megatron.core.datasets.indexed_dataset import _IndexReader
+        reader = _IndexReader(prefix + ".idx", False)
+        self.dtype = np.dtype(reader.dtype)
+        self.sequences = len(reader)
+        self.documents = max(len(reader.document_indices) - 1, 0)
+        # Pointers are byte offsets of each sequence in the .bin, written contiguously from 0.
+        self.pointers = np.asarray(reader.sequence_pointers)
+        self.lengths = np.asarray(reader.sequence_lengths)
+        self.document_indices = np.asarray(reader.document_indices)
+        self.bin_bytes = (int(self.pointers[-1]) + int(self.lengths[-1]) * self.dtype.itemsize
+                          if self.sequences else 0)
+        self.tokens = self.bin_bytes // self.dtype.itemsize
+        self._reader = reader  # keeps the .idx memory map the arrays above view alive
+
+    def tokens_in(self, begin: int, end: int) -> int:
+        """Tokens of sequences [begin, end), from two pointers (no pass over the lengths)."""
+        if end <= begin:
+            return 0
+        last = int(self.pointers[end - 1]) + int(self.lengths[end - 1]) * self.dtype.itemsize
+        return (last - int(self.pointers[begin])) // self.dtype.itemsize
+
+    def document_of(self, token: int) -> int:
+        """The document holding the token at position `token` of the .bin."""
+        sequence = int(np.searchsorted(self.pointers, token * self.dtype.itemsize, side="right")) - 1
+        return int(np.searchsorted(self.document_indices, sequence, side="right")) - 1
+
+
+def _open(prefix: str, where: str) -> tuple[Optional[_Index], list[str]]:
+    missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+    if missing:
+        return None, [f"{where}: {' and '.join(missing)} not found (run tools/preprocess_data.py "
+                      "to create it)"]
+    try:
+        index = _Index(prefix)
+    except (AssertionError, ValueError, IndexError, struct.error, OSError) as e:
+        # A wrong header or version (assertion), or an .idx shorter than its header says.
+        return None, [f"{where}: {prefix}.idx is not a readable Megatron index file "
+                      f"({type(e).__name__}: {e}); {_REMEDY}"]
+    return index, []
+
+
+def check_prefix(prefix: str, where: str) -> list[str]:
+    """Both files exist, the .idx is readable, the .bin has exactly the bytes the .idx describes,
+    and the prefix holds tokens."""
+    index, problems = _open(prefix, where)
+    if index is None:
+        return problems
+    size = os.path.getsize(prefix + ".bin")
+    if size != index.bin_bytes:
+        what = ("is truncated" if size < index.bin_bytes
+                else "is longer than its index (the two files come from different runs)")
+        return [f"{where}: {prefix}.bin has {size} bytes but {prefix}.idx describes {index.bin_bytes} "
+                f"({index.tokens} {index.dtype.name} tokens in {index.documents} documents): the .bin "
+                f"{what}; {_REMEDY}"]
+    if index.tokens == 0:
+        return [f"{where}: {prefix} holds no tokens ({index.documents} documents); {_REMEDY} "
+                "from a non-empty input or drop it from the blend"]
+    return []
+
+
+def check_split_documents(prefix: str, where: str, split: str, label: Optional[str] = None) -> list[str]:
+    """Every split that `split` (e.g. "969,30,1") gives a share must get tokens of this prefix;
+    `label` is how messages name the setting (default "--split SPLIT").
+
+    Megatron-Core cuts each prefix at round(share x sequences) and builds every split with a
+    share; a share that rounds to no tokens makes `GPTDataset` loop forever counting epochs.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+    index, problems = _open(prefix, where)
+    if index is None:
+        return problems
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    out = []
+    for name, bounds in zip(SPLIT_NAMES, matrix):
+        if bounds is None:
+            continue
+        # The same arithmetic as BlendedMegatronDatasetBuilder._build_megatron_dataset_splits.
+        begin = int(round(bounds[0] * float(index.sequences)))
+        end = int(round(bounds[1] * float(index.sequences)))
+        if index.tokens_in(begin, end) == 0:
+            out.append(f"{where}: {label or '--split ' + split} gives the {name} split {bounds[1] - bounds[0]:.3g} "
+                       f"of {prefix}'s {index.sequences} documents, which rounds to none (Megatron-Core "
+                       f"would loop forever building it); give the {name} split a larger share or 0, "
+                       "or use more data")
+    return out
+
+
+def sample_windows(n: int, sample_tokens: int = SAMPLE_TOKENS, windows: int = SAMPLE_WINDOWS
+                   ) -> list[tuple[int, int]]:
+    """[start, stop) token ranges to scan: all of a small file, else `windows` equal windows
+    spread evenly from the first token to the last."""
+    if n <= sample_tokens:
+        return [(0, n)] if n else []
+    width = max(sample_tokens // windows, 1)
+    starts = np.linspace(0, n - width, windows).astype(np.int64)
+    return [(int(s), int(s) + width) for s in starts]
+
+
+def check_token_ids(prefix: str, where: str, vocab_size: int, *, sample_tokens: int = SAMPLE_TOKENS,
+                    windows: int = SAMPLE_WINDOWS) -> list[str]:
+    """Every sampled token id is in [0, vocab_size), the tokenizer's own (unpadded) vocabulary.
+
+    A bounded sample (see `sample_windows`) rather than the whole file: a prefix is written by
+    one tokenizer, so a wrong tokenizer shows in any large sample, and a terabyte is not read.
+    """
+    index, problems = _open(prefix, where)
+    if index is None:
+        return problems
+    n = min(index.tokens, os.path.getsize(prefix + ".bin") // index.dtype.itemsize)
+    if n == 0:
+        return []
+    data = np.memmap(prefix + ".bin", dtype=index.dtype, mode="r", shape=(n,))
+    # The largest id >= vocab_size (else the smallest < 0, possible in int32 data) and where it is.
+    scanned, worst, worst_at = 0, None, -1
+    for start, stop in sample_windows(n, sample_tokens, windows):
+        chunk = np.asarray(data[start:stop])
+        scanned += len(chunk)
+        hi, lo = int(chunk.max()), int(chunk.min())
+        if hi >= vocab_size and (worst is None or worst < 0 or hi > worst):
+            worst, worst_at = hi, start + int(np.argmax(chunk == hi))
+        elif lo < 0 and worst is None:
+            worst, worst_at = lo, start + int(np.argmax(chunk == lo))
+    del data
+    if worst is None:
+        return []
+    return [f"{where}: {prefix}.bin holds token id {worst} (token {worst_at}, document "
+            f"{index.document_of(worst_at)}) but the tokenizer's vocabulary size is {vocab_size} "
+            f"(ids 0..{vocab_size - 1}): the data was tokenized with another tokenizer; pass the one "
+            "it was preprocessed with (--tokenizer-type/--tokenizer-model, or --vocab-size for "
+            f"NullTokenizer) or re-run tools/preprocess_data.py (scanned {scanned} of {n} tokens)"]
+
+
+def check_token_ids_all(prefixes: Sequence[tuple[str, str]], vocab_size: int, **kwargs) -> list[str]:
+    """`check_token_ids` for (where, prefix) pairs, each distinct prefix scanned once."""
+    seen, out = set(), []
+    for where, prefix in prefixes:
+        if prefix not in seen:
+            seen.add(prefix)
+            out.extend(check_token_ids(prefix, where, vocab_size, **kwargs))
+    return out
