@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from megatron_rpt.data.tokenizers import TOKENIZER_TYPES
+
 
 def arg(default: Any = dataclasses.MISSING, *, flag: str | None = None, help: str = "",
         choices: tuple | None = None, nargs: str | None = None, negative: str | None = None,
@@ -35,8 +37,8 @@ class ModelConfig:
     kv_channels: Optional[int] = arg(None, help="Head dimension (default hidden/heads).")
     seq_length: Optional[int] = arg(None, help="Training sequence length.")
     max_position_embeddings: Optional[int] = arg(None, help="Maximum positions (default seq length).")
-    vocab_size: Optional[int] = arg(None, help="Vocabulary size of the NullTokenizer (the model always uses "
-                                     "the tokenizer's vocabulary, padded).")
+    vocab_size: Optional[int] = arg(None, help="Vocabulary size of the NullTokenizer, or the TikTokenizer's "
+                                     "(default all its ranks); the model always uses the tokenizer's, padded.")
     make_vocab_size_divisible_by: int = arg(128, help="Pad the vocabulary to a multiple of this "
                                             "times the tensor-parallel size.")
     rotary_base: float = arg(10000.0, help="RoPE base (theta).")
@@ -135,12 +137,16 @@ class DataConfig:
                                          "later runs (default, as in Megatron-Core: PREFIX/cache/"
                                          "GPTDataset_indices, and blend indices are not cached).")
     mock_data: bool = arg(False, help="Random tokens instead of a dataset (smoke tests).")
-    tokenizer_type: Optional[str] = arg(None, choices=("SentencePieceTokenizer", "HuggingFaceTokenizer",
-                                                       "GPT2BPETokenizer", "NullTokenizer"),
-                                        help="Tokenizer kind.")
+    tokenizer_type: Optional[str] = arg(None, choices=TOKENIZER_TYPES, help="Tokenizer kind.")
     tokenizer_model: Optional[str] = arg(None, help="Tokenizer model file or folder.")
     vocab_file: Optional[str] = arg(None, help="Vocabulary file (GPT2BPETokenizer).")
     merge_file: Optional[str] = arg(None, help="BPE merges file (GPT2BPETokenizer).")
+    tiktoken_pattern: str = arg("v2", choices=("v1", "v2"), help="TikTokenizer split pattern (Megatron-LM's).")
+    tiktoken_num_special_tokens: int = arg(1000, help="TikTokenizer: ids reserved for special tokens before the "
+                                           "BPE ranks.")
+    tiktoken_special_tokens: list = arg(None, nargs="*", default_factory=list,
+                                        help="TikTokenizer special tokens (must include Megatron-LM's <unk> <s> </s> "
+                                        "<mask> <pad> <cls> <sep>; default exactly those).")
     reset_position_ids: bool = arg(False, help="Reset position ids at document ends.")
     reset_attention_mask: bool = arg(False, help="Reset the attention mask at document ends.")
     eod_mask_loss: bool = arg(False, help="Mask the loss at end-of-document tokens.")

@@ -319,7 +319,8 @@ def _check_data(cfg: RunConfig, check_files: bool) -> list[str]:
         problems.append("--tokenizer-type is required")
     if d.tokenizer_type is None and d.mock_data and cfg.model.vocab_size is None:
         problems.append("--mock-data without --tokenizer-type needs --vocab-size")
-    if d.tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer") and d.tokenizer_model is None:
+    if d.tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer", "TikTokenizer") and \
+            d.tokenizer_model is None:
         problems.append(f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
     if d.tokenizer_type == "GPT2BPETokenizer" and (d.vocab_file is None or d.merge_file is None):
         problems.append("--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")

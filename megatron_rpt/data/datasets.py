@@ -88,16 +88,26 @@ def build_datasets(cfg: RunConfig, tokenizer, *, create_attention_mask: bool = T
     With `check_tokens`, a sample of every prefix is first checked for ids outside the
     tokenizer's vocabulary (`ConfigError` naming the prefix, the id and the vocabulary size).
     """
-    if check_tokens and not cfg.data.mock_data:
-        prefixes = data_prefixes(cfg.data)
-        problems = _on_rank_0(lambda: check_token_ids_all(prefixes, tokenizer.vocab_size))
-        if problems:
-            raise ConfigError(problems)
+    if check_tokens:
+        check_data_vocabulary(cfg, tokenizer)
     config = gpt_dataset_config(cfg, tokenizer, create_attention_mask=create_attention_mask)
     cls = MockGPTDataset if cfg.data.mock_data else GPTDataset
     train, valid, test = BlendedMegatronDatasetBuilder(
         cls, split_sample_counts(cfg), lambda: True, config).build()
     return SplitDatasets(train, valid, test)
+
+
+def check_data_vocabulary(cfg: RunConfig, tokenizer) -> None:
+    """`ConfigError` (on every rank) when a sample of the data holds ids outside the tokenizer's vocabulary.
+
+    Rank 0 reads the sample; the verdict is broadcast so all ranks fail together.
+    """
+    if cfg.data.mock_data:
+        return
+    prefixes = data_prefixes(cfg.data)
+    problems = _on_rank_0(lambda: check_token_ids_all(prefixes, tokenizer.vocab_size))
+    if problems:
+        raise ConfigError(problems)
 
 
 def require_validation_set(cfg: RunConfig, datasets: SplitDatasets) -> None:

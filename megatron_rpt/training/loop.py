@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -56,8 +55,10 @@ def _build_tokenizer(cfg: RunConfig):
     from megatron_rpt.data.tokenizers import build_tokenizer
     d = cfg.data
     kind = d.tokenizer_type or "NullTokenizer"
+    tiktoken = dict(tiktoken_pattern=d.tiktoken_pattern, tiktoken_num_special_tokens=d.tiktoken_num_special_tokens,
+                    tiktoken_special_tokens=d.tiktoken_special_tokens or None) if kind == "TikTokenizer" else {}
     return build_tokenizer(kind, tokenizer_model=d.tokenizer_model, vocab_file=d.vocab_file,
-                           merge_file=d.merge_file, vocab_size=cfg.model.vocab_size)
+                           merge_file=d.merge_file, vocab_size=cfg.model.vocab_size, **tiktoken)
 
 
 def pretrain(cfg: RunConfig) -> PretrainResult:
@@ -67,7 +68,8 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
     from megatron.core import parallel_state
 
     from megatron_rpt import distributed as dist
-    from megatron_rpt.data.datasets import MicroBatchIterator, build_datasets, require_validation_set
+    from megatron_rpt.data.datasets import (MicroBatchIterator, build_datasets, check_data_vocabulary,
+                                            require_validation_set)
     from megatron_rpt.loss import get_loss_function
     from megatron_rpt.models.flops import count_parameters, peak_tflops_for_device, training_flops_per_token
     from megatron_rpt.models.gpt import (build_model_chunks, num_virtual_stages, padded_vocab_size,
@@ -98,6 +100,8 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
     # As in Megatron-LM the model's vocabulary is the tokenizer's, padded; --vocab-size only sizes
     # the NullTokenizer.
     tokenizer = _build_tokenizer(cfg)
+    # Data written with another tokenizer fails here, before the model is built or loaded.
+    check_data_vocabulary(cfg, tokenizer)
     vocab = padded_vocab_size(tokenizer.vocab_size, m.make_vocab_size_divisible_by, p.tensor_model_parallel_size)
     config = transformer_config(cfg, platform)
     chunks = build_model_chunks(cfg, platform, vocab, device, config)
@@ -129,7 +133,8 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
         else:
             dist.print_rank_0(f"> no checkpoint in {cfg.checkpoint.load}; starting from scratch")
 
-    datasets = build_datasets(cfg, tokenizer, create_attention_mask=not platform.transformer_engine)
+    datasets = build_datasets(cfg, tokenizer, create_attention_mask=not platform.transformer_engine,
+                              check_tokens=False)
     # Evaluation asked for without validation data is an error, not a silent skip.
     require_validation_set(cfg, datasets)
     dp_rank = parallel_state.get_data_parallel_rank()

