@@ -13,7 +13,6 @@ import os
 import sys
 import time
 
-from megatron_rpt.platform import quiet_optional_backend_warnings
 
 
 def find_prefixes(folder: str) -> list[str]:
@@ -38,7 +37,6 @@ def main(argv=None) -> int:
     src.add_argument("--datasets", nargs="+", help="prefixes to merge, in this order")
     ap.add_argument("--output-prefix", required=True, help="writes OUTPUT_PREFIX.bin and OUTPUT_PREFIX.idx")
     args = ap.parse_args(argv)
-    quiet_optional_backend_warnings()
     from megatron_rpt.data.indexed import merge_datasets
     t0 = time.perf_counter()
     try:

@@ -38,16 +38,21 @@ def token_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size < 65500 else np.int32
 
 
-def open_index(prefix: str):
-    """Megatron-Core's reader of `prefix.idx` (memory-mapped); clear errors for a missing or corrupt pair."""
+def open_index(prefix: str, where: str = "input"):
+    """Megatron-Core's reader of `prefix.idx` (memory-mapped), after `data.validate.check_prefix`:
+    FileNotFoundError for a missing file, ValueError for an unreadable .idx or a .bin whose size
+    does not match it (truncated, or from another run)."""
+    from megatron_rpt.data.validate import check_prefix
+    from megatron_rpt.platform import quiet_optional_backend_warnings
+    quiet_optional_backend_warnings()
     from megatron.core.datasets.indexed_dataset import IndexedDataset
     for ext in (".bin", ".idx"):
         if not os.path.isfile(prefix + ext):
-            raise FileNotFoundError(f"{prefix}{ext} not found")
-    try:
-        return IndexedDataset(prefix, mmap=True).index
-    except Exception as e:  # noqa: BLE001 - the reader asserts / struct errors on garbage
-        raise ValueError(f"{prefix}.idx is not a readable Megatron index ({type(e).__name__}: {e})") from None
+            raise FileNotFoundError(f"{where}: {prefix}{ext} not found")
+    problems = check_prefix(prefix, where, allow_empty=True)
+    if problems:
+        raise ValueError(problems[0])
+    return IndexedDataset(prefix, mmap=True).index
 
 
 class IndexedWriter:
@@ -105,21 +110,17 @@ class IndexedWriter:
     def append_dataset(self, prefix: str) -> None:
         """Append a whole existing .bin/.idx pair (merging): streamed in blocks, constant memory.
 
-        Raises ValueError naming the prefix for a dtype different from this writer's or a .bin
-        whose size does not match its .idx.
+        Raises ValueError naming the prefix for a dtype different from this writer's, and the
+        errors of `open_index`.
         """
-        index = open_index(prefix)
+        index = open_index(prefix, "merge input")
         if index.dtype != self.dtype:
             raise ValueError(f"{prefix}: token dtype {np.dtype(index.dtype).name} differs from "
                              f"{np.dtype(self.dtype).name} of the datasets before it (different tokenizers?)")
         if index.sequence_modes is not None:
             raise ValueError(f"{prefix}: multimodal indexed datasets (sequence modes) cannot be merged")
         lengths, docs = index.sequence_lengths, index.document_indices
-        expected = int(lengths.sum(dtype=np.int64)) * np.dtype(self.dtype).itemsize
-        actual = os.path.getsize(prefix + ".bin")
-        if actual != expected:
-            raise ValueError(f"{prefix}.bin has {actual} bytes but its .idx describes {expected}: truncated or "
-                             "mismatched pair")
+        tokens = int(lengths.sum(dtype=np.int64))
         with open(prefix + ".bin", "rb") as src:
             shutil.copyfileobj(src, self._bin, 16 << 20)
         for start in range(0, len(lengths), _BLOCK):
@@ -128,7 +129,7 @@ class IndexedWriter:
             self._docs.write((np.asarray(docs[start:start + _BLOCK], dtype=np.int64) + self.sequences).tobytes())
         self.documents += len(docs) - 1
         self.sequences += len(lengths)
-        self.tokens += expected // np.dtype(self.dtype).itemsize
+        self.tokens += tokens
 
     def finalize(self) -> tuple[str, str]:
         """Write the .idx, then rename both files into place; returns (bin_path, idx_path)."""
@@ -191,7 +192,7 @@ def merge_datasets(prefixes: Sequence[str], output_prefix: str) -> IndexedWriter
         raise ValueError("nothing to merge")
     if os.path.abspath(output_prefix) in {os.path.abspath(p) for p in prefixes}:
         raise ValueError(f"--output-prefix {output_prefix} is also an input")
-    indices = [open_index(p) for p in prefixes]  # all readable before anything is written
+    indices = [open_index(p, f"merge input {i + 1}") for i, p in enumerate(prefixes)]  # all checked before writing
     writer = IndexedWriter(output_prefix, dtype=indices[0].dtype)
     try:
         for prefix in prefixes:

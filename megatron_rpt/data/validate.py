@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import struct
-import warnings
 from typing import Optional, Sequence
 
 import numpy as np
@@ -32,11 +31,9 @@ class _Index:
     """What the checks need from one prefix's .idx (read by Megatron-Core's `_IndexReader`)."""
 
     def __init__(self, prefix: str):
-        with warnings.catch_warnings():
-            # megatron.core's package __init__ warns about missing Apex/TE: irrelevant here.
-            warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed",
-                                    category=UserWarning)
-            from megatron.core.datasets.indexed_dataset import _IndexReader
+        from megatron_rpt.platform import quiet_optional_backend_warnings
+        quiet_optional_backend_warnings()
+        from megatron.core.datasets.indexed_dataset import _IndexReader
         reader = _IndexReader(prefix + ".idx", False)
         self.dtype = np.dtype(reader.dtype)
         self.sequences = len(reader)
@@ -77,9 +74,9 @@ def _open(prefix: str, where: str) -> tuple[Optional[_Index], list[str]]:
     return index, []
 
 
-def check_prefix(prefix: str, where: str) -> list[str]:
+def check_prefix(prefix: str, where: str, allow_empty: bool = False) -> list[str]:
     """Both files exist, the .idx is readable, the .bin has exactly the bytes the .idx describes,
-    and the prefix holds tokens."""
+    and (unless `allow_empty`) the prefix holds tokens."""
     index, problems = _open(prefix, where)
     if index is None:
         return problems
@@ -90,7 +87,7 @@ def check_prefix(prefix: str, where: str) -> list[str]:
         return [f"{where}: {prefix}.bin has {size} bytes but {prefix}.idx describes {index.bin_bytes} "
                 f"({index.tokens} {index.dtype.name} tokens in {index.documents} documents): the .bin "
                 f"{what}; {_REMEDY}"]
-    if index.tokens == 0:
+    if index.tokens == 0 and not allow_empty:
         return [f"{where}: {prefix} holds no tokens ({index.documents} documents); {_REMEDY} "
                 "from a non-empty input or drop it from the blend"]
     return []

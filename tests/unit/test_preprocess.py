@@ -223,13 +223,14 @@ def test_merge_errors(tmp_path, spm):
     garbage = tmp_path / "g"
     (tmp_path / "g.bin").write_bytes(b"\0" * 8)
     (tmp_path / "g.idx").write_bytes(b"not an index at all")
-    with pytest.raises(ValueError, match="g.idx is not a readable Megatron index"):
+    with pytest.raises(ValueError, match="merge input 2: .*g.idx is not a readable Megatron index"):
         merge_datasets([a, str(garbage)], str(tmp_path / "m"))
     trunc = tmp_path / "t_text_document"
     run([write_jsonl(tmp_path / "t.jsonl", DOCS[:10])], tmp_path / "t", spm)
     data = (tmp_path / "t_text_document.bin").read_bytes()
     (tmp_path / "t_text_document.bin").write_bytes(data[:-2])
-    with pytest.raises(ValueError, match="t_text_document.bin has .* bytes but its .idx describes"):
+    with pytest.raises(ValueError, match="merge input 2: .*t_text_document.bin has .* bytes but .*t_text_document.idx "
+                                         "describes .*: the .bin is truncated"):
         merge_datasets([a, str(trunc)], str(tmp_path / "m"))
     assert not list(tmp_path.glob("m.*")) and not list(tmp_path.glob("*.tmp"))
 
