@@ -49,6 +49,24 @@ class ModelConfig:
     init_method_std: float = arg(0.02, help="Std of the normal weight initialisation.")
     attention_dropout: float = arg(0.0, help="Attention dropout.")
     hidden_dropout: float = arg(0.0, help="Hidden dropout.")
+    # Mixture of experts (Megatron-LM flag names; every layer is an MoE layer when --num-experts is set).
+    num_experts: Optional[int] = arg(None, help="Routed experts per MoE layer (MoE when set).")
+    moe_ffn_hidden_size: Optional[int] = arg(None, help="FFN hidden size of each expert (default --ffn-hidden-size).")
+    moe_router_topk: int = arg(2, help="Experts each token is routed to.")
+    moe_router_score_function: str = arg("softmax", choices=("softmax", "sigmoid"),
+                                         help="Router score function (sigmoid for expert-bias balancing).")
+    moe_router_load_balancing_type: str = arg("aux_loss", choices=("aux_loss", "seq_aux_loss", "sinkhorn", "none"),
+                                              help="Load-balancing loss ('none' with expert-bias balancing).")
+    moe_aux_loss_coeff: float = arg(0.0, help="Weight of the load-balancing auxiliary loss.")
+    moe_z_loss_coeff: Optional[float] = arg(None, help="Weight of the router z-loss (off when unset).")
+    moe_router_enable_expert_bias: bool = arg(False, help="Auxiliary-loss-free balancing with a per-expert bias "
+                                              "(DeepSeek-V3; needs --moe-router-score-function sigmoid).")
+    moe_router_bias_update_rate: float = arg(1e-3, help="Expert-bias step per update (sign of the load error).")
+    moe_router_dtype: Optional[str] = arg(None, choices=("fp32", "fp64"),
+                                          help="Router computation dtype (default: the model's).")
+    moe_token_dispatcher_type: str = arg("alltoall", choices=("allgather", "alltoall"),
+                                         help="How tokens reach experts across expert-parallel ranks.")
+    moe_grouped_gemm: bool = arg(False, help="Grouped GEMM for the local experts (Transformer Engine, CUDA).")
 
 
 @dataclass
@@ -60,6 +78,9 @@ class ParallelConfig:
     num_layers_per_virtual_pipeline_stage: Optional[int] = arg(
         None, help="Layers per virtual pipeline stage (enables the interleaved schedule).")
     context_parallel_size: int = arg(1, help="Context-parallel size.")
+    expert_model_parallel_size: int = arg(1, help="Expert-parallel size (experts split over this many ranks).")
+    expert_tensor_parallel_size: Optional[int] = arg(None, help="Tensor-parallel size inside each expert "
+                                                     "(default: --tensor-model-parallel-size).")
     sequence_parallel: bool = arg(False, help="Sequence parallelism (needs TP > 1).")
     use_distributed_optimizer: bool = arg(False, help="Shard optimizer states over data parallel.")
     overlap_grad_reduce: bool = arg(False, help="Overlap the gradient reduce with backward.")

@@ -49,6 +49,45 @@ def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
                           * p.context_parallel_size)
 
 
+def _check_moe(cfg: RunConfig, world_size: int) -> list[str]:
+    """Expert parallelism and router flags (Megatron-Core would assert deep inside model building)."""
+    m, p = cfg.model, cfg.parallel
+    ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size
+    problems: list[str] = []
+    if ep < 1 or (etp is not None and etp < 1):
+        return [f"--expert-model-parallel-size ({ep}) and --expert-tensor-parallel-size ({etp}) must be >= 1"]
+    if not m.num_experts:
+        if m.num_experts is not None:
+            problems.append(f"--num-experts must be >= 1 (got {m.num_experts})")
+        if ep > 1 or (etp is not None and etp != p.tensor_model_parallel_size):
+            problems.append("--expert-model-parallel-size / --expert-tensor-parallel-size need --num-experts")
+        return problems
+    e, k = m.num_experts, m.moe_router_topk
+    etp = etp or p.tensor_model_parallel_size
+    if not 1 <= k <= e:
+        problems.append(f"--moe-router-topk {k} must be between 1 and --num-experts {e}")
+    if e % ep:
+        problems.append(f"--num-experts {e} is not divisible by --expert-model-parallel-size {ep}")
+    expert_mp = etp * ep * p.pipeline_model_parallel_size
+    if world_size % expert_mp:
+        problems.append(f"world size {world_size} is not divisible by --expert-tensor-parallel-size {etp} x "
+                        f"--expert-model-parallel-size {ep} x --pipeline-model-parallel-size "
+                        f"{p.pipeline_model_parallel_size} = {expert_mp}")
+    ffn = m.moe_ffn_hidden_size or m.ffn_hidden_size
+    if ffn is not None and ffn % etp:
+        problems.append(f"--moe-ffn-hidden-size {ffn} is not divisible by --expert-tensor-parallel-size {etp}")
+    if p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
+        problems.append("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel (Megatron-Core)")
+    if m.moe_router_enable_expert_bias and m.moe_router_score_function != "sigmoid":
+        problems.append("--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid")
+    if m.moe_router_load_balancing_type == "none" and m.moe_aux_loss_coeff > 0:
+        problems.append(f"--moe-aux-loss-coeff {m.moe_aux_loss_coeff} with --moe-router-load-balancing-type none: "
+                        "pick a load-balancing type or set the coefficient to 0")
+    if m.moe_router_bias_update_rate < 0 or m.moe_aux_loss_coeff < 0 or (m.moe_z_loss_coeff or 0) < 0:
+        problems.append("--moe-router-bias-update-rate, --moe-aux-loss-coeff and --moe-z-loss-coeff must be >= 0")
+    return problems
+
+
 def _check_loss(cfg: RunConfig) -> list[str]:
     from megatron_rpt.loss import loss_names   # the registry is the list of valid names
     lc, out = cfg.loss, []
@@ -184,6 +223,7 @@ def validate_config(cfg: RunConfig, world_size: int, *, check_files: bool = True
     if cfg.logging.log_interval < 1:
         problems.append(f"--log-interval must be >= 1 (got {cfg.logging.log_interval})")
     problems.extend(_check_loss(cfg))
+    problems.extend(_check_moe(cfg, world_size))
 
     problems.extend(_check_data(cfg, check_files))
     if problems:

@@ -87,14 +87,44 @@ def transformer_config(cfg: RunConfig, platform: Platform) -> TransformerConfig:
         recompute_method=t.recompute_method if t.recompute_granularity == "full" else None,
         recompute_num_layers=recompute_num_layers if t.recompute_granularity == "full" else None,
         deallocate_pipeline_outputs=True,
+        **moe_config(cfg),
+    )
+
+
+def moe_config(cfg: RunConfig) -> dict:
+    """TransformerConfig fields of the MoE flags (empty for a dense model)."""
+    m, p = cfg.model, cfg.parallel
+    if not m.num_experts:
+        return {}
+    return dict(
+        num_moe_experts=m.num_experts,
+        moe_ffn_hidden_size=m.moe_ffn_hidden_size or m.ffn_hidden_size,
+        moe_router_topk=m.moe_router_topk,
+        moe_router_score_function=m.moe_router_score_function,
+        moe_router_load_balancing_type=m.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+        moe_z_loss_coeff=m.moe_z_loss_coeff,
+        moe_router_enable_expert_bias=m.moe_router_enable_expert_bias,
+        moe_router_bias_update_rate=m.moe_router_bias_update_rate,
+        moe_router_dtype=m.moe_router_dtype,
+        moe_token_dispatcher_type=m.moe_token_dispatcher_type,
+        moe_grouped_gemm=m.moe_grouped_gemm,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        expert_tensor_parallel_size=p.expert_tensor_parallel_size or p.tensor_model_parallel_size,
     )
 
 
 def layer_spec(cfg: RunConfig, platform: Platform) -> ModuleSpec:
+    """Transformer Engine layers on CUDA with TE, Megatron-Core's local ones otherwise (dense or MoE)."""
+    m = cfg.model
+    moe = dict(num_experts=m.num_experts, moe_grouped_gemm=m.moe_grouped_gemm) if m.num_experts else {}
     if platform.transformer_engine:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.model.qk_layernorm)
-    return get_gpt_layer_local_spec(qk_layernorm=cfg.model.qk_layernorm, normalization="RMSNorm")
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=m.qk_layernorm, **moe)
+    if m.moe_grouped_gemm:
+        raise ValueError("--moe-grouped-gemm needs Transformer Engine on CUDA (this platform has none); "
+                         "drop the flag to use the sequential experts")
+    return get_gpt_layer_local_spec(qk_layernorm=m.qk_layernorm, normalization="RMSNorm", **moe)
 
 
 def build_model_chunks(cfg: RunConfig, platform: Platform, vocab_size: int, device: torch.device,

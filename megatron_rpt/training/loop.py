@@ -89,6 +89,8 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=vp, context_parallel_size=p.context_parallel_size,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        expert_tensor_parallel_size=p.expert_tensor_parallel_size,
         timeout_minutes=p.distributed_timeout_minutes)
     device = platform.device(env.local_rank)
     threads = platform.cpu_threads(env.local_world_size)
