@@ -119,7 +119,9 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
         f"{' VPP=' + str(vp) if vp else ''}\n"
         f"> model: {m.num_layers} layers, hidden {m.hidden_size}, heads {m.num_attention_heads}/"
         f"{m.num_query_groups}, vocab {vocab} (padded from {tokenizer.vocab_size}); parameters "
-        f"{params.total / 1e6:.2f}M ({params.non_embedding / 1e6:.2f}M non-embedding); "
+        f"{params.total / 1e6:.2f}M ({params.non_embedding / 1e6:.2f}M non-embedding"
+        + (f"; active {params.active / 1e6:.2f}M, {params.active_non_embedding / 1e6:.2f}M non-embedding"
+           if params.active != params.total else "") + "); "
         f"{flops_per_token / 1e9:.3f} GFLOP per trained token")
 
     result = PretrainResult(iteration=0, start_iteration=0)
