@@ -7,7 +7,7 @@ head dim 128; tiny / tiny-moe train on CPU.
 
 from __future__ import annotations
 
-_MOE = dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+_MOE = dict(untie_embeddings_and_output_weights=True, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
             moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_router_dtype="fp32",
             moe_router_bias_update_rate=1e-3)
 
@@ -19,7 +19,8 @@ PRESETS: dict[str, dict] = {
     "dense-1b": dict(num_layers=28, hidden_size=1536, ffn_hidden_size=4608, num_attention_heads=16,
                      num_query_groups=4, kv_channels=128, seq_length=4096,
                      max_position_embeddings=4096, rotary_base=10000.0),
-    # A small MoE that trains on CPU: 8 experts, top-2, expert-bias balancing (as the big ones).
+    # A small MoE that trains on CPU: 8 experts, top-2, expert-bias balancing, untied output layer
+    # (as the big ones, which are Qwen3-MoE style: ~9.8B total with a 152k vocabulary).
     "tiny-moe": dict(num_layers=4, hidden_size=128, ffn_hidden_size=384, num_attention_heads=4,
                      num_query_groups=2, kv_channels=32, seq_length=128, max_position_embeddings=128,
                      rotary_base=10000.0, **_MOE, num_experts=8, moe_ffn_hidden_size=64, moe_router_topk=2),
