@@ -140,8 +140,11 @@ def _state_dict(state, *, is_loading: bool, with_optimizer: bool, with_rng: bool
         for i, chunk in enumerate(chunks):
             sd[f"model{i}"] = chunk.sharded_state_dict()
     if with_optimizer:
+        # No "chained_N." prefix on tensor states: keys are parameter names only, so a checkpoint
+        # loads whether the parameters sit in one optimizer or in a dense + expert chain (EP changes).
         sd["optimizer"] = state.optimizer.sharded_state_dict(
-            sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": OPTIMIZER_SHARDING})
+            sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": OPTIMIZER_SHARDING,
+                                                 "chained_optim_avoid_prefix": True})
         sd["opt_param_scheduler"] = state.scheduler.state_dict()
     if with_rng:
         sd["rng_state"] = _rng_sharded_object(None if is_loading else _rng_state())
@@ -188,6 +191,67 @@ def save_checkpoint(root: str, iteration: int, state, cfg: RunConfig, *, consume
         os.replace(tracker_tmp, os.path.join(root, TRACKER))
     _barrier()
     return final
+
+
+def _same_structure(loaded, requested):
+    """The loaded optimizer state fitted to the structure this optimizer asked for.
+
+    Tensor states are matched by parameter name, so they follow the current layout. The common
+    (non-tensor) part is merged in as saved; when the number of chained optimizers changed (EP on
+    or off: Megatron-Core puts expert parameters in a second optimizer) it arrives under the saved
+    structure's keys and describes the saved grouping. Then only the tensor states are taken from
+    the checkpoint; param groups and the rest stay the current optimizer's (the scheduler sets
+    their learning rates) and the saved Adam step count is given to every optimizer of the chain.
+    """
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
+
+    changed = isinstance(loaded, dict) and isinstance(requested, dict) and set(loaded) != set(requested)
+
+    def current(want):
+        if isinstance(want, LocalNonpersistentObject):
+            return want.unwrap()
+        if isinstance(want, dict):
+            return {k: current(v) for k, v in want.items()}
+        if isinstance(want, list):
+            return [current(v) for v in want]
+        return want
+
+    def fit(got, want):
+        if isinstance(want, ShardedBase):
+            return got
+        if isinstance(want, dict):
+            out = dict(got) if isinstance(got, dict) and not changed else {}  # keep e.g. state["common_step"]
+            out.update({k: fit(got.get(k) if isinstance(got, dict) else None, v) for k, v in want.items()})
+            return out
+        if changed or got is None:
+            return current(want)
+        if isinstance(want, list) and isinstance(got, list) and len(got) == len(want):
+            return [fit(g, w) for g, w in zip(got, want)]
+        return got
+
+    def find_step(d):
+        # Megatron-Core saves one Adam step count per optimizer: state["common_step"].
+        if isinstance(d, dict):
+            if isinstance(d.get("state"), dict) and "common_step" in d["state"]:
+                return d["state"]["common_step"]
+            for v in d.values():
+                found = find_step(v)
+                if found is not None:
+                    return found
+        return None
+
+    def add_step(d, step):
+        if isinstance(d, dict):
+            if isinstance(d.get("state"), dict) and "param_groups" in d and "common_step" not in d["state"]:
+                d["state"]["common_step"] = step.clone() if torch.is_tensor(step) else step
+            for v in d.values():
+                add_step(v, step)
+
+    fitted = fit(loaded, requested)
+    step = find_step(loaded) if changed else None
+    if step is not None:  # every parameter took the same number of Adam steps
+        add_step(fitted, step)
+    return fitted
 
 
 def load_checkpoint(root: str, state, cfg: RunConfig, *, iteration: Optional[int] = None) -> Optional[LoadedCheckpoint]:
@@ -239,7 +303,7 @@ def load_checkpoint(root: str, state, cfg: RunConfig, *, iteration: Optional[int
         for i, chunk in enumerate(chunks):
             chunk.load_state_dict(loaded[f"model{i}"], strict=True)
     if load_optim:
-        state.optimizer.load_state_dict(loaded["optimizer"])
+        state.optimizer.load_state_dict(_same_structure(loaded["optimizer"], sd["optimizer"]))
         state.scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if load_rng:
         _set_rng_state(loaded["rng_state"])

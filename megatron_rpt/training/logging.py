@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from megatron_rpt.training.moe_metrics import format_moe
+
 
 def peak_memory_gib(device_type: str) -> Optional[float]:
     if device_type == "cuda":
@@ -103,6 +105,12 @@ class MetricsLogger:
             self.scalar("consumed-samples", consumed_samples, iteration)
             for name, value in (result.stats or {}).items():
                 self.scalar(f"distribution/{name}", value, iteration)
+            for name, value in (result.moe or {}).items():
+                if name == "tokens_per_expert":
+                    for layer, counts in value.items():
+                        self.writer.add_histogram(f"moe/tokens-per-expert/layer{layer:02d}", counts, iteration)
+                else:
+                    self.scalar(f"moe/{name}", value, iteration)
         if iteration % self.log_interval and iteration != self.train_iters:
             return None
         now = time.perf_counter()
@@ -118,6 +126,8 @@ class MetricsLogger:
             parts.append(f"grad norm: {result.grad_norm:.3f}")
         if result.stats:
             parts.append(_format_stats(result.stats))
+        if result.moe and format_moe(result.moe):
+            parts.append(format_moe(result.moe))
         if self.log_throughput:
             tp = self.throughput(elapsed)
             parts.append(f"tokens/s: {tp['tokens_per_s']:.0f}")

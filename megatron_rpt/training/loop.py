@@ -28,6 +28,7 @@ class PretrainResult:
     valid_losses: dict = field(default_factory=dict)   # iteration -> validation loss
     distribution: dict = field(default_factory=dict)   # iteration -> loss statistics (logged steps)
     valid_distribution: dict = field(default_factory=dict)
+    moe: dict = field(default_factory=dict)            # iteration -> router statistics (MoE, logged steps)
     saved: list = field(default_factory=list)          # checkpoint folders written
     resumed_from: Optional[str] = None
     exit_reason: str = "train_iters"
@@ -77,6 +78,7 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
     from megatron_rpt.training.checkpointing import load_checkpoint, save_checkpoint
     from megatron_rpt.training.logging import MetricsLogger
     from megatron_rpt.training.optimizer import setup_model_and_optimizer
+    from megatron_rpt.training.moe_metrics import RouterMonitor
     from megatron_rpt.training.step import evaluate, make_forward_step, train_step
 
     p = cfg.parallel
@@ -161,6 +163,7 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
         is_logging_rank=env.rank == 0, log_throughput=cfg.logging.log_throughput,
         log_memory=cfg.logging.log_memory)
     signals = _SignalFlag(t.exit_signal_handler)
+    monitor = RouterMonitor(state.model, m.num_layers, num_micro) if m.num_experts else None
     step_kwargs = dict(num_microbatches=num_micro, seq_length=m.seq_length,
                        micro_batch_size=t.micro_batch_size, device=device)
 
@@ -197,6 +200,14 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
                 result.grad_norms[iteration] = step.grad_norm
             if step.stats:
                 result.distribution[iteration] = step.stats
+            if monitor is not None:
+                # A collective on logged steps only; the choice is the same on every rank.
+                if logger.wants_stats(iteration):
+                    step.moe = monitor.collect()
+                    result.moe[iteration] = {k: ({layer: c.tolist() for layer, c in v.items()}
+                                                 if k == "tokens_per_expert" else v) for k, v in step.moe.items()}
+                else:
+                    monitor.discard()
             logger.record(iteration, step, consumed_train)
             if not math.isfinite(step.loss) and step.update_successful:
                 raise FloatingPointError(f"iteration {iteration}: lm loss is {step.loss}")
@@ -217,5 +228,7 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
         dist.print_rank_0(f"> training stopped at iteration {iteration} ({result.exit_reason})")
     finally:
         logger.close()
+        if monitor is not None:
+            monitor.close()
     return result
 

@@ -29,6 +29,7 @@ class StepResult:
     update_successful: bool
     lr: float
     stats: Optional[dict] = None   # token means of the loss's distribution statistics (logged steps)
+    moe: Optional[dict] = None     # router statistics (MoE, logged steps; see training/moe_metrics.py)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

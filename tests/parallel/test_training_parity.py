@@ -28,7 +28,7 @@ def _pretrain(rank, world, argv):
     result = pretrain(parse_args(argv))
     return {"losses": result.losses, "grad_norms": result.grad_norms, "iteration": result.iteration,
             "resumed_from": result.resumed_from, "valid": result.valid_losses,
-            "stats": result.distribution, "valid_stats": result.valid_distribution}
+            "stats": result.distribution, "valid_stats": result.valid_distribution, "moe": result.moe}
 
 
 def train(world, extra=(), base=BASE):
