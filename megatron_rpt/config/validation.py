@@ -201,9 +201,10 @@ def validate_config(cfg: RunConfig, world_size: int, *, check_files: bool = True
         problems.append("--lr and --min-lr must be >= 0")
     if o.lr is not None and o.min_lr > o.lr:
         problems.append(f"--min-lr {o.min_lr} exceeds --lr {o.lr}")
-    if t.train_iters is not None and o.lr_warmup_iters > (o.lr_decay_iters or t.train_iters):
-        problems.append(f"--lr-warmup-iters {o.lr_warmup_iters} exceeds the decay iterations "
-                        f"{o.lr_decay_iters or t.train_iters}")
+    if t.train_iters is not None and o.lr_warmup_iters > 0 and o.lr_warmup_iters >= (o.lr_decay_iters or t.train_iters):
+        # Megatron-Core's scheduler asserts warmup < decay (a bare AssertionError otherwise).
+        problems.append(f"--lr-warmup-iters {o.lr_warmup_iters} must be smaller than the decay iterations "
+                        f"{o.lr_decay_iters or t.train_iters} (--lr-decay-iters, default --train-iters)")
     if o.lr_decay_style == "WSD":
         if o.lr_wsd_decay_iters is None:
             problems.append("--lr-decay-style WSD needs --lr-wsd-decay-iters")

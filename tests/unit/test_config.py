@@ -187,3 +187,11 @@ def test_tiktokenizer_flags_reach_the_tokenizer():
         == (20016, 2, "v1", 16)
     with pytest.raises(ConfigError, match="--tokenizer-type TikTokenizer needs --tokenizer-model"):
         validate_config(parse_args(["--model-preset", "tiny", "--mock-data", "--tokenizer-type", "TikTokenizer"]), 1)
+
+
+def test_warmup_must_be_shorter_than_decay():
+    base = ["--model-preset", "tiny", "--mock-data", "--vocab-size", "100", "--lr", "1e-3"]
+    with pytest.raises(ConfigError, match="--lr-warmup-iters 2 must be smaller than the decay iterations 2"):
+        validate_config(parse_args(base + ["--train-iters", "2", "--lr-warmup-iters", "2"]), 1)
+    validate_config(parse_args(base + ["--train-iters", "3", "--lr-warmup-iters", "2"]), 1)
+    validate_config(parse_args(base + ["--train-iters", "1", "--lr-warmup-iters", "0"]), 1)
