@@ -82,3 +82,15 @@ def test_aux_and_z_losses_are_reported_and_layout_independent(tmp_path):
     assert "moe/tokens-per-expert/layer01" in tags["histograms"]
     assert [e.value for e in events.Scalars("moe/z-loss")] == pytest.approx([one[1]["z-loss"], one[2]["z-loss"],
                                                                               one[3]["z-loss"], one[4]["z-loss"]])
+
+
+def test_generalized_loss_with_expert_parallelism(reference):
+    """The paper's loss settings on the MoE model: EP=2 follows the single-process run."""
+    loss = ["--loss-beta", "-0.25", "--loss-lambda-low", "-0.1", "--load", reference["ckpt"], "--ckpt-step", "1"]
+    one = train(1, MOE + loss)
+    two = train(2, MOE + loss + ["--expert-model-parallel-size", "2"])
+    assert sorted(one["losses"]) == [2, 3, 4]
+    for it in (2, 3, 4):
+        assert two["losses"][it] == pytest.approx(one["losses"][it], rel=2e-5), it
+    # Not cross-entropy: the generalized loss differs from the plain CE it also reports.
+    assert abs(one["losses"][4] - one["stats"][4]["cross_entropy"]) > 1e-3
