@@ -73,6 +73,11 @@ def _check_moe(cfg: RunConfig, world_size: int) -> list[str]:
         problems.append(f"world size {world_size} is not divisible by --expert-tensor-parallel-size {etp} x "
                         f"--expert-model-parallel-size {ep} x --pipeline-model-parallel-size "
                         f"{p.pipeline_model_parallel_size} = {expert_mp}")
+    if ep == 1 and etp != p.tensor_model_parallel_size:
+        # Megatron-Core marks expert weights as expert-parallel (allreduce=False) only when EP > 1, so
+        # at EP=1 their gradients would be reduced over the dense data-parallel group: silently wrong.
+        problems.append(f"--expert-tensor-parallel-size {etp} differs from --tensor-model-parallel-size "
+                        f"{p.tensor_model_parallel_size}; that needs --expert-model-parallel-size > 1")
     ffn = m.moe_ffn_hidden_size or m.ffn_hidden_size
     if ffn is not None and ffn % etp:
         problems.append(f"--moe-ffn-hidden-size {ffn} is not divisible by --expert-tensor-parallel-size {etp}")

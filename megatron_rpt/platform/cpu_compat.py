@@ -1,4 +1,4 @@
-"""Megatron-Core on CPU: the compatibility layer (patch ids P1..P13, W1 of notes/megatron-core-on-cpu.md).
+"""Megatron-Core on CPU: the compatibility layer (patch ids P1..P16, W1 of notes/megatron-core-on-cpu.md).
 
 Megatron-Core assumes CUDA in ~760 source lines. Rather than editing call sites, this module
 redirects the CUDA runtime API it uses (torch.cuda.current_device/synchronize/Stream/Event/RNG)
@@ -648,6 +648,79 @@ def _p14_fork_results_queue() -> None:
     _when_imported("P14", "megatron.core.dist_checkpointing.strategies.filesystem_async", fix)
 
 
+def _p15_expert_cpu_init() -> None:
+    """P15 (new): `tensor_parallel/layers.py` `ColumnParallelLinear.__init__` / `RowParallelLinear.__init__`
+    with `use_cpu_initialization` build every weight from the default torch generator, also for
+    experts (`is_expert=True`), where the GPU path (`_initialize_affine_weight_gpu`) forks the
+    expert-parallel RNG stream. All EP ranks seed that generator alike, so at EP=N each rank's
+    local experts are copies of rank 0's (measured: EP=2 experts 4..7 == 0..3). All versions.
+
+    Expert layers are initialised inside `get_cuda_rng_tracker().fork(expert-parallel name)`
+    (P2 makes the tracker drive the CPU generator), as on GPU.
+    """
+
+    def fix(mod: types.ModuleType) -> None:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, get_expert_parallel_rng_tracker_name
+
+        for cls_name in ("ColumnParallelLinear", "RowParallelLinear"):
+            cls = getattr(mod, cls_name)
+            original = cls.__init__
+
+            def __init__(self, *args, __original=original, **kwargs):
+                config = kwargs.get("config")
+                tracker, name = get_cuda_rng_tracker(), get_expert_parallel_rng_tracker_name()
+                # Only once the seeds are set (model_parallel_cuda_manual_seed adds the expert stream).
+                if kwargs.get("is_expert") and config is not None and config.use_cpu_initialization \
+                        and name in tracker.get_states():
+                    with tracker.fork(name):
+                        return __original(self, *args, **kwargs)
+                return __original(self, *args, **kwargs)
+
+            _set_attr("P15", cls, "__init__", __init__)
+
+    _when_imported("P15", "megatron.core.tensor_parallel.layers", fix)
+
+
+def _p16_uneven_gather_scatter() -> None:
+    """P16 (new): `tensor_parallel/mappings.py` `_gather_along_first_dim(output_split_sizes=...)` and
+    `_reduce_scatter_along_first_dim(input_split_sizes=...)` call `all_gather` / `reduce_scatter`
+    with uneven tensor lists; gloo rejects them ("ProcessGroupGloo::allgather: invalid tensor size")
+    and has no reduce_scatter. Hit by the alltoall MoE dispatcher with expert TP > 1
+    (`token_dispatcher.py` dispatch_postprocess / combine_preprocess). All versions.
+
+    Uneven gather: pad every rank's part to the largest, all-gather, drop the padding. Uneven
+    reduce-scatter: all-reduce the whole input and keep this rank's part (more traffic, same sums).
+    Even (split sizes None) calls are untouched.
+    """
+
+    def fix(mod: types.ModuleType) -> None:
+        gather, scatter = mod._gather_along_first_dim, mod._reduce_scatter_along_first_dim
+
+        def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+            if output_split_sizes is None or group is None or group.size() == 1:
+                return gather(input_, group, output_split_sizes, use_global_buffer)
+            sizes = [int(n) for n in output_split_sizes]
+            biggest = max(sizes)
+            padded = input_.new_zeros((biggest,) + tuple(input_.shape[1:]))
+            padded[: input_.shape[0]] = input_
+            parts = [torch.empty_like(padded) for _ in sizes]
+            torch.distributed.all_gather(parts, padded.contiguous(), group=group)
+            return torch.cat([part[:n] for part, n in zip(parts, sizes)], dim=0)
+
+        def _reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+            if input_split_sizes is None or group is None or group.size() == 1:
+                return scatter(input_, group, input_split_sizes, use_global_buffer)
+            total = input_.clone()
+            torch.distributed.all_reduce(total, group=group)
+            start = sum(int(n) for n in input_split_sizes[: group.rank()])
+            return total[start:start + int(input_split_sizes[group.rank()])].contiguous()
+
+        _rebind_everywhere("P16", mod, "_gather_along_first_dim", _gather_along_first_dim)
+        _rebind_everywhere("P16", mod, "_reduce_scatter_along_first_dim", _reduce_scatter_along_first_dim)
+
+    _when_imported("P16", "megatron.core.tensor_parallel.mappings", fix)
+
+
 @dataclass(frozen=True)
 class _Patch:
     id: str
@@ -671,6 +744,8 @@ _PATCHES: tuple[_Patch, ...] = (
     _Patch("P10", _p10_unshare_step, _ALL, False),
     _Patch("P13", _p13_te_general_gemm, lambda v: v < Version("0.17"), False),
     _Patch("P14", _p14_fork_results_queue, _ALL, True),
+    _Patch("P15", _p15_expert_cpu_init, _ALL, True),
+    _Patch("P16", _p16_uneven_gather_scatter, _ALL, True),
 )
 
 PATCH_IDS: tuple[str, ...] = tuple(p.id for p in _PATCHES)

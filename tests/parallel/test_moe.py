@@ -2,8 +2,8 @@
 bias follows Megatron's update rule, MoE checkpoints reshard across EP / expert TP.
 
 Every run is the real `pretrain()` on mock data in forked ranks (tiny-moe shrunk to 2 layers, hidden
-64, sequence 32, fp32). EP=2 initialises the experts differently from EP=1 (on CPU each EP rank draws
-its local experts from the same generator stream, see the xfail below), so every layout starts from
+64, sequence 32, fp32). EP=2 initialises the experts differently from EP=1 (each EP rank draws its
+local experts from its own expert-parallel RNG stream, as on GPU; cpu_compat P15), so every layout starts from
 one common set of weights: the model of a 1-iteration EP=1 run loaded with --finetune (weights only,
 iteration 0, fresh optimizer and schedule). Iteration 1 therefore already compares the layouts.
 
@@ -164,7 +164,7 @@ def ep2(start, tmp_path_factory):
     return {"ranks": ranks, "ckpt": ckpt}
 
 
-def _initial_experts(rank, world, argv):
+def _initial_experts(rank, world, argv, disable=()):
     """Freshly initialised expert weights of this rank under their global expert numbers."""
     import torch
     from megatron.core import parallel_state as ps
@@ -175,6 +175,9 @@ def _initial_experts(rank, world, argv):
     from megatron_rpt.platform import setup_platform
 
     platform = setup_platform(force_cpu=True)
+    if disable:
+        from megatron_rpt.platform.cpu_compat import uninstall_patches
+        uninstall_patches(set(disable))
     cfg = validate_config(parse_args(argv), world)
     dist.init_distributed(backend="gloo", device_type="cpu",
                           expert_model_parallel_size=cfg.parallel.expert_model_parallel_size)
@@ -187,18 +190,18 @@ def _initial_experts(rank, world, argv):
             for i, expert in enumerate(block.mlp.experts.local_experts)}
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "CPU initialisation (use_cpu_initialization, models/gpt.py) draws every expert from the default torch "
-    "generator, seeded alike on all EP ranks (distributed.set_random_seed: seed + 100 x PP rank), so at EP=2 "
-    "EP rank 1's experts 4..7 are exact copies of EP rank 0's experts 0..3 in every layer (half the experts "
-    "start duplicated; EP=N: N-fold). GPU initialisation uses Megatron's per-EP-rank expert RNG instead"))
 def test_expert_parallel_initialises_distinct_experts():
+    """CPU initialisation draws experts from the expert-parallel RNG stream (cpu_compat P15), as on GPU;
+    without P15 every EP rank's experts are copies of rank 0's."""
     ranks = run_ranks(_initial_experts, 2, BASE + EP2)
     experts = {**ranks[0], **ranks[1]}
     assert len(experts) == 2 * 8
     for layer in (0, 1):
         for e in range(4):
             assert not np.array_equal(experts[(layer, e)], experts[(layer, e + 4)]), (layer, e)
+    unpatched = run_ranks(_initial_experts, 2, BASE + EP2, disable=("P15",))
+    copies = {**unpatched[0], **unpatched[1]}
+    assert all(np.array_equal(copies[(layer, e)], copies[(layer, e + 4)]) for layer in (0, 1) for e in range(4))
 
 
 def test_expert_bias_update_from_zero(start):
@@ -262,24 +265,40 @@ def test_tensor_parallel_2_expert_parallel_2(start, reference):
     check_expert_bias_rule(out)  # loads summed over the sequence-parallel shards of both TP ranks
 
 
-class GlooUnevenAllGather(RuntimeError):
-    """The known gloo failure below (and nothing else) makes the xfail count."""
-
-
-@pytest.mark.xfail(strict=True, raises=GlooUnevenAllGather, reason=(
-    "CPU/gloo: the alltoall dispatcher with expert TP 2 (the default when TP=2) and EP 2 all-gathers "
-    "uneven token counts over the expert-TP group (megatron/core/transformer/moe/token_dispatcher.py:696 "
-    "dispatch_postprocess -> tensor_parallel/mappings.py:150 torch.distributed.all_gather with "
-    "output_split_sizes): 'ProcessGroupGloo::allgather: invalid tensor size at index 1 (expected (62, 64), "
-    "got (66, 64))'; megatron_rpt/platform/cpu_compat.py has no patch for it (NCCL accepts uneven lists)"))
 def test_tensor_parallel_2_expert_parallel_2_alltoall_expert_tp_2(start, reference):
-    try:
-        out = run(4, EP2 + TP2_SP + from_start(start))
-    except RankError as e:
-        if "ProcessGroupGloo::allgather: invalid tensor size" in str(e):
-            raise GlooUnevenAllGather(str(e)) from None
-        raise
+    """The alltoall dispatcher all-gathers / reduce-scatters uneven token counts over the expert-TP
+    group; gloo needs cpu_compat P16 for that (without it: 'ProcessGroupGloo::allgather: invalid
+    tensor size', see test_p16_is_what_makes_uneven_gathers_work)."""
+    out = run(4, EP2 + TP2_SP + from_start(start))
     assert_close(out[0]["losses"], reference[0]["losses"])
+
+
+def _uneven_gather(rank, world, disable=()):
+    import torch
+    from megatron_rpt.platform import setup_platform
+    setup_platform(force_cpu=True)
+    if disable:
+        from megatron_rpt.platform.cpu_compat import uninstall_patches
+        uninstall_patches(set(disable))
+    from megatron.core.tensor_parallel import mappings
+    group = torch.distributed.group.WORLD
+    sizes = [3, 5]
+    x = torch.arange(sizes[rank] * 2, dtype=torch.float32).reshape(-1, 2) + 100 * rank
+    gathered = mappings._gather_along_first_dim(x, group, output_split_sizes=sizes)
+    full = torch.arange(16, dtype=torch.float32).reshape(8, 2) * (rank + 1)
+    scattered = mappings._reduce_scatter_along_first_dim(full, group, input_split_sizes=sizes)
+    return gathered.tolist(), scattered.tolist()
+
+
+def test_p16_is_what_makes_uneven_gathers_work():
+    import torch
+    out = run_ranks(_uneven_gather, 2)
+    expected = torch.cat([torch.arange(6.).reshape(3, 2), torch.arange(10.).reshape(5, 2) + 100]).tolist()
+    assert out[0][0] == out[1][0] == expected
+    full = (torch.arange(16.).reshape(8, 2) * 3)  # sum over ranks of (rank + 1) x arange
+    assert out[0][1] == full[:3].tolist() and out[1][1] == full[3:].tolist()
+    with pytest.raises(RankError, match="invalid tensor size|does not support|reduce_scatter"):
+        run_ranks(_uneven_gather, 2, disable=("P16",))
 
 
 def test_pipeline_parallel_2_expert_parallel_2(start, reference):

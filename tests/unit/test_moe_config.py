@@ -69,7 +69,8 @@ def test_aux_loss_coefficient_with_balancing_none():
 
 
 def test_expert_ffn_not_divisible_by_expert_tp_and_negative_rates():
-    msg = one_problem(["--moe-ffn-hidden-size", "63", "--expert-tensor-parallel-size", "2"], world_size=2)
+    msg = one_problem(["--moe-ffn-hidden-size", "63", "--expert-tensor-parallel-size", "2",
+                       "--expert-model-parallel-size", "2"], world_size=4)
     assert "--moe-ffn-hidden-size 63 is not divisible by --expert-tensor-parallel-size 2" in msg
     assert "must be >= 0" in one_problem(["--moe-router-bias-update-rate=-1e-3"])
 
@@ -87,20 +88,16 @@ def test_all_problems_reported_together():
     assert len(found) == 5, found  # divisibility, world size (TP2 x EP4 = 8), top-k, SP, bias/softmax
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "validation gap: with --expert-model-parallel-size 1 an --expert-tensor-parallel-size different from "
-    "--tensor-model-parallel-size is accepted but trains silently wrong on Megatron-Core 0.16.1: expert "
-    "weights are marked allreduce=False only when EP > 1 (tensor_parallel/layers.py:886/1209), so DDP "
-    "reduces their gradients over the dense data-parallel group, not the expert one. Measured (tiny-moe "
-    "2 layers, 4 steps): TP2+SP/ETP1 replicas of each expert drift apart (1.2e-2) and the loss leaves the "
-    "single-process run (step 4: 5.1043 vs 5.0963); TP1/ETP2 is off from step 1 (5.54219 vs 5.54152, "
-    "cause not analysed). With EP > 1 both expert TP sizes match the reference (tests/parallel/test_moe.py)"))
+# With --expert-model-parallel-size 1, an expert TP different from TP trained silently wrong on
+# Megatron-Core 0.16.1 (expert weights are marked allreduce=False only when EP > 1,
+# tensor_parallel/layers.py:886/1209, so DDP reduced their gradients over the dense data-parallel
+# group; measured: tiny-moe TP2+SP/ETP1 step-4 loss 5.1043 vs 5.0963 single-process). Now refused.
 @pytest.mark.parametrize("world,argv", [
     (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-tensor-parallel-size", "1"]),
     (2, ["--expert-tensor-parallel-size", "2"]),
 ], ids=["tp2-etp1-ep1", "tp1-etp2-ep1"])
 def test_expert_tp_other_than_tp_needs_expert_parallel(world, argv):
-    assert any("--expert-tensor-parallel-size" in p for p in problems(argv, world))
+    assert any("needs --expert-model-parallel-size > 1" in p for p in problems(argv, world))
 
 
 def test_transformer_config_and_layer_spec():

@@ -107,7 +107,7 @@ def test_patch_set_for_installed_megatron_core() -> None:
     applied = cpu_compat.installed_patches()
     # 0.16.x: no triton import (P1 off), te_general_gemm NameError (P13 on).
     assert "P1" not in applied and "P13" in applied
-    for pid in ("P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "P14"):
+    for pid in ("P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "P14", "P15", "P16"):
         assert pid in applied
     assert cpu_compat.install_cpu_compat() == applied  # idempotent
     with pytest.raises(ValueError, match="unknown patch"):
