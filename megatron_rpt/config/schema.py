@@ -38,7 +38,8 @@ class ModelConfig:
     seq_length: Optional[int] = arg(None, help="Training sequence length.")
     max_position_embeddings: Optional[int] = arg(None, help="Maximum positions (default seq length).")
     vocab_size: Optional[int] = arg(None, help="Vocabulary size of the NullTokenizer, or the TikTokenizer's "
-                                     "(default all its ranks); the model always uses the tokenizer's, padded.")
+                                     "(default all its ranks). The model's vocabulary is the larger of this and the "
+                                     "tokenizer's, padded (imported HF models may have more rows than tokens).")
     make_vocab_size_divisible_by: int = arg(128, help="Pad the vocabulary to a multiple of this "
                                             "times the tensor-parallel size.")
     rotary_base: float = arg(10000.0, help="RoPE base (theta).")

@@ -161,10 +161,13 @@ def save_checkpoint(root: str, iteration: int, state, cfg: RunConfig, *, consume
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted save
         os.makedirs(tmp)
     _barrier()
-    sd = _state_dict(state, is_loading=False, with_optimizer=True, with_rng=True)
+    # A state without optimizer (tools/convert_checkpoint.py import) writes a model-only
+    # checkpoint: `--load` starts from its weights at iteration 0 with a fresh optimizer.
+    model_only = getattr(state, "optimizer", None) is None
+    sd = _state_dict(state, is_loading=False, with_optimizer=not model_only, with_rng=not model_only)
     sd.update(iteration=iteration, consumed_train_samples=consumed_train_samples,
               consumed_valid_samples=consumed_valid_samples, run_config=cfg.to_dict(),
-              parallel_layout=_layout(), checkpoint_version=1)
+              parallel_layout=_layout(), checkpoint_version=1, model_only=model_only)
     strategy = get_default_save_sharded_strategy()
     if fully_parallel and parallel_state.get_data_parallel_world_size() > 1:
         strategy = FullyParallelSaveStrategyWrapper(
@@ -284,9 +287,10 @@ def load_checkpoint(root: str, state, cfg: RunConfig, *, iteration: Optional[int
     saved_layout = common.get("parallel_layout", {})
     layout = _layout()
     same_layout = all(saved_layout.get(k) == layout[k] for k in ("tp", "pp"))
-    load_optim = not (c.finetune or c.no_load_optim)
-    load_rng = not (c.finetune or c.no_load_rng) and same_layout
-    if not same_layout and not (c.finetune or c.no_load_rng) and _rank() == 0:
+    model_only = bool(common.get("model_only")) or getattr(state, "optimizer", None) is None
+    load_optim = not (c.finetune or c.no_load_optim or model_only)
+    load_rng = not (c.finetune or c.no_load_rng or model_only) and same_layout
+    if not same_layout and not (c.finetune or c.no_load_rng or model_only) and _rank() == 0:
         warnings.warn(f"checkpoint {path} was saved with TP={saved_layout.get('tp')} PP={saved_layout.get('pp')}; "
                       f"loading into TP={layout['tp']} PP={layout['pp']}: RNG state not restored")
     if load_optim:
@@ -307,7 +311,7 @@ def load_checkpoint(root: str, state, cfg: RunConfig, *, iteration: Optional[int
         state.scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if load_rng:
         _set_rng_state(loaded["rng_state"])
-    if c.finetune:
+    if c.finetune or common.get("model_only"):
         return LoadedCheckpoint(0, 0, 0, path, not same_layout)
     return LoadedCheckpoint(int(common["iteration"]), int(common["consumed_train_samples"]),
                             int(common["consumed_valid_samples"]), path, not same_layout)

@@ -101,12 +101,14 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
     dist.set_random_seed(cfg.training.seed)
     t, m = cfg.training, cfg.model
 
-    # As in Megatron-LM the model's vocabulary is the tokenizer's, padded; --vocab-size only sizes
-    # the NullTokenizer.
     tokenizer = _build_tokenizer(cfg)
     # Data written with another tokenizer fails here, before the model is built or loaded.
     check_data_vocabulary(cfg, tokenizer)
-    vocab = padded_vocab_size(tokenizer.vocab_size, m.make_vocab_size_divisible_by, p.tensor_model_parallel_size)
+    # As in Megatron-LM the model's vocabulary is the tokenizer's, padded; an imported HF model may
+    # have more embedding rows than its tokenizer has tokens (Qwen: 151,936 vs 151,665): its
+    # recorded --vocab-size keeps them.
+    vocab = padded_vocab_size(max(tokenizer.vocab_size, m.vocab_size or 0), m.make_vocab_size_divisible_by,
+                              p.tensor_model_parallel_size)
     config = transformer_config(cfg, platform)
     chunks = build_model_chunks(cfg, platform, vocab, device, config)
     state = setup_model_and_optimizer(chunks, cfg, config)

@@ -1,0 +1,308 @@
+"""Hugging Face folder <-> Megatron distributed checkpoint (what tools/convert_checkpoint.py runs).
+
+`import_hf`: config.json -> our model flags (`hf_config`), safetensors -> the Megatron model built
+in this process (TP=1), saved as a *model-only* checkpoint at iteration 0 with the run
+configuration recorded: `mrpt-pretrain --load DIR` (any TP/PP/EP: checkpoints reshard on load)
+starts from these weights with a fresh optimizer. The HF folder's tokenizer is recorded as
+`--tokenizer-type HuggingFaceTokenizer --tokenizer-model HF_DIR`.
+
+`export_hf`: a checkpoint saved at any layout is loaded into the model built here at TP=1 (the
+checkpoint reshards), mapped back tensor by tensor, and written as safetensors shards with an
+index, config.json and generation_config.json (and the tokenizer files when the run used an HF
+tokenizer folder).
+
+Safety: safetensors only (nothing unpickled from the HF side; our checkpoints are read with
+Megatron-Core's dist_checkpointing), outputs go to a temporary folder renamed when complete, and a
+non-empty output folder is refused without `force`.
+Current limits: the model is materialised once in memory (not yet streamed tensor by tensor), and
+MoE export needs the Qwen3-MoE router (softmax, no expert bias).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Optional
+
+import torch
+
+from megatron_rpt.convert.hf_config import architecture, model_flags_from_hf, shape_from_hf
+from megatron_rpt.convert.mapping import Shape, expand, family_rules, to_hf, to_megatron
+
+SHARD_BYTES = 2 << 30
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+class ConversionError(ValueError):
+    """A conversion that cannot be done as asked (names the file / tensor / flag)."""
+
+
+def _prepare_output(path: str, force: bool) -> str:
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        if not force:
+            raise ConversionError(f"{path} exists and is not empty; pass --force to replace it")
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def _publish(tmp: str, path: str) -> None:
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+class _SafetensorsFolder:
+    """Lazy tensor access to an HF folder (single file or sharded with an index)."""
+
+    def __init__(self, folder: str):
+        from safetensors import safe_open
+        index = os.path.join(folder, "model.safetensors.index.json")
+        single = os.path.join(folder, "model.safetensors")
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        elif os.path.isfile(single):
+            weight_map = None
+        else:
+            raise ConversionError(f"--hf-dir {folder}: no model.safetensors or model.safetensors.index.json "
+                                  "(only safetensors are read: pickled .bin files are refused)")
+        self._files = {}
+        self._map = {}
+        for name, file in (weight_map.items() if weight_map else ()):
+            self._map[name] = os.path.join(folder, file)
+        if weight_map is None:
+            handle = safe_open(single, "pt")
+            self._files[single] = handle
+            self._map = {name: single for name in handle.keys()}
+        for path in set(self._map.values()):
+            if not os.path.isfile(path):
+                raise ConversionError(f"--hf-dir {folder}: shard {os.path.basename(path)} named by the index is missing")
+            if path not in self._files:
+                self._files[path] = safe_open(path, "pt")
+
+    def names(self) -> set[str]:
+        return set(self._map)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._map:
+            raise ConversionError(f"tensor {name} not found in the HF checkpoint")
+        return self._files[self._map[name]].get_tensor(name)
+
+
+def _single_process_model(cfg, vocab: int):
+    """Platform + a 1-rank process group + this run's model (unwrapped chunks) at TP=PP=1."""
+    from megatron_rpt import distributed as dist
+    from megatron_rpt.models.gpt import build_model_chunks
+    from megatron_rpt.platform import setup_platform
+    platform = setup_platform(force_cpu=True)
+    dist.init_distributed(backend="gloo", device_type="cpu")
+    dist.set_random_seed(cfg.training.seed)
+    return build_model_chunks(cfg, platform, vocab, torch.device("cpu"))
+
+
+def _run_config(model_flags: dict, tokenizer_dir: Optional[str], vocab_size: int):
+    from megatron_rpt.config import parse_args
+    argv = ["--mock-data", "--lr", "0", "--train-iters", "1", "--seq-length",
+            str(min(4096, model_flags["max_position_embeddings"]))]
+    cfg = parse_args(argv)
+    model = dataclasses.replace(cfg.model, vocab_size=vocab_size, **model_flags)
+    data = cfg.data
+    if tokenizer_dir:
+        data = dataclasses.replace(data, mock_data=False, tokenizer_type="HuggingFaceTokenizer",
+                                   tokenizer_model=os.path.abspath(tokenizer_dir))
+    return dataclasses.replace(cfg, model=model, data=data)
+
+
+def _has_tokenizer(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer.model"))
+
+
+def import_hf(hf_dir: str, save: str, *, force: bool = False, progress: bool = True) -> dict:
+    """HF folder -> model-only Megatron checkpoint under `save` (see module docstring)."""
+    from megatron_rpt.models.gpt import padded_vocab_size
+    from megatron_rpt.training.checkpointing import save_checkpoint
+    config_path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise ConversionError(f"--hf-dir {hf_dir}: no config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    flags = model_flags_from_hf(config)
+    arch = architecture(config)
+    tensors = _SafetensorsFolder(hf_dir)
+    cfg = _run_config(flags, hf_dir if _has_tokenizer(hf_dir) else None, config["vocab_size"])
+    vocab = padded_vocab_size(config["vocab_size"], cfg.model.make_vocab_size_divisible_by, 1)
+    shape = shape_from_hf(config, vocab)
+    rules = family_rules(arch)
+    expected = {h for _, hfs, _, _, _ in expand(rules, shape) for h in hfs}
+    missing = sorted(expected - tensors.names())
+    if missing:
+        raise ConversionError(f"--hf-dir {hf_dir}: {len(missing)} tensors of a {arch} are missing, e.g. "
+                              f"{', '.join(missing[:3])}")
+    if os.path.exists(save) and os.listdir(save) and not force:
+        raise ConversionError(f"--save {save} exists and is not empty; pass --force to replace it")
+    chunks = _single_process_model(cfg, vocab)
+    own = {k: v for k, v in chunks[0].state_dict().items() if not k.endswith("_extra_state")}
+    items = list(expand(rules, shape))
+    bar = _bar(len(items), "import", progress)
+    with torch.no_grad():
+        for name, hf_names, rule, _, _ in items:
+            if name not in own:
+                raise ConversionError(f"{name}: no such parameter in the Megatron model (mapping out of date?)")
+            tensor = to_megatron(rule, [tensors.get(h) for h in hf_names], shape, 0, 1, name)
+            if tensor.shape != own[name].shape:
+                raise ConversionError(f"{name} <- {', '.join(hf_names)}: shape {tuple(tensor.shape)} does not match "
+                                      f"the model's {tuple(own[name].shape)}")
+            own[name].copy_(tensor.to(own[name].dtype))
+            bar.update(1)
+    bar.close()
+    unmapped = sorted(set(own) - {n for n, _, _, _, _ in items} - {k for k in own if k.endswith("expert_bias")})
+    if unmapped:
+        raise ConversionError(f"model parameters with no mapping: {', '.join(unmapped[:5])}")
+    if force and os.path.isdir(save):
+        shutil.rmtree(save)
+    state = _ModelOnly(chunks)
+    path = save_checkpoint(save, 0, state, cfg, consumed_train_samples=0, consumed_valid_samples=0,
+                           fully_parallel=False)
+    return {"path": path, "architecture": arch, "flags": flags, "vocab_size": config["vocab_size"],
+            "tokenizer": cfg.data.tokenizer_model}
+
+
+@dataclasses.dataclass
+class _ModelOnly:
+    model: list
+    optimizer: object = None
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, dynamic_ncols=True)
+
+
+def _hf_config(cfg, arch: str, vocab_size: int, dtype: str) -> dict:
+    m = cfg.model
+    config = {
+        "architectures": [arch], "model_type": {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3",
+                                                "Qwen3MoeForCausalLM": "qwen3_moe"}[arch],
+        "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size, "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_attention_heads, "num_key_value_heads": m.num_query_groups or m.num_attention_heads,
+        "head_dim": m.kv_channels or m.hidden_size // m.num_attention_heads, "vocab_size": vocab_size,
+        "max_position_embeddings": m.max_position_embeddings or m.seq_length, "rms_norm_eps": m.norm_epsilon,
+        "rope_theta": m.rotary_base, "rope_parameters": {"rope_theta": m.rotary_base, "rope_type": "default"},
+        "tie_word_embeddings": not m.untie_embeddings_and_output_weights, "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": m.init_method_std,
+        "torch_dtype": {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}[dtype], "use_cache": True,
+    }
+    if arch == "Qwen3MoeForCausalLM":
+        config.update(num_experts=m.num_experts, num_experts_per_tok=m.moe_router_topk,
+                      moe_intermediate_size=m.moe_ffn_hidden_size or m.ffn_hidden_size, norm_topk_prob=True,
+                      decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=m.moe_aux_loss_coeff)
+    return config
+
+
+def _export_architecture(cfg) -> str:
+    m = cfg.model
+    if m.num_experts:
+        if m.moe_router_score_function != "softmax" or m.moe_router_enable_expert_bias:
+            raise ConversionError("this MoE uses a sigmoid router with a per-expert bias, which Qwen3MoeForCausalLM "
+                                  "cannot represent (softmax top-k only); no Hugging Face architecture to export to")
+        if not m.qk_layernorm:
+            raise ConversionError("MoE without QK-norm has no Hugging Face architecture here (Qwen3-MoE has QK-norm)")
+        return "Qwen3MoeForCausalLM"
+    return "Qwen3ForCausalLM" if m.qk_layernorm else "LlamaForCausalLM"
+
+
+def export_hf(load: str, output: str, *, dtype: str = "bf16", iteration: Optional[int] = None,
+              force: bool = False, progress: bool = True, shard_bytes: int = SHARD_BYTES) -> dict:
+    """Megatron checkpoint (any layout) -> HF folder (see module docstring)."""
+    from safetensors.torch import save_file
+
+    from megatron_rpt.config.schema import RunConfig
+    from megatron_rpt.models.gpt import padded_vocab_size
+    from megatron_rpt.training.checkpointing import checkpoint_path, load_checkpoint, read_tracker
+    if dtype not in _DTYPES:
+        raise ConversionError(f"--dtype must be one of {', '.join(_DTYPES)}")
+    it = iteration if iteration is not None else read_tracker(load)
+    if it is None:
+        raise ConversionError(f"--load {load}: no checkpoint (no latest_checkpointed_iteration.txt); pass --iteration")
+    path = checkpoint_path(load, it)
+    meta = os.path.join(path, "run_config.json")
+    if not os.path.isfile(meta):
+        raise ConversionError(f"--load {load}: {meta} missing (not a megatron-rpt checkpoint, or incomplete)")
+    with open(meta) as f:
+        cfg = RunConfig.from_dict(json.load(f)["run_config"])
+    arch = _export_architecture(cfg)
+    tokenizer_dir = cfg.data.tokenizer_model if cfg.data.tokenizer_type == "HuggingFaceTokenizer" else None
+    if tokenizer_dir:
+        from megatron_rpt.data.tokenizers import build_tokenizer
+        tok_vocab = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=tokenizer_dir).vocab_size
+    elif cfg.data.tokenizer_type in (None, "NullTokenizer"):
+        tok_vocab = (cfg.model.vocab_size or 0) + (1 if cfg.data.tokenizer_type == "NullTokenizer" else 0)
+    else:
+        from megatron_rpt.training.loop import _build_tokenizer
+        tok_vocab = _build_tokenizer(cfg).vocab_size
+    vocab_size = max(tok_vocab, cfg.model.vocab_size or 0)
+    vocab = padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by, 1)
+    cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, finetune=False, no_load_optim=True,
+                                                                  no_load_rng=True))
+    chunks = _single_process_model(cfg, vocab)
+    load_checkpoint(load, _ModelOnly(chunks), cfg, iteration=it)
+    m = cfg.model
+    shape = Shape(num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+                  num_query_groups=m.num_query_groups or m.num_attention_heads,
+                  head_dim=m.kv_channels or m.hidden_size // m.num_attention_heads, vocab_size=vocab_size,
+                  padded_vocab_size=vocab, tied=not m.untie_embeddings_and_output_weights,
+                  num_experts=m.num_experts or 0)
+    own = chunks[0].state_dict()
+    tmp = _prepare_output(output, force)
+    try:
+        items = list(expand(family_rules(arch), shape))
+        bar = _bar(len(items), "export", progress)
+        shard: dict = {}
+        size, files, weight_map = 0, [], {}
+
+        def flush():
+            nonlocal shard, size
+            if shard:
+                name = f"model-{len(files) + 1:05d}.safetensors"
+                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+                files.append(name)
+                weight_map.update({k: name for k in shard})
+                shard, size = {}, 0
+
+        for name, hf_names, rule, _, _ in items:
+            for hf_name, tensor in zip(hf_names, to_hf(rule, own[name].detach(), shape)):
+                tensor = tensor.to(_DTYPES[dtype]).contiguous()
+                if size and size + tensor.numel() * tensor.element_size() > shard_bytes:
+                    flush()
+                shard[hf_name] = tensor
+                size += tensor.numel() * tensor.element_size()
+            bar.update(1)
+        flush()
+        bar.close()
+        total = len(files)
+        final_names = {}
+        for i, name in enumerate(files, 1):
+            final = f"model-{i:05d}-of-{total:05d}.safetensors" if total > 1 else "model.safetensors"
+            os.replace(os.path.join(tmp, name), os.path.join(tmp, final))
+            final_names[name] = final
+        if total > 1:
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {}, "weight_map": {k: final_names[v] for k, v in weight_map.items()}}, f,
+                          indent=2)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(_hf_config(cfg, arch, vocab_size, dtype), f, indent=2)
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump({"do_sample": False}, f, indent=2)
+        if tokenizer_dir:
+            for fname in os.listdir(tokenizer_dir):
+                if fname.startswith(("tokenizer", "special_tokens_map", "vocab", "merges", "chat_template")):
+                    shutil.copy2(os.path.join(tokenizer_dir, fname), tmp)
+        _publish(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"path": output, "architecture": arch, "iteration": it, "files": total}
