@@ -94,14 +94,26 @@ class _SafetensorsFolder:
 
 
 def _single_process_model(cfg, vocab: int):
-    """Platform + a 1-rank process group + this run's model (unwrapped chunks) at TP=PP=1."""
+    """Platform + a 1-rank process group + this run's model (unwrapped chunks) at TP=PP=EP=1, whatever
+    layout `cfg` was trained with (the checkpoint reshards on load)."""
     from megatron_rpt import distributed as dist
+    from megatron_rpt.config.schema import ParallelConfig
     from megatron_rpt.models.gpt import build_model_chunks
     from megatron_rpt.platform import setup_platform
+    cfg = dataclasses.replace(cfg, parallel=ParallelConfig())
     platform = setup_platform(force_cpu=True)
     dist.init_distributed(backend="gloo", device_type="cpu")
     dist.set_random_seed(cfg.training.seed)
     return build_model_chunks(cfg, platform, vocab, torch.device("cpu"))
+
+
+def _teardown() -> None:
+    """Destroy the 1-rank process group (a gloo group left alive at interpreter exit can abort it)."""
+    from megatron.core import parallel_state
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _run_config(model_flags: dict, tokenizer_dir: Optional[str], vocab_size: int):
@@ -124,7 +136,6 @@ def _has_tokenizer(folder: str) -> bool:
 def import_hf(hf_dir: str, save: str, *, force: bool = False, progress: bool = True) -> dict:
     """HF folder -> model-only Megatron checkpoint under `save` (see module docstring)."""
     from megatron_rpt.models.gpt import padded_vocab_size
-    from megatron_rpt.training.checkpointing import save_checkpoint
     config_path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(config_path):
         raise ConversionError(f"--hf-dir {hf_dir}: no config.json")
@@ -145,6 +156,14 @@ def import_hf(hf_dir: str, save: str, *, force: bool = False, progress: bool = T
     if os.path.exists(save) and os.listdir(save) and not force:
         raise ConversionError(f"--save {save} exists and is not empty; pass --force to replace it")
     chunks = _single_process_model(cfg, vocab)
+    try:
+        return _import_into(chunks, cfg, rules, shape, tensors, save, force, progress, arch, config)
+    finally:
+        _teardown()
+
+
+def _import_into(chunks, cfg, rules, shape, tensors, save, force, progress, arch, config) -> dict:
+    from megatron_rpt.training.checkpointing import save_checkpoint
     own = {k: v for k, v in chunks[0].state_dict().items() if not k.endswith("_extra_state")}
     items = list(expand(rules, shape))
     bar = _bar(len(items), "import", progress)
@@ -167,7 +186,7 @@ def import_hf(hf_dir: str, save: str, *, force: bool = False, progress: bool = T
     state = _ModelOnly(chunks)
     path = save_checkpoint(save, 0, state, cfg, consumed_train_samples=0, consumed_valid_samples=0,
                            fully_parallel=False)
-    return {"path": path, "architecture": arch, "flags": flags, "vocab_size": config["vocab_size"],
+    return {"path": path, "architecture": arch, "flags": model_flags_from_hf(config), "vocab_size": config["vocab_size"],
             "tokenizer": cfg.data.tokenizer_model}
 
 
@@ -249,14 +268,17 @@ def export_hf(load: str, output: str, *, dtype: str = "bf16", iteration: Optiona
     cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, finetune=False, no_load_optim=True,
                                                                   no_load_rng=True))
     chunks = _single_process_model(cfg, vocab)
-    load_checkpoint(load, _ModelOnly(chunks), cfg, iteration=it)
+    try:
+        load_checkpoint(load, _ModelOnly(chunks), cfg, iteration=it)
+        own = chunks[0].state_dict()
+    finally:
+        _teardown()
     m = cfg.model
     shape = Shape(num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
                   num_query_groups=m.num_query_groups or m.num_attention_heads,
                   head_dim=m.kv_channels or m.hidden_size // m.num_attention_heads, vocab_size=vocab_size,
                   padded_vocab_size=vocab, tied=not m.untie_embeddings_and_output_weights,
                   num_experts=m.num_experts or 0)
-    own = chunks[0].state_dict()
     tmp = _prepare_output(output, force)
     try:
         items = list(expand(family_rules(arch), shape))

@@ -22,10 +22,11 @@ MAKE = """
 import sys, torch, transformers
 arch, out, tied = sys.argv[1], sys.argv[2], sys.argv[3] == "tied"
 cls = getattr(transformers, arch)
+moe = dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True) if "Moe" in arch else {}
 config = getattr(transformers, cls.config_class.__name__)(
     architectures=[arch], hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=16, vocab_size=200, max_position_embeddings=64, rms_norm_eps=1e-6,
-    tie_word_embeddings=tied)
+    tie_word_embeddings=tied, **moe)
 torch.manual_seed(0)
 model = cls(config)
 with torch.no_grad():
@@ -66,7 +67,8 @@ def compare(a, b) -> dict:
     return json.loads(run(sys.executable, "-c", COMPARE, a, b).stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("arch,tied", [("LlamaForCausalLM", "untied"), ("Qwen3ForCausalLM", "tied")])
+@pytest.mark.parametrize("arch,tied", [("LlamaForCausalLM", "untied"), ("Qwen3ForCausalLM", "tied"),
+                                       ("Qwen3MoeForCausalLM", "untied")])
 def test_round_trip_is_bit_exact_and_transformers_loads_it(tmp_path, arch, tied):
     hf, ckpt, out = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "out"
     run(sys.executable, "-c", MAKE, arch, hf, tied)
@@ -83,9 +85,11 @@ def test_round_trip_is_bit_exact_and_transformers_loads_it(tmp_path, arch, tied)
     assert json.load(open(out / "config.json"))["torch_dtype"] == "bfloat16"
 
 
-def test_imported_checkpoint_trains_at_tp2_and_exports_identically(tmp_path):
-    """A model-only imported checkpoint is the start of a TP=2 run (resharded on load); after a step at
-    lr 0 the TP=2 checkpoint exports the original weights exactly."""
+@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]],
+                         ids=["tp2", "pp2"])
+def test_imported_checkpoint_trains_at_tp2_or_pp2_and_exports_identically(tmp_path, layout):
+    """A model-only imported checkpoint is the start of a TP=2 / PP=2 run (resharded on load); after a
+    step at lr 0 that checkpoint exports the original weights exactly."""
     hf, ckpt, run_dir, out = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "run", tmp_path / "out"
     run(sys.executable, "-c", MAKE, "Qwen3ForCausalLM", hf, "untied")
     convert("import", "--hf-dir", hf, "--save", ckpt)
@@ -94,7 +98,7 @@ def test_imported_checkpoint_trains_at_tp2_and_exports_identically(tmp_path):
                "--num-attention-heads", "4", "--num-query-groups", "2", "--kv-channels", "16",
                "--max-position-embeddings", "64", "--seq-length", "16", "--norm-epsilon", "1e-6",
                "--untie-embeddings-and-output-weights", "--mock-data", "--tokenizer-type", "NullTokenizer",
-               "--vocab-size", "199", "--tensor-model-parallel-size", "2", "--micro-batch-size", "2",
+               "--vocab-size", "199", *layout, "--micro-batch-size", "2",
                "--global-batch-size", "2", "--lr", "0", "--min-lr", "0", "--train-iters", "1", "--eval-interval", "0",
                "--use-cpu")
     assert "iteration        1/       1" in proc.stdout, proc.stdout[-3000:]
