@@ -133,7 +133,7 @@ class TrainingConfig:
     eval_interval: int = arg(1000, help="Evaluate on the validation split every N iterations (0: never).")
     eval_iters: int = arg(10, help="Validation iterations per evaluation.")
     exit_interval: Optional[int] = arg(None, help="Exit after an iteration divisible by N (after saving).")
-    exit_signal_handler: bool = arg(False, help="Save and exit cleanly on SIGTERM (SLURM preemption).")
+    exit_signal_handler: bool = arg(False, help="Save and exit cleanly on SIGTERM or SIGUSR1 (SLURM preemption, --signal=USR1@T).")
     use_cpu: bool = arg(False, flag="--use-cpu", help="Force the CPU/gloo platform even when CUDA is present.")
 
 
