@@ -60,7 +60,6 @@ import json
 import multiprocessing as mp
 import os
 import pickle
-import platform as pyplatform
 import resource
 import shlex
 import socket
@@ -828,13 +827,7 @@ def main(argv=None) -> int:
         print(msg, flush=True)
 
     if args.render:
-        path = Path(args.render)
-        doc = json.loads(path.read_text())
-        doc["notes"] = doc.get("notes", []) + [f"Note: {n}" for n in args.note]
-        path.write_text(json.dumps(doc, indent=1) + "\n")
-        md_path = path.with_name(path.name[:-len(".json")] + ".md") if path.name.endswith(".json") else Path(f"{path}.md")
-        md_path.write_text(_markdown(doc))
-        log(f"wrote {md_path}")
+        log(f"wrote {machine.rerender(Path(args.render), _markdown, args.note)}")
         return 0
 
     if args.device == "cpu":

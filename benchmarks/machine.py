@@ -76,11 +76,29 @@ def describe(packages: dict[str, str], watched: list[str]) -> dict:
     }
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def write_results(prefix: Path, doc: dict, render) -> tuple[Path, Path]:
-    """`prefix.json` (the document) and `prefix.md` (render(doc)); returns both paths."""
+    """`prefix.json` (the document) and `prefix.md` (render(doc)), each written whole; returns both paths."""
     import json
     prefix.parent.mkdir(parents=True, exist_ok=True)
     json_path, md_path = Path(f"{prefix}.json"), Path(f"{prefix}.md")
-    json_path.write_text(json.dumps(doc, indent=1) + "\n")
-    md_path.write_text(render(doc))
+    _write_atomic(json_path, json.dumps(doc, indent=1) + "\n")
+    _write_atomic(md_path, render(doc))
     return json_path, md_path
+
+
+def rerender(json_path: Path, render, notes: list[str]) -> Path:
+    """Add `notes` to a results .json and rewrite it and its .md (render(doc)); returns the .md path."""
+    import json
+    doc = json.loads(json_path.read_text())
+    doc["notes"] = doc.get("notes", []) + [f"Note: {n}" for n in notes]
+    _write_atomic(json_path, json.dumps(doc, indent=1) + "\n")
+    md = (json_path.with_name(json_path.name[:-len(".json")] + ".md") if json_path.name.endswith(".json")
+          else Path(f"{json_path}.md"))
+    _write_atomic(md, render(doc))
+    return md

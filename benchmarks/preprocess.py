@@ -741,13 +741,7 @@ def main(argv=None) -> int:
     args = _parse(argv)
     t_start = time.monotonic()
     if args.render:
-        path = Path(args.render)
-        doc = json.loads(path.read_text())
-        doc["notes"] = doc.get("notes", []) + [f"Note: {n}" for n in args.note]
-        path.write_text(json.dumps(doc, indent=1) + "\n")
-        md = path.with_name(path.name[:-len(".json")] + ".md") if path.name.endswith(".json") else Path(f"{path}.md")
-        md.write_text(markdown(doc))
-        log(f"wrote {md}")
+        log(f"wrote {machine.rerender(Path(args.render), markdown, args.note)}")
         return 0
 
     tools = [BASELINE, OURS] if args.megatron_lm else [OURS]
