@@ -240,7 +240,8 @@ def export_hf(load: str, output: str, *, dtype: str = "bf16", iteration: Optiona
     from safetensors.torch import save_file
 
     from megatron_rpt.config.schema import RunConfig
-    from megatron_rpt.models.gpt import padded_vocab_size
+    from megatron_rpt.data.tokenizers import tokenizer_from_config
+    from megatron_rpt.models.gpt import model_vocab_size, padded_vocab_size
     from megatron_rpt.training.checkpointing import checkpoint_path, load_checkpoint, read_tracker
     if dtype not in _DTYPES:
         raise ConversionError(f"--dtype must be one of {', '.join(_DTYPES)}")
@@ -255,15 +256,10 @@ def export_hf(load: str, output: str, *, dtype: str = "bf16", iteration: Optiona
         cfg = RunConfig.from_dict(json.load(f)["run_config"])
     arch = _export_architecture(cfg)
     tokenizer_dir = cfg.data.tokenizer_model if cfg.data.tokenizer_type == "HuggingFaceTokenizer" else None
-    if tokenizer_dir:
-        from megatron_rpt.data.tokenizers import build_tokenizer
-        tok_vocab = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=tokenizer_dir).vocab_size
-    elif cfg.data.tokenizer_type in (None, "NullTokenizer"):
-        tok_vocab = (cfg.model.vocab_size or 0) + (1 if cfg.data.tokenizer_type == "NullTokenizer" else 0)
-    else:
-        from megatron_rpt.training.loop import _build_tokenizer
-        tok_vocab = _build_tokenizer(cfg).vocab_size
-    vocab_size = max(tok_vocab, cfg.model.vocab_size or 0)
+    # As the training run's model: an imported checkpoint (no tokenizer recorded) has exactly the
+    # recorded --vocab-size rows (the NullTokenizer's extra eod id is not an HF token).
+    tok_vocab = tokenizer_from_config(cfg).vocab_size if cfg.data.tokenizer_type else 0
+    vocab_size = model_vocab_size(tok_vocab, cfg)
     vocab = padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by, 1)
     cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, finetune=False, no_load_optim=True,
                                                                   no_load_rng=True))

@@ -413,6 +413,19 @@ def build_tokenizer(tokenizer_type: str, *, tokenizer_model: Optional[str] = Non
     raise TokenizerError(f"--tokenizer-type: unknown {tokenizer_type!r}; known: {', '.join(TOKENIZER_TYPES)}")
 
 
+def tokenizer_from_config(cfg) -> Tokenizer:
+    """The tokenizer of a run configuration's --tokenizer-* flags (NullTokenizer when none is given).
+
+    `cfg` is a `config.schema.RunConfig` (not imported here: the config package imports this module).
+    """
+    d = cfg.data
+    kind = d.tokenizer_type or "NullTokenizer"
+    tiktoken = dict(tiktoken_pattern=d.tiktoken_pattern, tiktoken_num_special_tokens=d.tiktoken_num_special_tokens,
+                    tiktoken_special_tokens=d.tiktoken_special_tokens or None) if kind == "TikTokenizer" else {}
+    return build_tokenizer(kind, tokenizer_model=d.tokenizer_model, vocab_file=d.vocab_file,
+                           merge_file=d.merge_file, vocab_size=cfg.model.vocab_size, **tiktoken)
+
+
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 

@@ -25,6 +25,13 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: 
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
+def model_vocab_size(tokenizer_vocab_size: int, cfg: RunConfig) -> int:
+    """The vocabulary the model embeds, before padding: the tokenizer's, as in Megatron-LM, or the
+    recorded --vocab-size when that is larger (an imported HF model may have more embedding rows
+    than its tokenizer has tokens: Qwen 151,936 vs 151,665)."""
+    return max(tokenizer_vocab_size, cfg.model.vocab_size or 0)
+
+
 def num_virtual_stages(cfg: RunConfig) -> int | None:
     p = cfg.parallel
     if p.num_layers_per_virtual_pipeline_stage is None:

@@ -52,16 +52,6 @@ class _SignalFlag:
         return bool(flag.item())
 
 
-def _build_tokenizer(cfg: RunConfig):
-    from megatron_rpt.data.tokenizers import build_tokenizer
-    d = cfg.data
-    kind = d.tokenizer_type or "NullTokenizer"
-    tiktoken = dict(tiktoken_pattern=d.tiktoken_pattern, tiktoken_num_special_tokens=d.tiktoken_num_special_tokens,
-                    tiktoken_special_tokens=d.tiktoken_special_tokens or None) if kind == "TikTokenizer" else {}
-    return build_tokenizer(kind, tokenizer_model=d.tokenizer_model, vocab_file=d.vocab_file,
-                           merge_file=d.merge_file, vocab_size=cfg.model.vocab_size, **tiktoken)
-
-
 def pretrain(cfg: RunConfig) -> PretrainResult:
     """Run (or resume) the pretraining job described by `cfg` on the current launcher's ranks."""
     # The platform (and on CPU the compatibility layer) comes before any Megatron-Core import.
@@ -71,10 +61,11 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
     from megatron_rpt import distributed as dist
     from megatron_rpt.data.datasets import (MicroBatchIterator, build_datasets, check_data_vocabulary,
                                             require_validation_set)
+    from megatron_rpt.data.tokenizers import tokenizer_from_config
     from megatron_rpt.loss import get_loss_function
     from megatron_rpt.models.flops import count_parameters, peak_tflops_for_device, training_flops_per_token
-    from megatron_rpt.models.gpt import (build_model_chunks, num_virtual_stages, padded_vocab_size,
-                                         transformer_config)
+    from megatron_rpt.models.gpt import (build_model_chunks, model_vocab_size, num_virtual_stages,
+                                         padded_vocab_size, transformer_config)
     from megatron_rpt.training.checkpointing import load_checkpoint, save_checkpoint
     from megatron_rpt.training.logging import MetricsLogger
     from megatron_rpt.training.optimizer import setup_model_and_optimizer
@@ -101,13 +92,10 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
     dist.set_random_seed(cfg.training.seed)
     t, m = cfg.training, cfg.model
 
-    tokenizer = _build_tokenizer(cfg)
+    tokenizer = tokenizer_from_config(cfg)
     # Data written with another tokenizer fails here, before the model is built or loaded.
     check_data_vocabulary(cfg, tokenizer)
-    # As in Megatron-LM the model's vocabulary is the tokenizer's, padded; an imported HF model may
-    # have more embedding rows than its tokenizer has tokens (Qwen: 151,936 vs 151,665): its
-    # recorded --vocab-size keeps them.
-    vocab = padded_vocab_size(max(tokenizer.vocab_size, m.vocab_size or 0), m.make_vocab_size_divisible_by,
+    vocab = padded_vocab_size(model_vocab_size(tokenizer.vocab_size, cfg), m.make_vocab_size_divisible_by,
                               p.tensor_model_parallel_size)
     config = transformer_config(cfg, platform)
     chunks = build_model_chunks(cfg, platform, vocab, device, config)

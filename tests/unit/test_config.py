@@ -173,7 +173,7 @@ def test_data_flags_parse():
 def test_tiktokenizer_flags_reach_the_tokenizer():
     import importlib.util
     import os
-    from megatron_rpt.training.loop import _build_tokenizer
+    from megatron_rpt.data.tokenizers import tokenizer_from_config
     spec = importlib.util.find_spec("tiktoken_ext")
     ranks = [os.path.join(p, "data", "cl100k_base.tiktoken") for p in (spec.submodule_search_locations if spec else [])]
     ranks = [p for p in ranks if os.path.exists(p)]
@@ -182,7 +182,7 @@ def test_tiktokenizer_flags_reach_the_tokenizer():
     cfg = parse_args(["--model-preset", "tiny", "--mock-data", "--tokenizer-type", "TikTokenizer",
                       "--tokenizer-model", ranks[0], "--tiktoken-pattern", "v1", "--tiktoken-num-special-tokens", "16",
                       "--vocab-size", "20016"])
-    tok = _build_tokenizer(cfg)
+    tok = tokenizer_from_config(cfg)
     assert (tok.vocab_size, tok.eod, tok.unique_identifiers["pattern"], tok.unique_identifiers["num_special_tokens"]) \
         == (20016, 2, "v1", 16)
     with pytest.raises(ConfigError, match="--tokenizer-type TikTokenizer needs --tokenizer-model"):
