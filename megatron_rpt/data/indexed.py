@@ -38,6 +38,20 @@ def token_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size < 65500 else np.int32
 
 
+def cast_tokens(tokens: np.ndarray, dtype: type, where: str) -> np.ndarray:
+    """`tokens` as `dtype` (unchanged if already), refusing negative ids and ids the dtype cannot
+    hold (no wrap-around)."""
+    tokens = np.asarray(tokens)
+    if tokens.dtype == dtype:
+        return tokens
+    if tokens.size and np.issubdtype(dtype, np.integer):
+        top = np.iinfo(dtype).max
+        if tokens.min() < 0 or tokens.max() > top:
+            bad = tokens[(tokens < 0) | (tokens > top)][0]
+            raise ValueError(f"token id {int(bad)} outside the {np.dtype(dtype).name} range of {where}")
+    return tokens.astype(dtype)
+
+
 def open_index(prefix: str, where: str = "input"):
     """Megatron-Core's reader of `prefix.idx` (memory-mapped), after `data.validate.check_prefix`:
     FileNotFoundError for a missing file, ValueError for an unreadable .idx or a .bin whose size
@@ -68,7 +82,6 @@ class IndexedWriter:
         self.dtype = np.dtype(dtype if dtype is not None else token_dtype(vocab_size)).type
         if self.dtype not in DTYPE_CODES:
             raise ValueError(f"{prefix}: unsupported token dtype {np.dtype(self.dtype).name}")
-        self._max_id = np.iinfo(self.dtype).max if np.issubdtype(self.dtype, np.integer) else None
         parent = os.path.dirname(os.path.abspath(prefix))
         os.makedirs(parent, exist_ok=True)
         self._tmp = {ext: f"{prefix}{ext}.tmp" for ext in (".bin", ".idx", ".lengths", ".docs")}
@@ -95,11 +108,7 @@ class IndexedWriter:
                              f"{int(lengths.sum())}, {lengths.size} sequences, {int(per_doc.sum())} in documents)")
         if lengths.size and (lengths.min() < 0 or lengths.max() > np.iinfo(np.int32).max):
             raise ValueError(f"{self.prefix}: a sequence length is outside the int32 range of the .idx")
-        if tokens.dtype != self.dtype:
-            if tokens.size and self._max_id is not None and (tokens.min() < 0 or tokens.max() > self._max_id):
-                bad = tokens[(tokens < 0) | (tokens > self._max_id)][0]
-                raise ValueError(f"token id {int(bad)} outside the {np.dtype(self.dtype).name} range of {self.prefix}")
-            tokens = tokens.astype(self.dtype)
+        tokens = cast_tokens(tokens, self.dtype, self.prefix)
         self._bin.write(memoryview(np.ascontiguousarray(tokens)).cast("B"))
         self._lengths.write(lengths.astype(np.int32).tobytes())
         self._docs.write((self.sequences + np.cumsum(per_doc)).astype(np.int64).tobytes())

@@ -40,7 +40,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from megatron_rpt.data.indexed import IndexedWriter, token_dtype
+from megatron_rpt.data.indexed import IndexedWriter, cast_tokens, token_dtype
 from megatron_rpt.data.tokenizers import build_tokenizer
 
 
@@ -296,10 +296,9 @@ def encode_chunk(data: bytes) -> ChunkResult:
         seqs = [s for j in keep for s in docs[j]]
         lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
         tokens = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(lengths.sum()))
-        if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(dtype).max):
-            raise ValueError(f"token id outside the {np.dtype(dtype).name} range of the output")
         per_doc = np.fromiter((len(docs[j]) for j in keep), dtype=np.int64, count=len(keep))
-        arrays[key] = (tokens.astype(dtype), lengths, per_doc)
+        # Cast here: the chunk travels back to the writer at the output's width, not as int64.
+        arrays[key] = (cast_tokens(tokens, dtype, f"the {key!r} output"), lengths, per_doc)
     return ChunkResult(len(keep), bad, arrays)
 
 

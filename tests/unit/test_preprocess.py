@@ -192,6 +192,12 @@ def test_writer_rejects_inconsistent_batches_and_out_of_range_ids(tmp_path):
         w.add_batch(np.arange(5), np.array([2, 2]), np.array([2]))
     with pytest.raises(ValueError, match="token id 70000 outside the uint16 range"):
         w.add_batch(np.array([1, 70000]), np.array([2]), np.array([1]))
+    with pytest.raises(ValueError, match="token id -1 outside the uint16 range"):
+        w.add_batch(np.array([1, -1]), np.array([2]), np.array([1]))
+    wide = IndexedWriter(str(tmp_path / "wide"), 100_000)
+    with pytest.raises(ValueError, match="token id -3 outside the int32 range"):
+        wide.add_document([5, -3])
+    wide.abort()
     w.abort()
     assert list(tmp_path.iterdir()) == []
 
