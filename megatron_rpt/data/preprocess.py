@@ -315,7 +315,7 @@ class _Done:
 # --------------------------------------------------------------------------- driver
 
 class _Run:
-    """Shared state of one preprocess run: stats, progress, the first error, stop flag."""
+    """Shared state of one preprocess run: stats, progress, first bad-line examples, stop flag."""
 
     def __init__(self, skip_bad_lines: bool, log_interval: int, bar):
         self.lock = threading.Lock()

@@ -99,6 +99,13 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.decode([int(i) for i in ids])
 
 
+# Compared on both backends before a tokenizer runs on tiktoken. Exercises the pre-tokenizer's
+# branches: contractions, letters, digits, punctuation runs, whitespace runs (incl. trailing),
+# non-ASCII, emoji, CR/LF.
+BPE_PROBE = ("It's 2026: they'll say  \"hello\"   world!!\n\n\tTabs\r\nÜñïcödé ☃ 🙂 数字123456 <|endoftext|>"
+             " 'S 'LL 're   ")
+
+
 class _HFBase(Tokenizer):
     _fast = None
 
@@ -106,7 +113,7 @@ class _HFBase(Tokenizer):
         self._tok = tok
         backend = tok.backend_tokenizer
         fast = tiktoken_equivalent(backend)
-        probe = GPT2BPETokenizer._PROBE + " ".join(list(tok.get_added_vocab())[:64])
+        probe = BPE_PROBE + " ".join(list(tok.get_added_vocab())[:64])
         if fast is not None and fast.encode(probe, allowed_special="all") == \
                 backend.encode(probe, add_special_tokens=False).ids:
             self._fast = fast
@@ -169,11 +176,6 @@ class GPT2BPETokenizer(Tokenizer):
     Needs `tokenizers` only (not transformers/torch: preprocessing workers stay small).
     """
 
-    # Exercises the pre-tokenizer's branches: contractions, letters, digits, punctuation runs,
-    # whitespace runs (incl. trailing), non-ASCII, emoji, CR/LF.
-    _PROBE = ("It's 2026: they'll say  \"hello\"   world!!\n\n\tTabs\r\nÜñïcödé ☃ 🙂 数字123456 <|endoftext|>"
-              " 'S 'LL 're   ")
-
     def __init__(self, vocab_file: str, merge_file: str):
         from tokenizers import ByteLevelBPETokenizer
         super().__init__(vocab=os.path.abspath(vocab_file), merges=os.path.abspath(merge_file))
@@ -188,7 +190,7 @@ class GPT2BPETokenizer(Tokenizer):
         self.vocab_size = self._ref.get_vocab_size()
         self.eod = int(vocab["<|endoftext|>"])
         self._fast = tiktoken_equivalent(self._ref._tokenizer)
-        if self._fast is not None and self._fast.encode_ordinary(self._PROBE) != self._ref.encode(self._PROBE).ids:
+        if self._fast is not None and self._fast.encode_ordinary(BPE_PROBE) != self._ref.encode(BPE_PROBE).ids:
             self._fast = None
 
     def tokenize(self, text: str) -> list[int]:
