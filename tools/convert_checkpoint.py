@@ -1,19 +1,35 @@
 #!/usr/bin/env python
 """Convert between Hugging Face folders and megatron-rpt (Megatron-Core torch_dist) checkpoints.
 
-  import --hf-dir HF_DIR --save CKPT_DIR [--force]
+  import --hf-dir HF_DIR --save CKPT_DIR [--tensor-model-parallel-size N --pipeline-model-parallel-size N
+         --expert-model-parallel-size N] [--force]
       LlamaForCausalLM / Qwen3ForCausalLM / Qwen3MoeForCausalLM safetensors -> a model-only checkpoint
-      that `mrpt-pretrain --load CKPT_DIR` starts from (any TP/PP/EP; it reshards on load).
-  export --load CKPT_DIR --output HF_DIR [--dtype bf16|fp32|fp16] [--iteration N] [--force]
+      that `mrpt-pretrain --load CKPT_DIR` starts from. The checkpoint reshards on load (any TP/PP/EP);
+      the sizes given are checked against the model and recorded in its run configuration.
+  export --load CKPT_DIR --output HF_DIR [--dtype bf16|fp32|fp16] [--iteration N] [--max-shard-size 2GB]
+         [--force]
       a checkpoint saved at any layout -> config.json, generation_config.json, safetensors shards
       (+ index), tokenizer files.
+Both stream one tensor at a time (peak memory ~ the largest tensor + one output shard).
 Library code: megatron_rpt.convert.checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+
+def _size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    for unit, factor in units.items():
+        if t.endswith(unit) and t[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            value = int(float(t[: -len(unit)]) * factor)
+            if value > 0:
+                return value
+    raise argparse.ArgumentTypeError(f"{text!r} is not a size like 500MB or 2GB")
 
 
 def main(argv=None) -> int:
@@ -23,21 +39,29 @@ def main(argv=None) -> int:
     imp.add_argument("--hf-dir", required=True)
     imp.add_argument("--save", required=True)
     imp.add_argument("--force", action="store_true", help="replace a non-empty --save folder")
+    imp.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    imp.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    imp.add_argument("--expert-model-parallel-size", type=int, default=1)
     exp = sub.add_parser("export", help="checkpoint -> Hugging Face folder")
     exp.add_argument("--load", required=True)
     exp.add_argument("--output", required=True)
     exp.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
     exp.add_argument("--iteration", type=int)
     exp.add_argument("--force", action="store_true", help="replace a non-empty --output folder")
+    exp.add_argument("--max-shard-size", type=_size, default="2GB",
+                     help="largest safetensors file (e.g. 500MB, 5GB; a larger single tensor gets its own file)")
     for p in (imp, exp):
         p.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     from megatron_rpt.convert.checkpoint import ConversionError, export_hf, import_hf
+    from megatron_rpt.training.checkpointing import CheckpointError
     from megatron_rpt.platform import quiet_optional_backend_warnings
     quiet_optional_backend_warnings()
     try:
         if args.command == "import":
-            r = import_hf(args.hf_dir, args.save, force=args.force, progress=not args.no_progress)
+            layout = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                      args.expert_model_parallel_size)
+            r = import_hf(args.hf_dir, args.save, force=args.force, progress=not args.no_progress, layout=layout)
             flags = " ".join(f"--{k.replace('_', '-')} {v}" if not isinstance(v, bool) else
                              (f"--{k.replace('_', '-')}" if v else "") for k, v in r["flags"].items()).split()
             print(f"imported {r['architecture']} -> {r['path']}")
@@ -47,13 +71,24 @@ def main(argv=None) -> int:
                      else "") + " ...")
         else:
             r = export_hf(args.load, args.output, dtype=args.dtype, iteration=args.iteration, force=args.force,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, shard_bytes=args.max_shard_size)
             print(f"exported iteration {r['iteration']} as {r['architecture']} -> {r['path']} ({r['files']} file(s))")
-    except (ConversionError, ValueError, FileNotFoundError) as e:
+    except (ConversionError, CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
+def _exit(code: int) -> None:
+    """Leave without interpreter teardown once the outputs are complete (files written, renamed,
+    fsynced). After the 1-rank gloo group is destroyed its C++ worker threads (pt_gloo_runloop,
+    gloo_tcp_loop) outlive every Python reference, and libtorch's static destructors at exit
+    aborted the process ("terminate called without an active exception", exit 134) in ~1 of 12
+    runs of a finished conversion (torch 2.13, gloo)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

@@ -1,12 +1,12 @@
 """Hugging Face folder <-> Megatron distributed checkpoint (what tools/convert_checkpoint.py runs).
 
-`import_hf`: config.json -> our model flags (`hf_config`), safetensors -> the Megatron model built
-in this process (TP=1), saved as a *model-only* checkpoint at iteration 0 with the run
+`import_hf`: config.json -> our model flags (`hf_config`), safetensors -> the Megatron model of
+this process (TP=1), saved as a *model-only* checkpoint at iteration 0 with the run
 configuration recorded: `mrpt-pretrain --load DIR` (any TP/PP/EP: checkpoints reshard on load)
 starts from these weights with a fresh optimizer. The HF folder's tokenizer is recorded as
 `--tokenizer-type HuggingFaceTokenizer --tokenizer-model HF_DIR`.
 
-`export_hf`: a checkpoint saved at any layout is loaded into the model built here at TP=1 (the
+`export_hf`: a checkpoint saved at any layout is read as the TP=1 model's parameters (the
 checkpoint reshards), mapped back tensor by tensor, and written as safetensors shards with an
 index, config.json and generation_config.json (and the tokenizer files when the run used an HF
 tokenizer folder).
@@ -14,7 +14,9 @@ tokenizer folder).
 Safety: safetensors only (nothing unpickled from the HF side; our checkpoints are read with
 Megatron-Core's dist_checkpointing), outputs go to a temporary folder renamed when complete, and a
 non-empty output folder is refused without `force`.
-Current limits: the model is materialised once in memory (not yet streamed tensor by tensor), and
+Both directions stream (`convert.streaming`): the model exists only on the meta device, each
+parameter is converted when it is written (import) or read with its own partial load (export), so
+peak memory is about the largest tensor plus one output shard, whatever the model size.
 MoE export needs the Qwen3-MoE router (softmax, no expert bias).
 """
 
@@ -31,7 +33,7 @@ import torch
 from megatron_rpt.convert.hf_config import architecture, model_flags_from_hf, shape_from_hf
 from megatron_rpt.convert.mapping import Shape, expand, family_rules, to_hf, to_megatron
 
-SHARD_BYTES = 2 << 30
+SHARD_BYTES = 2 * 10**9   # --max-shard-size default (2GB)
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -87,15 +89,22 @@ class _SafetensorsFolder:
     def names(self) -> set[str]:
         return set(self._map)
 
-    def get(self, name: str) -> torch.Tensor:
+    def _file(self, name: str):
         if name not in self._map:
             raise ConversionError(f"tensor {name} not found in the HF checkpoint")
-        return self._files[self._map[name]].get_tensor(name)
+        return self._files[self._map[name]]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._file(name).get_tensor(name)
+
+    def shape(self, name: str) -> list[int]:
+        return self._file(name).get_slice(name).get_shape()
 
 
-def _single_process_model(cfg, vocab: int):
+def _single_process_model(cfg, vocab: int, device: str = "cpu"):
     """Platform + a 1-rank process group + this run's model (unwrapped chunks) at TP=PP=EP=1, whatever
-    layout `cfg` was trained with (the checkpoint reshards on load)."""
+    layout `cfg` was trained with (the checkpoint reshards on load). `device="meta"` builds the
+    structure only (no parameter memory)."""
     from megatron_rpt import distributed as dist
     from megatron_rpt.config.schema import ParallelConfig
     from megatron_rpt.models.gpt import build_model_chunks
@@ -104,7 +113,8 @@ def _single_process_model(cfg, vocab: int):
     platform = setup_platform(force_cpu=True)
     dist.init_distributed(backend="gloo", device_type="cpu")
     dist.set_random_seed(cfg.training.seed)
-    return build_model_chunks(cfg, platform, vocab, torch.device("cpu"))
+    with torch.device(device):
+        return build_model_chunks(cfg, platform, vocab, torch.device(device))
 
 
 def _teardown() -> None:
@@ -116,25 +126,35 @@ def _teardown() -> None:
         torch.distributed.destroy_process_group()
 
 
-def _run_config(model_flags: dict, tokenizer_dir: Optional[str], vocab_size: int):
+def _run_config(model_flags: dict, tokenizer_dir: Optional[str], vocab_size: int, layout: tuple[int, int, int]):
+    """The run configuration recorded with an imported checkpoint; `layout` = (TP, PP, EP) the user
+    means to train with (the checkpoint itself reshards to any; this records and checks it)."""
     from megatron_rpt.config import parse_args
+    from megatron_rpt.config.validation import validate_config
+    tp, pp, ep = layout
     argv = ["--mock-data", "--lr", "0", "--train-iters", "1", "--seq-length",
-            str(min(4096, model_flags["max_position_embeddings"]))]
+            str(min(4096, model_flags["max_position_embeddings"])), "--tensor-model-parallel-size", str(tp),
+            "--pipeline-model-parallel-size", str(pp), "--expert-model-parallel-size", str(ep)]
     cfg = parse_args(argv)
     model = dataclasses.replace(cfg.model, vocab_size=vocab_size, **model_flags)
     data = cfg.data
     if tokenizer_dir:
         data = dataclasses.replace(data, mock_data=False, tokenizer_type="HuggingFaceTokenizer",
                                    tokenizer_model=os.path.abspath(tokenizer_dir))
-    return dataclasses.replace(cfg, model=model, data=data)
+    # Checked as a mock-data run: the training data is the user's to give at --load time.
+    checked = validate_config(dataclasses.replace(cfg, model=model, data=dataclasses.replace(data, mock_data=True)),
+                              tp * pp * ep, check_files=False)
+    return dataclasses.replace(checked, data=data)
 
 
 def _has_tokenizer(folder: str) -> bool:
     return any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer.model"))
 
 
-def import_hf(hf_dir: str, save: str, *, force: bool = False, progress: bool = True) -> dict:
-    """HF folder -> model-only Megatron checkpoint under `save` (see module docstring)."""
+def import_hf(hf_dir: str, save: str, *, force: bool = False, progress: bool = True,
+              layout: tuple[int, int, int] = (1, 1, 1)) -> dict:
+    """HF folder -> model-only Megatron checkpoint under `save` (see module docstring); `layout`:
+    the (TP, PP, EP) sizes recorded in the run configuration (checked against the model)."""
     from megatron_rpt.models.gpt import padded_vocab_size
     config_path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(config_path):
@@ -144,7 +164,7 @@ def import_hf(hf_dir: str, save: str, *, force: bool = False, progress: bool = T
     flags = model_flags_from_hf(config)
     arch = architecture(config)
     tensors = _SafetensorsFolder(hf_dir)
-    cfg = _run_config(flags, hf_dir if _has_tokenizer(hf_dir) else None, config["vocab_size"])
+    cfg = _run_config(flags, hf_dir if _has_tokenizer(hf_dir) else None, config["vocab_size"], layout)
     vocab = padded_vocab_size(config["vocab_size"], cfg.model.make_vocab_size_divisible_by, 1)
     shape = shape_from_hf(config, vocab)
     rules = family_rules(arch)
@@ -155,7 +175,7 @@ def import_hf(hf_dir: str, save: str, *, force: bool = False, progress: bool = T
                               f"{', '.join(missing[:3])}")
     if os.path.exists(save) and os.listdir(save) and not force:
         raise ConversionError(f"--save {save} exists and is not empty; pass --force to replace it")
-    chunks = _single_process_model(cfg, vocab)
+    chunks = _single_process_model(cfg, vocab, device="meta")
     try:
         return _import_into(chunks, cfg, rules, shape, tensors, save, force, progress, arch, config)
     finally:
@@ -163,29 +183,44 @@ def import_hf(hf_dir: str, save: str, *, force: bool = False, progress: bool = T
 
 
 def _import_into(chunks, cfg, rules, shape, tensors, save, force, progress, arch, config) -> dict:
+    from megatron_rpt.convert.streaming import LazySaveStrategy, placeholder_model
     from megatron_rpt.training.checkpointing import save_checkpoint
-    own = {k: v for k, v in chunks[0].state_dict().items() if not k.endswith("_extra_state")}
-    items = list(expand(rules, shape))
-    bar = _bar(len(items), "import", progress)
-    with torch.no_grad():
-        for name, hf_names, rule, _, _ in items:
-            if name not in own:
-                raise ConversionError(f"{name}: no such parameter in the Megatron model (mapping out of date?)")
-            tensor = to_megatron(rule, [tensors.get(h) for h in hf_names], shape, 0, 1, name)
-            if tensor.shape != own[name].shape:
-                raise ConversionError(f"{name} <- {', '.join(hf_names)}: shape {tuple(tensor.shape)} does not match "
-                                      f"the model's {tuple(own[name].shape)}")
-            own[name].copy_(tensor.to(own[name].dtype))
-            bar.update(1)
-    bar.close()
-    unmapped = sorted(set(own) - {n for n, _, _, _, _ in items} - {k for k in own if k.endswith("expert_bias")})
+    own = {k: v for k, v in placeholder_model(chunks[0]).items() if not k.endswith("_extra_state")}
+    items = {name: (hf_names, rule) for name, hf_names, rule, _, _ in expand(rules, shape)}
+    params = {name for name, _ in chunks[0].named_parameters()}
+    for name in items:
+        if name not in own:
+            raise ConversionError(f"{name}: no such parameter in the Megatron model (mapping out of date?)")
+    unmapped = sorted(params - set(items))
     if unmapped:
         raise ConversionError(f"model parameters with no mapping: {', '.join(unmapped[:5])}")
+    # Every shape is checked before anything is written (meta tensors: no data is read).
+    for name, (hf_names, rule) in items.items():
+        metas = [torch.empty(tensors.shape(h), device="meta") for h in hf_names]
+        try:
+            got = to_megatron(rule, metas, shape, 0, 1, name).shape
+        except (ValueError, RuntimeError) as e:
+            raise ConversionError(f"{name} <- {', '.join(hf_names)}: shapes "
+                                  f"{[tuple(m.shape) for m in metas]} do not fit: {e}") from None
+        if got != own[name].shape:
+            raise ConversionError(f"{name} <- {', '.join(hf_names)}: shape {tuple(got)} does not match "
+                                  f"the model's {tuple(own[name].shape)}")
+    bar = _bar(len(items), "import", progress)
+
+    def produce(name: str) -> torch.Tensor:
+        if name not in items:  # a buffer (router expert bias / counts): its fresh-model value
+            return own[name]
+        hf_names, rule = items[name]
+        value = to_megatron(rule, [tensors.get(h) for h in hf_names], shape, 0, 1, name).to(own[name].dtype)
+        bar.update(1)
+        return value
+
     if force and os.path.isdir(save):
         shutil.rmtree(save)
-    state = _ModelOnly(chunks)
-    path = save_checkpoint(save, 0, state, cfg, consumed_train_samples=0, consumed_valid_samples=0,
-                           fully_parallel=False)
+    strategy = LazySaveStrategy(own, produce)
+    path = save_checkpoint(save, 0, _ModelOnly(chunks), cfg, consumed_train_samples=0, consumed_valid_samples=0,
+                           fully_parallel=False, sharded_strategy=strategy)
+    bar.close()
     return {"path": path, "architecture": arch, "flags": model_flags_from_hf(config), "vocab_size": config["vocab_size"],
             "tokenizer": cfg.data.tokenizer_model}
 
@@ -236,13 +271,12 @@ def _export_architecture(cfg) -> str:
 
 def export_hf(load: str, output: str, *, dtype: str = "bf16", iteration: Optional[int] = None,
               force: bool = False, progress: bool = True, shard_bytes: int = SHARD_BYTES) -> dict:
-    """Megatron checkpoint (any layout) -> HF folder (see module docstring)."""
-    from safetensors.torch import save_file
-
+    """Megatron checkpoint (any layout) -> HF folder (see module docstring). `shard_bytes`: the
+    largest output file (a larger single tensor gets a file of its own)."""
     from megatron_rpt.config.schema import RunConfig
     from megatron_rpt.data.tokenizers import tokenizer_from_config
     from megatron_rpt.models.gpt import model_vocab_size, padded_vocab_size
-    from megatron_rpt.training.checkpointing import checkpoint_path, load_checkpoint, read_tracker
+    from megatron_rpt.training.checkpointing import checkpoint_path, read_tracker
     if dtype not in _DTYPES:
         raise ConversionError(f"--dtype must be one of {', '.join(_DTYPES)}")
     it = iteration if iteration is not None else read_tracker(load)
@@ -261,23 +295,34 @@ def export_hf(load: str, output: str, *, dtype: str = "bf16", iteration: Optiona
     tok_vocab = tokenizer_from_config(cfg).vocab_size if cfg.data.tokenizer_type else 0
     vocab_size = model_vocab_size(tok_vocab, cfg)
     vocab = padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by, 1)
-    cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, finetune=False, no_load_optim=True,
-                                                                  no_load_rng=True))
-    chunks = _single_process_model(cfg, vocab)
-    try:
-        load_checkpoint(load, _ModelOnly(chunks), cfg, iteration=it)
-        own = chunks[0].state_dict()
-    finally:
-        _teardown()
     m = cfg.model
     shape = Shape(num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
                   num_query_groups=m.num_query_groups or m.num_attention_heads,
                   head_dim=m.kv_channels or m.hidden_size // m.num_attention_heads, vocab_size=vocab_size,
                   padded_vocab_size=vocab, tied=not m.untie_embeddings_and_output_weights,
                   num_experts=m.num_experts or 0)
+    chunks = _single_process_model(cfg, vocab, device="meta")
+    try:
+        return _export_from(chunks, cfg, arch, shape, path, it, output, tokenizer_dir, dtype=dtype, force=force,
+                            progress=progress, shard_bytes=shard_bytes)
+    finally:
+        _teardown()
+
+
+def _export_from(chunks, cfg, arch, shape, path, it, output, tokenizer_dir, *, dtype, force, progress,
+                 shard_bytes) -> dict:
+    from safetensors.torch import save_file
+
+    from megatron_rpt.convert.streaming import read_tensors
+    from megatron_rpt.training.checkpointing import load_sharded, open_checkpoint
+    open_checkpoint(os.path.dirname(path), it)  # complete and readable by this megatron-core?
+    sharded = chunks[0].sharded_state_dict()
     tmp = _prepare_output(output, force)
     try:
-        items = list(expand(family_rules(arch), shape))
+        items = {name: (hf_names, rule) for name, hf_names, rule, _, _ in expand(family_rules(arch), shape)}
+        missing = sorted(set(items) - set(sharded))
+        if missing:
+            raise ConversionError(f"{path}: the model has no {', '.join(missing[:3])} (mapping out of date?)")
         bar = _bar(len(items), "export", progress)
         shard: dict = {}
         size, files, weight_map = 0, [], {}
@@ -291,8 +336,9 @@ def export_hf(load: str, output: str, *, dtype: str = "bf16", iteration: Optiona
                 weight_map.update({k: name for k in shard})
                 shard, size = {}, 0
 
-        for name, hf_names, rule, _, _ in items:
-            for hf_name, tensor in zip(hf_names, to_hf(rule, own[name].detach(), shape)):
+        for name, value in read_tensors(lambda sub: load_sharded(sub, path, partial=True), sharded, items):
+            hf_names, rule = items[name]
+            for hf_name, tensor in zip(hf_names, to_hf(rule, value, shape)):
                 tensor = tensor.to(_DTYPES[dtype]).contiguous()
                 if size and size + tensor.numel() * tensor.element_size() > shard_bytes:
                     flush()
@@ -312,7 +358,7 @@ def export_hf(load: str, output: str, *, dtype: str = "bf16", iteration: Optiona
                 json.dump({"metadata": {}, "weight_map": {k: final_names[v] for k, v in weight_map.items()}}, f,
                           indent=2)
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(_hf_config(cfg, arch, vocab_size, dtype), f, indent=2)
+            json.dump(_hf_config(cfg, arch, shape.vocab_size, dtype), f, indent=2)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"do_sample": False}, f, indent=2)
         if tokenizer_dir:
@@ -323,4 +369,4 @@ def export_hf(load: str, output: str, *, dtype: str = "bf16", iteration: Optiona
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"path": output, "architecture": arch, "iteration": it, "files": total}
+    return {"path": output, "architecture": arch, "iteration": it, "files": total, "vocab_size": shape.vocab_size}

@@ -152,8 +152,12 @@ def _state_dict(state, *, is_loading: bool, with_optimizer: bool, with_rng: bool
 
 
 def save_checkpoint(root: str, iteration: int, state, cfg: RunConfig, *, consumed_train_samples: int,
-                    consumed_valid_samples: int, fully_parallel: bool = True) -> str:
-    """Write iteration `iteration` under `root` atomically; returns the final directory."""
+                    consumed_valid_samples: int, fully_parallel: bool = True, sharded_strategy=None) -> str:
+    """Write iteration `iteration` under `root` atomically; returns the final directory.
+
+    `sharded_strategy`: a torch_dist save strategy other than Megatron-Core's default (the
+    converter's tensor-at-a-time `convert.streaming.LazySaveStrategy`).
+    """
     final = checkpoint_path(root, iteration)
     tmp = final + ".tmp"
     if _rank() == 0:
@@ -168,7 +172,7 @@ def save_checkpoint(root: str, iteration: int, state, cfg: RunConfig, *, consume
     sd.update(iteration=iteration, consumed_train_samples=consumed_train_samples,
               consumed_valid_samples=consumed_valid_samples, run_config=cfg.to_dict(),
               parallel_layout=_layout(), checkpoint_version=1, model_only=model_only)
-    strategy = get_default_save_sharded_strategy()
+    strategy = sharded_strategy or get_default_save_sharded_strategy()
     if fully_parallel and parallel_state.get_data_parallel_world_size() > 1:
         strategy = FullyParallelSaveStrategyWrapper(
             strategy, parallel_state.get_data_parallel_group(with_context_parallel=True))
@@ -257,13 +261,9 @@ def _same_structure(loaded, requested):
     return fitted
 
 
-def load_checkpoint(root: str, state, cfg: RunConfig, *, iteration: Optional[int] = None) -> Optional[LoadedCheckpoint]:
-    """Load the latest (or `iteration`) checkpoint under `root` into `state`; None if there is none.
-
-    Optimizer and RNG state are skipped with --finetune / --no-load-optim / --no-load-rng; RNG is
-    also skipped (with a warning) when the tensor/pipeline layout differs from the saved one.
-    """
-    c = cfg.checkpoint
+def open_checkpoint(root: str, iteration: Optional[int] = None) -> Optional[tuple[str, dict]]:
+    """(folder, common state) of the latest (or `iteration`) checkpoint under `root`; None if there
+    is none. Errors name what is missing or unreadable."""
     if iteration is None:
         iteration = read_tracker(root)
         if iteration is None:
@@ -280,10 +280,57 @@ def load_checkpoint(root: str, state, cfg: RunConfig, *, iteration: Optional[int
         if any(n.endswith(".distcp") for n in os.listdir(path)):
             raise CheckpointError(f"--load {root}: {path} was saved by megatron-core >= 0.17 (no common.pt); "
                                   f"load it with megatron-core >= 0.17 (Python >= 3.12)")
+    _check_files(path)
     try:
         common = dist_checkpointing.load_common_state_dict(path)
     except Exception as e:  # noqa: BLE001 - any failure here means an unreadable checkpoint
         raise CheckpointError(f"--load {root}: cannot read checkpoint {path}: {e}") from e
+    return path, common
+
+
+def _check_files(path: str) -> None:
+    """Every data file the checkpoint's DCP metadata refers to exists and is long enough (a file
+    removed or truncated after the save is named here instead of failing deep inside a load)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        raise CheckpointError(f"{path}: .metadata is missing (not a torch_dist checkpoint, or incomplete)")
+    try:
+        storage = FileSystemReader(path).read_metadata().storage_data
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}/.metadata is unreadable: {type(e).__name__}: {e}") from e
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{path}: data file {name} is missing (the checkpoint is incomplete)")
+        if os.path.getsize(file) < size:
+            raise CheckpointError(f"{path}: data file {name} has {os.path.getsize(file)} bytes, the metadata "
+                                  f"needs {size} (truncated)")
+
+
+def load_sharded(sharded_state_dict: dict, path: str, *, partial: bool = False) -> dict:
+    """`dist_checkpointing.load` of a checkpoint, failures as one CheckpointError. `partial`: the
+    state dict holds only some entries (e.g. some layers of a layer-stacked tensor), so Megatron-Core's
+    check that the requested shards cover every tensor whole is skipped."""
+    try:
+        return dist_checkpointing.load(sharded_state_dict, path, validate_access_integrity=not partial)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"loading {path} failed: {type(e).__name__}: {e}") from e
+
+
+def load_checkpoint(root: str, state, cfg: RunConfig, *, iteration: Optional[int] = None) -> Optional[LoadedCheckpoint]:
+    """Load the latest (or `iteration`) checkpoint under `root` into `state`; None if there is none.
+
+    Optimizer and RNG state are skipped with --finetune / --no-load-optim / --no-load-rng; RNG is
+    also skipped (with a warning) when the tensor/pipeline layout differs from the saved one.
+    """
+    c = cfg.checkpoint
+    opened = open_checkpoint(root, iteration)
+    if opened is None:
+        return None
+    path, common = opened
     saved_layout = common.get("parallel_layout", {})
     layout = _layout()
     same_layout = all(saved_layout.get(k) == layout[k] for k in ("tp", "pp"))
@@ -296,10 +343,7 @@ def load_checkpoint(root: str, state, cfg: RunConfig, *, iteration: Optional[int
     if load_optim:
         prepare_optimizer_for_load(state.optimizer)
     sd = _state_dict(state, is_loading=True, with_optimizer=load_optim, with_rng=load_rng)
-    try:
-        loaded = dist_checkpointing.load(sd, path)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"--load {root}: loading {path} failed: {type(e).__name__}: {e}") from e
+    loaded = load_sharded(sd, path)
     chunks = [unwrap(m) for m in state.model]
     if len(chunks) == 1:
         chunks[0].load_state_dict(loaded["model"], strict=True)

@@ -126,3 +126,44 @@ def test_import_errors(tmp_path):
     proc = convert("import", "--hf-dir", hf, "--save", tmp_path / "c", check=False)
     assert proc.returncode == 2 and "pickled .bin files are refused" in proc.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_import_checks_shapes_and_layout_before_writing(tmp_path):
+    hf = tmp_path / "hf"
+    run(sys.executable, "-c", MAKE, "Qwen3ForCausalLM", hf, "tied")
+    # TP must divide the heads (4) / query groups (2): refused, nothing written.
+    proc = convert("import", "--hf-dir", hf, "--save", tmp_path / "c", "--tensor-model-parallel-size", "3",
+                   check=False)
+    assert proc.returncode == 2 and "tensor-model-parallel-size" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "c").exists()
+    # A layout that fits is recorded with the checkpoint's run configuration.
+    convert("import", "--hf-dir", hf, "--save", tmp_path / "c", "--tensor-model-parallel-size", "2",
+            "--pipeline-model-parallel-size", "2")
+    recorded = json.load(open(tmp_path / "c" / "iter_0000000" / "run_config.json"))["run_config"]["parallel"]
+    assert (recorded["tensor_model_parallel_size"], recorded["pipeline_model_parallel_size"]) == (2, 2)
+    # A tensor whose shape does not fit the config is named, before anything is written.
+    run(sys.executable, "-c", "import sys; from safetensors.torch import load_file, save_file; "
+        "t = load_file(sys.argv[1]); k = 'model.layers.1.self_attn.k_proj.weight'; t[k] = t[k][:, :60].clone(); "
+        "save_file(t, sys.argv[1], metadata={'format': 'pt'})", hf / "model.safetensors")
+    proc = convert("import", "--hf-dir", hf, "--save", tmp_path / "d", check=False)
+    assert proc.returncode == 2 and "model.layers.1.self_attn.k_proj.weight" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "d").exists()
+
+
+def test_export_of_an_incomplete_checkpoint_is_a_clear_error(tmp_path):
+    hf, ckpt, out = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "out"
+    run(sys.executable, "-c", MAKE, "LlamaForCausalLM", hf, "untied")
+    convert("import", "--hf-dir", hf, "--save", ckpt)
+    proc = convert("export", "--load", ckpt, "--output", out, "--iteration", "5", check=False)
+    assert proc.returncode == 2 and "iter_0000005" in proc.stderr, proc.stderr[-2000:]
+    (data,) = (ckpt / "iter_0000000").glob("*.distcp")
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size - 10)
+    proc = convert("export", "--load", ckpt, "--output", out, check=False)
+    assert proc.returncode == 2 and f"data file {data.name} has" in proc.stderr and "truncated" in proc.stderr, \
+        proc.stderr[-2000:]
+    data.unlink()
+    proc = convert("export", "--load", ckpt, "--output", out, check=False)
+    assert proc.returncode == 2 and f"data file {data.name} is missing" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() and not Path(str(out) + ".tmp").exists()
