@@ -133,6 +133,11 @@ class TrainingConfig:
     eval_interval: int = arg(1000, help="Evaluate on the validation split every N iterations (0: never).")
     eval_iters: int = arg(10, help="Validation iterations per evaluation.")
     exit_interval: Optional[int] = arg(None, help="Exit after an iteration divisible by N (after saving).")
+    exit_duration_in_mins: Optional[float] = arg(None, help="Save and exit once training has run this many "
+                                                 "minutes (checked after every iteration, agreed by all ranks).")
+    nonfinite_grad_skip_limit: int = arg(5, help="Skip the update of an iteration whose gradients contain "
+                                         "NaN/inf (bf16/fp32; fp16 has its loss scaler) and stop with an error "
+                                         "after more than N consecutive ones (0: stop at the first).")
     exit_signal_handler: bool = arg(False, help="Save and exit cleanly on SIGTERM or SIGUSR1 (SLURM preemption, --signal=USR1@T).")
     use_cpu: bool = arg(False, flag="--use-cpu", help="Force the CPU/gloo platform even when CUDA is present.")
 
@@ -185,6 +190,9 @@ class CheckpointConfig:
     no_load_optim: bool = arg(False, help="Do not load optimizer state.")
     no_load_rng: bool = arg(False, help="Do not load RNG state.")
     finetune: bool = arg(False, help="Load weights only and start at iteration 0.")
+    ckpt_fallback_to_previous: bool = arg(False, help="When the latest checkpoint is incomplete or unreadable, "
+                                          "load the newest earlier one that is intact (with a warning) instead "
+                                          "of stopping with the error.")
     ckpt_fully_parallel_save: bool = arg(True, flag="--ckpt-fully-parallel-save",
                                          negative="--no-ckpt-fully-parallel-save",
                                          help="Spread the save over data-parallel ranks.")

@@ -117,7 +117,7 @@ def _check_loss(cfg: RunConfig) -> list[str]:
 def validate_config(cfg: RunConfig, world_size: int, *, check_files: bool = True) -> RunConfig:
     """Fill derived defaults and raise `ConfigError` listing every problem found."""
     _complete_defaults(cfg, world_size)
-    m, p, t, o, d, c = cfg.model, cfg.parallel, cfg.training, cfg.optimizer, cfg.data, cfg.checkpoint
+    m, p, t, o, c = cfg.model, cfg.parallel, cfg.training, cfg.optimizer, cfg.checkpoint
     problems: list[str] = []
 
     def need(value, flag: str) -> None:
@@ -139,6 +139,12 @@ def validate_config(cfg: RunConfig, world_size: int, *, check_files: bool = True
             problems.append(f"{flag} must be >= 1 (got {value})")
     if problems and any("must be >= 1" in x for x in problems):
         raise ConfigError(problems)
+    if t.exit_duration_in_mins is not None and not t.exit_duration_in_mins > 0:
+        problems.append(f"--exit-duration-in-mins must be > 0 (got {t.exit_duration_in_mins})")
+    if t.exit_interval is not None and t.exit_interval < 1:
+        problems.append(f"--exit-interval must be >= 1 (got {t.exit_interval})")
+    if t.nonfinite_grad_skip_limit < 0:
+        problems.append(f"--nonfinite-grad-skip-limit must be >= 0 (got {t.nonfinite_grad_skip_limit})")
 
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
     mp = tp * pp * cp

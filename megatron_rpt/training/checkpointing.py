@@ -20,6 +20,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -34,6 +35,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyPara
 
 from megatron_rpt.config.schema import RunConfig
 from megatron_rpt.platform import get_platform
+from megatron_rpt.training.faults import fault_point
 from megatron_rpt.training.optimizer import unwrap
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -164,6 +166,7 @@ def save_checkpoint(root: str, iteration: int, state, cfg: RunConfig, *, consume
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted save
         os.makedirs(tmp)
+    fault_point("save-begin", iteration, _rank())
     _barrier()
     # A state without optimizer (tools/convert_checkpoint.py import) writes a model-only
     # checkpoint: `--load` starts from its weights at iteration 0 with a fresh optimizer.
@@ -182,6 +185,7 @@ def save_checkpoint(root: str, iteration: int, state, cfg: RunConfig, *, consume
         with open(os.path.join(tmp, "run_config.json"), "w") as f:
             json.dump({"iteration": iteration, "run_config": cfg.to_dict(), "parallel_layout": _layout()},
                       f, indent=2, default=str)
+        fault_point("save-written", iteration, 0)
         if os.path.exists(final):  # re-saving an iteration: keep the old one until the new is in place
             old = final + ".old"
             shutil.rmtree(old, ignore_errors=True)
@@ -190,6 +194,7 @@ def save_checkpoint(root: str, iteration: int, state, cfg: RunConfig, *, consume
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+        fault_point("save-published", iteration, 0)
         tracker_tmp = os.path.join(root, TRACKER + ".tmp")
         with open(tracker_tmp, "w") as f:
             f.write(str(iteration))
@@ -321,6 +326,34 @@ def load_sharded(sharded_state_dict: dict, path: str, *, partial: bool = False) 
 
 
 def load_checkpoint(root: str, state, cfg: RunConfig, *, iteration: Optional[int] = None) -> Optional[LoadedCheckpoint]:
+    """Load the latest (or `iteration`) checkpoint under `root` into `state`; None if there is none.
+
+    A checkpoint that is incomplete or unreadable is a CheckpointError naming what is wrong; with
+    --ckpt-fallback-to-previous (and no explicit iteration) the newest earlier intact one is loaded
+    instead, with a warning (a failed attempt may have loaded some tensors in place; the fallback
+    overwrites all of them).
+    """
+    try:
+        return _load_checkpoint(root, state, cfg, iteration)
+    except CheckpointError as error:
+        if iteration is not None or not cfg.checkpoint.ckpt_fallback_to_previous:
+            raise
+        failed = read_tracker(root)
+        earlier = sorted((int(n[5:]) for n in os.listdir(root) if n.startswith("iter_") and n[5:].isdigit()
+                          and (failed is None or int(n[5:]) < failed)), reverse=True)
+        for it in earlier:
+            if _rank() == 0:
+                print(f"> WARNING --ckpt-fallback-to-previous: {error}; trying {checkpoint_path(root, it)}",
+                      file=sys.stderr, flush=True)
+            try:
+                return _load_checkpoint(root, state, cfg, it)
+            except CheckpointError as e:
+                error = e
+        raise CheckpointError(f"{error} (and no earlier checkpoint under {root} loads: "
+                              f"--ckpt-fallback-to-previous found nothing intact)") from None
+
+
+def _load_checkpoint(root: str, state, cfg: RunConfig, iteration: Optional[int]) -> Optional[LoadedCheckpoint]:
     """Load the latest (or `iteration`) checkpoint under `root` into `state`; None if there is none.
 
     Optimizer and RNG state are skipped with --finetune / --no-load-optim / --no-load-rng; RNG is

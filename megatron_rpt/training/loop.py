@@ -31,7 +31,8 @@ class PretrainResult:
     moe: dict = field(default_factory=dict)            # iteration -> router statistics (MoE, logged steps)
     saved: list = field(default_factory=list)          # checkpoint folders written
     resumed_from: Optional[str] = None
-    exit_reason: str = "train_iters"
+    exit_reason: str = "train_iters"                  # or signal / exit_interval / exit_duration
+    nonfinite_skipped: int = 0                         # updates skipped for NaN/inf gradients
 
 
 class _SignalFlag:
@@ -46,13 +47,24 @@ class _SignalFlag:
     def _handler(self, signum, frame):  # noqa: ARG002
         self.received = signum
 
-    def any_rank(self, device: torch.device) -> bool:
-        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32, device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+
+
+def _any_rank(flags: list, device: torch.device) -> list:
+    """Element-wise OR of per-rank flags (one MAX all-reduce), so every rank decides alike."""
+    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+class NonFiniteError(FloatingPointError):
+    """Too many consecutive iterations with NaN/inf gradients (--nonfinite-grad-skip-limit)."""
 
 
 def pretrain(cfg: RunConfig) -> PretrainResult:
+    start_time = time.time()  # --exit-duration-in-mins counts from here (set-up included, as Megatron-LM)
+    # First of all, so that a preemption signal during set-up (model build, dataset indices: minutes
+    # at scale) is remembered instead of killing the job: the loop saves and exits after step 1.
+    signals = _SignalFlag(cfg.training.exit_signal_handler)
     """Run (or resume) the pretraining job described by `cfg` on the current launcher's ranks."""
     # The platform (and on CPU the compatibility layer) comes before any Megatron-Core import.
     platform = setup_platform(force_cpu=cfg.training.use_cpu)
@@ -152,7 +164,6 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
         world_size=env.world_size, peak_tflops=peak, device_type=platform.device_type,
         is_logging_rank=env.rank == 0, log_throughput=cfg.logging.log_throughput,
         log_memory=cfg.logging.log_memory)
-    signals = _SignalFlag(t.exit_signal_handler)
     monitor = RouterMonitor(state.model, m.num_layers, num_micro) if m.num_experts else None
     step_kwargs = dict(num_microbatches=num_micro, seq_length=m.seq_length,
                        micro_batch_size=t.micro_batch_size, device=device)
@@ -179,10 +190,12 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
 
     iteration = result.iteration
     last_saved = iteration if result.resumed_from else None
+    consecutive_nonfinite = 0
     try:
         while iteration < t.train_iters:
             forward_step.collect_stats = logger.wants_stats(iteration + 1)
-            step = train_step(state, train_iters, forward_step, global_batch_size=t.global_batch_size, **step_kwargs)
+            step = train_step(state, train_iters, forward_step, global_batch_size=t.global_batch_size,
+                              check_finite=not t.fp16, **step_kwargs)
             iteration += 1
             consumed_train += t.global_batch_size
             result.losses[iteration] = step.loss
@@ -199,15 +212,32 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
                 else:
                     monitor.discard()
             logger.record(iteration, step, consumed_train)
+            if step.nonfinite:
+                result.nonfinite_skipped += 1
+                consecutive_nonfinite += 1
+                dist.print_rank_0(f"> iteration {iteration}: NaN/inf in the gradients (lm loss {step.loss}); update "
+                                  f"skipped ({consecutive_nonfinite} in a row, {result.nonfinite_skipped} in all)")
+                if consecutive_nonfinite > t.nonfinite_grad_skip_limit:
+                    raise NonFiniteError(
+                        f"iteration {iteration}: {consecutive_nonfinite} consecutive iterations with NaN/inf gradients "
+                        f"(--nonfinite-grad-skip-limit {t.nonfinite_grad_skip_limit}); stopping. The last "
+                        f"checkpoint is intact: lower --lr, check the data or the loss settings, and resume")
+            else:
+                consecutive_nonfinite = 0
             if not math.isfinite(step.loss) and step.update_successful:
-                raise FloatingPointError(f"iteration {iteration}: lm loss is {step.loss}")
+                raise FloatingPointError(f"iteration {iteration}: lm loss is {step.loss} with finite gradients")
             if t.eval_interval and iteration % t.eval_interval == 0 and t.eval_iters > 0:
                 run_eval(iteration)
             if cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0:
                 save(iteration)
                 last_saved = iteration
-            if t.exit_signal_handler and signals.any_rank(device):
+            out_of_time = bool(t.exit_duration_in_mins) and time.time() - start_time > 60 * t.exit_duration_in_mins
+            signalled, timed_out = _any_rank([signals.received is not None, out_of_time], device)
+            if signalled:
                 result.exit_reason = "signal"
+                break
+            if timed_out:
+                result.exit_reason = "exit_duration"
                 break
             if t.exit_interval and iteration % t.exit_interval == 0:
                 result.exit_reason = "exit_interval"

@@ -41,7 +41,10 @@ def wrap_model(chunks: list, cfg: RunConfig, config: TransformerConfig) -> list:
         overlap_grad_reduce=p.overlap_grad_reduce,
         overlap_param_gather=p.overlap_param_gather,
         use_distributed_optimizer=p.use_distributed_optimizer,
-        check_for_nan_in_grad=True,
+        # bf16/fp32: NaN/inf gradients skip the update (training.step.grads_are_finite, counted and
+        # limited by --nonfinite-grad-skip-limit) instead of Megatron-Core raising before the DP
+        # reduction; fp16 keeps the check beside its loss scaler (which handles inf).
+        check_for_nan_in_grad=cfg.training.fp16,
         bucket_size=None,
     )
     wrapped = []

@@ -28,6 +28,7 @@ class StepResult:
     num_zeros: Optional[int]
     update_successful: bool
     lr: float
+    nonfinite: bool = False        # NaN/inf gradients: the update was skipped (see grads_are_finite)
     stats: Optional[dict] = None   # token means of the loss's distribution statistics (logged steps)
     moe: Optional[dict] = None     # router statistics (MoE, logged steps; see training/moe_metrics.py)
 
@@ -97,9 +98,28 @@ def _reduce_losses(losses_reduced: list, device: torch.device) -> tuple[float, i
     return values[0] / max(tokens, 1), tokens, stats
 
 
+def grads_are_finite(model_chunks: list, device: torch.device) -> bool:
+    """Whether every gradient of every rank is finite: one float32 sum per DDP grad buffer (NaN and
+    inf propagate into it; no tensor-sized temporaries) and one MAX all-reduce over the world, so
+    every rank (all PP stages, DP replicas, distributed-optimizer shards) takes the same decision."""
+    bad = torch.zeros(1, dtype=torch.float32, device=device)
+    for chunk in model_chunks:
+        for buffer in getattr(chunk, "buffers", []) + getattr(chunk, "expert_parallel_buffers", []):
+            if buffer.grad_data is not None and buffer.grad_data.numel():
+                if not torch.isfinite(torch.sum(buffer.grad_data, dtype=torch.float32)):
+                    bad.fill_(1.0)
+    torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return bad.item() == 0
+
+
 def train_step(state, data_iterators: list, forward_step, *, num_microbatches: int, seq_length: int,
-               micro_batch_size: int, global_batch_size: int, device: torch.device) -> StepResult:
+               micro_batch_size: int, global_batch_size: int, device: torch.device,
+               check_finite: bool = True) -> StepResult:
     """Zero grads, run the schedule, step the optimizer and (on success) the LR scheduler.
+
+    `check_finite` (bf16/fp32): NaN/inf gradients skip the optimizer and scheduler step instead of
+    writing NaN into the weights (fp16 leaves this to its loss scaler, which skips overflowing steps
+    itself and must see them to lower the scale).
 
     `data_iterators` holds one iterator per model chunk (virtual pipeline stages each read the same
     micro-batch sequence; see `MicroBatchIterator`).
@@ -117,13 +137,18 @@ def train_step(state, data_iterators: list, forward_step, *, num_microbatches: i
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
-    update_successful, grad_norm, num_zeros = state.optimizer.step()
+    nonfinite = check_finite and not grads_are_finite(state.model, device)
+    if nonfinite:
+        update_successful, grad_norm, num_zeros = False, None, None
+    else:
+        update_successful, grad_norm, num_zeros = state.optimizer.step()
     if update_successful:
         state.scheduler.step(increment=global_batch_size)
     loss, tokens, stats = _reduce_losses(losses, device)
     lr = state.optimizer.param_groups[0]["lr"]
     return StepResult(loss=loss, num_tokens=tokens, grad_norm=None if grad_norm is None else float(grad_norm),
-                      num_zeros=num_zeros, update_successful=bool(update_successful), lr=float(lr), stats=stats)
+                      num_zeros=num_zeros, update_successful=bool(update_successful), lr=float(lr),
+                      nonfinite=nonfinite, stats=stats)
 
 
 @torch.no_grad()

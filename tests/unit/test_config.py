@@ -121,6 +121,10 @@ def test_required_and_misc_errors():
     assert p == ["--tensor-model-parallel-size must be >= 1 (got 0)"]
     p = problems(["--model-preset", "tiny", "--lr", "1e-3", "--train-iters", "10", "--mock-data"])
     assert "--mock-data without --tokenizer-type needs --vocab-size" in p
+    p = problems(["--model-preset", "tiny", "--exit-duration-in-mins", "0", "--exit-interval", "0",
+                  "--nonfinite-grad-skip-limit", "-1"] + BASE)
+    assert p == ["--exit-duration-in-mins must be > 0 (got 0.0)", "--exit-interval must be >= 1 (got 0)",
+                 "--nonfinite-grad-skip-limit must be >= 0 (got -1)"]
 
 
 def test_blend_and_split_parsing():

@@ -1,0 +1,120 @@
+"""Crash safety of checkpointing through the real CLI (torchrun, 2 ranks): SIGKILL at three points of
+a save (faults.POINTS) leaves the previous checkpoint loadable and marked latest, and the resumed run
+ends with exactly the losses of an uninterrupted run; SIGUSR1 saves and exits cleanly; a corrupt
+latest checkpoint is a clear error, or with --ckpt-fallback-to-previous the previous one is used."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from tests.e2e.test_pretrain_cli import ROOT, losses
+
+ITERS = 6
+
+
+def args(ckpt, *extra):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "megatron_rpt.pretrain", "--model-preset", "tiny", "--num-layers", "2", "--hidden-size", "64",
+            "--ffn-hidden-size", "128", "--num-attention-heads", "4", "--seq-length", "32",
+            "--max-position-embeddings", "32", "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "255",
+            "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "3e-3", "--lr-warmup-iters", "1",
+            "--train-iters", str(ITERS), "--log-interval", "1", "--eval-interval", "0", "--use-cpu",
+            "--save", str(ckpt), "--load", str(ckpt), "--save-interval", "2", *extra]
+
+
+def run(argv, env=None, check=True):
+    """Run in a session of its own and, when torchrun is done, kill what is left of the session, as
+    SLURM does at the end of a step: a rank killed by SIGKILL leaves the processes it forked
+    (Megatron-Core's checkpoint writers) behind, and they would hold the output pipes open."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([str(a) for a in argv], cwd=ROOT, stdout=out, stderr=err, text=True,
+                                env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}, start_new_session=True)
+        try:
+            code = proc.wait(timeout=300)
+        finally:
+            _kill_session(proc.pid)
+        out.seek(0)
+        err.seek(0)
+        done = subprocess.CompletedProcess(argv, code, out.read(), err.read())
+    if check and code != 0:
+        raise AssertionError(f"exit {code}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done
+
+
+def _kill_session(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return losses(run(args(tmp_path_factory.mktemp("ref") / "ckpt")).stdout)
+
+
+@pytest.mark.parametrize("point", ["save-begin", "save-written", "save-published"])
+def test_sigkill_during_save_then_resume_matches_uninterrupted(tmp_path, reference, point):
+    ckpt = tmp_path / "ckpt"
+    killed = run(args(ckpt), env={"MRPT_FAULT_INJECT": f"{point}@4"}, check=False)
+    assert killed.returncode != 0
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "2"
+    assert (ckpt / "iter_0000004").exists() == (point == "save-published")
+    resumed = run(args(ckpt)).stdout
+    assert "iter_0000002" in resumed and "resumed from" in resumed
+    got = losses(resumed)
+    assert sorted(got) == [3, 4, 5, 6]
+    assert {i: reference[i] for i in got} == got
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == str(ITERS)
+    assert not [p for p in ckpt.iterdir() if p.name.endswith((".tmp", ".old"))]
+
+
+def test_sigusr1_saves_and_exits_cleanly_then_resumes(tmp_path, reference):
+    ckpt = tmp_path / "ckpt"
+    proc = subprocess.Popen([str(a) for a in args(ckpt, "--exit-signal-handler", "--save-interval", "100")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"}, start_new_session=True)
+    out = []
+    try:
+        deadline = time.time() + 300
+        for line in proc.stdout:
+            out.append(line)
+            if line.startswith("> world size"):  # every rank has its handler (installed before init)
+                # As SLURM's --signal does for the tasks of a step: every rank (not torchrun) gets it.
+                workers = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+                assert len(workers) == 2, workers
+                for pid in workers:
+                    os.kill(int(pid), signal.SIGUSR1)
+                break
+            assert time.time() < deadline, "".join(out)
+        out += proc.stdout.readlines()
+        assert proc.wait(timeout=120) == 0, "".join(out)[-3000:]
+    finally:
+        _kill_session(proc.pid)
+    text = "".join(out)
+    assert "> training stopped at iteration 1 (signal)" in text, text[-3000:]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "1"
+    got = losses(run(args(ckpt, "--exit-signal-handler")).stdout)
+    assert sorted(got) == list(range(2, ITERS + 1))
+    assert {i: reference[i] for i in got} == got
+
+
+def test_corrupt_latest_checkpoint_is_named_or_skipped_with_the_fallback_flag(tmp_path, reference):
+    ckpt = tmp_path / "ckpt"
+    run(args(ckpt, "--exit-interval", "4"))
+    (data,) = sorted((ckpt / "iter_0000004").glob("*.distcp"))[:1]
+    data.write_bytes(data.read_bytes()[:100])
+    proc = run(args(ckpt), check=False)
+    assert proc.returncode != 0
+    assert f"iter_0000004: data file {data.name} has 100 bytes" in proc.stdout + proc.stderr
+    resumed = run(args(ckpt, "--ckpt-fallback-to-previous"))
+    assert "--ckpt-fallback-to-previous" in resumed.stderr and "iter_0000002" in resumed.stdout
+    got = losses(resumed.stdout)
+    assert sorted(got) == [3, 4, 5, 6] and {i: reference[i] for i in got} == got
