@@ -1,0 +1,1 @@
+"""Reinforcement Pre-Training (RPT): next-token reasoning tasks, prefix-match reward, GRPO, loop, evaluation."""
