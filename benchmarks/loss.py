@@ -62,7 +62,6 @@ import os
 import pickle
 import resource
 import shlex
-import socket
 import statistics
 import sys
 import time
@@ -529,16 +528,11 @@ def _worker(rank: int, world: int, port: int, spec: dict, conn) -> None:
 # Parent side
 # =============================================================================================
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(spec: dict, world: int) -> list:
     """Run one job on `world` fresh rank processes; results ordered by rank (RuntimeError on failure)."""
+    from megatron_rpt.distributed import free_port
     ctx = mp.get_context("fork" if spec["device"] == "cpu" else "spawn")
-    port = _free_port()
+    port = free_port()
     procs, conns = [], {}
     for rank in range(world):
         parent_end, child_end = ctx.Pipe(duplex=False)

@@ -188,7 +188,8 @@ def _parse_tasks_per_node(spec: str, name: str) -> list[int]:
     return counts
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for single-process groups and tests)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -234,7 +235,7 @@ def _torchrun_env(env: Mapping[str, str]) -> DistEnv:
                 raise ValueError(f"RANK/WORLD_SIZE are set (world size {world}) but {name} is not; "
                                  "launch with torchrun or set MASTER_ADDR and MASTER_PORT")
     addr = env.get("MASTER_ADDR") or "127.0.0.1"
-    port = _port(env, "MASTER_PORT") if env.get("MASTER_PORT") else _free_port()
+    port = _port(env, "MASTER_PORT") if env.get("MASTER_PORT") else free_port()
     return DistEnv(rank, world, local_rank, local_world, addr, port, "torchrun",
                    env.get("TORCHELASTIC_RUN_ID"))
 
@@ -299,7 +300,7 @@ def resolve_dist_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
                          "(torchrun does) or neither")
     if _is_srun_task(env):
         return _slurm_env(env)
-    return DistEnv(0, 1, 0, 1, "127.0.0.1", _free_port(), "single",
+    return DistEnv(0, 1, 0, 1, "127.0.0.1", free_port(), "single",
                    env.get("SLURM_JOB_ID") or None)
 
 

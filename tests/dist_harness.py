@@ -11,7 +11,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
-import socket
 import sys
 import time
 import traceback
@@ -22,17 +21,13 @@ from typing import Any
 
 import torch
 
+from megatron_rpt.distributed import free_port
+
 __all__ = ["run_ranks", "RankError"]
 
 
 class RankError(RuntimeError):
     """A worker raised (message: its rank and full traceback) or died / timed out."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, timeout: float, fn: Callable, args: tuple, kwargs: dict, conn: Any) -> None:
@@ -126,7 +121,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0,
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         raise RuntimeError("run_ranks: the parent process must not initialise a process group")
     ctx = mp.get_context("fork")
-    port = _free_port()
+    port = free_port()
     procs, conns = [], {}
     for rank in range(world_size):
         parent_end, child_end = ctx.Pipe(duplex=False)

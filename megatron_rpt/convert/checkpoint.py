@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from megatron_rpt.convert.hf_config import architecture, model_flags_from_hf, shape_from_hf
-from megatron_rpt.convert.mapping import Shape, expand, family_rules, to_hf, to_megatron
+from megatron_rpt.convert.mapping import Shape, expand, family_rules, hf_names, to_hf, to_megatron
 
 SHARD_BYTES = 2 * 10**9   # --max-shard-size default (2GB)
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -168,8 +168,7 @@ def import_hf(hf_dir: str, save: str, *, force: bool = False, progress: bool = T
     vocab = padded_vocab_size(config["vocab_size"], cfg.model.make_vocab_size_divisible_by, 1)
     shape = shape_from_hf(config, vocab)
     rules = family_rules(arch)
-    expected = {h for _, hfs, _, _, _ in expand(rules, shape) for h in hfs}
-    missing = sorted(expected - tensors.names())
+    missing = sorted(hf_names(rules, shape) - tensors.names())
     if missing:
         raise ConversionError(f"--hf-dir {hf_dir}: {len(missing)} tensors of a {arch} are missing, e.g. "
                               f"{', '.join(missing[:3])}")
@@ -177,16 +176,18 @@ def import_hf(hf_dir: str, save: str, *, force: bool = False, progress: bool = T
         raise ConversionError(f"--save {save} exists and is not empty; pass --force to replace it")
     chunks = _single_process_model(cfg, vocab, device="meta")
     try:
-        return _import_into(chunks, cfg, rules, shape, tensors, save, force, progress, arch, config)
+        path = _import_into(chunks, cfg, rules, shape, tensors, save, force, progress)
     finally:
         _teardown()
+    return {"path": path, "architecture": arch, "flags": flags, "vocab_size": config["vocab_size"],
+            "tokenizer": cfg.data.tokenizer_model}
 
 
-def _import_into(chunks, cfg, rules, shape, tensors, save, force, progress, arch, config) -> dict:
+def _import_into(chunks, cfg, rules, shape, tensors, save, force, progress) -> str:
     from megatron_rpt.convert.streaming import LazySaveStrategy, placeholder_model
     from megatron_rpt.training.checkpointing import save_checkpoint
     own = {k: v for k, v in placeholder_model(chunks[0]).items() if not k.endswith("_extra_state")}
-    items = {name: (hf_names, rule) for name, hf_names, rule, _, _ in expand(rules, shape)}
+    items = {name: (sources, rule) for name, sources, rule, _, _ in expand(rules, shape)}
     params = {name for name, _ in chunks[0].named_parameters()}
     for name in items:
         if name not in own:
@@ -195,23 +196,23 @@ def _import_into(chunks, cfg, rules, shape, tensors, save, force, progress, arch
     if unmapped:
         raise ConversionError(f"model parameters with no mapping: {', '.join(unmapped[:5])}")
     # Every shape is checked before anything is written (meta tensors: no data is read).
-    for name, (hf_names, rule) in items.items():
-        metas = [torch.empty(tensors.shape(h), device="meta") for h in hf_names]
+    for name, (sources, rule) in items.items():
+        metas = [torch.empty(tensors.shape(h), device="meta") for h in sources]
         try:
             got = to_megatron(rule, metas, shape, 0, 1, name).shape
         except (ValueError, RuntimeError) as e:
-            raise ConversionError(f"{name} <- {', '.join(hf_names)}: shapes "
+            raise ConversionError(f"{name} <- {', '.join(sources)}: shapes "
                                   f"{[tuple(m.shape) for m in metas]} do not fit: {e}") from None
         if got != own[name].shape:
-            raise ConversionError(f"{name} <- {', '.join(hf_names)}: shape {tuple(got)} does not match "
+            raise ConversionError(f"{name} <- {', '.join(sources)}: shape {tuple(got)} does not match "
                                   f"the model's {tuple(own[name].shape)}")
     bar = _bar(len(items), "import", progress)
 
     def produce(name: str) -> torch.Tensor:
         if name not in items:  # a buffer (router expert bias / counts): its fresh-model value
             return own[name]
-        hf_names, rule = items[name]
-        value = to_megatron(rule, [tensors.get(h) for h in hf_names], shape, 0, 1, name).to(own[name].dtype)
+        sources, rule = items[name]
+        value = to_megatron(rule, [tensors.get(h) for h in sources], shape, 0, 1, name).to(own[name].dtype)
         bar.update(1)
         return value
 
@@ -221,8 +222,7 @@ def _import_into(chunks, cfg, rules, shape, tensors, save, force, progress, arch
     path = save_checkpoint(save, 0, _ModelOnly(chunks), cfg, consumed_train_samples=0, consumed_valid_samples=0,
                            fully_parallel=False, sharded_strategy=strategy)
     bar.close()
-    return {"path": path, "architecture": arch, "flags": model_flags_from_hf(config), "vocab_size": config["vocab_size"],
-            "tokenizer": cfg.data.tokenizer_model}
+    return path
 
 
 @dataclasses.dataclass
@@ -276,7 +276,7 @@ def export_hf(load: str, output: str, *, dtype: str = "bf16", iteration: Optiona
     from megatron_rpt.config.schema import RunConfig
     from megatron_rpt.data.tokenizers import tokenizer_from_config
     from megatron_rpt.models.gpt import model_vocab_size, padded_vocab_size
-    from megatron_rpt.training.checkpointing import checkpoint_path, read_tracker
+    from megatron_rpt.training.checkpointing import checkpoint_path, open_checkpoint, read_tracker
     if dtype not in _DTYPES:
         raise ConversionError(f"--dtype must be one of {', '.join(_DTYPES)}")
     it = iteration if iteration is not None else read_tracker(load)
@@ -303,6 +303,7 @@ def export_hf(load: str, output: str, *, dtype: str = "bf16", iteration: Optiona
                   num_experts=m.num_experts or 0)
     chunks = _single_process_model(cfg, vocab, device="meta")
     try:
+        open_checkpoint(load, it)  # every data file present, readable by this megatron-core
         return _export_from(chunks, cfg, arch, shape, path, it, output, tokenizer_dir, dtype=dtype, force=force,
                             progress=progress, shard_bytes=shard_bytes)
     finally:
@@ -314,12 +315,11 @@ def _export_from(chunks, cfg, arch, shape, path, it, output, tokenizer_dir, *, d
     from safetensors.torch import save_file
 
     from megatron_rpt.convert.streaming import read_tensors
-    from megatron_rpt.training.checkpointing import load_sharded, open_checkpoint
-    open_checkpoint(os.path.dirname(path), it)  # complete and readable by this megatron-core?
+    from megatron_rpt.training.checkpointing import load_sharded
     sharded = chunks[0].sharded_state_dict()
     tmp = _prepare_output(output, force)
     try:
-        items = {name: (hf_names, rule) for name, hf_names, rule, _, _ in expand(family_rules(arch), shape)}
+        items = {name: (sources, rule) for name, sources, rule, _, _ in expand(family_rules(arch), shape)}
         missing = sorted(set(items) - set(sharded))
         if missing:
             raise ConversionError(f"{path}: the model has no {', '.join(missing[:3])} (mapping out of date?)")
@@ -337,8 +337,8 @@ def _export_from(chunks, cfg, arch, shape, path, it, output, tokenizer_dir, *, d
                 shard, size = {}, 0
 
         for name, value in read_tensors(lambda sub: load_sharded(sub, path, partial=True), sharded, items):
-            hf_names, rule = items[name]
-            for hf_name, tensor in zip(hf_names, to_hf(rule, value, shape)):
+            sources, rule = items[name]
+            for hf_name, tensor in zip(sources, to_hf(rule, value, shape)):
                 tensor = tensor.to(_DTYPES[dtype]).contiguous()
                 if size and size + tensor.numel() * tensor.element_size() > shard_bytes:
                     flush()

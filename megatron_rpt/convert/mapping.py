@@ -188,19 +188,6 @@ def to_hf(rule: Rule, full: torch.Tensor, shape: Shape) -> list[torch.Tensor]:
     return [q.clone(), key.clone(), v.clone()]
 
 
-def check_complete(names: set[str], expected: set[str], what: str) -> None:
-    """A clear error listing missing / unexpected tensor names (first few)."""
-    missing, extra = sorted(expected - names), sorted(names - expected)
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: {', '.join(missing[:5])}")
-        if extra:
-            parts.append(f"unexpected {len(extra)}: {', '.join(extra[:5])}")
-        raise ValueError(f"{what}: " + "; ".join(parts))
-
-
-
 def hf_names(rules: tuple[Rule, ...], shape: Shape) -> set[str]:
     return {h for _, hfs, _, _, _ in expand(rules, shape) for h in hfs}
 

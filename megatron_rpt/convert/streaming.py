@@ -77,7 +77,7 @@ class LazySaveStrategy(TorchDistSaveShardedStrategy):
     `placeholders`: the model's state-dict tensors (from `placeholder_model`), whose storages the
     sharded state dict views; `produce(name)`: the real value of state-dict entry `name`, same
     shape and dtype as its placeholder. Values are produced once each (one is cached, because a
-    gated fc1 is written as two chunks) and the counter `produced` says how many were.
+    gated fc1 is written as two chunks).
     """
 
     def __init__(self, placeholders: dict[str, torch.Tensor], produce: Callable[[str], torch.Tensor]):
@@ -86,7 +86,6 @@ class LazySaveStrategy(TorchDistSaveShardedStrategy):
                             if t.numel()}
         self._produce = produce
         self._cached: tuple[str, torch.Tensor] | None = None
-        self.produced = 0
 
     def _real(self, view: torch.Tensor) -> torch.Tensor:
         entry = self._by_storage.get(view.untyped_storage().data_ptr())
@@ -99,7 +98,6 @@ class LazySaveStrategy(TorchDistSaveShardedStrategy):
                 raise ValueError(f"{name}: produced {tuple(value.shape)} {value.dtype}, the model has "
                                  f"{tuple(placeholder.shape)} {placeholder.dtype}")
             self._cached = (name, value.contiguous())
-            self.produced += 1
         value = self._cached[1]
         offset = view.storage_offset() - placeholder.storage_offset() + value.storage_offset()
         return value.as_strided(view.shape, view.stride(), offset)

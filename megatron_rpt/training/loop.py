@@ -48,7 +48,6 @@ class _SignalFlag:
         self.received = signum
 
 
-
 def _any_rank(flags: list, device: torch.device) -> list:
     """Element-wise OR of per-rank flags (one MAX all-reduce), so every rank decides alike."""
     t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
@@ -61,11 +60,11 @@ class NonFiniteError(FloatingPointError):
 
 
 def pretrain(cfg: RunConfig) -> PretrainResult:
+    """Run (or resume) the pretraining job described by `cfg` on the current launcher's ranks."""
     start_time = time.time()  # --exit-duration-in-mins counts from here (set-up included, as Megatron-LM)
     # First of all, so that a preemption signal during set-up (model build, dataset indices: minutes
     # at scale) is remembered instead of killing the job: the loop saves and exits after step 1.
     signals = _SignalFlag(cfg.training.exit_signal_handler)
-    """Run (or resume) the pretraining job described by `cfg` on the current launcher's ranks."""
     # The platform (and on CPU the compatibility layer) comes before any Megatron-Core import.
     platform = setup_platform(force_cpu=cfg.training.use_cpu)
     from megatron.core import parallel_state
@@ -191,6 +190,8 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
     iteration = result.iteration
     last_saved = iteration if result.resumed_from else None
     consecutive_nonfinite = 0
+    # One all-reduce per iteration, only when a signal or the run time can end the run.
+    watch_exit = t.exit_signal_handler or bool(t.exit_duration_in_mins)
     try:
         while iteration < t.train_iters:
             forward_step.collect_stats = logger.wants_stats(iteration + 1)
@@ -231,8 +232,11 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
             if cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0:
                 save(iteration)
                 last_saved = iteration
-            out_of_time = bool(t.exit_duration_in_mins) and time.time() - start_time > 60 * t.exit_duration_in_mins
-            signalled, timed_out = _any_rank([signals.received is not None, out_of_time], device)
+            if watch_exit:
+                out_of_time = bool(t.exit_duration_in_mins) and time.time() - start_time > 60 * t.exit_duration_in_mins
+                signalled, timed_out = _any_rank([signals.received is not None, out_of_time], device)
+            else:
+                signalled = timed_out = False
             if signalled:
                 result.exit_reason = "signal"
                 break

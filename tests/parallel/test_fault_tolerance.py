@@ -5,9 +5,7 @@ parameter of rank 0 only, so the test also shows that all ranks take the same de
 import pytest
 
 from tests.dist_harness import RankError, run_ranks
-from tests.parallel.test_training_parity import BASE
-
-SIX = [a if a != "4" or BASE[i - 1] != "--train-iters" else "6" for i, a in enumerate(BASE)]
+from tests.parallel.test_checkpoint_resume import SIX
 
 
 def _poisoned_run(rank, world, argv, bad_iterations):

@@ -13,11 +13,12 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Optional
+
+from megatron_rpt.distributed import free_port
 
 DAEMONS = ("slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel")
@@ -36,12 +37,6 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LocalSlurm:
     def __init__(self, root: Path, cpus: int = 8, kill_wait: int = 30):
         self.root = Path(root)
@@ -55,8 +50,8 @@ class LocalSlurm:
         r = self.root
         self.conf.write_text(f"""ClusterName=mrpttest
 SlurmctldHost=localhost(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/none

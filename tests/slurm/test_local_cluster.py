@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.test_pretrain_cli import losses
 from tests.slurm.cluster import LocalSlurm, unavailable_reason
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,11 +42,6 @@ def submit(cluster, run_dir: Path, **env) -> tuple[int, Path]:
                          env={"RUN_DIR": str(run_dir), "MRPT_VENV": sys.prefix, "MRPT_HOME": str(ROOT),
                               "TRAIN_ITERS": str(ITERS), "PYTHONWARNINGS": "ignore", **env})
     return job, out
-
-
-def losses(text: str) -> dict:
-    return {int(m.group(1)): m.group(2)
-            for m in re.finditer(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.E+-]+)", text)}
 
 
 @pytest.fixture(scope="module")
