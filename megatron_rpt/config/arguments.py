@@ -12,12 +12,12 @@ import typing
 from typing import Optional, Sequence
 
 from megatron_rpt.config.presets import get_preset, preset_names
-from megatron_rpt.config.schema import SECTIONS, RunConfig
+from megatron_rpt.config.schema import PRETRAIN_SECTIONS, SECTIONS, RunConfig
 
 _GROUP_TITLES = {
     "model": "network size", "parallel": "distributed", "optimizer": "optimizer and learning rate",
     "training": "training", "data": "data and tokenizer", "checkpoint": "checkpointing",
-    "logging": "logging", "loss": "loss",
+    "logging": "logging", "loss": "loss", "rpt": "reinforcement pre-training (RPT) and GRPO",
 }
 
 
@@ -36,14 +36,16 @@ def _dest(section: str, name: str) -> str:
     return f"{section}.{name}"
 
 
-def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
-    """The pretraining parser; `extra_args_provider(parser)` may add groups (as in Megatron-LM)."""
-    parser = argparse.ArgumentParser(
-        prog="mrpt-pretrain", description="Megatron-Core pretraining (megatron-rpt).",
-        argument_default=argparse.SUPPRESS, allow_abbrev=False)
+def build_parser(extra_args_provider=None, *, prog: str = "mrpt-pretrain",
+                 description: str = "Megatron-Core pretraining (megatron-rpt).",
+                 sections: Optional[dict] = None) -> argparse.ArgumentParser:
+    """The parser of `prog` over config `sections` (default: pretraining's); `extra_args_provider(parser)`
+    may add groups (as in Megatron-LM)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     argument_default=argparse.SUPPRESS, allow_abbrev=False)
     parser.add_argument("--model-preset", dest="model_preset", choices=preset_names(),
                         help="Fill the model shape from a preset; explicit flags win.")
-    for section, cls in SECTIONS.items():
+    for section, cls in (PRETRAIN_SECTIONS if sections is None else sections).items():
         group = parser.add_argument_group(_GROUP_TITLES[section])
         for f in dataclasses.fields(cls):
             meta = f.metadata
@@ -83,6 +85,13 @@ def config_from_namespace(ns: argparse.Namespace) -> RunConfig:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, extra_args_provider=None) -> RunConfig:
-    """Parse the command line (unvalidated: see `config.validation.validate_config`)."""
+    """Parse the pretraining command line (unvalidated: see `config.validation.validate_config`)."""
     parser = build_parser(extra_args_provider)
+    return config_from_namespace(parser.parse_args(argv))
+
+
+def parse_rpt_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
+    """Parse the `mrpt-rpt` command line: every pretraining flag plus the RPT/GRPO group."""
+    parser = build_parser(prog="mrpt-rpt", sections=SECTIONS,
+                          description="Reinforcement Pre-Training with GRPO on Megatron-Core (megatron-rpt).")
     return config_from_namespace(parser.parse_args(argv))

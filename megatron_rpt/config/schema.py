@@ -229,6 +229,40 @@ class LossConfig:
 
 
 @dataclass
+class RPTConfig:
+    """Reinforcement Pre-Training (`mrpt-rpt`): tasks, rollouts, rewards and the GRPO update."""
+
+    rpt_data: Optional[str] = arg(None, help="Training tasks (jsonl written by tools/build_rpt_data.py, "
+                                  "PREFIX_train.jsonl).")
+    rpt_eval_data: Optional[str] = arg(None, help="Held-out tasks for next-token accuracy (PREFIX_heldout.jsonl).")
+    rpt_contexts_per_step: int = arg(256, help="Contexts (tasks) per optimizer step over all data-parallel "
+                                     "ranks; each gives --rpt-group-size rollouts.")
+    rpt_group_size: int = arg(8, help="Rollouts (G) per context.")
+    rpt_temperature: float = arg(0.8, help="Sampling temperature of the rollouts.")
+    rpt_top_p: float = arg(1.0, help="Nucleus sampling of the rollouts (1.0: off).")
+    rpt_top_k: int = arg(0, help="Top-k sampling of the rollouts (0: off).")
+    rpt_max_response_length: int = arg(8192, help="Maximum generated tokens per rollout (prompt + response "
+                                       "must fit --seq-length).")
+    rpt_prompt_template: str = arg("v0", help="Prompt template: 'v0' (the paper's) or a text file with one "
+                                   "{context} placeholder.")
+    rpt_chat_template: bool = arg(False, help="Wrap the prompt in the tokenizer's chat template.")
+    rpt_dynamic_sampling_start: Optional[int] = arg(None, help="From this iteration on, drop groups whose "
+                                                    "rewards are all equal (no gradient); off when unset.")
+    rollout_engine: str = arg("megatron", choices=("megatron", "openai"),
+                              help="'megatron': Megatron-Core's engine on the trainer's own weights; 'openai': "
+                              "an external OpenAI-compatible server (--rollout-url), synced by export.")
+    rollout_url: Optional[str] = arg(None, help="Base URL of the external server (--rollout-engine openai).")
+    rollout_max_batch_size: int = arg(64, help="Sequences per batch of the embedded engine.")
+    grpo_clamp_eps_lower: float = arg(0.2, help="Lower clip of the importance ratio (1 - eps).")
+    grpo_clamp_eps_upper: float = arg(0.2, help="Upper clip of the importance ratio (1 + eps; > lower: "
+                                      "clip-higher).")
+    grpo_kl_beta: float = arg(0.0, help="Weight of the k3 KL penalty to the initial policy (0: off, as in "
+                              "the paper).")
+    rpt_eval_samples: int = arg(1, help="Responses per held-out task in evaluation (k of pass@k/avg@k/cons@k).")
+    rpt_eval_max_tasks: Optional[int] = arg(None, help="Evaluate on the first N held-out tasks only.")
+
+
+@dataclass
 class RunConfig:
     """Everything one pretraining run needs."""
 
@@ -240,6 +274,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    rpt: RPTConfig = field(default_factory=RPTConfig)
     model_preset: Optional[str] = None
 
     def to_dict(self) -> dict:
@@ -264,6 +299,8 @@ class RunConfig:
 _SECTIONS = {
     "model": ModelConfig, "parallel": ParallelConfig, "optimizer": OptimizerConfig,
     "training": TrainingConfig, "data": DataConfig, "checkpoint": CheckpointConfig,
-    "logging": LoggingConfig, "loss": LossConfig,
+    "logging": LoggingConfig, "loss": LossConfig, "rpt": RPTConfig,
 }
 SECTIONS = dict(_SECTIONS)
+# What `mrpt-pretrain` parses (RPT's flags belong to `mrpt-rpt` only).
+PRETRAIN_SECTIONS = {k: v for k, v in _SECTIONS.items() if k != "rpt"}

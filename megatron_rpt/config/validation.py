@@ -114,8 +114,11 @@ def _check_loss(cfg: RunConfig) -> list[str]:
     return out
 
 
-def validate_config(cfg: RunConfig, world_size: int, *, check_files: bool = True) -> RunConfig:
-    """Fill derived defaults and raise `ConfigError` listing every problem found."""
+def validate_config(cfg: RunConfig, world_size: int, *, check_files: bool = True,
+                    pretraining_data: bool = True) -> RunConfig:
+    """Fill derived defaults and raise `ConfigError` listing every problem found.
+
+    `pretraining_data=False` (RPT, whose data are tasks): no --data-path blend is needed."""
     _complete_defaults(cfg, world_size)
     m, p, t, o, c = cfg.model, cfg.parallel, cfg.training, cfg.optimizer, cfg.checkpoint
     problems: list[str] = []
@@ -237,7 +240,76 @@ def validate_config(cfg: RunConfig, world_size: int, *, check_files: bool = True
     problems.extend(_check_loss(cfg))
     problems.extend(_check_moe(cfg, world_size))
 
-    problems.extend(_check_data(cfg, check_files))
+    problems.extend(_check_data(cfg, check_files, pretraining_data))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def validate_rpt_config(cfg: RunConfig, world_size: int, *, check_files: bool = True) -> RunConfig:
+    """`validate_config` for `mrpt-rpt`: the RPT/GRPO flags, and the batch derived from them (the
+    optimizer step takes --rpt-contexts-per-step x --rpt-group-size sequences; per-token loss)."""
+    r, m, p, t = cfg.rpt, cfg.model, cfg.parallel, cfg.training
+    problems: list[str] = []
+    sequences = r.rpt_contexts_per_step * r.rpt_group_size
+    if t.global_batch_size is not None and t.global_batch_size != sequences:
+        problems.append(f"--global-batch-size {t.global_batch_size} differs from --rpt-contexts-per-step "
+                        f"{r.rpt_contexts_per_step} x --rpt-group-size {r.rpt_group_size} = {sequences}; "
+                        "leave it unset (RPT derives it)")
+    t.global_batch_size = sequences
+    # Token-level mean over the whole global batch (DAPO's token-mean), whatever the micro-batching.
+    t.calculate_per_token_loss = True
+    if r.rpt_data is None:
+        problems.append("--rpt-data is required (tasks from tools/build_rpt_data.py)")
+    elif check_files and not os.path.isfile(r.rpt_data):
+        problems.append(f"--rpt-data: {r.rpt_data} not found")
+    if r.rpt_eval_data is not None and check_files and not os.path.isfile(r.rpt_eval_data):
+        problems.append(f"--rpt-eval-data: {r.rpt_eval_data} not found")
+    if r.rpt_contexts_per_step < 1:
+        problems.append(f"--rpt-contexts-per-step must be >= 1 (got {r.rpt_contexts_per_step})")
+    if r.rpt_group_size < 2:
+        problems.append(f"--rpt-group-size must be >= 2 (got {r.rpt_group_size}): group-normalised "
+                        "advantages of a single rollout are zero")
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    if world_size % (tp * pp * cp) == 0 and r.rpt_contexts_per_step >= 1:
+        dp = world_size // (tp * pp * cp)
+        if r.rpt_contexts_per_step % dp:
+            problems.append(f"--rpt-contexts-per-step {r.rpt_contexts_per_step} is not divisible by the "
+                            f"data-parallel size {dp}")
+    if not r.rpt_temperature > 0:
+        problems.append(f"--rpt-temperature must be > 0 (got {r.rpt_temperature})")
+    if not 0.0 < r.rpt_top_p <= 1.0:
+        problems.append(f"--rpt-top-p must be in (0, 1] (got {r.rpt_top_p})")
+    if r.rpt_top_k < 0:
+        problems.append(f"--rpt-top-k must be >= 0 (got {r.rpt_top_k})")
+    if r.rollout_engine == "megatron" and r.rpt_top_k > 0 and r.rpt_top_p < 1.0:
+        problems.append("--rollout-engine megatron takes --rpt-top-k or --rpt-top-p, not both")
+    if r.rpt_max_response_length < 1:
+        problems.append(f"--rpt-max-response-length must be >= 1 (got {r.rpt_max_response_length})")
+    elif m.seq_length is not None and r.rpt_max_response_length >= m.seq_length:
+        problems.append(f"--rpt-max-response-length {r.rpt_max_response_length} leaves no room for the prompt "
+                        f"in --seq-length {m.seq_length}")
+    if r.rpt_dynamic_sampling_start is not None and r.rpt_dynamic_sampling_start < 0:
+        problems.append(f"--rpt-dynamic-sampling-start must be >= 0 (got {r.rpt_dynamic_sampling_start})")
+    if r.rollout_engine == "openai" and not r.rollout_url:
+        problems.append("--rollout-engine openai needs --rollout-url")
+    if r.rollout_max_batch_size < 1:
+        problems.append(f"--rollout-max-batch-size must be >= 1 (got {r.rollout_max_batch_size})")
+    if not 0.0 <= r.grpo_clamp_eps_lower < 1.0:
+        problems.append(f"--grpo-clamp-eps-lower must be in [0, 1) (got {r.grpo_clamp_eps_lower})")
+    if r.grpo_clamp_eps_upper < 0:
+        problems.append(f"--grpo-clamp-eps-upper must be >= 0 (got {r.grpo_clamp_eps_upper})")
+    if r.grpo_kl_beta < 0:
+        problems.append(f"--grpo-kl-beta must be >= 0 (got {r.grpo_kl_beta})")
+    if r.rpt_eval_samples < 1:
+        problems.append(f"--rpt-eval-samples must be >= 1 (got {r.rpt_eval_samples})")
+    if p.num_layers_per_virtual_pipeline_stage is not None:
+        problems.append("--num-layers-per-virtual-pipeline-stage is not supported by mrpt-rpt (Megatron-Core's "
+                        "inference engine runs one model chunk per rank)")
+    try:
+        validate_config(cfg, world_size, check_files=check_files, pretraining_data=False)
+    except ConfigError as e:
+        problems = e.problems + problems
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -323,15 +395,15 @@ def parse_split(split: str) -> list[float]:
     return parts + [0.0] * (3 - len(parts))
 
 
-def _check_data(cfg: RunConfig, check_files: bool) -> list[str]:
+def _check_data(cfg: RunConfig, check_files: bool, pretraining_data: bool = True) -> list[str]:
     d, t = cfg.data, cfg.training
     problems = []
-    blends = data_blends(d)
+    blends = data_blends(d) if pretraining_data else []
     per_split = [flag for flag, _ in blends if flag != "--data-path"]
     if d.data_path and per_split:
         problems.append(f"--data-path and {'/'.join(per_split)} are mutually exclusive: give one blend "
                         "divided by --split, or one blend per split")
-    elif not d.mock_data and not blends:
+    elif not d.mock_data and not blends and pretraining_data:
         problems.append("--data-path is required (or --train-data-path [--valid-data-path "
                         "--test-data-path], or --mock-data)")
     elif not d.mock_data and per_split and not d.train_data_path:
@@ -349,7 +421,7 @@ def _check_data(cfg: RunConfig, check_files: bool) -> list[str]:
             split = ",".join(str(x) for x in shares)
         except ValueError as e:
             problems.append(str(e))
-    if t.eval_interval > 0 and t.eval_iters > 0 and not d.mock_data:
+    if pretraining_data and t.eval_interval > 0 and t.eval_iters > 0 and not d.mock_data:
         asks = f"--eval-interval {t.eval_interval} with --eval-iters {t.eval_iters} asks for validation"
         if per_split and not d.valid_data_path and not d.data_path:
             problems.append(f"{asks}, but there is no --valid-data-path; give one or set --eval-interval 0")

@@ -15,8 +15,7 @@ from typing import Optional
 import torch
 
 from megatron_rpt.config.schema import RunConfig
-from megatron_rpt.config.validation import validate_config
-from megatron_rpt.platform import setup_platform
+from megatron_rpt.training.setup import setup_job
 
 
 @dataclass
@@ -65,67 +64,21 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
     # First of all, so that a preemption signal during set-up (model build, dataset indices: minutes
     # at scale) is remembered instead of killing the job: the loop saves and exits after step 1.
     signals = _SignalFlag(cfg.training.exit_signal_handler)
-    # The platform (and on CPU the compatibility layer) comes before any Megatron-Core import.
-    platform = setup_platform(force_cpu=cfg.training.use_cpu)
+    job = setup_job(cfg)
     from megatron.core import parallel_state
 
     from megatron_rpt import distributed as dist
-    from megatron_rpt.data.datasets import (MicroBatchIterator, build_datasets, check_data_vocabulary,
-                                            require_validation_set)
-    from megatron_rpt.data.tokenizers import tokenizer_from_config
+    from megatron_rpt.data.datasets import MicroBatchIterator, build_datasets, require_validation_set
     from megatron_rpt.loss import get_loss_function
-    from megatron_rpt.models.flops import count_parameters, peak_tflops_for_device, training_flops_per_token
-    from megatron_rpt.models.gpt import (build_model_chunks, model_vocab_size, num_virtual_stages,
-                                         padded_vocab_size, transformer_config)
+    from megatron_rpt.models.flops import peak_tflops_for_device
     from megatron_rpt.training.checkpointing import load_checkpoint, save_checkpoint
     from megatron_rpt.training.logging import MetricsLogger
-    from megatron_rpt.training.optimizer import setup_model_and_optimizer
     from megatron_rpt.training.moe_metrics import RouterMonitor
     from megatron_rpt.training.step import evaluate, make_forward_step, train_step
 
-    p = cfg.parallel
-    env = dist.resolve_dist_env()
-    # Validate before any process group exists so a bad launch fails fast with one message.
-    validate_config(cfg, env.world_size)
-    vp = num_virtual_stages(cfg)
-    env = dist.init_distributed(
-        backend=platform.backend, device_type=platform.device_type,
-        tensor_model_parallel_size=p.tensor_model_parallel_size,
-        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=vp, context_parallel_size=p.context_parallel_size,
-        expert_model_parallel_size=p.expert_model_parallel_size,
-        expert_tensor_parallel_size=p.expert_tensor_parallel_size,
-        timeout_minutes=p.distributed_timeout_minutes)
-    device = platform.device(env.local_rank)
-    threads = platform.cpu_threads(env.local_world_size)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    dist.set_random_seed(cfg.training.seed)
+    platform, env, device, tokenizer, state = job.platform, job.env, job.device, job.tokenizer, job.state
     t, m = cfg.training, cfg.model
-
-    tokenizer = tokenizer_from_config(cfg)
-    # Data written with another tokenizer fails here, before the model is built or loaded.
-    check_data_vocabulary(cfg, tokenizer)
-    vocab = padded_vocab_size(model_vocab_size(tokenizer.vocab_size, cfg), m.make_vocab_size_divisible_by,
-                              p.tensor_model_parallel_size)
-    config = transformer_config(cfg, platform)
-    chunks = build_model_chunks(cfg, platform, vocab, device, config)
-    state = setup_model_and_optimizer(chunks, cfg, config)
-
-    params = count_parameters(m, vocab)
-    flops_per_token = training_flops_per_token(m, vocab)
-    dist.print_rank_0(
-        f"> platform: {platform.device_type}/{platform.backend}, transformer engine: {platform.transformer_engine}, "
-        f"megatron-core {platform.megatron_core_version}\n"
-        f"> world size {env.world_size} (launcher {env.launcher}): TP={p.tensor_model_parallel_size} "
-        f"PP={p.pipeline_model_parallel_size} DP={parallel_state.get_data_parallel_world_size()}"
-        f"{' VPP=' + str(vp) if vp else ''}\n"
-        f"> model: {m.num_layers} layers, hidden {m.hidden_size}, heads {m.num_attention_heads}/"
-        f"{m.num_query_groups}, vocab {vocab} (padded from {tokenizer.vocab_size}); parameters "
-        f"{params.total / 1e6:.2f}M ({params.non_embedding / 1e6:.2f}M non-embedding"
-        + (f"; active {params.active / 1e6:.2f}M, {params.active_non_embedding / 1e6:.2f}M non-embedding"
-           if params.active != params.total else "") + "); "
-        f"{flops_per_token / 1e9:.3f} GFLOP per trained token")
+    flops_per_token = job.flops_per_token
 
     result = PretrainResult(iteration=0, start_iteration=0)
     consumed_train = consumed_valid = 0

@@ -1,0 +1,145 @@
+"""The embedded rollout engine: Megatron-Core's inference engine on the training model's own weights.
+
+Colocated and copy-free: the engine wraps the very `GPTModel` the optimizer updates (no weight
+copy, no conversion, so `sync_weights` is a no-op), with Megatron-Core's static-batch engine
+(`StaticInferenceEngine` + `TextGenerationController` + `GPTInferenceWrapper` + a
+`StaticInferenceContext` KV cache). Every rank of a model-parallel group runs it with the same
+prompts (TP ranks share gathered logits and a sampling generator seeded alike, so they sample the
+same tokens; PP stages receive the last stage's logits); data-parallel ranks run their own prompts.
+
+What is returned per sampled token is Megatron-Core's `generated_log_probs`: log_softmax of the
+full (padded-vocabulary) logits at temperature 1, the convention of `inference.base`.
+
+Sampling is reproducible: the controller's generator is reseeded from `SamplingConfig.seed` on
+every call, so a resumed run samples the same rollouts. Megatron-Core's static engine takes top-k
+or top-p, not both; top-k = 1 is greedy.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+import torch
+
+from megatron_rpt.inference.base import Rollout, RolloutEngine, RolloutError, SamplingConfig
+
+
+def _inference_wrapper(model, *, hidden_size: int, params_dtype: torch.dtype, padded_vocab_size: int,
+                       max_batch_size: int, max_sequence_length: int):
+    """GPTInferenceWrapper + StaticInferenceContext across megatron-core versions (0.16 takes an
+    InferenceWrapperConfig; later versions read the model's config and deprecate that argument)."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+    from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
+
+    context = StaticInferenceContext(max_batch_size, max_sequence_length)
+    if "inference_wrapper_config" in inspect.signature(GPTInferenceWrapper.__init__).parameters:
+        from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
+        config = InferenceWrapperConfig(
+            hidden_size=hidden_size, params_dtype=params_dtype,
+            # The whole batch is one forward per pipeline step (no micro-batching of rollouts).
+            inference_batch_times_seqlen_threshold=max_batch_size * max_sequence_length + 1,
+            padded_vocab_size=padded_vocab_size, inference_max_requests=max_batch_size,
+            inference_max_seq_length=max_sequence_length)
+        return GPTInferenceWrapper(model, config, context)
+    return GPTInferenceWrapper(model, context)
+
+
+class MegatronEngine(RolloutEngine):
+    """Rollouts from Megatron-Core's static-batch engine on the trainer's model (collective over
+    the model-parallel group; see the module docstring)."""
+
+    name = "megatron"
+
+    def __init__(self, model_chunks: Sequence[torch.nn.Module], tokenizer, *, padded_vocab_size: int,
+                 max_batch_size: int, max_sequence_length: int):
+        from megatron.core.inference.engines import StaticInferenceEngine
+        from megatron.core.inference.text_generation_controllers.text_generation_controller import (
+            TextGenerationController)
+
+        from megatron_rpt.training.optimizer import unwrap
+
+        if len(model_chunks) != 1:
+            raise RolloutError(f"the embedded engine needs one model chunk per rank, got {len(model_chunks)} "
+                               "(virtual pipeline stages are not supported by Megatron-Core's inference)")
+        if max_batch_size < 1 or max_sequence_length < 2:
+            raise RolloutError(f"bad engine sizes: max_batch_size={max_batch_size}, "
+                               f"max_sequence_length={max_sequence_length}")
+        self.model_chunks = list(model_chunks)
+        self.model = unwrap(self.model_chunks[0])
+        self.tokenizer = tokenizer
+        self.max_batch_size, self.max_sequence_length = max_batch_size, max_sequence_length
+        self.padded_vocab_size = padded_vocab_size
+        config = self.model.config
+        self._wrapped = _inference_wrapper(
+            self.model, hidden_size=config.hidden_size, params_dtype=config.params_dtype,
+            padded_vocab_size=padded_vocab_size, max_batch_size=max_batch_size,
+            max_sequence_length=max_sequence_length)
+        self.controller = TextGenerationController(self._wrapped, tokenizer)
+        os.environ.setdefault("TQDM_DISABLE", "1")   # the static engine opens a progress bar per call
+        # legacy: the static-batch path itself (megatron-core >= 0.15 otherwise builds its dynamic
+        # engine, which needs flash-attn on CUDA and cannot run on CPU).
+        self.engine = StaticInferenceEngine(self.controller, max_batch_size=max_batch_size, legacy=True)
+        self._request_id = 0
+
+    def _sampling_params(self, sampling: SamplingConfig):
+        from megatron.core.inference.sampling_params import SamplingParams
+
+        top_k, top_p = sampling.top_k, (0.0 if sampling.top_p >= 1.0 else sampling.top_p)
+        if top_k > 0 and top_p > 0.0:
+            raise RolloutError("the Megatron-Core engine takes top-k or top-p, not both "
+                               f"(got top_k={top_k}, top_p={sampling.top_p})")
+        params = SamplingParams(temperature=sampling.temperature, top_k=top_k, top_p=top_p,
+                                return_log_probs=True, num_tokens_to_generate=sampling.max_new_tokens)
+        if not sampling.stop_at_eod:
+            params.add_attributes({"no_early_termination": True})
+        return params
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingConfig) -> list[list[Rollout]]:
+        from megatron.core.inference.inference_request import InferenceRequest
+
+        if n < 1:
+            raise RolloutError(f"n must be >= 1, got {n}")
+        params = self._sampling_params(sampling)
+        requests = []
+        for i, prompt in enumerate(prompts):
+            prompt = [int(t) for t in prompt]
+            if not prompt:
+                raise RolloutError(f"prompt {i} is empty")
+            if len(prompt) + sampling.max_new_tokens > self.max_sequence_length:
+                raise RolloutError(
+                    f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={sampling.max_new_tokens} it "
+                    f"exceeds the engine's max sequence length {self.max_sequence_length} "
+                    "(raise --seq-length or drop long contexts when building the tasks)")
+            bad = [t for t in prompt if not 0 <= t < self.padded_vocab_size]
+            if bad:
+                raise RolloutError(f"prompt {i} has token ids outside the vocabulary: {bad[:5]}")
+            for _ in range(n):
+                self._request_id += 1
+                requests.append(InferenceRequest(request_id=str(self._request_id), prompt="",
+                                                 sampling_params=params, prompt_tokens=prompt))
+        self.controller.sampling_rng.manual_seed(int(sampling.seed))
+        was_training = [chunk.training for chunk in self.model_chunks]
+        try:
+            done = self.engine.generate(inference_requests=requests)
+        finally:
+            for chunk, training in zip(self.model_chunks, was_training):
+                chunk.train(training)
+            # The KV cache lives in the context until the next prefill; give the memory back now.
+            self._wrapped.inference_context.key_value_memory_dict = {}
+        out: list[list[Rollout]] = [[] for _ in prompts]
+        eod = self.tokenizer.eod
+        for k, request in enumerate(done):
+            tokens = [int(t) for t in request.generated_tokens.tolist()][: request.generated_length]
+            log_probs = [float(x) for x in (request.generated_log_probs or [])][: len(tokens)]
+            if len(log_probs) != len(tokens):
+                raise RolloutError(f"engine returned {len(log_probs)} log-probs for {len(tokens)} tokens")
+            finished = sampling.stop_at_eod and bool(tokens) and tokens[-1] == eod
+            text = self.tokenizer.detokenize(tokens[:-1] if finished else tokens)
+            out[k // n].append(Rollout(tokens=tokens, log_probs=log_probs, text=text, finished=finished))
+        return out
+
+    def close(self) -> None:
+        self._wrapped.inference_context.key_value_memory_dict = {}
