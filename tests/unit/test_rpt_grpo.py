@@ -1,0 +1,124 @@
+"""GRPO math and RPT evaluation metrics against hand-written float64 / brute-force references."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from megatron_rpt.rpt.evaluate import majority_vote_reward, pass_at_k, pass_ks
+from megatron_rpt.rpt.grpo import ADVANTAGE_EPS, group_advantages, informative_groups, policy_loss
+
+
+def test_group_advantages_hand_reference():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    adv = group_advantages(rewards)
+    for g, row in enumerate(rewards.tolist()):
+        mean = sum(row) / len(row)
+        std = math.sqrt(sum((x - mean) ** 2 for x in row) / (len(row) - 1))   # Bessel, as torch.std
+        for i, x in enumerate(row):
+            assert adv[g, i].item() == pytest.approx((x - mean) / (std + ADVANTAGE_EPS), rel=1e-6, abs=1e-7)
+    assert adv[0].tolist() == pytest.approx([0.866025, -0.866025, -0.866025, 0.866025], rel=1e-5)
+    assert adv[2].abs().max().item() == 0.0            # all equal: no signal, no NaN
+    assert adv.sum(dim=1).abs().max().item() < 1e-6
+
+
+def test_group_advantages_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="G>=2"):
+        group_advantages(torch.tensor([[1.0], [0.0]]))
+    with pytest.raises(ValueError):
+        group_advantages(torch.tensor([1.0, 0.0]))
+
+
+def test_informative_groups():
+    rewards = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0], [1.0, 0.0]])
+    assert informative_groups(rewards).tolist() == [False, True, False, True]
+
+
+def _reference_token_loss(logp, old, a, el, eh, ref=None, beta=0.0):
+    ratio = math.exp(logp - old)
+    loss = -min(ratio * a, min(max(ratio, 1 - el), 1 + eh) * a)
+    if ref is not None and beta:
+        loss += beta * (math.exp(ref - logp) - (ref - logp) - 1)
+    return loss
+
+
+@pytest.mark.parametrize("el,eh", [(0.2, 0.2), (0.2, 0.28), (0.0, 0.5)])
+def test_policy_loss_matches_reference(el, eh):
+    g = torch.Generator().manual_seed(0)
+    logp = (torch.randn(4, 6, generator=g, dtype=torch.float64) * 0.5 - 2).requires_grad_()
+    old = logp.detach() + torch.randn(4, 6, generator=g, dtype=torch.float64) * 0.3
+    adv = torch.tensor([[1.5], [-0.7], [0.0], [0.3]], dtype=torch.float64)
+    ref = logp.detach() + torch.randn(4, 6, generator=g, dtype=torch.float64) * 0.2
+    loss, info = policy_loss(logp, old, adv, eps_low=el, eps_high=eh, ref_log_probs=ref, kl_beta=0.05)
+    for i, j in itertools.product(range(4), range(6)):
+        expect = _reference_token_loss(logp[i, j].item(), old[i, j].item(), adv[i, 0].item(), el, eh,
+                                       ref[i, j].item(), 0.05)
+        assert loss[i, j].item() == pytest.approx(expect, rel=1e-12, abs=1e-12)
+        ratio = math.exp(logp[i, j].item() - old[i, j].item())
+        a = adv[i, 0].item()
+        clipped = (a > 0 and ratio > 1 + eh) or (a < 0 and ratio < 1 - el)
+        assert info["clipped"][i, j].item() == float(clipped)
+    # gradient: -ratio * A where the unclipped term is active, 0 where clipped, plus the KL term's
+    loss.sum().backward()
+    for i, j in itertools.product(range(4), range(6)):
+        lp, o, a, r = logp[i, j].item(), old[i, j].item(), adv[i, 0].item(), ref[i, j].item()
+        ratio = math.exp(lp - o)
+        clipped = (a > 0 and ratio > 1 + eh) or (a < 0 and ratio < 1 - el)
+        expect = (0.0 if clipped else -ratio * a) + 0.05 * (1 - math.exp(r - lp))
+        assert logp.grad[i, j].item() == pytest.approx(expect, rel=1e-9, abs=1e-12)
+
+
+def test_first_step_ratio_is_one_and_gradient_is_policy_gradient():
+    logp = torch.tensor([[-1.0, -2.0, -0.5]], dtype=torch.float64, requires_grad=True)
+    loss, info = policy_loss(logp, logp.detach(), torch.tensor([[2.0]], dtype=torch.float64), eps_low=0.2, eps_high=0.2)
+    assert info["ratio"].tolist() == [[1.0, 1.0, 1.0]]
+    assert info["clipped"].sum().item() == 0 and info["approx_kl"].abs().max().item() == 0.0
+    loss.sum().backward()
+    assert logp.grad.tolist() == [[-2.0, -2.0, -2.0]]      # -A * d logp: REINFORCE at ratio 1
+    assert info["kl"].abs().max().item() == 0.0            # no reference: no KL
+
+
+def test_kl_k3_is_zero_at_reference_and_positive_elsewhere():
+    logp = torch.tensor([-1.0, -1.0, -3.0], dtype=torch.float64)
+    ref = torch.tensor([-1.0, -2.0, -1.0], dtype=torch.float64)
+    _, info = policy_loss(logp, logp, torch.zeros(3, dtype=torch.float64), eps_low=0.2, eps_high=0.2,
+                          ref_log_probs=ref, kl_beta=1.0)
+    assert info["kl"][0].item() == 0.0
+    for d, v in zip((ref - logp).tolist()[1:], info["kl"].tolist()[1:]):
+        assert v == pytest.approx(math.exp(d) - d - 1) and v > 0
+
+
+def _brute_pass_at_k(n, c, k):
+    outcomes = [1] * c + [0] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(outcomes[i] for i in s) for s in subsets) / len(subsets)
+
+
+def test_pass_at_k_unbiased_estimator_equals_enumeration():
+    for n in range(1, 9):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                assert pass_at_k(n, c, k) == pytest.approx(_brute_pass_at_k(n, c, k), abs=1e-12), (n, c, k)
+    assert pass_at_k(128, 1, 64) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 5)
+
+
+def test_pass_ks():
+    assert pass_ks(1) == [1]
+    assert pass_ks(8) == [1, 2, 4, 8]
+    assert pass_ks(6) == [1, 2, 4, 6]
+
+
+def test_majority_vote():
+    target = [b" x", b" =", b" 3"]
+    wins = ["</think> \\boxed{ x}", "</think> \\boxed{ y}", "</think> \\boxed{ x =}", "\\boxed{ x}", "no answer"]
+    assert majority_vote_reward(wins, target) == 1.0
+    loses = ["</think> \\boxed{ y}", "</think> \\boxed{ y}", "</think> \\boxed{ x}"]
+    assert majority_vote_reward(loses, target) == 0.0
+    tie = ["</think> \\boxed{ x =}", "</think> \\boxed{ z}"]       # tie: the earliest prediction wins
+    assert majority_vote_reward(tie, target) == 1.0
+    assert majority_vote_reward(["nothing", "\\boxed{}"], target) == 0.0
