@@ -8,7 +8,8 @@ prompts (TP ranks share gathered logits and a sampling generator seeded alike, s
 same tokens; PP stages receive the last stage's logits); data-parallel ranks run their own prompts.
 
 What is returned per sampled token is Megatron-Core's `generated_log_probs`: log_softmax of the
-full (padded-vocabulary) logits at temperature 1, the convention of `inference.base`.
+full (padded-vocabulary) logits at temperature 1, the convention of `inference.base`; the
+terminating EOD, which Megatron-Core does not return, is appended with a NaN log-prob.
 
 Sampling is reproducible: the controller's generator is reseeded from `SamplingConfig.seed` on
 every call, so a resumed run samples the same rollouts. Megatron-Core's static engine takes top-k
@@ -17,8 +18,9 @@ or top-p, not both; top-k = 1 is greedy.
 
 from __future__ import annotations
 
+import functools
 import inspect
-import os
+import math
 from collections import OrderedDict
 from typing import Optional, Sequence
 
@@ -78,10 +80,15 @@ class MegatronEngine(RolloutEngine):
             padded_vocab_size=padded_vocab_size, max_batch_size=max_batch_size,
             max_sequence_length=max_sequence_length)
         self.controller = TextGenerationController(self._wrapped, tokenizer)
-        os.environ.setdefault("TQDM_DISABLE", "1")   # the static engine opens a progress bar per call
         # legacy: the static-batch path itself (megatron-core >= 0.15 otherwise builds its dynamic
         # engine, which needs flash-attn on CUDA and cannot run on CPU).
         self.engine = StaticInferenceEngine(self.controller, max_batch_size=max_batch_size, legacy=True)
+        # The static engine opens a tqdm bar per call ("static requests"): noise in a training log.
+        import megatron.core.inference.engines.static_engine as static_engine
+        if not getattr(static_engine.tqdm, "_mrpt_quiet", False):
+            quiet = functools.partial(static_engine.tqdm, disable=True)
+            quiet._mrpt_quiet = True
+            static_engine.tqdm = quiet
         self._request_id = 0
 
     def _sampling_params(self, sampling: SamplingConfig):
@@ -136,8 +143,14 @@ class MegatronEngine(RolloutEngine):
             log_probs = [float(x) for x in (request.generated_log_probs or [])][: len(tokens)]
             if len(log_probs) != len(tokens):
                 raise RolloutError(f"engine returned {len(log_probs)} log-probs for {len(tokens)} tokens")
-            finished = sampling.stop_at_eod and bool(tokens) and tokens[-1] == eod
-            text = self.tokenizer.detokenize(tokens[:-1] if finished else tokens)
+            text = self.tokenizer.detokenize(tokens)
+            # Megatron-Core counts and returns the tokens before the terminating EOD only; a response
+            # shorter than the budget ended at EOD, which is appended (the policy must learn to stop)
+            # with a NaN log-prob: the engine does not report it (see base.Rollout).
+            finished = sampling.stop_at_eod and len(tokens) < sampling.max_new_tokens
+            if finished:
+                tokens.append(eod)
+                log_probs.append(math.nan)
             out[k // n].append(Rollout(tokens=tokens, log_probs=log_probs, text=text, finished=finished))
         return out
 

@@ -123,10 +123,14 @@ class PolicyForwardStep:
 
         stats: dict = {}
         logp = policy_log_probs(logits, batch["labels"], vocab_size=self.vocab_size, stats=stats)
-        loss, info = policy_loss(logp, batch["old_log_probs"], batch["advantages"],
-                                 eps_low=self.eps_low, eps_high=self.eps_high)
         mask = batch["loss_mask"]
         keep = mask > 0
+        # A token without a rollout log-prob (NaN, e.g. the EOD Megatron-Core's engine does not
+        # report) takes the current one: ratio 1, exact for RPT's one on-policy update per batch.
+        reported = ~torch.isnan(batch["old_log_probs"])
+        old = torch.where(reported, batch["old_log_probs"], logp.detach())
+        loss, info = policy_loss(logp, old, batch["advantages"], eps_low=self.eps_low, eps_high=self.eps_high)
+        diff = torch.where(keep & reported, (logp.detach() - old).abs(), 0.0)
         total = torch.sum(loss * mask)
         tokens = mask.sum()
 
@@ -134,8 +138,8 @@ class PolicyForwardStep:
             return torch.where(keep, x.float(), 0.0).sum()
 
         report = torch.stack([total.detach(), tokens, s(stats["entropy"]), s(info["ratio"]), s(info["clipped"]),
-                              s(info["kl"]), s(info["approx_kl"]), s((logp.detach() - batch["old_log_probs"]).abs())])
-        max_diff = torch.where(keep, (logp.detach() - batch["old_log_probs"]).abs(), 0.0).max()
+                              s(info["kl"]), s(info["approx_kl"]), diff.sum()])
+        max_diff = diff.max()
         return total, tokens.to(torch.int), {"rpt": report, "max_abs_logp_diff": max_diff}
 
     def __call__(self, data_iterator, model):

@@ -7,6 +7,8 @@ convention of inference.base) for greedy and temperature/top-k sampled rollouts;
 the samples; the KV-cache engine leaves the model in training mode.
 """
 
+import math
+
 import pytest
 
 from tests.dist_harness import run_ranks
@@ -15,7 +17,7 @@ ARGS = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", 
         "--num-query-groups", "2", "--seq-length", "48", "--max-position-embeddings", "48",
         "--tokenizer-type", "NullTokenizer", "--vocab-size", "255", "--lr", "1e-3", "--train-iters", "1",
         "--micro-batch-size", "1", "--seed", "7", "--init-method-std", "0.3"]
-PROMPTS = [[5, 17, 42, 3, 99, 100, 7], [11, 12], [200, 1, 2, 3]]
+PROMPTS = [[5, 1, 4, 3, 2, 0, 6], [1, 2], [6, 1, 2, 3]]   # ids < 7: valid in every vocabulary used here
 
 
 def _job(extra):
@@ -56,6 +58,9 @@ def _engine_case(rank, world, extra, sampling_kw, n):
         for o in group:
             ref = _reference(job, prompt + o.tokens)
             ref_lp = [float(ref[len(prompt) - 1 + i, tok]) for i, tok in enumerate(o.tokens)]
+            if o.finished:   # the terminating EOD has no engine log-prob (NaN), only a reference one
+                assert o.tokens[-1] == job.tokenizer.eod and math.isnan(o.log_probs[-1])
+                ref_lp[-1] = float("nan")
             greedy = [int(ref[len(prompt) - 1 + i].argmax()) for i in range(len(o.tokens))]
             rows.append({"tokens": o.tokens, "log_probs": o.log_probs, "ref": ref_lp, "greedy": greedy,
                          "finished": o.finished, "eod": job.tokenizer.eod})
@@ -73,7 +78,7 @@ def test_greedy_matches_reference(tp):
         for row in rank_out["rows"]:
             assert 1 <= len(row["tokens"]) <= 12
             assert row["tokens"] == row["greedy"]
-            assert row["log_probs"] == pytest.approx(row["ref"], abs=2e-4)
+            assert row["log_probs"] == pytest.approx(row["ref"], abs=2e-4, nan_ok=True)
     assert out[0]["rows"] == [{**r} for r in out[-1]["rows"]]   # TP ranks return the same rollouts
 
 
@@ -86,5 +91,20 @@ def test_sampled_log_probs_match_reference(tp):
     assert len(rows) == 3 * len(PROMPTS)
     assert len({tuple(r["tokens"]) for r in rows}) > len(PROMPTS)  # sampling, not greedy
     for row in rows:
-        assert row["log_probs"] == pytest.approx(row["ref"], abs=2e-4)
-        assert row["finished"] == (row["tokens"][-1] == row["eod"] and len(row["tokens"]) <= 10)
+        assert row["log_probs"] == pytest.approx(row["ref"], abs=2e-4, nan_ok=True)
+        assert row["finished"] == (row["tokens"][-1] == row["eod"])
+        assert row["eod"] not in row["tokens"][:-1]
+
+
+def test_eod_ends_rollouts():
+    """A small vocabulary makes EOD frequent: finished rollouts end with it (NaN log-prob), the rest
+    use the whole budget."""
+    out = run_ranks(_engine_case, 1, ["--vocab-size", "7", "--make-vocab-size-divisible-by", "1"],
+                    {"max_new_tokens": 10, "seed": 1}, 4, timeout=180)[0]
+    rows = out["rows"]
+    assert any(r["finished"] for r in rows) and any(not r["finished"] for r in rows)
+    for row in rows:
+        assert row["finished"] == (row["tokens"][-1] == row["eod"])
+        assert row["eod"] not in row["tokens"][:-1]
+        assert row["finished"] or len(row["tokens"]) == 10
+        assert row["log_probs"] == pytest.approx(row["ref"], abs=2e-4, nan_ok=True)

@@ -1,0 +1,111 @@
+"""The RPT loop end to end on forked gloo ranks with a synthetic, learnable next-token task.
+
+A word-level tokenizer holds one token per boxed answer ("\\boxed{A}" ...), so a one-token response
+either predicts the target or not; the context ("qA" ... "qD") determines the answer. A random tiny
+model is right about 1/|V| of the time, so GRPO has signal from the first step, and the mean
+reward must rise well above chance in a fixed number of seeded steps. Also checked: the first
+update's importance ratio is 1 and the recomputed log-probs equal the engine's (slime's gate);
+resuming from a checkpoint reproduces the uninterrupted run's metrics exactly; TP=2 passes the
+same gate; dynamic sampling drops all-equal groups.
+"""
+
+import json
+import os
+
+import pytest
+
+from tests.dist_harness import run_ranks
+
+ANSWERS = ["A", "B", "C", "D"]
+WORDS = ["</s>"] + [f"\\boxed{{{a}}}" for a in ANSWERS] + ANSWERS + [f"q{a}" for a in ANSWERS] + ["<unk>", "x"]
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rpt_synthetic")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(root / "tokenizer.json"))
+    (root / "template.txt").write_text("{context}")
+    for name, n in (("train", 64), ("heldout", 16)):
+        with open(root / f"tasks_{name}.jsonl", "w") as f:
+            for i in range(n):
+                a = ANSWERS[i % 4]
+                f.write(json.dumps({
+                    "id": f"{name}{i}:2", "doc_id": f"{name}{i}", "position": 2, "context": f"x q{a}",
+                    "context_tokens": [vocab["x"], vocab[f"q{a}"]], "target_tokens": [vocab[a]],
+                    "target_bytes": [a.encode().hex()], "entropy": 1.2, "splits": ["easy", "medium"]}) + "\n")
+    return root
+
+
+def _args(root, extra=()):
+    return ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
+            "--seq-length", "8", "--max-position-embeddings", "8", "--make-vocab-size-divisible-by", "1",
+            "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(root / "tokenizer.json"),
+            "--rpt-data", str(root / "tasks_train.jsonl"), "--rpt-prompt-template", str(root / "template.txt"),
+            "--rpt-contexts-per-step", "8", "--rpt-group-size", "8", "--rpt-max-response-length", "1",
+            "--rpt-temperature", "1.0", "--micro-batch-size", "16", "--lr", "0.003", "--lr-decay-style", "constant",
+            "--weight-decay", "0.0", "--eval-interval", "0", "--log-interval", "5", "--seed", "5",
+            "--no-log-memory"] + list(extra)
+
+
+def _run(rank, world, argv):
+    from megatron_rpt.config import parse_rpt_args
+    from megatron_rpt.rpt.loop import rpt_train
+    res = rpt_train(parse_rpt_args(argv))
+    return {"metrics": res.metrics, "evaluations": res.evaluations, "iteration": res.iteration,
+            "resumed_from": res.resumed_from, "saved": res.saved}
+
+
+def test_reward_rises_and_first_step_gate(task_files):
+    out = run_ranks(_run, 1, _args(task_files, ["--train-iters", "40", "--rpt-eval-data",
+                                                str(task_files / "tasks_heldout.jsonl"), "--eval-interval", "40",
+                                                "--rpt-eval-samples", "4"]), timeout=300)[0]
+    m = out["metrics"]
+    assert sorted(m) == list(range(1, 41))
+    first = m[1]
+    assert first["ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert first["max_abs_logp_diff"] < 1e-4
+    assert first["clip_fraction"] == 0.0
+    early = sum(m[i]["reward"] for i in (1, 2, 3)) / 3
+    late = sum(m[i]["reward"] for i in range(36, 41)) / 5
+    assert early < 0.35, early            # chance is ~1/16 per rollout
+    assert late > 0.8, (early, late)
+    assert all(0.0 <= v["kept_group_fraction"] <= 1.0 and v["response_length"] == 1.0 for v in m.values())
+    before, after = out["evaluations"][0], out["evaluations"][40]
+    assert before["all/tasks"] == after["all/tasks"] == 16
+    assert after["all/avg@4"] > before["all/avg@4"] + 0.4
+    assert after["all/pass@4"] >= after["all/avg@4"]
+    assert after["medium/avg@4"] == after["all/avg@4"] and after["hard/tasks"] == 0
+
+
+def test_resume_is_exact(task_files, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    full = run_ranks(_run, 1, _args(task_files, ["--train-iters", "6", "--save", a, "--save-interval", "3"]),
+                     timeout=300)[0]["metrics"]
+    resumed = run_ranks(_run, 1, _args(task_files, ["--train-iters", "6", "--load", a, "--ckpt-step", "3",
+                                                    "--save", b]), timeout=300)[0]
+    assert resumed["resumed_from"].endswith("iter_0000003")
+    assert sorted(resumed["metrics"]) == [4, 5, 6]
+    for it in (4, 5, 6):
+        for key in ("reward", "policy_loss", "grad_norm", "entropy", "response_length"):
+            assert resumed["metrics"][it][key] == full[it][key], (it, key)
+
+
+def test_tensor_parallel_2_first_step_gate_and_dynamic_sampling(task_files):
+    outs = run_ranks(_run, 2, _args(task_files, ["--train-iters", "3", "--tensor-model-parallel-size", "2",
+                                                 "--num-attention-heads", "4", "--rpt-dynamic-sampling-start", "0"]),
+                     timeout=300)
+    m = outs[0]["metrics"]
+    assert m == outs[1]["metrics"] or all(m[i]["reward"] == outs[1]["metrics"][i]["reward"] for i in m)
+    assert m[1]["ratio"] == pytest.approx(1.0, abs=1e-5) and m[1]["max_abs_logp_diff"] < 1e-4
+    for v in m.values():
+        assert v["kept_group_fraction"] == pytest.approx(v["informative_group_fraction"])
+
+
+def test_data_parallel_2_splits_contexts(task_files):
+    outs = run_ranks(_run, 2, _args(task_files, ["--train-iters", "2"]), timeout=300)
+    assert outs[0]["metrics"][1]["reward"] == outs[1]["metrics"][1]["reward"]
+    assert outs[0]["metrics"][1]["train_tokens"] == 8 * 8      # one response token per rollout, both ranks
