@@ -1,9 +1,10 @@
-"""Check an sbatch script's mrpt-pretrain flags without a cluster, as mrpt-pretrain would at start-up.
+"""Check an sbatch script's mrpt-pretrain / mrpt-rpt flags without a cluster, as the program would at start-up.
 
 The script is run with MRPT_PRINT_ARGS=1 (it prints its arguments one per line and exits before
 touching anything), --nodes / --ntasks-per-node come from its `#SBATCH --key=value` header (or
---nodes here), and the flags go through megatron_rpt.config.parse_args + validate_config with
-world size = nodes x tasks per node. Data and tokenizer paths are checked only with --check-files.
+--nodes here), and the flags go through megatron_rpt.config.parse_args + validate_config (scripts
+with MRPT_ENTRY=mrpt-rpt: parse_rpt_args + validate_rpt_config) with world size = nodes x tasks
+per node. Data and tokenizer paths are checked only with --check-files.
 
     python examples/slurm/check_flags.py [SCRIPT] [--nodes N] [--check-files]
 """
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from megatron_rpt.platform import quiet_optional_backend_warnings
     quiet_optional_backend_warnings()
-    from megatron_rpt.config import ConfigError, data_parallel_size, parse_args, validate_config
+    from megatron_rpt.config import (ConfigError, data_parallel_size, parse_args, parse_rpt_args, validate_config,
+                                     validate_rpt_config)
     from megatron_rpt.models.flops import count_parameters, training_flops_per_token
     from megatron_rpt.models.gpt import padded_vocab_size
 
@@ -58,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     tasks = int(header.get("ntasks-per-node", 1))
     world = nodes * tasks
     flags = script_args(a.script)
-    cfg = parse_args(flags)
+    rpt = re.search(r"^\s*MRPT_ENTRY=mrpt-rpt\b", open(a.script).read(), re.M) is not None
+    cfg = (parse_rpt_args if rpt else parse_args)(flags)
     try:
-        validate_config(cfg, world, check_files=a.check_files)
+        (validate_rpt_config if rpt else validate_config)(cfg, world, check_files=a.check_files)
     except ConfigError as e:
         print(f"{a.script} with {nodes} nodes x {tasks} tasks: {e}", file=sys.stderr)
         return 1
@@ -75,9 +78,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{tasks} tasks = world size {world}")
     print(f"  layout: TP={p.tensor_model_parallel_size} PP={p.pipeline_model_parallel_size} "
           f"EP={ep} ETP={etp} DP={dp} expert-DP={world // (ep * etp * p.pipeline_model_parallel_size)}")
-    print(f"  batch: {t.global_batch_size} x {m.seq_length} = {tokens:,} tokens per step, "
+    print(f"  batch: {t.global_batch_size} x {m.seq_length} = {tokens:,} tokens per step{' at most' if rpt else ''}, "
           f"{t.global_batch_size // (t.micro_batch_size * dp)} micro-batches of {t.micro_batch_size} per rank, "
           f"{t.train_iters} steps = {t.train_iters * tokens / 1e9:.1f}B tokens")
+    if rpt:
+        r = cfg.rpt
+        print(f"  RPT: {r.rpt_contexts_per_step} contexts x G={r.rpt_group_size} per step "
+              f"({r.rpt_contexts_per_step // dp} contexts per DP rank), responses up to {r.rpt_max_response_length} "
+              f"tokens, engine {r.rollout_engine}")
     if m.num_experts:
         print(f"  model (vocab {vocab}): {params.total / 1e9:.3f}B parameters, {params.active / 1e9:.3f}B active, "
               f"{training_flops_per_token(m, vocab) / 1e9:.3f} GFLOP per trained token")

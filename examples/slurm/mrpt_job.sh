@@ -1,9 +1,10 @@
 # Shared body of the sbatch scripts in this folder: environment, launch, resume, requeue.
 # Sourced by a script that has set:
 #   RUN_DIR      run folder (checkpoints/, tensorboard/, STOP)
-#   MRPT_VENV    environment with megatron-rpt installed (mrpt-pretrain on its PATH)
+#   MRPT_VENV    environment with megatron-rpt installed (its console scripts on PATH)
+#   MRPT_ENTRY   the training program: mrpt-pretrain (default) or mrpt-rpt
 #   TRAIN_ITERS  the run's --train-iters (to tell a finished run from an interrupted one)
-#   ARGS         array: the mrpt-pretrain flags (with --save/--load "$RUN_DIR/checkpoints")
+#   ARGS         array: the program's flags (with --save/--load "$RUN_DIR/checkpoints")
 #   SRUN_ARGS    array: srun options of the training step (tasks per node, cpus per task, ...)
 # then calls `mrpt_gpu_env` (GPU clusters) and `mrpt_run`, which exits with the step's status.
 
@@ -41,7 +42,8 @@ mrpt_gpu_env() {
 
 mrpt_run() {
     source "$MRPT_VENV/bin/activate"
-    command -v mrpt-pretrain >/dev/null || { echo "mrpt-pretrain not found in $MRPT_VENV" >&2; exit 1; }
+    local entry=${MRPT_ENTRY:-mrpt-pretrain}
+    command -v "$entry" >/dev/null || { echo "$entry not found in $MRPT_VENV" >&2; exit 1; }
     mkdir -p "$RUN_DIR/checkpoints" "$RUN_DIR/tensorboard"
     export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
     export PYTHONUNBUFFERED=1   # log lines reach the job's output file as they are printed
@@ -62,9 +64,9 @@ mrpt_run() {
     GOT_TERM=0
     trap 'GOT_TERM=1; echo "batch shell: SIGTERM, waiting for the ranks to save"' TERM
 
-    # mrpt-pretrain is the task itself (no shell wrapper), so the signals reach Python's handler.
+    # The program is the task itself (no shell wrapper), so the signals reach Python's handler.
     # --kill-on-bad-exit: one failed rank ends the step instead of leaving the others in a collective.
-    srun --kill-on-bad-exit=1 "${SRUN_ARGS[@]}" mrpt-pretrain "${ARGS[@]}" &
+    srun --kill-on-bad-exit=1 "${SRUN_ARGS[@]}" "$entry" "${ARGS[@]}" &
     local srun_pid=$! rc=0
     while :; do
         wait "$srun_pid"; rc=$?

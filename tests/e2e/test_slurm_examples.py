@@ -1,4 +1,4 @@
-"""The SLURM example scripts: their mrpt-pretrain flags parse and validate for the node counts they request."""
+"""The SLURM example scripts: their mrpt-pretrain / mrpt-rpt flags parse and validate for the node counts they request."""
 
 import subprocess
 import sys
@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
     ("pretrain_moe_10b.sbatch", "TP=1 PP=1 EP=8 ETP=1 DP=64 expert-DP=8"),
     ("pretrain_dense_4b.sbatch", "TP=2 PP=2 EP=1 ETP=2 DP=8"),
     ("pretrain_tiny_cpu.sbatch", "TP=1 PP=1 EP=1 ETP=1 DP=2"),
+    ("rpt_dense_1b.sbatch", "TP=2 PP=1 EP=1 ETP=2 DP=4"),
 ])
 def test_sbatch_scripts_parse_and_their_flags_validate(name, layout):
     script = ROOT / "examples" / "slurm" / name
