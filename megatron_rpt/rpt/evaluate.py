@@ -57,11 +57,12 @@ def pass_ks(k: int) -> list[int]:
 
 def evaluate_tasks(engine: RolloutEngine, tasks: Sequence, prompt_ids: Callable, *, k: int,
                    sampling: SamplingConfig, reduce: Optional[Callable[[list], list]] = None,
-                   standard: bool = True) -> dict:
+                   standard: bool = True, max_context_tokens: Optional[int] = None) -> dict:
     """Metrics of `tasks` (this rank's share; `reduce` sums count vectors over ranks).
 
-    `prompt_ids(task)` gives the token ids of the task's reasoning prompt. Collective for the
-    embedded engine (every rank of a model-parallel group passes the same tasks)."""
+    `prompt_ids(task)` gives the token ids of the task's reasoning prompt; standard mode sees the
+    last `max_context_tokens` context tokens. Collective for the embedded engine (every rank of a
+    model-parallel group passes the same tasks)."""
     js = pass_ks(k)
     # per split: tasks, standard correct, reward sum (avg@k), cons@k sum, pass@j sums
     width = 4 + len(js)
@@ -69,7 +70,8 @@ def evaluate_tasks(engine: RolloutEngine, tasks: Sequence, prompt_ids: Callable,
     std_hits = [False] * len(tasks)
     if tasks and standard:
         greedy = SamplingConfig(max_new_tokens=1, temperature=1.0, top_k=1, seed=sampling.seed, stop_at_eod=False)
-        out = engine.generate([list(t.context_tokens) for t in tasks], 1, greedy)
+        cut = -max_context_tokens if max_context_tokens else 0
+        out = engine.generate([list(t.context_tokens)[cut:] for t in tasks], 1, greedy)
         std_hits = [bool(o[0].tokens) and o[0].tokens[0] == t.target_tokens[0] for t, o in zip(tasks, out)]
     rollouts = engine.generate([prompt_ids(t) for t in tasks], k, sampling) if tasks else []
     for task, hit, group in zip(tasks, std_hits, rollouts):

@@ -212,6 +212,7 @@ def rpt_train(cfg: RunConfig) -> RPTResult:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_rpt import distributed as dist
+    from megatron_rpt.config import ConfigError
     from megatron_rpt.rpt.evaluate import evaluate_tasks
     from megatron_rpt.rpt.grpo import group_advantages, informative_groups
     from megatron_rpt.rpt.prompts import build_prompt, load_template
@@ -229,13 +230,25 @@ def rpt_train(cfg: RunConfig) -> RPTResult:
     template = load_template(r.rpt_prompt_template)
     chat = getattr(tokenizer, "_tok", None) if r.rpt_chat_template else None
     if r.rpt_chat_template and chat is None:
-        from megatron_rpt.config import ConfigError
         raise ConfigError(["--rpt-chat-template needs --tokenizer-type HuggingFaceTokenizer (a chat template)"])
     prompt_cache: dict = {}
+    max_prompt = m.seq_length - r.rpt_max_response_length
+    truncated = [0]
 
     def prompt_ids(task) -> list:
+        """The task's prompt ids; a context too long for --seq-length minus the response budget loses
+        its oldest text (the paper caps prompts at 4,096 tokens), never its end."""
         if task.id not in prompt_cache:
-            prompt_cache[task.id] = tokenizer.tokenize(build_prompt(task.context, template, chat_tokenizer=chat))
+            context = task.context
+            ids = tokenizer.tokenize(build_prompt(context, template, chat_tokenizer=chat))
+            while len(ids) > max_prompt and context:
+                context = context[max(1, len(context) * (len(ids) - max_prompt) // len(ids) // 2 + 1):]
+                ids = tokenizer.tokenize(build_prompt(context, template, chat_tokenizer=chat))
+            if len(ids) > max_prompt:
+                raise ConfigError([f"the prompt template alone has {len(ids)} tokens, more than --seq-length "
+                                   f"{m.seq_length} minus --rpt-max-response-length {r.rpt_max_response_length}"])
+            truncated[0] += context != task.context
+            prompt_cache[task.id] = ids
         return prompt_cache[task.id]
 
     result = RPTResult(iteration=0, start_iteration=0)
@@ -277,8 +290,15 @@ def rpt_train(cfg: RunConfig) -> RPTResult:
         mine = eval_tasks[dp_rank::dp]
         metrics = evaluate_tasks(engine, mine, prompt_ids, k=r.rpt_eval_samples,
                                  sampling=sampling(_seed(t.seed, iteration, dp_rank, 7)),
-                                 reduce=lambda v: _sum_over_dp(v, device))
+                                 reduce=lambda v: _sum_over_dp(v, device), max_context_tokens=m.seq_length - 1)
         result.evaluations[iteration] = metrics
+        if cfg.checkpoint.save and job.env.rank == 0:
+            # Next to the checkpoints, so before/after comparisons survive the job's log.
+            import json
+            import os
+            os.makedirs(cfg.checkpoint.save, exist_ok=True)
+            with open(os.path.join(cfg.checkpoint.save, "rpt_eval.jsonl"), "a") as f:
+                f.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
         dist.print_rank_0(f"> evaluation at iteration {iteration} ({time.perf_counter() - t0:.1f} s): " +
                           " | ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
                                      for k, v in metrics.items()))
@@ -360,6 +380,7 @@ def rpt_train(cfg: RunConfig) -> RPTResult:
                 "rollout_tokens_per_s": resp_tokens / max(t_rollout, 1e-9),
                 "train_tokens_per_s": (prompt_tokens * kept / max(n_groups, 1) + report["train_tokens"]) / max(t_train, 1e-9),
                 "time_rollout_s": t_rollout, "time_train_s": t_train,
+                "prompts_truncated": truncated[0],   # so far, on this rank (contexts cut to fit --seq-length)
             }
             result.metrics[iteration] = metrics
             if writer is not None and iteration % cfg.logging.tensorboard_log_interval == 0:

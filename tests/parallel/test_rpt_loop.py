@@ -33,9 +33,10 @@ def task_files(tmp_path_factory):
         with open(root / f"tasks_{name}.jsonl", "w") as f:
             for i in range(n):
                 a = ANSWERS[i % 4]
+                words = ["x"] * (12 if i == 0 else 1) + [f"q{a}"]   # task 0: longer than --seq-length allows
                 f.write(json.dumps({
-                    "id": f"{name}{i}:2", "doc_id": f"{name}{i}", "position": 2, "context": f"x q{a}",
-                    "context_tokens": [vocab["x"], vocab[f"q{a}"]], "target_tokens": [vocab[a]],
+                    "id": f"{name}{i}:{len(words)}", "doc_id": f"{name}{i}", "position": len(words),
+                    "context": " ".join(words), "context_tokens": [vocab[w] for w in words], "target_tokens": [vocab[a]],
                     "target_bytes": [a.encode().hex()], "entropy": 1.2, "splits": ["easy", "medium"]}) + "\n")
     return root
 
@@ -74,6 +75,7 @@ def test_reward_rises_and_first_step_gate(task_files):
     assert early < 0.35, early            # chance is ~1/16 per rollout
     assert late > 0.8, (early, late)
     assert all(0.0 <= v["kept_group_fraction"] <= 1.0 and v["response_length"] == 1.0 for v in m.values())
+    assert m[40]["prompts_truncated"] == 2     # train and held-out task 0 lost their oldest words (8 tokens allowed)
     before, after = out["evaluations"][0], out["evaluations"][40]
     assert before["all/tasks"] == after["all/tasks"] == 16
     assert after["all/avg@4"] > before["all/avg@4"] + 0.4
