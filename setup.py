@@ -21,6 +21,7 @@ setup(
         "tqdm",  # megatron-core static inference engine needs it (undeclared upstream)
         "pybind11",  # to build megatron-core's dataset helpers where the wheel lacks them (0.19.x)
         "rdata",  # reads the Jane Austen corpus of the offline demo (R lazy-load data)
+        "champ-dataset",  # the offline math corpus (RPT demos): 270 problems with worked solutions (json only)
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
@@ -36,6 +37,7 @@ setup(
     entry_points={
         "console_scripts": [
             "mrpt-pretrain=megatron_rpt.pretrain:main",
+            "mrpt-rpt=megatron_rpt.train_rpt:main",
         ],
     },
 )

