@@ -20,7 +20,7 @@ demo: $(STAMP)
 
 # Reinforcement Pre-Training on CPU: SmolLM2-135M, math tasks, a few GRPO steps (examples/rpt_demo.py).
 demo-rpt: $(STAMP)
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) examples/rpt_demo.py --output-dir $(RPT_DEMO_DIR)
+	$(PY) examples/rpt_demo.py --output-dir $(RPT_DEMO_DIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests

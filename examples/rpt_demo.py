@@ -76,7 +76,8 @@ def main(argv=None) -> int:
             model += [flag, str(v)]
     save = out / "rpt"
     log = out / "rpt.log"
-    run(["torchrun", "--nproc-per-node", "1", "--master-port", "29517", "-m", "megatron_rpt.train_rpt", *model,
+    run([py, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", "29517", "-m",
+         "megatron_rpt.train_rpt", *model,
          "--seq-length", "384", "--max-position-embeddings", "384",
          "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(hf),
          "--load", str(ckpt), "--save", str(save), "--save-interval", str(a.steps),

@@ -253,6 +253,16 @@ class RPTConfig:
                               "an external OpenAI-compatible server (--rollout-url), synced by export.")
     rollout_url: Optional[str] = arg(None, help="Base URL of the external server (--rollout-engine openai).")
     rollout_max_batch_size: int = arg(64, help="Sequences per batch of the embedded engine.")
+    rollout_reload: str = arg("none", choices=("none", "sglang", "vllm", "endpoint", "restart"),
+                              help="External engine: how the server loads the exported weights after each update "
+                              "('vllm': /collective_rpc reload_weights, server started with VLLM_SERVER_DEV_MODE=1; "
+                              "'sglang': /update_weights_from_disk; 'restart': --rollout-restart-command).")
+    rollout_reload_endpoint: Optional[str] = arg(None, help="External engine, --rollout-reload endpoint: the path "
+                                                 "to POST {model_path} to.")
+    rollout_restart_command: Optional[str] = arg(None, help="External engine, --rollout-reload restart: the server "
+                                                 "command with a {model_path} placeholder.")
+    rollout_sync_dir: Optional[str] = arg(None, help="External engine: folder of the exported HF weights "
+                                          "(default SAVE/rollout_sync).")
     grpo_clamp_eps_lower: float = arg(0.2, help="Lower clip of the importance ratio (1 - eps).")
     grpo_clamp_eps_upper: float = arg(0.2, help="Upper clip of the importance ratio (1 + eps; > lower: "
                                       "clip-higher).")

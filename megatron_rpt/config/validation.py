@@ -291,8 +291,15 @@ def validate_rpt_config(cfg: RunConfig, world_size: int, *, check_files: bool = 
                         f"in --seq-length {m.seq_length}")
     if r.rpt_dynamic_sampling_start is not None and r.rpt_dynamic_sampling_start < 0:
         problems.append(f"--rpt-dynamic-sampling-start must be >= 0 (got {r.rpt_dynamic_sampling_start})")
-    if r.rollout_engine == "openai" and not r.rollout_url:
-        problems.append("--rollout-engine openai needs --rollout-url")
+    if r.rollout_engine == "openai":
+        if not r.rollout_url:
+            problems.append("--rollout-engine openai needs --rollout-url")
+        if cfg.checkpoint.save is None:
+            problems.append("--rollout-engine openai needs --save (weights reach the server by checkpoint export)")
+        if r.rollout_reload == "restart" and not r.rollout_restart_command:
+            problems.append("--rollout-reload restart needs --rollout-restart-command")
+        if r.rollout_reload == "endpoint" and not r.rollout_reload_endpoint:
+            problems.append("--rollout-reload endpoint needs --rollout-reload-endpoint")
     if r.rollout_max_batch_size < 1:
         problems.append(f"--rollout-max-batch-size must be >= 1 (got {r.rollout_max_batch_size})")
     if not 0.0 <= r.grpo_clamp_eps_lower < 1.0:

@@ -194,8 +194,13 @@ def build_engine(cfg: RunConfig, job) -> RolloutEngine:
         from megatron_rpt.inference.megatron_engine import MegatronEngine
         return MegatronEngine(job.state.model, job.tokenizer, padded_vocab_size=job.vocab_size,
                               max_batch_size=r.rollout_max_batch_size, max_sequence_length=cfg.model.seq_length)
+    import os
+
     from megatron_rpt.inference.external import OpenAICompatibleEngine
-    return OpenAICompatibleEngine(r.rollout_url)
+    return OpenAICompatibleEngine(
+        r.rollout_url, eod_token_id=job.tokenizer.eod, reload=r.rollout_reload,
+        reload_endpoint=r.rollout_reload_endpoint, restart_command=r.rollout_restart_command,
+        sync_dir=r.rollout_sync_dir or os.path.join(cfg.checkpoint.save, "rollout_sync"))
 
 
 def rpt_train(cfg: RunConfig) -> RPTResult:
@@ -326,7 +331,13 @@ def rpt_train(cfg: RunConfig) -> RPTResult:
             first = consumed + dp_rank * local_contexts
             batch_tasks = [tasks[sampler(first + i)] for i in range(local_contexts)]
             prompts = [prompt_ids(task) for task in batch_tasks]
-            engine.sync_weights(iteration, cfg.checkpoint.save)
+            if engine.name != "megatron":
+                # An external server sees the trainer's weights through an export of this iteration's
+                # checkpoint (the engine skips an iteration it already serves).
+                if last_saved != iteration:
+                    save(iteration)
+                    last_saved = iteration
+                engine.sync_weights(iteration, cfg.checkpoint.save)
             rollouts = engine.generate(prompts, r.rpt_group_size, sampling(_seed(t.seed, iteration, dp_rank)))
             t_rollout = time.perf_counter() - t_start
             rewards = torch.tensor([[prefix_match_reward(o.text, task.target_token_bytes) for o in group]
