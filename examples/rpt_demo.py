@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     py = sys.executable
     t0 = time.perf_counter()
 
-    from megatron_rpt.convert.hf_config import model_flags_from_hf
+    from megatron_rpt.convert.hf_config import model_flags_argv, model_flags_from_hf
     from megatron_rpt.convert.offline_models import smollm2_hf_folder
     from megatron_rpt.data.corpus import math_corpus
 
@@ -66,14 +66,7 @@ def main(argv=None) -> int:
              "--target-tokens", "8", "--heldout-docs", "12", "--batch-size", "8", "--output-prefix", str(tasks),
              "--no-progress"], "build next-token-reasoning tasks (proxy entropy filter)")
 
-    flags = model_flags_from_hf(json.loads((hf / "config.json").read_text()))
-    model = []
-    for k, v in flags.items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            model += [flag] if v else []
-        else:
-            model += [flag, str(v)]
+    model = model_flags_argv(model_flags_from_hf(json.loads((hf / "config.json").read_text())))
     save = out / "rpt"
     log = out / "rpt.log"
     run([py, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", "29517", "-m",

@@ -72,3 +72,27 @@ def shape_from_hf(c: dict, padded_vocab_size: Optional[int] = None) -> Shape:
                  head_dim=f["kv_channels"], vocab_size=c["vocab_size"],
                  padded_vocab_size=padded_vocab_size or c["vocab_size"],
                  tied=not f["untie_embeddings_and_output_weights"], num_experts=f.get("num_experts") or 0)
+
+
+def model_flags_argv(flags: dict[str, Any]) -> list[str]:
+    """`model_flags_from_hf` output as command-line flags of mrpt-pretrain / mrpt-rpt: a False
+    boolean whose default is True becomes its negative flag (e.g. --no-qk-layernorm)."""
+    import dataclasses
+
+    from megatron_rpt.config.schema import ModelConfig
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    argv: list[str] = []
+    for name, value in flags.items():
+        meta = fields[name].metadata
+        flag = meta.get("flag") or "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            if value != fields[name].default:
+                if value:
+                    argv.append(flag)
+                elif meta.get("negative"):
+                    argv.append(meta["negative"])
+                else:
+                    raise ValueError(f"{name}=False has no command-line flag")
+        else:
+            argv += [flag, str(value)]
+    return argv

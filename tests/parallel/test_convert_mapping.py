@@ -141,3 +141,18 @@ def test_mapping_refuses_what_it_cannot_reproduce():
         model_flags_from_hf({**moe, "norm_topk_prob": False})
     with pytest.raises(ValueError, match="mlp_only_layers"):
         model_flags_from_hf({**moe, "mlp_only_layers": [0]})
+
+
+@pytest.mark.parametrize("arch", list(HF_CONFIGS))
+def test_printed_model_flags_rebuild_the_imported_model(arch):
+    """The flags `convert_checkpoint.py import` prints (model_flags_argv) parse back to exactly the
+    model fields the import recorded, booleans included (Llama: --no-qk-layernorm)."""
+    from megatron_rpt.config import parse_args
+    from megatron_rpt.convert.hf_config import model_flags_argv, model_flags_from_hf
+    config = dict(HF_CONFIGS[arch], architectures=[arch], hidden_act="silu",
+                  rope_parameters={"rope_theta": 1e4, "rope_type": "default"})
+    flags = model_flags_from_hf(config)
+    model = parse_args(model_flags_argv(flags)).model
+    for name, value in flags.items():
+        assert getattr(model, name) == value, (name, getattr(model, name), value)
+    assert ("--no-qk-layernorm" in model_flags_argv(flags)) == (arch == "LlamaForCausalLM")
