@@ -266,8 +266,10 @@ class RPTConfig:
     grpo_clamp_eps_lower: float = arg(0.2, help="Lower clip of the importance ratio (1 - eps).")
     grpo_clamp_eps_upper: float = arg(0.2, help="Upper clip of the importance ratio (1 + eps; > lower: "
                                       "clip-higher).")
-    grpo_kl_beta: float = arg(0.0, help="Weight of the k3 KL penalty to a reference policy (0: off, as in "
-                              "the paper; > 0 is not supported by the loop yet).")
+    grpo_kl_beta: float = arg(0.0, help="Weight of the k3 KL penalty to the reference policy --rpt-ref-load "
+                              "(0: off, as in the paper).")
+    rpt_ref_load: Optional[str] = arg(None, help="Checkpoint folder of the frozen reference policy of the KL "
+                                      "penalty (its latest iteration; usually the initial policy).")
     rpt_eval_samples: int = arg(1, help="Responses per held-out task in evaluation (k of pass@k/avg@k/cons@k).")
     rpt_eval_max_tasks: Optional[int] = arg(None, help="Evaluate on the first N held-out tasks only.")
 

@@ -309,8 +309,10 @@ def validate_rpt_config(cfg: RunConfig, world_size: int, *, check_files: bool = 
     if r.grpo_kl_beta < 0:
         problems.append(f"--grpo-kl-beta must be >= 0 (got {r.grpo_kl_beta})")
     elif r.grpo_kl_beta > 0:
-        problems.append("--grpo-kl-beta > 0 needs a frozen reference model, which mrpt-rpt does not keep yet "
-                        "(the paper uses no KL; rpt.grpo.policy_loss supports the k3 term)")
+        if r.rpt_ref_load is None:
+            problems.append("--grpo-kl-beta > 0 needs --rpt-ref-load (the reference policy's checkpoint folder)")
+        elif check_files and not os.path.isdir(r.rpt_ref_load):
+            problems.append(f"--rpt-ref-load: {r.rpt_ref_load} is not a folder")
     if r.rpt_eval_samples < 1:
         problems.append(f"--rpt-eval-samples must be >= 1 (got {r.rpt_eval_samples})")
     if p.num_layers_per_virtual_pipeline_stage is not None:

@@ -111,12 +111,35 @@ def _micro_batches(seqs: list, micro_batch_size: int, length_multiple: int, max_
     return batches, length
 
 
-class PolicyForwardStep:
-    """Megatron forward_step_func for the GRPO update: policy log-probs and the clipped surrogate."""
+class ReferenceForwardStep:
+    """Forward-only step of the frozen reference policy: stores its log-probs of the labels in the
+    host batch dict (key `ref_log_probs`, last pipeline stage only), for the policy step's KL term."""
 
-    def __init__(self, device: torch.device, vocab_size: int, eps_low: float, eps_high: float):
+    def __init__(self, device: torch.device, vocab_size: int):
         self.device, self.vocab_size = device, vocab_size
-        self.eps_low, self.eps_high = eps_low, eps_high
+
+    def __call__(self, data_iterator, model):
+        from megatron_rpt.rpt.grpo import policy_log_probs
+
+        host = next(data_iterator)
+        batch = {k: v.to(self.device) for k, v in host.items()}
+        logits = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+
+        def stash(output):
+            with torch.no_grad():
+                host["ref_log_probs"] = policy_log_probs(output, batch["labels"], vocab_size=self.vocab_size).cpu()
+            zero = torch.zeros((), device=self.device)
+            return zero, torch.zeros((), dtype=torch.int, device=self.device), {}
+        return logits, stash
+
+
+class PolicyForwardStep:
+    """Megatron forward_step_func for the GRPO update: policy log-probs and the clipped surrogate
+    (plus kl_beta x k3 KL to the reference where the batch carries `ref_log_probs`)."""
+
+    def __init__(self, device: torch.device, vocab_size: int, eps_low: float, eps_high: float, kl_beta: float = 0.0):
+        self.device, self.vocab_size = device, vocab_size
+        self.eps_low, self.eps_high, self.kl_beta = eps_low, eps_high, kl_beta
 
     def _loss(self, batch: dict, logits: torch.Tensor):
         from megatron_rpt.rpt.grpo import policy_log_probs, policy_loss
@@ -129,7 +152,8 @@ class PolicyForwardStep:
         # report) takes the current one: ratio 1, exact for RPT's one on-policy update per batch.
         reported = ~torch.isnan(batch["old_log_probs"])
         old = torch.where(reported, batch["old_log_probs"], logp.detach())
-        loss, info = policy_loss(logp, old, batch["advantages"], eps_low=self.eps_low, eps_high=self.eps_high)
+        loss, info = policy_loss(logp, old, batch["advantages"], eps_low=self.eps_low, eps_high=self.eps_high,
+                                 ref_log_probs=batch.get("ref_log_probs"), kl_beta=self.kl_beta)
         diff = torch.where(keep & reported, (logp.detach() - old).abs(), 0.0)
         total = torch.sum(loss * mask)
         tokens = mask.sum()
@@ -203,6 +227,28 @@ def build_engine(cfg: RunConfig, job) -> RolloutEngine:
         sync_dir=r.rollout_sync_dir or os.path.join(cfg.checkpoint.save, "rollout_sync"))
 
 
+def build_reference(cfg: RunConfig, job) -> list:
+    """The frozen reference policy of the KL term: this rank's model chunks (same layout, no DDP,
+    no gradients) with the weights of --rpt-ref-load's latest checkpoint."""
+    import types
+
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_rpt.models.gpt import build_model_chunks, transformer_config
+    from megatron_rpt.training.checkpointing import CheckpointError, load_checkpoint
+
+    config = transformer_config(cfg, job.platform)
+    chunks = build_model_chunks(cfg, job.platform, job.vocab_size, job.device, config)
+    if cfg.training.bf16 or cfg.training.fp16:
+        chunks = [Float16Module(config, c) for c in chunks]
+    for chunk in chunks:
+        chunk.requires_grad_(False)
+        chunk.eval()
+    if load_checkpoint(cfg.rpt.rpt_ref_load, types.SimpleNamespace(model=chunks, optimizer=None), cfg) is None:
+        raise CheckpointError(f"--rpt-ref-load: no checkpoint in {cfg.rpt.rpt_ref_load}")
+    return chunks
+
+
 def rpt_train(cfg: RunConfig) -> RPTResult:
     """Run (or resume) RPT as configured on the current launcher's ranks."""
     from megatron_rpt.training.loop import _any_rank, _SignalFlag  # the pretraining loop's exit logic
@@ -272,7 +318,12 @@ def rpt_train(cfg: RunConfig) -> RPTResult:
     local_contexts = r.rpt_contexts_per_step // dp
     sampler = ContextSampler(len(tasks), t.seed)
     tp = cfg.parallel.tensor_model_parallel_size
-    forward_step = PolicyForwardStep(device, job.vocab_size, r.grpo_clamp_eps_lower, r.grpo_clamp_eps_upper)
+    forward_step = PolicyForwardStep(device, job.vocab_size, r.grpo_clamp_eps_lower, r.grpo_clamp_eps_upper,
+                                     r.grpo_kl_beta)
+    reference = None
+    if r.grpo_kl_beta > 0:
+        reference = build_reference(cfg, job)
+        dist.print_rank_0(f"> KL reference policy: {r.rpt_ref_load} (beta {r.grpo_kl_beta})")
     writer = None
     if cfg.logging.tensorboard_dir and job.env.rank == 0:
         from torch.utils.tensorboard import SummaryWriter
@@ -362,6 +413,12 @@ def rpt_train(cfg: RunConfig) -> RPTResult:
                                              attention_mask=not job.platform.transformer_engine)
             # Every DP rank needs the same number of micro-batches only for the schedule's own
             # bookkeeping; the token mean is exact either way (Megatron sums tokens over DP).
+            if reference is not None:
+                with torch.no_grad():
+                    get_forward_backward_func()(
+                        forward_step_func=ReferenceForwardStep(device, job.vocab_size), data_iterator=iter(batches),
+                        model=reference, num_microbatches=len(batches), seq_length=length,
+                        micro_batch_size=t.micro_batch_size, forward_only=True)
             for chunk in state.model:
                 chunk.zero_grad_buffer()
             state.optimizer.zero_grad()

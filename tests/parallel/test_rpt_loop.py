@@ -111,3 +111,18 @@ def test_data_parallel_2_splits_contexts(task_files):
     outs = run_ranks(_run, 2, _args(task_files, ["--train-iters", "2"]), timeout=300)
     assert outs[0]["metrics"][1]["reward"] == outs[1]["metrics"][1]["reward"]
     assert outs[0]["metrics"][1]["train_tokens"] == 8 * 8      # one response token per rollout, both ranks
+
+
+def test_kl_to_reference_policy(task_files, tmp_path):
+    """--grpo-kl-beta with the reference = the policy's own starting checkpoint: the k3 KL is 0 at
+    the first update (same weights, same forward), then grows, and changes the update."""
+    a = str(tmp_path / "a")
+    run_ranks(_run, 1, _args(task_files, ["--train-iters", "3", "--save", a, "--save-interval", "3"]), timeout=300)
+    common = ["--train-iters", "6", "--load", a, "--lr", "0.03"]
+    with_kl = run_ranks(_run, 1, _args(task_files, common + ["--grpo-kl-beta", "1.0", "--rpt-ref-load", a]),
+                        timeout=300)[0]["metrics"]
+    without = run_ranks(_run, 1, _args(task_files, common), timeout=300)[0]["metrics"]
+    assert with_kl[4]["kl"] == 0.0
+    assert with_kl[4]["grad_norm"] == without[4]["grad_norm"]      # KL and its gradient vanish at the reference
+    assert with_kl[6]["kl"] > 1e-4
+    assert with_kl[6]["grad_norm"] != without[6]["grad_norm"]
