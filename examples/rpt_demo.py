@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--docs", type=int, default=48, help="math documents used to build tasks")
     ap.add_argument("--steps", type=int, default=3, help="RPT steps")
     a = ap.parse_args(argv)
+    os.environ["PYTHONUNBUFFERED"] = "1"   # the trainer's lines reach the log as they are printed
     out = (ROOT / a.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
          "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(hf),
          "--load", str(ckpt), "--save", str(save), "--save-interval", str(a.steps),
          "--rpt-data", f"{tasks}_train.jsonl", "--rpt-eval-data", f"{tasks}_heldout.jsonl",
-         "--rpt-eval-max-tasks", "12", "--rpt-eval-samples", "2",
+         "--rpt-eval-max-tasks", "8", "--rpt-eval-samples", "2",
          "--rpt-contexts-per-step", "2", "--rpt-group-size", "4", "--rpt-max-response-length", "48",
          "--rpt-temperature", "0.8", "--micro-batch-size", "4", "--train-iters", str(a.steps),
          "--lr", "1e-6", "--lr-decay-style", "constant", "--weight-decay", "0.01", "--clip-grad", "1.0",

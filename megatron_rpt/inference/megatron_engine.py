@@ -7,9 +7,10 @@ copy, no conversion, so `sync_weights` is a no-op), with Megatron-Core's static-
 prompts (TP ranks share gathered logits and a sampling generator seeded alike, so they sample the
 same tokens; PP stages receive the last stage's logits); data-parallel ranks run their own prompts.
 
-What is returned per sampled token is Megatron-Core's `generated_log_probs`: log_softmax of the
-full (padded-vocabulary) logits at temperature 1, the convention of `inference.base`; the
-terminating EOD, which Megatron-Core does not return, is appended with a NaN log-prob.
+What is returned per sampled token is log_softmax of the full (padded-vocabulary) logits at
+temperature 1, the convention of `inference.base`, recorded at each sampling step by a
+`TextGenerationController` subclass (cheaper than Megatron-Core's `return_log_probs`, which
+materialises the prompt's full-vocabulary logits, and it covers the terminating EOD).
 
 Sampling is reproducible: the controller's generator is reseeded from `SamplingConfig.seed` on
 every call, so a resumed run samples the same rollouts. Megatron-Core's static engine takes top-k
@@ -20,8 +21,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
-from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
@@ -49,6 +48,31 @@ def _inference_wrapper(model, *, hidden_size: int, params_dtype: torch.dtype, pa
     return GPTInferenceWrapper(model, context)
 
 
+def _recording_controller_class():
+    """TextGenerationController that records log pi(sampled token) at every sampling step.
+
+    Megatron-Core's own `return_log_probs` makes the static engine materialise [batch, prompt,
+    vocabulary] logits at prefill for the prompt's log-probs (gigabytes for long prompts and large
+    vocabularies) and drops the terminating EOD's. Here only the last position's log_softmax is
+    taken, at the token the controller actually sampled (the logits it is given are the raw ones:
+    it applies temperature/top-k/top-p to a copy), for the requests whose generation has started."""
+    from megatron.core.inference.text_generation_controllers.text_generation_controller import (
+        TextGenerationController)
+
+    class RecordingController(TextGenerationController):
+        def sample_from_logits(self, last_token_logits, *args, **kwargs):
+            tokens = super().sample_from_logits(last_token_logits, *args, **kwargs)
+            started = kwargs.get("generation_started")
+            if started is None:
+                started = torch.ones(tokens.shape[0], dtype=torch.bool)
+            log_probs = torch.log_softmax(last_token_logits.float(), dim=-1).gather(
+                -1, tokens.view(-1, 1).to(last_token_logits.device)).view(-1)
+            self.recorded.append((log_probs.cpu(), started.cpu()))
+            return tokens
+
+    return RecordingController
+
+
 class MegatronEngine(RolloutEngine):
     """Rollouts from Megatron-Core's static-batch engine on the trainer's model (collective over
     the model-parallel group; see the module docstring)."""
@@ -58,8 +82,6 @@ class MegatronEngine(RolloutEngine):
     def __init__(self, model_chunks: Sequence[torch.nn.Module], tokenizer, *, padded_vocab_size: int,
                  max_batch_size: int, max_sequence_length: int):
         from megatron.core.inference.engines import StaticInferenceEngine
-        from megatron.core.inference.text_generation_controllers.text_generation_controller import (
-            TextGenerationController)
 
         from megatron_rpt.training.optimizer import unwrap
 
@@ -79,7 +101,8 @@ class MegatronEngine(RolloutEngine):
             self.model, hidden_size=config.hidden_size, params_dtype=config.params_dtype,
             padded_vocab_size=padded_vocab_size, max_batch_size=max_batch_size,
             max_sequence_length=max_sequence_length)
-        self.controller = TextGenerationController(self._wrapped, tokenizer)
+        self.controller = _recording_controller_class()(self._wrapped, tokenizer)
+        self.controller.recorded = []
         # legacy: the static-batch path itself (megatron-core >= 0.15 otherwise builds its dynamic
         # engine, which needs flash-attn on CUDA and cannot run on CPU).
         self.engine = StaticInferenceEngine(self.controller, max_batch_size=max_batch_size, legacy=True)
@@ -99,7 +122,7 @@ class MegatronEngine(RolloutEngine):
             raise RolloutError("the Megatron-Core engine takes top-k or top-p, not both "
                                f"(got top_k={top_k}, top_p={sampling.top_p})")
         params = SamplingParams(temperature=sampling.temperature, top_k=top_k, top_p=top_p,
-                                return_log_probs=True, num_tokens_to_generate=sampling.max_new_tokens)
+                                return_log_probs=False, num_tokens_to_generate=sampling.max_new_tokens)
         if not sampling.stop_at_eod:
             params.add_attributes({"no_early_termination": True})
         return params
@@ -129,29 +152,35 @@ class MegatronEngine(RolloutEngine):
                                                  sampling_params=params, prompt_tokens=prompt))
         self.controller.sampling_rng.manual_seed(int(sampling.seed))
         was_training = [chunk.training for chunk in self.model_chunks]
+        out: list[list[Rollout]] = [[] for _ in prompts]
+        eod = self.tokenizer.eod
         try:
-            done = self.engine.generate(inference_requests=requests)
+            # One static batch per call of the engine, so the recorded sampling steps belong to it.
+            for start in range(0, len(requests), self.max_batch_size):
+                batch = requests[start:start + self.max_batch_size]
+                self.controller.recorded = []
+                done = self.engine.generate(inference_requests=batch)
+                steps = self.controller.recorded
+                for row, request in enumerate(done):
+                    k = start + row
+                    n_gen = int(request.generated_length)
+                    tokens = [int(t) for t in request.generated_tokens.tolist()][:n_gen]
+                    # Megatron-Core counts the tokens before a terminating EOD; a response shorter than
+                    # the budget ended at EOD, which is part of the response (the policy learns to stop).
+                    finished = sampling.stop_at_eod and n_gen < sampling.max_new_tokens
+                    if finished:
+                        tokens.append(eod)
+                    mine = [float(lp[row]) for lp, started in steps if bool(started[row])][:len(tokens)]
+                    if len(mine) != len(tokens):
+                        raise RolloutError(f"recorded {len(mine)} log-probs for {len(tokens)} generated tokens")
+                    text = self.tokenizer.detokenize(tokens[:-1] if finished else tokens)
+                    out[k // n].append(Rollout(tokens=tokens, log_probs=mine, text=text, finished=finished))
         finally:
+            self.controller.recorded = []
             for chunk, training in zip(self.model_chunks, was_training):
                 chunk.train(training)
             # The KV cache lives in the context until the next prefill; give the memory back now.
             self._wrapped.inference_context.key_value_memory_dict = {}
-        out: list[list[Rollout]] = [[] for _ in prompts]
-        eod = self.tokenizer.eod
-        for k, request in enumerate(done):
-            tokens = [int(t) for t in request.generated_tokens.tolist()][: request.generated_length]
-            log_probs = [float(x) for x in (request.generated_log_probs or [])][: len(tokens)]
-            if len(log_probs) != len(tokens):
-                raise RolloutError(f"engine returned {len(log_probs)} log-probs for {len(tokens)} tokens")
-            text = self.tokenizer.detokenize(tokens)
-            # Megatron-Core counts and returns the tokens before the terminating EOD only; a response
-            # shorter than the budget ended at EOD, which is appended (the policy must learn to stop)
-            # with a NaN log-prob: the engine does not report it (see base.Rollout).
-            finished = sampling.stop_at_eod and len(tokens) < sampling.max_new_tokens
-            if finished:
-                tokens.append(eod)
-                log_probs.append(math.nan)
-            out[k // n].append(Rollout(tokens=tokens, log_probs=log_probs, text=text, finished=finished))
         return out
 
     def close(self) -> None:
