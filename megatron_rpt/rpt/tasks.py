@@ -599,7 +599,8 @@ def build_tasks(cfg: BuildConfig, tokenizer, proxy, n_docs: Optional[int] = None
         except (OSError, ValueError, KeyError, TypeError):
             raise TaskError(f"{progress_path} is unreadable; delete it to start over") from None
         if saved_settings != settings:
-            diff = [k for k in settings["settings"] if saved_settings.get("settings", {}).get(k) != settings["settings"][k]]
+            old = saved_settings.get("settings", {})
+            diff = [k for k in settings["settings"] if old.get(k) != settings["settings"][k]]
             diff += [k for k in ("tokenizer", "proxy", "inputs") if saved_settings.get(k) != settings[k]]
             raise TaskError(f"{progress_path}: an unfinished run with other settings ({', '.join(diff)} differ) is in "
                             "progress here; rerun it with its flags to resume, or delete that file to start over")

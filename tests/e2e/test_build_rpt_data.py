@@ -72,8 +72,8 @@ with torch.no_grad():
 print(json.dumps(out))
 """
 
-WORDS = ("the a cat dog sat on mat and ran x = 1 + 2 {braces} \\frac{a}{b} café naïve 漢字 数学 🙂 👩‍👩‍👧 sum of "
-         "squares is prime n^2 ≤ ∑ proof hence").split()
+WORDS = ("the a cat dog sat on mat and ran x = 1 + 2 {braces} \\frac{a}{b} café naïve 漢字 数学 🙂 "
+         "👩‍👩‍👧 sum of squares is prime n^2 ≤ ∑ proof hence").split()
 
 
 def run(*args, check=True, env=None, timeout=300):

@@ -82,7 +82,8 @@ def test_token_bytes_sentencepiece_dummy_prefix_and_byte_fallback(tmp_path):
 def test_token_bytes_trained_hf_byte_level_bpe(tmp_path):
     folder = train_byte_level_bpe(TEXTS * 10, str(tmp_path / "bpe"), vocab_size=400)
     hf = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(folder))
-    gpt2 = build_tokenizer("GPT2BPETokenizer", vocab_file=str(folder / "vocab.json"), merge_file=str(folder / "merges.txt"))
+    gpt2 = build_tokenizer("GPT2BPETokenizer", vocab_file=str(folder / "vocab.json"),
+                           merge_file=str(folder / "merges.txt"))
     _round_trips(hf)
     _round_trips(gpt2)
     assert hf.token_bytes(range(hf.vocab_size)) == gpt2.token_bytes(range(hf.vocab_size))
@@ -98,8 +99,8 @@ def test_token_bytes_hf_sentencepiece_style_pieces(tmp_path):
     tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
                                     decoders.Strip(" ", 1, 0)])
     alphabet = [f"<0x{b:02X}>" for b in range(256)]
-    tk.train_from_iterator(TEXTS[:2] * 20, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "</s>"] + alphabet,
-                                                              show_progress=False))
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "</s>"] + alphabet, show_progress=False)
+    tk.train_from_iterator(TEXTS[:2] * 20, trainer)
     path = tmp_path / "tokenizer.json"
     tk.save(str(path))
     tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(path))
