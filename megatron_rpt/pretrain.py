@@ -6,24 +6,30 @@ Launch with `torchrun --nproc-per-node N -m megatron_rpt.pretrain ...` or `srun 
 from __future__ import annotations
 
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from megatron_rpt.config import ConfigError, parse_args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    cfg = parse_args(argv)
-    from megatron_rpt.training.loop import pretrain
+def run_job(job: Callable, cfg, errors: tuple = ()) -> int:
+    """Run `job(cfg)` as an entry point: configuration, checkpoint and `errors` exceptions are one
+    `error: ...` line and exit code 2 (no traceback); the process group is always torn down."""
     from megatron_rpt.training.checkpointing import CheckpointError
     try:
-        pretrain(cfg)
-    except (ConfigError, CheckpointError) as e:
+        job(cfg)
+    except (ConfigError, CheckpointError, *errors) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
         from megatron_rpt.distributed import destroy_distributed
         destroy_distributed()
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    cfg = parse_args(argv)
+    from megatron_rpt.training.loop import pretrain
+    return run_job(pretrain, cfg)
 
 
 if __name__ == "__main__":

@@ -9,27 +9,17 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-from megatron_rpt.config import ConfigError, parse_rpt_args
+from megatron_rpt.config import parse_rpt_args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = parse_rpt_args(argv)
     from megatron_rpt.inference.base import RolloutError
+    from megatron_rpt.pretrain import run_job
     from megatron_rpt.rpt.loop import rpt_train
-    from megatron_rpt.training.checkpointing import CheckpointError
-    try:
-        from megatron_rpt.rpt.tasks import TaskError
-    except ImportError:  # pragma: no cover - tasks module always ships
-        TaskError = ValueError
-    try:
-        rpt_train(cfg)
-    except (ConfigError, CheckpointError, RolloutError, TaskError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        from megatron_rpt.distributed import destroy_distributed
-        destroy_distributed()
-    return 0
+    from megatron_rpt.rpt.prompts import PromptError
+    from megatron_rpt.rpt.tasks import TaskError
+    return run_job(rpt_train, cfg, (RolloutError, TaskError, PromptError))
 
 
 if __name__ == "__main__":

@@ -31,15 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json-keys", nargs="+", default=["text"], help="the ONE key holding each document's text")
     g.add_argument("--doc-id-key", help="key of a unique document id (default: FILE_NAME:LINE)")
     g = ap.add_argument_group("tokenizer (the policy's)")
-    from megatron_rpt.data.tokenizers import TOKENIZER_TYPES
-    g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
-    g.add_argument("--tokenizer-model", help="sentencepiece .model, HF tokenizer folder/json, or tiktoken ranks")
-    g.add_argument("--vocab-file")
-    g.add_argument("--merge-file")
-    g.add_argument("--vocab-size", type=int, help="NullTokenizer size; TikTokenizer size (default: all ranks)")
-    g.add_argument("--tiktoken-pattern", default="v2", choices=["v1", "v2"])
-    g.add_argument("--tiktoken-num-special-tokens", type=int, default=1000)
-    g.add_argument("--tiktoken-special-tokens", nargs="+")
+    from megatron_rpt.data.tokenizers import add_tokenizer_arguments
+    add_tokenizer_arguments(g)
     g = ap.add_argument_group("proxy model (entropy filter)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--proxy-hf-dir", help="Hugging Face causal LM folder (safetensors), run in fp32")
@@ -77,15 +70,10 @@ def main(argv=None) -> int:
         return 2
     import torch
 
-    from megatron_rpt.data.tokenizers import TokenizerError, build_tokenizer
+    from megatron_rpt.data.tokenizers import TokenizerError, build_tokenizer, tokenizer_kwargs_from_args
     from megatron_rpt.rpt.tasks import BuildConfig, HFProxy, MegatronProxy, TaskError, build_tasks, scan_documents
     torch.set_num_threads(max(1, args.proxy_threads))
-    tokenizer_kwargs = dict(tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file,
-                            merge_file=args.merge_file, vocab_size=args.vocab_size)
-    if args.tokenizer_type == "TikTokenizer":
-        tokenizer_kwargs.update(tiktoken_pattern=args.tiktoken_pattern,
-                                tiktoken_num_special_tokens=args.tiktoken_num_special_tokens,
-                                tiktoken_special_tokens=args.tiktoken_special_tokens)
+    tokenizer_kwargs = tokenizer_kwargs_from_args(args)
     cfg = BuildConfig(inputs=args.input, output_prefix=args.output_prefix, json_key=args.json_keys[0],
                       doc_id_key=args.doc_id_key, entropy_threshold=args.entropy_threshold,
                       min_context_tokens=args.min_context_tokens, target_tokens=args.target_tokens,

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from megatron_rpt.data.preprocess import BadInputError, preprocess
-from megatron_rpt.data.tokenizers import TOKENIZER_TYPES, TokenizerError
+from megatron_rpt.data.tokenizers import TokenizerError, add_tokenizer_arguments, tokenizer_kwargs_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,14 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip-bad-lines", action="store_true",
                    help="skip malformed lines (reporting the count and the first locations) instead of stopping")
     g = ap.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
-    g.add_argument("--tokenizer-model", help="sentencepiece .model, HF tokenizer folder/json, or tiktoken ranks")
-    g.add_argument("--vocab-file")
-    g.add_argument("--merge-file")
-    g.add_argument("--vocab-size", type=int, help="NullTokenizer size; TikTokenizer size (default: all ranks)")
-    g.add_argument("--tiktoken-pattern", default="v2", choices=["v1", "v2"])
-    g.add_argument("--tiktoken-num-special-tokens", type=int, default=1000)
-    g.add_argument("--tiktoken-special-tokens", nargs="+")
+    add_tokenizer_arguments(g)
     g.add_argument("--append-eod", action="store_true", help="append the end-of-document token to each document")
     g = ap.add_argument_group("output data")
     g.add_argument("--output-prefix", required=True)
@@ -50,12 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    tokenizer_kwargs = dict(tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file,
-                            merge_file=args.merge_file, vocab_size=args.vocab_size)
-    if args.tokenizer_type == "TikTokenizer":
-        tokenizer_kwargs.update(tiktoken_pattern=args.tiktoken_pattern,
-                                tiktoken_num_special_tokens=args.tiktoken_num_special_tokens,
-                                tiktoken_special_tokens=args.tiktoken_special_tokens)
+    tokenizer_kwargs = tokenizer_kwargs_from_args(args)
     try:
         stats = preprocess(args.input, args.output_prefix, json_keys=args.json_keys,
                            tokenizer_type=args.tokenizer_type, append_eod=args.append_eod,

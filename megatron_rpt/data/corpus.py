@@ -145,6 +145,22 @@ def _strip_gutenberg(text: str) -> str:
     return text[first.start():] if first else text
 
 
+def _write_jsonl(docs: list[dict], out: Path) -> None:
+    """One json document per line, under a unique temporary name in the same folder, renamed when
+    complete: concurrent builders never see a partial file (os.replace is atomic on one filesystem)."""
+    fd, tmp_out = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for doc in docs:
+                f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+        os.chmod(tmp_out, 0o644)
+        os.replace(tmp_out, out)
+    except BaseException:
+        if os.path.exists(tmp_out):
+            os.remove(tmp_out)
+        raise
+
+
 def build_demo_corpus(output_dir: str | Path, *, sources=("austen", "moby_dick"), force: bool = False) -> Path:
     """Write (or reuse) `output_dir/demo_corpus.jsonl`; returns its path."""
     unknown = set(sources) - set(PACKAGES)
@@ -170,19 +186,7 @@ def build_demo_corpus(output_dir: str | Path, *, sources=("austen", "moby_dick")
             text = _strip_gutenberg(str(moby[0]))
             for piece in _documents(text.split("\n")):
                 docs.append({"text": piece, "source": "tokenizers", "title": "Moby Dick"})
-    # A unique temporary name in the same folder: concurrent builders never see a partial file,
-    # and os.replace is atomic on one filesystem.
-    fd, tmp_out = tempfile.mkstemp(prefix=".demo_corpus.", suffix=".tmp", dir=out_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for doc in docs:
-                f.write(json.dumps(doc, ensure_ascii=False) + "\n")
-        os.chmod(tmp_out, 0o644)
-        os.replace(tmp_out, out)
-    except BaseException:
-        if os.path.exists(tmp_out):
-            os.remove(tmp_out)
-        raise
+    _write_jsonl(docs, out)
     _summary(out, len(docs))
     return out
 
@@ -235,16 +239,6 @@ def math_corpus(output_dir: str | Path, *, sources: tuple[str, ...] = MATH_SOURC
             docs.append({"text": p["problem"] + "\n\n" + "\n".join(p["steps"]), "id": p["id"],
                          "source": "champ-dataset", "category": p["category"]})
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_out = tempfile.mkstemp(prefix=".math_corpus.", suffix=".tmp", dir=out_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for doc in docs:
-                f.write(json.dumps(doc, ensure_ascii=False) + "\n")
-        os.chmod(tmp_out, 0o644)
-        os.replace(tmp_out, out)
-    except BaseException:
-        if os.path.exists(tmp_out):
-            os.remove(tmp_out)
-        raise
+    _write_jsonl(docs, out)
     _summary(out, len(docs), name="math corpus")
     return out

@@ -548,6 +548,28 @@ def build_tokenizer(tokenizer_type: str, *, tokenizer_model: Optional[str] = Non
     raise TokenizerError(f"--tokenizer-type: unknown {tokenizer_type!r}; known: {', '.join(TOKENIZER_TYPES)}")
 
 
+def add_tokenizer_arguments(group) -> None:
+    """The tokenizer flags of the data tools (Megatron-LM's names), on an argparse group."""
+    group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
+    group.add_argument("--tokenizer-model", help="sentencepiece .model, HF tokenizer folder/json, or tiktoken ranks")
+    group.add_argument("--vocab-file")
+    group.add_argument("--merge-file")
+    group.add_argument("--vocab-size", type=int, help="NullTokenizer size; TikTokenizer size (default: all ranks)")
+    group.add_argument("--tiktoken-pattern", default="v2", choices=["v1", "v2"])
+    group.add_argument("--tiktoken-num-special-tokens", type=int, default=1000)
+    group.add_argument("--tiktoken-special-tokens", nargs="+")
+
+
+def tokenizer_kwargs_from_args(args) -> dict:
+    """`build_tokenizer` keyword arguments (all but the type) from `add_tokenizer_arguments`' flags."""
+    kwargs = dict(tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file, merge_file=args.merge_file,
+                  vocab_size=args.vocab_size)
+    if args.tokenizer_type == "TikTokenizer":
+        kwargs.update(tiktoken_pattern=args.tiktoken_pattern, tiktoken_num_special_tokens=args.tiktoken_num_special_tokens,
+                      tiktoken_special_tokens=args.tiktoken_special_tokens)
+    return kwargs
+
+
 def tokenizer_from_config(cfg) -> Tokenizer:
     """The tokenizer of a run configuration's --tokenizer-* flags (NullTokenizer when none is given).
 

@@ -251,7 +251,7 @@ def build_reference(cfg: RunConfig, job) -> list:
 
 def rpt_train(cfg: RunConfig) -> RPTResult:
     """Run (or resume) RPT as configured on the current launcher's ranks."""
-    from megatron_rpt.training.loop import _any_rank, _SignalFlag  # the pretraining loop's exit logic
+    from megatron_rpt.training.loop import ExitWatch, _SignalFlag  # the pretraining loop's exit logic
 
     start_time = time.time()
     signals = _SignalFlag(cfg.training.exit_signal_handler)
@@ -373,7 +373,7 @@ def rpt_train(cfg: RunConfig) -> RPTResult:
 
     iteration = result.iteration
     last_saved = iteration if result.resumed_from else None
-    watch_exit = t.exit_signal_handler or bool(t.exit_duration_in_mins)
+    exit_watch = ExitWatch(t, start_time, signals, device)
     if t.eval_interval and iteration == 0:
         run_eval(0)
     try:
@@ -473,16 +473,9 @@ def rpt_train(cfg: RunConfig) -> RPTResult:
             if cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0:
                 save(iteration)
                 last_saved = iteration
-            if watch_exit:
-                out_of_time = bool(t.exit_duration_in_mins) and time.time() - start_time > 60 * t.exit_duration_in_mins
-                signalled, timed_out = _any_rank([signals.received is not None, out_of_time], device)
-            else:
-                signalled = timed_out = False
-            if signalled or timed_out:
-                result.exit_reason = "signal" if signalled else "exit_duration"
-                break
-            if t.exit_interval and iteration % t.exit_interval == 0:
-                result.exit_reason = "exit_interval"
+            reason = exit_watch.reason(iteration)
+            if reason is not None:
+                result.exit_reason = reason
                 break
         result.iteration = iteration
         if cfg.checkpoint.save and last_saved != iteration:

@@ -54,6 +54,31 @@ def _any_rank(flags: list, device: torch.device) -> list:
     return [bool(v) for v in t.tolist()]
 
 
+class ExitWatch:
+    """When a training loop must stop between iterations: a signal (--exit-signal-handler), the run
+    time (--exit-duration-in-mins, from `start_time`) or --exit-interval. Signal and time are agreed
+    by one MAX all-reduce, and only when they can end the run, so every rank stops at the same
+    iteration."""
+
+    def __init__(self, training, start_time: float, signals: _SignalFlag, device: torch.device):
+        self.t, self.start_time, self.signals, self.device = training, start_time, signals, device
+        self.collective = training.exit_signal_handler or bool(training.exit_duration_in_mins)
+
+    def reason(self, iteration: int) -> Optional[str]:
+        """'signal', 'exit_duration', 'exit_interval' or None (collective when signals or time are watched)."""
+        t = self.t
+        if self.collective:
+            out_of_time = bool(t.exit_duration_in_mins) and time.time() - self.start_time > 60 * t.exit_duration_in_mins
+            signalled, timed_out = _any_rank([self.signals.received is not None, out_of_time], self.device)
+            if signalled:
+                return "signal"
+            if timed_out:
+                return "exit_duration"
+        if t.exit_interval and iteration % t.exit_interval == 0:
+            return "exit_interval"
+        return None
+
+
 class NonFiniteError(FloatingPointError):
     """Too many consecutive iterations with NaN/inf gradients (--nonfinite-grad-skip-limit)."""
 
@@ -143,8 +168,7 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
     iteration = result.iteration
     last_saved = iteration if result.resumed_from else None
     consecutive_nonfinite = 0
-    # One all-reduce per iteration, only when a signal or the run time can end the run.
-    watch_exit = t.exit_signal_handler or bool(t.exit_duration_in_mins)
+    exit_watch = ExitWatch(t, start_time, signals, device)
     try:
         while iteration < t.train_iters:
             forward_step.collect_stats = logger.wants_stats(iteration + 1)
@@ -185,19 +209,9 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
             if cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0:
                 save(iteration)
                 last_saved = iteration
-            if watch_exit:
-                out_of_time = bool(t.exit_duration_in_mins) and time.time() - start_time > 60 * t.exit_duration_in_mins
-                signalled, timed_out = _any_rank([signals.received is not None, out_of_time], device)
-            else:
-                signalled = timed_out = False
-            if signalled:
-                result.exit_reason = "signal"
-                break
-            if timed_out:
-                result.exit_reason = "exit_duration"
-                break
-            if t.exit_interval and iteration % t.exit_interval == 0:
-                result.exit_reason = "exit_interval"
+            reason = exit_watch.reason(iteration)
+            if reason is not None:
+                result.exit_reason = reason
                 break
         result.iteration = iteration
         if cfg.checkpoint.save and last_saved != iteration:
