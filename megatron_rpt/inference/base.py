@@ -48,8 +48,7 @@ class Rollout:
     """One sampled response to one prompt."""
 
     tokens: list                        # generated token ids (the EOD token included when it ended the response)
-    log_probs: list                     # one float per generated token (see the module docstring); NaN
-                                        # where the engine reports none (the trainer then uses its own)
+    log_probs: list                     # one float per generated token (see the module docstring)
     text: str                           # detokenized response
     finished: bool                      # True: ended at EOD; False: cut at max_new_tokens
     extra: dict = field(default_factory=dict)

@@ -17,7 +17,7 @@ from collections import Counter
 from typing import Callable, Optional, Sequence
 
 from megatron_rpt.inference.base import RolloutEngine, SamplingConfig
-from megatron_rpt.rpt.reward import extract_prediction, prefix_match_reward
+from megatron_rpt.rpt.reward import extract_prediction, prediction_reward, prefix_match_reward
 
 SPLITS = ("all", "easy", "medium", "hard")
 
@@ -42,7 +42,7 @@ def majority_vote_reward(responses: Sequence[str], target_token_bytes: Sequence[
     counts = Counter(predictions)
     best = max(counts.values())
     winner = next(p for p in predictions if counts[p] == best)
-    return prefix_match_reward("\\boxed{" + winner + "}", target_token_bytes)
+    return prediction_reward(winner, target_token_bytes)
 
 
 def pass_ks(k: int) -> list[int]:

@@ -148,13 +148,10 @@ class PolicyForwardStep:
         logp = policy_log_probs(logits, batch["labels"], vocab_size=self.vocab_size, stats=stats)
         mask = batch["loss_mask"]
         keep = mask > 0
-        # A token without a rollout log-prob (NaN, e.g. the EOD Megatron-Core's engine does not
-        # report) takes the current one: ratio 1, exact for RPT's one on-policy update per batch.
-        reported = ~torch.isnan(batch["old_log_probs"])
-        old = torch.where(reported, batch["old_log_probs"], logp.detach())
+        old = batch["old_log_probs"]
         loss, info = policy_loss(logp, old, batch["advantages"], eps_low=self.eps_low, eps_high=self.eps_high,
                                  ref_log_probs=batch.get("ref_log_probs"), kl_beta=self.kl_beta)
-        diff = torch.where(keep & reported, (logp.detach() - old).abs(), 0.0)
+        diff = torch.where(keep, (logp.detach() - old).abs(), 0.0)
         total = torch.sum(loss * mask)
         tokens = mask.sum()
 
@@ -177,24 +174,15 @@ class PolicyForwardStep:
 def _reduce_report(outputs: list, device: torch.device) -> dict:
     """Sum the packed micro-batch reports over micro-batches and DP ranks, max of |logp - old|; every
     pipeline stage receives the last stage's values."""
-    from megatron.core import parallel_state as ps
+    from megatron_rpt.training.step import reduce_from_last_stage
 
     total = torch.zeros(len(_SUMS), dtype=torch.float64, device=device)
     peak = torch.zeros(1, dtype=torch.float64, device=device)
     for out in outputs:
         total += out["rpt"].to(torch.float64)
         peak = torch.maximum(peak, out["max_abs_logp_diff"].to(torch.float64).view(1))
-    if ps.is_pipeline_last_stage(ignore_virtual=True):
-        group = ps.get_data_parallel_group(with_context_parallel=True)
-        torch.distributed.all_reduce(total, group=group)
-        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX, group=group)
-    else:
-        total.zero_()
-        peak.zero_()
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        group = ps.get_pipeline_model_parallel_group()
-        torch.distributed.all_reduce(total, group=group)
-        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX, group=group)
+    reduce_from_last_stage(total)
+    reduce_from_last_stage(peak, op=torch.distributed.ReduceOp.MAX)   # |differences| >= 0
     values = dict(zip(_SUMS, total.tolist()))
     n = max(values["tokens"], 1.0)
     return {"policy_loss": values["loss"] / n, "train_tokens": int(values["tokens"]),
@@ -332,11 +320,9 @@ def rpt_train(cfg: RunConfig) -> RPTResult:
                       f"step, engine {engine.name}, temperature {r.rpt_temperature}, max response "
                       f"{r.rpt_max_response_length} tokens")
 
-    def sampling(seed: int, **overrides) -> SamplingConfig:
-        kw = dict(max_new_tokens=r.rpt_max_response_length, temperature=r.rpt_temperature, top_p=r.rpt_top_p,
-                  top_k=r.rpt_top_k, seed=seed)
-        kw.update(overrides)
-        return SamplingConfig(**kw)
+    def sampling(seed: int) -> SamplingConfig:
+        return SamplingConfig(max_new_tokens=r.rpt_max_response_length, temperature=r.rpt_temperature,
+                              top_p=r.rpt_top_p, top_k=r.rpt_top_k, seed=seed)
 
     def run_eval(iteration: int) -> None:
         if eval_tasks is None:
@@ -409,10 +395,10 @@ def rpt_train(cfg: RunConfig) -> RPTResult:
              n_informative) = _sum_over_dp(local, device)
 
             t_train0 = time.perf_counter()
-            batches, length = _micro_batches(seqs, t.micro_batch_size, max(8, tp), m.seq_length,
+            # The length is a multiple of TP (sequence parallelism splits it). DP ranks may run different
+            # numbers of micro-batches: the token mean stays exact (Megatron sums the tokens over DP).
+            batches, length = _micro_batches(seqs, t.micro_batch_size, math.lcm(8, tp), m.seq_length,
                                              attention_mask=not job.platform.transformer_engine)
-            # Every DP rank needs the same number of micro-batches only for the schedule's own
-            # bookkeeping; the token mean is exact either way (Megatron sums tokens over DP).
             if reference is not None:
                 with torch.no_grad():
                     get_forward_backward_func()(
@@ -453,7 +439,7 @@ def rpt_train(cfg: RunConfig) -> RPTResult:
             result.metrics[iteration] = metrics
             if writer is not None and iteration % cfg.logging.tensorboard_log_interval == 0:
                 for k, v in metrics.items():
-                    if isinstance(v, (int, float)) and v is not None and not isinstance(v, bool):
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
                         writer.add_scalar(f"rpt/{k}", v, iteration)
             if iteration % cfg.logging.log_interval == 0 or iteration == t.train_iters:
                 dist.print_rank_0(

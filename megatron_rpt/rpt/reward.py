@@ -63,10 +63,14 @@ def extract_prediction(response: str) -> Optional[str]:
 
 def prefix_match_reward(response: str, target_token_bytes: Sequence[bytes]) -> float:
     """1.0 if the extracted prediction's bytes are the target's first k tokens (k >= 1), else 0.0."""
+    return prediction_reward(extract_prediction(response), target_token_bytes)
+
+
+def prediction_reward(prediction: Optional[str], target_token_bytes: Sequence[bytes]) -> float:
+    """Eq. 3 for an already extracted prediction (None or empty: 0.0)."""
     targets = list(target_token_bytes)
     if not all(isinstance(t, (bytes, bytearray)) for t in targets):
         raise TypeError("target_token_bytes must be a sequence of bytes (the ground-truth tokens' bytes)")
-    prediction = extract_prediction(response)
     if not prediction:
         return 0.0
     try:

@@ -73,6 +73,19 @@ def make_forward_step(loss_fn: LossFn, device: torch.device) -> ForwardStep:
     return ForwardStep(loss_fn, device)
 
 
+def reduce_from_last_stage(tensor: torch.Tensor, op=torch.distributed.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce (in place) what the last pipeline stage computed over its data-parallel (and
+    context-parallel) ranks, then give it to every pipeline stage. Other stages' values are replaced
+    by zeros, the neutral element of SUM and, for values >= 0, of MAX."""
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        torch.distributed.all_reduce(tensor, op=op, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    else:
+        tensor.zero_()
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(tensor, op=op, group=parallel_state.get_pipeline_model_parallel_group())
+    return tensor
+
+
 def _reduce_losses(losses_reduced: list, device: torch.device) -> tuple[float, int, Optional[dict]]:
     """Sum (loss, tokens[, stats]) over micro-batches and data parallel; share with every pipeline stage."""
     n_stats = len(STAT_NAMES)
@@ -83,14 +96,7 @@ def _reduce_losses(losses_reduced: list, device: torch.device) -> tuple[float, i
         if "stats" in item:
             total[2:] += item["stats"].to(torch.float64)
             have_stats.fill_(1.0)
-    total = torch.cat([total, have_stats])
-    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-    else:
-        total.zero_()
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        torch.distributed.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
-    values = total.tolist()
+    values = reduce_from_last_stage(torch.cat([total, have_stats])).tolist()
     tokens = int(values[1])
     stats = None
     if values[-1] > 0:
