@@ -313,6 +313,8 @@ def validate_rpt_config(cfg: RunConfig, world_size: int, *, check_files: bool = 
             problems.append("--grpo-kl-beta > 0 needs --rpt-ref-load (the reference policy's checkpoint folder)")
         elif check_files and not os.path.isdir(r.rpt_ref_load):
             problems.append(f"--rpt-ref-load: {r.rpt_ref_load} is not a folder")
+    if r.rpt_eval_max_tasks is not None and r.rpt_eval_max_tasks < 1:
+        problems.append(f"--rpt-eval-max-tasks must be >= 1 (got {r.rpt_eval_max_tasks})")
     if r.rpt_eval_samples < 1:
         problems.append(f"--rpt-eval-samples must be >= 1 (got {r.rpt_eval_samples})")
     if p.num_layers_per_virtual_pipeline_stage is not None:

@@ -335,12 +335,16 @@ def rpt_train(cfg: RunConfig) -> RPTResult:
                                  reduce=lambda v: _sum_over_dp(v, device), max_context_tokens=m.seq_length - 1)
         result.evaluations[iteration] = metrics
         if cfg.checkpoint.save and job.env.rank == 0:
-            # Next to the checkpoints, so before/after comparisons survive the job's log.
+            # Next to the checkpoints, so before/after comparisons survive the job's log; rewritten
+            # under a temporary name and renamed, so a crash never leaves a torn line.
             import json
             import os
             os.makedirs(cfg.checkpoint.save, exist_ok=True)
-            with open(os.path.join(cfg.checkpoint.save, "rpt_eval.jsonl"), "a") as f:
-                f.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
+            path = os.path.join(cfg.checkpoint.save, "rpt_eval.jsonl")
+            lines = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.write(lines + json.dumps({"iteration": iteration, **metrics}) + "\n")
+            os.replace(path + ".tmp", path)
         dist.print_rank_0(f"> evaluation at iteration {iteration} ({time.perf_counter() - t0:.1f} s): " +
                           " | ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
                                      for k, v in metrics.items()))

@@ -21,13 +21,13 @@ def rpt(*args):
 def test_bad_flags_are_all_reported(tmp_path):
     proc = rpt("--rpt-group-size", "1", "--rpt-temperature", "0", "--rpt-max-response-length", "64",
                "--grpo-kl-beta", "0.1", "--rollout-engine", "openai", "--global-batch-size", "7",
-               "--rpt-eval-data", str(tmp_path / "missing.jsonl"))
+               "--rpt-eval-data", str(tmp_path / "missing.jsonl"), "--rpt-eval-max-tasks", "0")
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr
     for needed in ("--rpt-data is required", "--rpt-group-size must be >= 2", "--rpt-temperature must be > 0",
                    "--rpt-max-response-length 64 leaves no room for the prompt", "--grpo-kl-beta > 0 needs",
                    "--rollout-engine openai needs --rollout-url", "--global-batch-size 7 differs",
-                   "missing.jsonl not found"):
+                   "missing.jsonl not found", "--rpt-eval-max-tasks must be >= 1"):
         assert needed in err, (needed, err)
     assert "Traceback" not in err
 

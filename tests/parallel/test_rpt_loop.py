@@ -85,15 +85,26 @@ def test_reward_rises_and_first_step_gate(task_files):
 
 def test_resume_is_exact(task_files, tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    full = run_ranks(_run, 1, _args(task_files, ["--train-iters", "6", "--save", a, "--save-interval", "3"]),
-                     timeout=300)[0]["metrics"]
+    evals = ["--rpt-eval-data", str(task_files / "tasks_heldout.jsonl"), "--eval-interval", "3",
+             "--rpt-eval-max-tasks", "4", "--rpt-eval-samples", "2"]
+    first = run_ranks(_run, 1, _args(task_files, ["--train-iters", "6", "--save", a, "--save-interval", "3"] + evals),
+                      timeout=300)[0]
+    full = first["metrics"]
     resumed = run_ranks(_run, 1, _args(task_files, ["--train-iters", "6", "--load", a, "--ckpt-step", "3",
-                                                    "--save", b]), timeout=300)[0]
+                                                    "--save", b] + evals), timeout=300)[0]
     assert resumed["resumed_from"].endswith("iter_0000003")
     assert sorted(resumed["metrics"]) == [4, 5, 6]
     for it in (4, 5, 6):
         for key in ("reward", "policy_loss", "grad_norm", "entropy", "response_length"):
             assert resumed["metrics"][it][key] == full[it][key], (it, key)
+    # Evaluations: at the start, every --eval-interval and at the end, also in SAVE/rpt_eval.jsonl;
+    # the resumed run's final evaluation equals the uninterrupted one's.
+    assert sorted(first["evaluations"]) == [0, 3, 6] and sorted(resumed["evaluations"]) == [6]
+    assert resumed["evaluations"][6] == first["evaluations"][6]
+    written = [json.loads(line) for line in open(os.path.join(a, "rpt_eval.jsonl"))]
+    assert [e.pop("iteration") for e in written] == [0, 3, 6]
+    assert written == [first["evaluations"][i] for i in (0, 3, 6)]
+    assert not os.path.exists(os.path.join(a, "rpt_eval.jsonl.tmp"))
 
 
 def test_tensor_parallel_2_first_step_gate_and_dynamic_sampling(task_files):
