@@ -140,6 +140,44 @@ class TrainingConfig:
                                          "after more than N consecutive ones (0: stop at the first).")
     exit_signal_handler: bool = arg(False, help="Save and exit cleanly on SIGTERM or SIGUSR1 (SLURM preemption, --signal=USR1@T).")
     use_cpu: bool = arg(False, flag="--use-cpu", help="Force the CPU/gloo platform even when CUDA is present.")
+    # Fused kernels (Megatron-LM's --no-* flags). Each applies only where its kernel exists (see
+    # models.gpt.transformer_config); the unfused paths compute the same values.
+    bias_swiglu_fusion: bool = arg(True, flag="--bias-swiglu-fusion", negative="--no-bias-swiglu-fusion",
+                                   help="Fused SwiGLU (CUDA).")
+    apply_rope_fusion: bool = arg(True, flag="--rope-fusion", negative="--no-rope-fusion",
+                                  help="Transformer Engine's fused RoPE (CUDA with TE).")
+    gradient_accumulation_fusion: bool = arg(True, flag="--gradient-accumulation-fusion",
+                                             negative="--no-gradient-accumulation-fusion",
+                                             help="Weight-gradient GEMM accumulating into the fp32 main grad "
+                                             "(CUDA with Apex's fused_weight_gradient_mlp_cuda).")
+
+
+@dataclass
+class FP8Config:
+    """FP8 GEMMs in Transformer Engine layers (Megatron-LM's flags; CUDA with TE, compute capability >= 8.9).
+
+    Megatron-Core enters TE's FP8 autocast per transformer layer (and TE's fp8_model_init with
+    --fp8-param-gather); the embedding, output layer and loss stay in the --bf16/--fp16 dtype.
+    """
+
+    fp8_format: Optional[str] = arg(None, choices=("e4m3", "hybrid"),
+                                    help="FP8 GEMMs: 'e4m3' everywhere, or 'hybrid' (E4M3 forward, E5M2 "
+                                    "gradients); off when unset. Needs --bf16 or --fp16.")
+    fp8_recipe: str = arg("delayed", choices=("delayed", "tensorwise", "blockwise", "mxfp8"),
+                          help="Scaling recipe: 'delayed' (amax history), 'tensorwise' (current scaling), "
+                          "'blockwise' (1x128/128x128 blocks, Hopper), 'mxfp8' (Blackwell).")
+    fp8_margin: int = arg(0, help="Delayed scaling: margin (power of 2) of the scaling factor.")
+    fp8_amax_history_len: int = arg(1, help="Delayed scaling: length of the amax history window.")
+    fp8_amax_compute_algo: str = arg("most_recent", choices=("most_recent", "max"),
+                                     help="Delayed scaling: amax from the history's most recent value or its max.")
+    fp8_wgrad: bool = arg(True, flag="--fp8-wgrad", negative="--no-fp8-wgrad",
+                          help="Weight-gradient GEMMs in FP8 (--no-fp8-wgrad: in high precision).")
+    fp8_param_gather: bool = arg(False, help="Keep the compute weights in FP8 (TE's fp8_model_init) and "
+                                 "all-gather them in FP8 (needs --use-distributed-optimizer).")
+    first_last_layers_bf16: bool = arg(False, help="Keep the first and last transformer layers in bf16 "
+                                       "(not with --fp8-recipe delayed).")
+    num_layers_at_start_in_bf16: int = arg(1, help="With --first-last-layers-bf16: leading layers kept in bf16.")
+    num_layers_at_end_in_bf16: int = arg(1, help="With --first-last-layers-bf16: trailing layers kept in bf16.")
 
 
 @dataclass
@@ -282,6 +320,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -310,7 +349,7 @@ class RunConfig:
 
 _SECTIONS = {
     "model": ModelConfig, "parallel": ParallelConfig, "optimizer": OptimizerConfig,
-    "training": TrainingConfig, "data": DataConfig, "checkpoint": CheckpointConfig,
+    "training": TrainingConfig, "fp8": FP8Config, "data": DataConfig, "checkpoint": CheckpointConfig,
     "logging": LoggingConfig, "loss": LossConfig, "rpt": RPTConfig,
 }
 SECTIONS = dict(_SECTIONS)

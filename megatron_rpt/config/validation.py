@@ -49,6 +49,69 @@ def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
                           * p.context_parallel_size)
 
 
+def sequence_length_multiple(cfg: RunConfig) -> int:
+    """What every micro-batch's sequence length must be a multiple of (variable-length steps pad to it).
+
+    Sequence parallelism splits the sequence over TP ranks; FP8 GEMMs need token counts divisible by 16
+    per rank (Transformer Engine's FP8 execution rule: rows % 8, columns % 16; 16 covers both when a
+    transposed activation enters the weight-gradient GEMM); otherwise 8 keeps the shapes tensor-core friendly.
+    """
+    tp = cfg.parallel.tensor_model_parallel_size
+    per_rank = 16 if cfg.fp8.fp8_format else 8
+    return per_rank * tp if cfg.parallel.sequence_parallel else math.lcm(per_rank, tp)
+
+
+def _check_fp8(cfg: RunConfig) -> list[str]:
+    """FP8 flags against each other and the model shape (the platform is checked by `validate_platform`)."""
+    f, m, p, t = cfg.fp8, cfg.model, cfg.parallel, cfg.training
+    out: list[str] = []
+    if not f.fp8_format:
+        for flag, on in (("--fp8-param-gather", f.fp8_param_gather),
+                         ("--first-last-layers-bf16", f.first_last_layers_bf16)):
+            if on:
+                out.append(f"{flag} needs --fp8-format e4m3|hybrid")
+        return out
+    if not (t.bf16 or t.fp16):
+        out.append(f"--fp8-format {f.fp8_format} needs --bf16 (or --fp16): FP8 covers the transformer layers' "
+                   "GEMMs only; the rest runs in that dtype")
+    if f.fp8_amax_history_len < 1:
+        out.append(f"--fp8-amax-history-len must be >= 1 (got {f.fp8_amax_history_len})")
+    if f.fp8_margin < 0:
+        out.append(f"--fp8-margin must be >= 0 (got {f.fp8_margin})")
+    if f.fp8_param_gather and not p.use_distributed_optimizer:
+        out.append("--fp8-param-gather needs --use-distributed-optimizer (its fp32 main weights are the ones "
+                   "updated; the FP8 copies are re-quantized from them)")
+    if f.first_last_layers_bf16:
+        if f.fp8_recipe == "delayed":
+            out.append("--first-last-layers-bf16 does not work with --fp8-recipe delayed (Megatron-Core); "
+                       "use tensorwise, blockwise or mxfp8")
+        if m.num_layers is not None:
+            per_stage = m.num_layers // p.pipeline_model_parallel_size
+            for flag, n in (("--num-layers-at-start-in-bf16", f.num_layers_at_start_in_bf16),
+                            ("--num-layers-at-end-in-bf16", f.num_layers_at_end_in_bf16)):
+                if not 0 <= n <= per_stage:
+                    out.append(f"{flag} {n} must be between 0 and the layers per pipeline stage ({per_stage})")
+    # Transformer Engine asserts FP8 GEMM operands have rows % 8 and columns % 16 (tokens, and every
+    # weight dimension on this TP rank); checked here so the run does not stop inside the first step.
+    multiple = sequence_length_multiple(cfg)
+    if m.seq_length is not None and m.seq_length % multiple:
+        out.append(f"--fp8-format: --seq-length {m.seq_length} must be a multiple of {multiple} "
+                   f"(16 tokens per rank{' x TP with --sequence-parallel' if p.sequence_parallel else ''})")
+    tp = p.tensor_model_parallel_size
+    etp = p.expert_tensor_parallel_size or tp
+    d = m.kv_channels or (m.hidden_size // m.num_attention_heads if m.hidden_size and m.num_attention_heads else None)
+    dims = [("--hidden-size", m.hidden_size, 1), ("--ffn-hidden-size", m.ffn_hidden_size, tp)]
+    if d is not None and m.num_attention_heads:
+        dims.append(("--num-attention-heads x --kv-channels", m.num_attention_heads * d, tp))
+    if m.num_experts:
+        dims.append(("--moe-ffn-hidden-size", m.moe_ffn_hidden_size or m.ffn_hidden_size, etp))
+    for flag, size, split in dims:
+        if size is not None and size % split == 0 and (size // split) % 16:
+            out.append(f"--fp8-format: {flag} {size}" + (f" / TP {split}" if split > 1 else "") +
+                       " must be a multiple of 16 (Transformer Engine's FP8 GEMM rule)")
+    return out
+
+
 def _check_moe(cfg: RunConfig, world_size: int) -> list[str]:
     """Expert parallelism and router flags (Megatron-Core would assert deep inside model building)."""
     m, p = cfg.model, cfg.parallel
@@ -239,11 +302,39 @@ def validate_config(cfg: RunConfig, world_size: int, *, check_files: bool = True
         problems.append(f"--log-interval must be >= 1 (got {cfg.logging.log_interval})")
     problems.extend(_check_loss(cfg))
     problems.extend(_check_moe(cfg, world_size))
+    problems.extend(_check_fp8(cfg))
 
     problems.extend(_check_data(cfg, check_files, pretraining_data))
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+# Minimum CUDA compute capability of each FP8 recipe (TE: FP8 tensor cores from Ada/Hopper; the
+# 1x128/128x128 block scaling on Hopper; MXFP8's hardware block scales from Blackwell).
+_FP8_MIN_CAPABILITY = {"delayed": (8, 9), "tensorwise": (8, 9), "blockwise": (9, 0), "mxfp8": (10, 0)}
+
+
+def validate_platform(cfg: RunConfig, platform, gpu=None) -> None:
+    """What this run asks of the hardware, against the chosen `platform.Platform` and this rank's
+    `platform.GPUInfo` (None: not known); `ConfigError` otherwise."""
+    problems: list[str] = []
+    f = cfg.fp8
+    if f.fp8_format:
+        flag = f"--fp8-format {f.fp8_format}"
+        if platform.device_type != "cuda":
+            problems.append(f"{flag} needs a CUDA GPU with Transformer Engine; this run is on "
+                            f"{platform.device_type}" + (" (--use-cpu)" if cfg.training.use_cpu else ""))
+        elif not platform.transformer_engine:
+            problems.append(f"{flag} needs Transformer Engine, which does not import here "
+                            "(pip install transformer-engine[pytorch]; see python -c 'import transformer_engine.pytorch')")
+        else:
+            need = _FP8_MIN_CAPABILITY[f.fp8_recipe]
+            if gpu is not None and tuple(gpu.capability) < need:
+                problems.append(f"{flag} --fp8-recipe {f.fp8_recipe} needs compute capability >= "
+                                f"{need[0]}.{need[1]}; {gpu.name} has {gpu.capability[0]}.{gpu.capability[1]}")
+    if problems:
+        raise ConfigError(problems)
 
 
 def validate_rpt_config(cfg: RunConfig, world_size: int, *, check_files: bool = True) -> RunConfig:

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from megatron_rpt.config.schema import ModelConfig
 
 # Dense bf16 peaks (TFLOP/s) used for MFU when --peak-tflops is not given.
-KNOWN_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "GH200": 989.4,
-                     "B200": 2250.0, "L40S": 362.1}
+# MFU stays relative to this bf16 peak with --fp8-format too (the usual convention: FP8 shows as higher MFU).
+KNOWN_PEAK_TFLOPS = {"H100": 989.4, "H100 PCIE": 756.5, "H100 NVL": 835.5, "H200": 989.4, "H800": 989.4,
+                     "A100": 312.0, "GH200": 989.4, "B200": 2250.0, "L40S": 362.1}
 
 
 @dataclass(frozen=True)

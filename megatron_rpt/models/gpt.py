@@ -81,21 +81,58 @@ def transformer_config(cfg: RunConfig, platform: Platform) -> TransformerConfig:
         bf16=t.bf16,
         fp16=t.fp16,
         use_cpu_initialization=platform.device_type == "cpu",
-        # Fused kernels need CUDA extensions (apex/TE); the unfused paths are exact everywhere.
-        gradient_accumulation_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
+        **fusion_config(cfg, platform),
         batch_p2p_comm=platform.batch_p2p_comm,
         calculate_per_token_loss=t.calculate_per_token_loss,
         recompute_granularity=t.recompute_granularity,
         recompute_method=t.recompute_method if t.recompute_granularity == "full" else None,
         recompute_num_layers=recompute_num_layers if t.recompute_granularity == "full" else None,
         deallocate_pipeline_outputs=True,
+        **fp8_config(cfg),
         **moe_config(cfg),
     )
+
+
+def fusion_config(cfg: RunConfig, platform: Platform) -> dict:
+    """TransformerConfig's fused-kernel switches: the user's flags where the kernel exists on this platform.
+
+    On CPU every fusion is off (they are CUDA kernels); the unfused paths compute the same values.
+    Masked-softmax and persistent-layer-norm fusions only concern the local (non-TE) layers, which
+    run on CPU or on CUDA without TE, and stay off.
+    """
+    t, cuda = cfg.training, platform.device_type == "cuda"
+    return dict(
+        bias_activation_fusion=cuda and t.bias_swiglu_fusion,
+        apply_rope_fusion=platform.transformer_engine and t.apply_rope_fusion,
+        gradient_accumulation_fusion=platform.wgrad_accumulation_fusion and t.gradient_accumulation_fusion,
+        bias_dropout_fusion=cuda,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def fp8_config(cfg: RunConfig) -> dict:
+    """TransformerConfig fields of the FP8 flags (empty without --fp8-format).
+
+    Megatron-Core applies them itself: TransformerBlock enters TE's FP8 autocast per layer (bf16 for the
+    --first-last-layers-bf16 ones) and TE's fp8_model_init when building with fp8_param.
+    """
+    f = cfg.fp8
+    if not f.fp8_format:
+        return {}
+    return dict(
+        fp8=f.fp8_format,
+        fp8_recipe=f.fp8_recipe,
+        fp8_margin=f.fp8_margin,
+        fp8_amax_history_len=f.fp8_amax_history_len,
+        fp8_amax_compute_algo=f.fp8_amax_compute_algo,
+        fp8_wgrad=f.fp8_wgrad,
+        fp8_param=f.fp8_param_gather,
+        first_last_layers_bf16=f.first_last_layers_bf16,
+        num_layers_at_start_in_bf16=f.num_layers_at_start_in_bf16,
+        num_layers_at_end_in_bf16=f.num_layers_at_end_in_bf16,
+    )
+
 
 
 def moe_config(cfg: RunConfig) -> dict:

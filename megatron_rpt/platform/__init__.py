@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Platform", "setup_platform", "get_platform", "detect_transformer_engine", "detect_apex",
+__all__ = ["Platform", "GPUInfo", "setup_platform", "get_platform", "detect_transformer_engine", "detect_apex",
            "quiet_optional_backend_warnings"]
 
 
@@ -33,6 +33,12 @@ _IMPORT_FAILURES = (ImportError, OSError, RuntimeError)
 
 
 @dataclass(frozen=True)
+class GPUInfo:
+    name: str                       # e.g. "NVIDIA H100 80GB HBM3"
+    capability: tuple[int, int]     # CUDA compute capability (major, minor)
+
+
+@dataclass(frozen=True)
 class Platform:
     """What this process runs on. Chosen once by `setup_platform`."""
 
@@ -45,12 +51,23 @@ class Platform:
     # False on gloo: with interleaved PP=2 the previous and next stage are the same peer and gloo
     # matches sends/recvs in posting order, so batched messages cross (silently wrong grads).
     batch_p2p_comm: bool
+    # Apex's fused_weight_gradient_mlp_cuda (Megatron-Core's ColumnParallelLinear, i.e. our output layer,
+    # refuses --gradient-accumulation-fusion without it, even with TE layers).
+    wgrad_accumulation_fusion: bool = False
 
     def device(self, local_rank: int = 0) -> torch.device:
         """The torch device of a rank with this local rank."""
         if self.device_type == "cuda":
             return torch.device("cuda", local_rank)
         return torch.device("cpu")
+
+    def gpu(self, local_rank: int = 0) -> "GPUInfo | None":
+        """Name and compute capability of a rank's CUDA device (None on CPU). Asked when needed:
+        choosing the platform must not touch a device (it runs before ranks pick theirs)."""
+        if self.device_type != "cuda":
+            return None
+        props = torch.cuda.get_device_properties(local_rank)
+        return GPUInfo(props.name, (props.major, props.minor))
 
     def cpu_threads(self, local_world_size: int, environ: dict | None = None) -> int | None:
         """Intra-op threads for one of `local_world_size` ranks sharing this node's cores.
@@ -79,19 +96,21 @@ def _megatron_core_version() -> str:
         return "0"
 
 
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except _IMPORT_FAILURES:
+        return False
+    return True
+
+
 def detect_transformer_engine(cuda: bool) -> bool:
     """True when Transformer Engine's PyTorch API imports and CUDA is present.
 
     Any import failure (ImportError, OSError, RuntimeError: partial installs without CUDA/cuDNN)
     means "no TE". Without CUDA the import is not attempted at all.
     """
-    if not cuda:
-        return False
-    try:
-        importlib.import_module("transformer_engine.pytorch")
-    except _IMPORT_FAILURES:
-        return False
-    return True
+    return cuda and _importable("transformer_engine.pytorch")
 
 
 def detect_apex(cuda: bool) -> bool:
@@ -152,6 +171,7 @@ def setup_platform(force_cpu: bool = False) -> Platform:
         apex=detect_apex(cuda),
         megatron_core_version=_megatron_core_version(),
         batch_p2p_comm=cuda,
+        wgrad_accumulation_fusion=cuda and _importable("fused_weight_gradient_mlp_cuda"),
     )
     return _PLATFORM
 

@@ -252,6 +252,7 @@ def rpt_train(cfg: RunConfig) -> RPTResult:
 
     from megatron_rpt import distributed as dist
     from megatron_rpt.config import ConfigError
+    from megatron_rpt.config.validation import sequence_length_multiple
     from megatron_rpt.rpt.evaluate import evaluate_tasks
     from megatron_rpt.rpt.grpo import group_advantages, informative_groups
     from megatron_rpt.rpt.prompts import build_prompt, load_template
@@ -305,7 +306,6 @@ def rpt_train(cfg: RunConfig) -> RPTResult:
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     local_contexts = r.rpt_contexts_per_step // dp
     sampler = ContextSampler(len(tasks), t.seed)
-    tp = cfg.parallel.tensor_model_parallel_size
     forward_step = PolicyForwardStep(device, job.vocab_size, r.grpo_clamp_eps_lower, r.grpo_clamp_eps_upper,
                                      r.grpo_kl_beta)
     reference = None
@@ -399,9 +399,9 @@ def rpt_train(cfg: RunConfig) -> RPTResult:
              n_informative) = _sum_over_dp(local, device)
 
             t_train0 = time.perf_counter()
-            # The length is a multiple of TP (sequence parallelism splits it). DP ranks may run different
-            # numbers of micro-batches: the token mean stays exact (Megatron sums the tokens over DP).
-            batches, length = _micro_batches(seqs, t.micro_batch_size, math.lcm(8, tp), m.seq_length,
+            # The length suits sequence parallelism and FP8 (models.gpt.sequence_length_multiple). DP ranks
+            # may run different numbers of micro-batches: the token mean stays exact (Megatron sums over DP).
+            batches, length = _micro_batches(seqs, t.micro_batch_size, sequence_length_multiple(cfg), m.seq_length,
                                              attention_mask=not job.platform.transformer_engine)
             if reference is not None:
                 with torch.no_grad():

@@ -133,7 +133,7 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
 
     peak = cfg.logging.peak_tflops
     if peak is None and platform.device_type == "cuda":
-        peak = peak_tflops_for_device(torch.cuda.get_device_name())
+        peak = peak_tflops_for_device(platform.gpu(env.local_rank).name)
     logger = MetricsLogger(
         log_interval=cfg.logging.log_interval, tensorboard_dir=cfg.logging.tensorboard_dir,
         tensorboard_log_interval=cfg.logging.tensorboard_log_interval, train_iters=t.train_iters,

@@ -41,6 +41,7 @@ def wrap_model(chunks: list, cfg: RunConfig, config: TransformerConfig) -> list:
         overlap_grad_reduce=p.overlap_grad_reduce,
         overlap_param_gather=p.overlap_param_gather,
         use_distributed_optimizer=p.use_distributed_optimizer,
+        fp8_param_gather=cfg.fp8.fp8_param_gather,
         # bf16/fp32: NaN/inf gradients skip the update (training.step.grads_are_finite, counted and
         # limited by --nonfinite-grad-skip-limit) instead of Megatron-Core raising before the DP
         # reduction; fp16 keeps the check beside its loss scaler (which handles inf).

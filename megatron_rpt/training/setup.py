@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from megatron_rpt.config.schema import RunConfig
-from megatron_rpt.config.validation import validate_config
+from megatron_rpt.config.validation import validate_config, validate_platform
 from megatron_rpt.platform import Platform, setup_platform
 
 
@@ -49,6 +49,7 @@ def setup_job(cfg: RunConfig, *, validate: Optional[Callable[[RunConfig, int], A
     p, m = cfg.parallel, cfg.model
     env = dist.resolve_dist_env()
     (validate or validate_config)(cfg, env.world_size)
+    validate_platform(cfg, platform, platform.gpu(env.local_rank))
     vp = num_virtual_stages(cfg)
     env = dist.init_distributed(
         backend=platform.backend, device_type=platform.device_type,
