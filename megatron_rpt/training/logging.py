@@ -8,6 +8,7 @@ CPU unless --peak-tflops is given, then MFU is not printed).
 from __future__ import annotations
 
 import math
+import re
 import time
 from typing import Optional
 
@@ -33,6 +34,35 @@ _STAT_LABELS = {"cross_entropy": "ce", "entropy": "entropy", "target_prob": "p(t
 
 def _format_stats(stats: dict) -> str:
     return " | ".join(f"{_STAT_LABELS.get(k, k)}: {v:.4f}" for k, v in stats.items())
+
+
+# Fields of the interval line (`MetricsLogger.record`) that `parse_log_line` reads back, by label.
+_LINE_FIELDS = {"consumed samples": "consumed_samples", "elapsed time per iteration (ms)": "ms_per_iter",
+                "learning rate": "lr", "global batch size": "global_batch_size", "lm loss": "loss",
+                "grad norm": "grad_norm", "tokens/s": "tokens_per_s", "TFLOP/s/device": "tflops_per_device",
+                "MFU": "mfu", "peak mem (GiB)": "peak_mem_gib", "number of skipped iterations": "skipped",
+                "number of nan iterations": "nan_iterations"}
+
+
+def parse_log_line(line: str) -> Optional[dict]:
+    """The numbers of one interval line printed by `MetricsLogger.record` (None for any other line):
+    iteration, train_iters and the `_LINE_FIELDS` present (MFU as a fraction). Benchmarks and tests
+    read runs through this, so the format has one reader next to its one writer."""
+    head, sep, rest = line.partition(" | ")
+    m = re.fullmatch(r"\s*iteration\s+(\d+)/\s*(\d+)\s*", head)
+    if not sep or m is None:
+        return None
+    out: dict = {"iteration": int(m.group(1)), "train_iters": int(m.group(2))}
+    for part in rest.split(" | "):
+        label, colon, value = part.rpartition(": ")
+        key = _LINE_FIELDS.get(label.strip())
+        if key is None or not colon:
+            continue
+        value = value.strip().rstrip("|").strip()
+        number = float(value.rstrip("%")) / (100 if value.endswith("%") else 1)
+        out[key] = int(number) if key in ("consumed_samples", "global_batch_size", "skipped", "nan_iterations") \
+            else number
+    return out
 
 
 class MetricsLogger:

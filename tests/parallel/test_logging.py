@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from megatron_rpt.training.logging import MetricsLogger
+from megatron_rpt.training.logging import MetricsLogger, parse_log_line
 from megatron_rpt.training.step import StepResult
 from tests.dist_harness import run_ranks
 from tests.parallel.test_training_parity import BASE, _pretrain
@@ -43,6 +43,9 @@ def test_tensorboard_and_stdout(tmp_path):
     tflops = float(re.search(r"TFLOP/s/device: ([0-9.]+)", lines[1]).group(1))
     mfu = float(re.search(r"MFU: ([0-9.]+)%", lines[1]).group(1))
     assert mfu == pytest.approx(100 * tflops / 0.5, abs=0.2)
+    parsed = parse_log_line(lines[1])
+    assert (parsed["iteration"], parsed["loss"], parsed["tflops_per_device"]) == (4, printed, tflops)
+    assert parsed["mfu"] == pytest.approx(mfu / 100)
     assert "number of skipped iterations:   0" in lines[1]
 
 
@@ -66,3 +69,27 @@ def test_skipped_and_nan_iterations_are_counted_not_averaged():
     assert "lm loss: 2.000000E+00" in line
     assert "number of skipped iterations:   1" in line and "number of nan iterations:   1" in line
     assert "MFU" not in line
+
+
+def test_parse_log_line_reads_back_what_record_prints():
+    log = MetricsLogger(log_interval=2, tensorboard_dir=None, tensorboard_log_interval=1, train_iters=12,
+                        global_batch_size=16, seq_length=4096, flops_per_token=1.1e10, world_size=1, peak_tflops=989.4,
+                        device_type="cpu", is_logging_rank=False)
+    import time
+    log.record(1, StepResult(3.5, 1, 0.75, 0, True, 2e-4), 16)
+    time.sleep(0.05)
+    line = log.record(2, StepResult(3.25, 1, 0.5, 0, True, 3e-4), 32)
+    got = parse_log_line(line)
+    ms = got["ms_per_iter"]
+    assert ms >= 25.0
+    tp = log.throughput(16 * 4096 / got["tokens_per_s"])  # the printed rate, back to seconds per iteration
+    assert got == {"iteration": 2, "train_iters": 12, "consumed_samples": 32, "ms_per_iter": ms,
+                   "lr": pytest.approx(3e-4), "global_batch_size": 16, "loss": pytest.approx(3.375),
+                   "grad_norm": 0.5, "tokens_per_s": pytest.approx(16 * 4096 / (ms / 1000), rel=2e-3),
+                   "tflops_per_device": pytest.approx(tp["tflops_per_device"], rel=1e-5),
+                   "mfu": pytest.approx(tp["mfu"], abs=1e-3), "peak_mem_gib": got["peak_mem_gib"],
+                   "skipped": 0, "nan_iterations": 0}
+    assert got["peak_mem_gib"] > 0
+    for other in ("", " validation loss at iteration 2 | lm loss value: 1.0E+00 |", "> iteration 3 resumed",
+                  " iteration 3 of 4 | lm loss: 1.0 |", "[rank0] iteration        2/      12 | lm loss: 1.0 |"):
+        assert parse_log_line(other) is None
