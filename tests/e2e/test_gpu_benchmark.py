@@ -1,0 +1,84 @@
+"""benchmarks/gpu.py on CPU: the staging parts survive the trip (and corruption is named), and the
+pretrain / rollout phases run their code path end to end at toy sizes (--smoke), so GPU time is
+not spent finding a typo. The GPU numbers themselves come from running it on the H100."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def gpu_module():
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_pack_unpack_round_trip_and_damage(tmp_path):
+    gpu = gpu_module()
+    src = tmp_path / "src"
+    (src / "wheels").mkdir(parents=True)
+    blob = bytes(range(256)) * 5000 + b"tail"                     # 1,280,004 bytes
+    (src / "wheels" / "a.whl").write_bytes(blob)
+    (src / "paths.json").write_text('{"x": 1}')
+    parts = tmp_path / "parts"
+    manifest = gpu.pack(src, parts, part_bytes=300_000)
+    assert len(manifest["parts"]) == -(-manifest["tar_bytes"] // 300_000) >= 5
+    assert all(p["bytes"] <= 300_000 for p in manifest["parts"])
+    assert sum(p["bytes"] for p in manifest["parts"]) == manifest["tar_bytes"]
+    out = gpu.unpack(parts, tmp_path / "dest")
+    assert (out / "wheels" / "a.whl").read_bytes() == blob and (out / "paths.json").read_text() == '{"x": 1}'
+
+    second = parts / manifest["parts"][1]["name"]
+    data = bytearray(second.read_bytes())
+    data[100] ^= 1
+    second.write_bytes(bytes(data))
+    with pytest.raises(SystemExit, match=r"corrupt parts \(sha256 differs from the manifest\): payload\.tar\.001$"):
+        gpu.unpack(parts, tmp_path / "dest2")
+    (parts / manifest["parts"][-1]["name"]).unlink()
+    with pytest.raises(SystemExit, match=r"parts not here yet: payload\.tar\.\d{3} \(carry them first\)"):
+        gpu.unpack(parts, tmp_path / "dest3")
+    (parts / "manifest.json").unlink()
+    with pytest.raises(SystemExit, match="manifest.json is missing"):
+        gpu.unpack(parts, tmp_path / "dest4")
+
+
+def run_phase(*argv, out: Path):
+    proc = subprocess.run([sys.executable, "benchmarks/gpu.py", *argv, "--smoke", "--output", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_pretrain_phase_smoke(tmp_path):
+    run_phase("pretrain", "--runs", "dense-bf16-ce", "dense-bf16-gen", out=tmp_path)
+    doc = json.loads((tmp_path / "gpu_pretrain.json").read_text())
+    for name in ("dense-bf16-ce", "dense-bf16-gen"):
+        r = doc["results"][name]
+        assert r["returncode"] == 0 and r["iterations"] == 8 and r["timed_iterations"] == 3, r
+        assert sorted(map(int, r["losses"])) == list(range(1, 9))
+        assert r["tokens_per_s"] == pytest.approx(4 * 64 / (r["ms_per_iter"] / 1000), rel=0.02)
+        assert "--loss-function" in r["argv"] and r["peak_mem_gib"] > 0
+    overhead = doc["summary"]["dense_bf16_generalized_overhead"]
+    assert overhead == pytest.approx(doc["results"]["dense-bf16-gen"]["ms_per_iter"]
+                                     / doc["results"]["dense-bf16-ce"]["ms_per_iter"] - 1)
+    assert "| dense-bf16-gen | 8 |" in (tmp_path / "gpu_pretrain.md").read_text()
+    # a second call (the next device call of a split session) merges into the same document
+    run_phase("pretrain", "--runs", "moe-bf16-ce", out=tmp_path)
+    doc = json.loads((tmp_path / "gpu_pretrain.json").read_text())
+    assert set(doc["results"]) == {"dense-bf16-ce", "dense-bf16-gen", "moe-bf16-ce"} and len(doc["commands"]) == 2
+    assert doc["results"]["moe-bf16-ce"]["iterations"] == 8
+
+
+def test_rollout_phase_smoke(tmp_path):
+    run_phase("rollout", out=tmp_path)
+    doc = json.loads((tmp_path / "gpu_rollout.json").read_text())
+    rows = doc["results"]["static_engine"]["batches"]
+    assert [r["generated_tokens"] for r in rows.values()] == [8, 32]     # no EOD stop: every token generated
+    assert all(r["tokens_per_s"] == pytest.approx(r["generated_tokens"] / r["seconds"]) for r in rows.values())
