@@ -380,6 +380,9 @@ def validate_rpt_config(cfg: RunConfig, world_size: int, *, check_files: bool = 
     elif m.seq_length is not None and r.rpt_max_response_length >= m.seq_length:
         problems.append(f"--rpt-max-response-length {r.rpt_max_response_length} leaves no room for the prompt "
                         f"in --seq-length {m.seq_length}")
+    if cfg.fp8.fp8_format and r.rollout_engine == "megatron" and r.rollout_max_batch_size % 16:
+        problems.append(f"--rollout-max-batch-size {r.rollout_max_batch_size} must be a multiple of 16 with "
+                        "--fp8-format (a decode step's FP8 GEMMs have one row per sequence; TE needs 16)")
     if r.rpt_dynamic_sampling_start is not None and r.rpt_dynamic_sampling_start < 0:
         problems.append(f"--rpt-dynamic-sampling-start must be >= 0 (got {r.rpt_dynamic_sampling_start})")
     if r.rollout_engine == "openai":

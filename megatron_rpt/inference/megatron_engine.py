@@ -80,7 +80,7 @@ class MegatronEngine(RolloutEngine):
     name = "megatron"
 
     def __init__(self, model_chunks: Sequence[torch.nn.Module], tokenizer, *, padded_vocab_size: int,
-                 max_batch_size: int, max_sequence_length: int):
+                 max_batch_size: int, max_sequence_length: int, row_multiple: int = 1):
         from megatron.core.inference.engines import StaticInferenceEngine
 
         from megatron_rpt.training.optimizer import unwrap
@@ -88,9 +88,13 @@ class MegatronEngine(RolloutEngine):
         if len(model_chunks) != 1:
             raise RolloutError(f"the embedded engine needs one model chunk per rank, got {len(model_chunks)} "
                                "(virtual pipeline stages are not supported by Megatron-Core's inference)")
-        if max_batch_size < 1 or max_sequence_length < 2:
+        if max_batch_size < 1 or max_sequence_length < 2 or row_multiple < 1 or max_batch_size % row_multiple:
             raise RolloutError(f"bad engine sizes: max_batch_size={max_batch_size}, "
-                               f"max_sequence_length={max_sequence_length}")
+                               f"max_sequence_length={max_sequence_length}, row_multiple={row_multiple} "
+                               "(the batch size must be a multiple of row_multiple)")
+        # Every static batch is padded to this many rows (with copies of its first request, dropped from
+        # the results): FP8 GEMMs need row counts divisible by 16, and a decode step has one row per request.
+        self.row_multiple = row_multiple
         self.model_chunks = list(model_chunks)
         self.model = unwrap(self.model_chunks[0])
         self.tokenizer = tokenizer
@@ -158,8 +162,14 @@ class MegatronEngine(RolloutEngine):
             # One static batch per call of the engine, so the recorded sampling steps belong to it.
             for start in range(0, len(requests), self.max_batch_size):
                 batch = requests[start:start + self.max_batch_size]
+                for _ in range(-len(batch) % self.row_multiple):
+                    self._request_id += 1
+                    batch.append(InferenceRequest(request_id=str(self._request_id), prompt="", sampling_params=params,
+                                                  prompt_tokens=list(batch[0].prompt_tokens)))
                 self.controller.recorded = []
                 done = self.engine.generate(inference_requests=batch)
+                real = min(self.max_batch_size, len(requests) - start)
+                done = done[:real]
                 steps = self.controller.recorded
                 for row, request in enumerate(done):
                     k = start + row

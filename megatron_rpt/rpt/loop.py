@@ -204,8 +204,10 @@ def build_engine(cfg: RunConfig, job) -> RolloutEngine:
     r = cfg.rpt
     if r.rollout_engine == "megatron":
         from megatron_rpt.inference.megatron_engine import MegatronEngine
+        # FP8 GEMMs need 16 rows: a decode step has one per sequence, so batches are padded to 16.
         return MegatronEngine(job.state.model, job.tokenizer, padded_vocab_size=job.vocab_size,
-                              max_batch_size=r.rollout_max_batch_size, max_sequence_length=cfg.model.seq_length)
+                              max_batch_size=r.rollout_max_batch_size, max_sequence_length=cfg.model.seq_length,
+                              row_multiple=16 if cfg.fp8.fp8_format else 1)
     import os
 
     from megatron_rpt.inference.external import OpenAICompatibleEngine

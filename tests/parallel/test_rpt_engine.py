@@ -41,12 +41,16 @@ def _reference(job, sequence):
     return torch.log_softmax(logits[0].double(), dim=-1)
 
 
-def _engine_case(rank, world, extra, sampling_kw, n):
+def _engine_case(rank, world, extra, sampling_kw, n, row_multiple=1):
     from megatron_rpt.inference import SamplingConfig
     from megatron_rpt.inference.megatron_engine import MegatronEngine
     job = _job(extra)
     engine = MegatronEngine(job.state.model, job.tokenizer, padded_vocab_size=job.vocab_size,
-                            max_batch_size=4, max_sequence_length=48)
+                            max_batch_size=4, max_sequence_length=48, row_multiple=row_multiple)
+    batch_rows = []
+    generate = engine.engine.generate
+    engine.engine.generate = lambda inference_requests: (batch_rows.append(len(inference_requests)),
+                                                         generate(inference_requests=inference_requests))[1]
     sampling = SamplingConfig(**sampling_kw)
     out = engine.generate(PROMPTS, n, sampling)
     again = engine.generate(PROMPTS, n, sampling)
@@ -62,7 +66,7 @@ def _engine_case(rank, world, extra, sampling_kw, n):
             rows.append({"tokens": o.tokens, "log_probs": o.log_probs, "ref": ref_lp, "greedy": greedy,
                          "finished": o.finished, "eod": job.tokenizer.eod})
     return {"rows": rows, "same_again": [[o.tokens for o in g] for g in out] == [[o.tokens for o in g] for g in again],
-            "training": training}
+            "training": training, "batch_rows": batch_rows}
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -104,4 +108,22 @@ def test_eod_ends_rollouts():
         assert row["finished"] == (row["tokens"][-1] == row["eod"])
         assert row["eod"] not in row["tokens"][:-1]
         assert row["finished"] or len(row["tokens"]) == 10
+        assert row["log_probs"] == pytest.approx(row["ref"], abs=2e-4)
+
+
+def test_batches_padded_to_a_row_multiple():
+    """row_multiple (FP8: 16) pads every static batch with copies of its first request and drops them: the
+    engine sees only multiples, the caller gets exactly its rollouts, each still matching the reference."""
+    greedy = {"max_new_tokens": 8, "top_k": 1, "seed": 3}
+    plain = run_ranks(_engine_case, 1, [], greedy, 2, timeout=180)[0]
+    padded = run_ranks(_engine_case, 1, [], greedy, 2, 4, timeout=180)[0]
+    assert plain["batch_rows"] == [4, 2, 4, 2]                 # 3 prompts x 2 = 6 requests, twice
+    assert padded["batch_rows"] == [4, 4, 4, 4]
+    assert [r["tokens"] for r in padded["rows"]] == [r["tokens"] for r in plain["rows"]]
+    for row in padded["rows"]:
+        assert row["tokens"] == row["greedy"] and row["log_probs"] == pytest.approx(row["ref"], abs=2e-4)
+    sampled = run_ranks(_engine_case, 1, [], {"max_new_tokens": 6, "temperature": 1.3, "seed": 5}, 3, 4,
+                        timeout=180)[0]
+    assert len(sampled["rows"]) == 9 and all(n % 4 == 0 for n in sampled["batch_rows"])
+    for row in sampled["rows"]:
         assert row["log_probs"] == pytest.approx(row["ref"], abs=2e-4)

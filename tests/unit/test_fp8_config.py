@@ -193,3 +193,19 @@ def test_fusions_follow_the_platform():
     no_te = dataclasses.replace(H100, transformer_engine=False)
     assert not fusion_config(cfg, no_te)["apply_rope_fusion"]
     assert not fusion_config(parse_args(BASE + ["--no-bias-swiglu-fusion"]), H100)["bias_activation_fusion"]
+
+
+def test_rpt_rollout_batches_fit_fp8():
+    from megatron_rpt.config import parse_rpt_args
+    from megatron_rpt.config.validation import validate_rpt_config
+
+    argv = BASE[:-1] + ["--rpt-data", "tasks.jsonl", "--seq-length", "128", "--rpt-max-response-length", "64",
+                        "--rpt-contexts-per-step", "4", "--rpt-group-size", "4", "--micro-batch-size", "4"]
+    with pytest.raises(ConfigError) as e:
+        validate_rpt_config(parse_rpt_args(argv + ["--bf16"] + FP8 + ["--rollout-max-batch-size", "24"]), 1,
+                            check_files=False)
+    assert e.value.problems == ["--rollout-max-batch-size 24 must be a multiple of 16 with --fp8-format (a decode "
+                                "step's FP8 GEMMs have one row per sequence; TE needs 16)"]
+    validate_rpt_config(parse_rpt_args(argv + ["--bf16"] + FP8 + ["--rollout-max-batch-size", "32"]), 1,
+                        check_files=False)
+    validate_rpt_config(parse_rpt_args(argv + ["--rollout-max-batch-size", "24"]), 1, check_files=False)
