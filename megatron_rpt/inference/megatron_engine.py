@@ -19,6 +19,7 @@ or top-p, not both; top-k = 1 is greedy.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from typing import Optional, Sequence
@@ -46,6 +47,36 @@ def _inference_wrapper(model, *, hidden_size: int, params_dtype: torch.dtype, pa
             inference_max_seq_length=max_sequence_length)
         return GPTInferenceWrapper(model, config, context)
     return GPTInferenceWrapper(model, context)
+
+
+def _inference_mode_flag():
+    """Megatron-Core's process-wide `InferenceMode` flag (megatron-core >= 0.19; None before).
+
+    0.19's `StaticInferenceEngine.__init__` sets it and nothing unsets it (static_engine.py); while it
+    is set every GPTModel forward takes the inference path (`_postprocess` asserts
+    runtime_gather_output, "Inference must always gather TP logits"), which breaks the training
+    forwards of the colocated model. 0.16 derived the mode per call (inference_context given and
+    model.eval()). The engine keeps the flag set only while it generates."""
+    try:
+        from megatron.core.inference.utils import InferenceMode
+    except ImportError:
+        return None
+    return InferenceMode if hasattr(InferenceMode, "is_active") else None
+
+
+@contextlib.contextmanager
+def _inference_mode(active: bool):
+    """Set (or clear) the InferenceMode flag for the block, then restore its previous value."""
+    flag = _inference_mode_flag()
+    if flag is None:
+        yield
+        return
+    before = flag.is_active()
+    (flag.set_active if active else flag.unset_active)()
+    try:
+        yield
+    finally:
+        (flag.set_active if before else flag.unset_active)()
 
 
 def _recording_controller_class():
@@ -109,7 +140,8 @@ class MegatronEngine(RolloutEngine):
         self.controller.recorded = []
         # legacy: the static-batch path itself (megatron-core >= 0.15 otherwise builds its dynamic
         # engine, which needs flash-attn on CUDA and cannot run on CPU).
-        self.engine = StaticInferenceEngine(self.controller, max_batch_size=max_batch_size, legacy=True)
+        with _inference_mode(False):  # 0.19 sets the process-wide flag here and never clears it
+            self.engine = StaticInferenceEngine(self.controller, max_batch_size=max_batch_size, legacy=True)
         # The static engine opens a tqdm bar per call ("static requests"): noise in a training log.
         import megatron.core.inference.engines.static_engine as static_engine
         if not getattr(static_engine.tqdm, "_mrpt_quiet", False):
@@ -167,7 +199,8 @@ class MegatronEngine(RolloutEngine):
                     batch.append(InferenceRequest(request_id=str(self._request_id), prompt="", sampling_params=params,
                                                   prompt_tokens=list(batch[0].prompt_tokens)))
                 self.controller.recorded = []
-                done = self.engine.generate(inference_requests=batch)
+                with _inference_mode(True):
+                    done = self.engine.generate(inference_requests=batch)
                 real = min(self.max_batch_size, len(requests) - start)
                 done = done[:real]
                 steps = self.controller.recorded

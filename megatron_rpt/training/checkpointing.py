@@ -205,6 +205,52 @@ def save_checkpoint(root: str, iteration: int, state, cfg: RunConfig, *, consume
     return final
 
 
+# megatron-core 0.16's `param_group_identifier_keys` (optimizer/optimizer.py): how a saved param group
+# is matched to the current one on load.
+_LEGACY_GROUP_KEYS = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
+
+
+def _adopt_saved_group_schedule(optimizer, loaded_optimizer_state) -> None:
+    """Keep resuming with another --lr/--min-lr/--weight-decay working on megatron-core >= 0.19.
+
+    0.19 matches saved param groups to the current ones also by max_lr, min_lr, start_wd, end_wd
+    (and optimizer): `param_group_identifier_keys` in optimizer/optimizer.py, so a changed value fails
+    the load ("Could not find parameter group with key ..."; a KeyError in
+    DistributedOptimizer.load_state_dict). 0.16 matched by the four keys above and the saved group,
+    with its saved max_lr/min_lr, replaced the current one (like the scheduler, which takes the
+    checkpoint's values: use_checkpoint_opt_param_scheduler). Same here: the current groups take the
+    saved values of the extra keys before loading, so the groups match and the result is 0.16's.
+    """
+    try:
+        from megatron.core.optimizer.optimizer import param_group_identifier_keys
+    except ImportError:
+        return
+    extra = [k for k in param_group_identifier_keys if k not in _LEGACY_GROUP_KEYS]
+    if not extra:
+        return
+
+    def legacy(group):
+        return tuple(group.get(k, group.get(f"pre_{k}")) for k in _LEGACY_GROUP_KEYS)
+
+    current = {}
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for group in getattr(getattr(opt, "optimizer", None), "param_groups", []):
+            current.setdefault(legacy(group), []).append(group)
+
+    def walk(d):
+        if isinstance(d, dict):
+            for key, value in d.items():
+                if key == "param_groups" and isinstance(value, list):
+                    for saved in value:
+                        if isinstance(saved, dict):
+                            for group in current.get(legacy(saved), []):
+                                group.update({k: saved[k] for k in extra if k in saved})
+                else:
+                    walk(value)
+
+    walk(loaded_optimizer_state)
+
+
 def _same_structure(loaded, requested):
     """The loaded optimizer state fitted to the structure this optimizer asked for.
 
@@ -384,7 +430,9 @@ def _load_checkpoint(root: str, state, cfg: RunConfig, iteration: Optional[int])
         for i, chunk in enumerate(chunks):
             chunk.load_state_dict(loaded[f"model{i}"], strict=True)
     if load_optim:
-        state.optimizer.load_state_dict(_same_structure(loaded["optimizer"], sd["optimizer"]))
+        fitted = _same_structure(loaded["optimizer"], sd["optimizer"])
+        _adopt_saved_group_schedule(state.optimizer, fitted)
+        state.optimizer.load_state_dict(fitted)
         state.scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if load_rng:
         _set_rng_state(loaded["rng_state"])
