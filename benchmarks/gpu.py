@@ -34,7 +34,6 @@ before GPU time is spent on it).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -98,14 +97,6 @@ def sh(cmd: list, *, env: dict | None = None, cwd: Path = REPO, timeout: float |
     return proc
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def output_dir(args) -> Path:
     out = Path(args.output or os.environ.get("OUT") or REPO / "benchmarks" / "results")
     out.mkdir(parents=True, exist_ok=True)
@@ -167,12 +158,12 @@ def pack(src: Path, parts: Path, part_bytes: int) -> dict:
     with tarfile.open(tar_path, "w") as tar:
         tar.add(src, arcname="payload")
     size = tar_path.stat().st_size
-    manifest = {"tar_sha256": sha256(tar_path), "tar_bytes": size, "parts": []}
+    manifest = {"tar_sha256": machine.sha256(tar_path), "tar_bytes": size, "parts": []}
     with open(tar_path, "rb") as f:
         for i in range(max(1, math.ceil(size / part_bytes))):
             part = parts / f"payload.tar.{i:03d}"
             part.write_bytes(f.read(part_bytes))
-            manifest["parts"].append({"name": part.name, "bytes": part.stat().st_size, "sha256": sha256(part)})
+            manifest["parts"].append({"name": part.name, "bytes": part.stat().st_size, "sha256": machine.sha256(part)})
     tar_path.unlink()
     (parts / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -188,7 +179,7 @@ def unpack(parts: Path, dest: Path) -> Path:
     missing = [p["name"] for p in manifest["parts"] if not (parts / p["name"]).exists()]
     if missing:
         raise SystemExit(f"gpu.py: parts not here yet: {', '.join(missing)} (carry them first)")
-    bad = [p["name"] for p in manifest["parts"] if sha256(parts / p["name"]) != p["sha256"]]
+    bad = [p["name"] for p in manifest["parts"] if machine.sha256(parts / p["name"]) != p["sha256"]]
     if bad:
         raise SystemExit(f"gpu.py: corrupt parts (sha256 differs from the manifest): {', '.join(bad)}")
     dest.mkdir(parents=True, exist_ok=True)
@@ -196,7 +187,7 @@ def unpack(parts: Path, dest: Path) -> Path:
     with open(tar_path, "wb") as out:
         for p in manifest["parts"]:
             out.write((parts / p["name"]).read_bytes())
-    if sha256(tar_path) != manifest["tar_sha256"]:
+    if machine.sha256(tar_path) != manifest["tar_sha256"]:
         raise SystemExit("gpu.py: the reassembled tar does not match the manifest")
     with tarfile.open(tar_path) as tar:
         tar.extractall(dest, filter="data")
@@ -219,9 +210,9 @@ def download_sdist(requirement: str, dest: Path) -> Path:
         raise SystemExit(f"gpu.py stage: no sdist of {requirement} on PyPI")
     f = wanted[0]
     path = dest / f["filename"]
-    if not path.exists() or sha256(path) != f["hashes"]["sha256"]:
+    if not path.exists() or machine.sha256(path) != f["hashes"]["sha256"]:
         urllib.request.urlretrieve(f["url"], path)
-    if sha256(path) != f["hashes"]["sha256"]:
+    if machine.sha256(path) != f["hashes"]["sha256"]:
         raise SystemExit(f"gpu.py stage: {path} does not match PyPI's sha256")
     return path
 

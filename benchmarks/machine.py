@@ -49,6 +49,16 @@ def version(dist: str) -> str | None:
         return None
 
 
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 4 MiB blocks."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def status_kb(field: str, pid: int | str = "self") -> int:
     """A kB field of /proc/<pid>/status (VmRSS, VmHWM, ...); 0 when the process is gone."""
     try:

@@ -125,14 +125,6 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # =============================================================================================
 # Corpus and tokenizer files
 # =============================================================================================
@@ -154,7 +146,7 @@ def _doc_lengths(rng: random.Random):
 def build_corpus(base: Path, size_mb: float, seed: int, out_dir: Path) -> dict:
     """`out_dir/corpus.jsonl` (+ .gz): the base corpus's paragraphs re-cut into documents, pass after
     pass, until size_mb MiB; cached (a meta.json records what was built)."""
-    base_sha = _sha256(base)
+    base_sha = machine.sha256(base)
     meta_path = out_dir / "meta.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
@@ -194,7 +186,7 @@ def build_corpus(base: Path, size_mb: float, seed: int, out_dir: Path) -> dict:
     (out_dir / "one_doc.jsonl").write_bytes(first)
     meta = {"base": str(base), "base_sha256": base_sha, "size_mb_requested": size_mb, "seed": seed,
             "bytes": written, "documents": docs, "text_chars": chars, "passes": passes,
-            "paragraphs_in_base": len(paragraphs), "sha256": _sha256(path)}
+            "paragraphs_in_base": len(paragraphs), "sha256": machine.sha256(path)}
     meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
@@ -423,7 +415,7 @@ def inspect_output(prefix: Path) -> dict:
     return {"documents": int(len(ds.document_indices) - 1), "sequences": int(len(ds)),
             "tokens": int(ds.sequence_lengths.sum(dtype="int64")), "dtype": ds.index.dtype.__name__,
             "bin_bytes": Path(f"{prefix}.bin").stat().st_size,
-            "bin_sha256": _sha256(Path(f"{prefix}.bin")), "idx_sha256": _sha256(Path(f"{prefix}.idx"))}
+            "bin_sha256": machine.sha256(Path(f"{prefix}.bin")), "idx_sha256": machine.sha256(Path(f"{prefix}.idx"))}
 
 
 def _doc_arrays(prefix: Path):
@@ -461,8 +453,8 @@ def compare_outputs(ref: Path, ours: Path, input_path: Path, decode) -> dict:
     """Megatron-LM's output (ref) against ours: bytes, then contents document by document."""
     import numpy as np
 
-    res = {"bin_identical": _sha256(Path(f"{ref}.bin")) == _sha256(Path(f"{ours}.bin")),
-           "idx_identical": _sha256(Path(f"{ref}.idx")) == _sha256(Path(f"{ours}.idx"))}
+    res = {"bin_identical": machine.sha256(Path(f"{ref}.bin")) == machine.sha256(Path(f"{ours}.bin")),
+           "idx_identical": machine.sha256(Path(f"{ref}.idx")) == machine.sha256(Path(f"{ours}.idx"))}
     if res["bin_identical"] and res["idx_identical"]:
         res.update(identical=True, summary="identical (.bin and .idx byte for byte)")
         return res
@@ -539,7 +531,7 @@ def megatron_lm_info(path: Path, commit_arg: str | None) -> dict:
         info["core_version_in_checkout"] = ".".join(m.group(1).strip("'\"") for m in parts[:3] if m) + (
             parts[3].group(1).strip("'\"") if parts[3] else "")
     tool = path / "tools" / "preprocess_data.py"
-    info["preprocess_data_py_sha256"] = _sha256(tool) if tool.exists() else None
+    info["preprocess_data_py_sha256"] = machine.sha256(tool) if tool.exists() else None
     return info
 
 
@@ -881,8 +873,8 @@ def main(argv=None) -> int:
                      "target_throughput_ratio": TARGET_THROUGHPUT_RATIO, "target_peak_memory_ratio": TARGET_MEM_RATIO,
                      "our_tool_flags_detected": sorted(ours_flags)},
         "corpus": meta,
-        "tokenizer_files": {"vocab": str(vocab), "merges": str(merges), "vocab_sha256": _sha256(vocab),
-                            "merges_sha256": _sha256(merges), "hf_folder": str(assets["hf"])},
+        "tokenizer_files": {"vocab": str(vocab), "merges": str(merges), "vocab_sha256": machine.sha256(vocab),
+                            "merges_sha256": machine.sha256(merges), "hf_folder": str(assets["hf"])},
         "results": results,
         "wall_s": time.monotonic() - t_start,
         "load_average_1m": {"start": load_start[0], "end": os.getloadavg()[0]},

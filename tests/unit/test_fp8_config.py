@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 
 from megatron_rpt.config import ConfigError, parse_args, validate_config
+from tests.unit.config_checks import config_checkers
 from megatron_rpt.config.schema import FP8Config
 from megatron_rpt.config.validation import sequence_length_multiple, validate_platform
 from megatron_rpt.platform import GPUInfo, Platform
@@ -23,16 +24,7 @@ HOPPER = GPUInfo("NVIDIA H100 80GB HBM3", (9, 0))
 ADA = GPUInfo("NVIDIA L40S", (8, 9))
 
 
-def problems(argv, world_size=1):
-    with pytest.raises(ConfigError) as e:
-        validate_config(parse_args(BASE + argv), world_size)
-    return e.value.problems
-
-
-def one_problem(argv, world_size=1):
-    found = problems(argv, world_size)
-    assert len(found) == 1, found
-    return found[0]
+problems, one_problem = config_checkers(BASE)
 
 
 def test_defaults_are_megatron_cores():

@@ -4,20 +4,12 @@ TransformerConfig / layer-spec wiring they produce."""
 import pytest
 
 from megatron_rpt.config import ConfigError, parse_args, validate_config
+from tests.unit.config_checks import config_checkers
 
 BASE = ["--model-preset", "tiny-moe", "--lr", "1e-3", "--train-iters", "10", "--mock-data", "--vocab-size", "512"]
 
 
-def problems(argv, world_size=1):
-    with pytest.raises(ConfigError) as e:
-        validate_config(parse_args(BASE + argv), world_size)
-    return e.value.problems
-
-
-def one_problem(argv, world_size=1):
-    found = problems(argv, world_size)
-    assert len(found) == 1, found
-    return found[0]
+problems, one_problem = config_checkers(BASE)
 
 
 def test_valid_layouts_pass():
