@@ -685,7 +685,7 @@ def main(argv: list | None = None) -> None:
     p.add_argument("--throughput-iters", type=int, default=30)
     p.add_argument("--warmup-iters", type=int, default=5)
     p.add_argument("--micro-batch-size", type=int, default=2)
-    p.add_argument("--global-batch-size", type=int, default=16)
+    p.add_argument("--global-batch-size", type=int, default=8)
     p.add_argument("--moe-layers", type=int, default=4)
     p.add_argument("--curve-tolerance", type=float, default=0.02, help="FP8 vs bf16: relative difference of the "
                    "mean loss over the last 20 iterations")
