@@ -117,9 +117,12 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSu
                 os.kill(pid, signal.SIGKILL)
 
     def leftovers(self, timeout: float = 20) -> list[str]:
-        """Slurm processes (daemons, step daemons) still alive after `stop()`, waiting up to
-        `timeout` for step daemons that are still winding down; [] when all are gone."""
+        """This cluster's Slurm processes (daemons, step daemons) still alive after `stop()`, waiting up
+        to `timeout` for step daemons that are still winding down; [] when all are gone. A process is
+        this cluster's when its environment carries this SLURM_CONF (the daemons get it from `cmd`, the
+        step daemons inherit it), so another cluster on the machine (a second test run) is not counted."""
         deadline = time.time() + timeout
+        mine = f"SLURM_CONF={self.conf}".encode()
         while True:
             left = []
             for pid in os.listdir("/proc"):
@@ -128,9 +131,10 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSu
                 try:
                     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
                     state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+                    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
                 except OSError:
                     continue
-                if state != "Z" and re.match(r"(\S*/)?(slurmctld|slurmd|slurmstepd)\b", cmd):
+                if state != "Z" and re.match(r"(\S*/)?(slurmctld|slurmd|slurmstepd)\b", cmd) and mine in environ:
                     left.append(f"{pid} {cmd}")
             if not left or time.time() > deadline:
                 return left
