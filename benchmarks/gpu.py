@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))   # megatron_rpt, used in place
 import machine  # noqa: E402
 
 REPO = machine.REPO
@@ -256,35 +257,44 @@ def stage(args) -> None:
 # ----------------------------------------------------------------------------------------------- install
 
 def install(args) -> None:
+    venv, payload = Path(args.venv), Path(args.venv) / "payload"
     t0 = time.perf_counter()
-    unpack(STAGE / "parts", VENV)
-    py = VENV / "bin" / "python"
-    if not py.exists():
-        sh([sys.executable, "-m", "venv", "--system-site-packages", VENV])
+    unpack(Path(args.stage) / "parts", venv)
+    py = venv / "bin" / "python"
+    if not py.exists() and sh([sys.executable, "-m", "venv", "--system-site-packages", venv], check=False).returncode:
+        # Debian/Ubuntu Pythons without ensurepip: a pip-less venv, driven by the system pip (--python).
+        sh([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv])
+    has_pip = sh([py, "-m", "pip", "--version"], check=False).returncode == 0
+    pip = [py, "-m", "pip"] if has_pip else [sys.executable, "-m", "pip", "--python", py]
     report = {"unpack_s": time.perf_counter() - t0}
     t0 = time.perf_counter()
-    wheels = sorted((PAYLOAD / "wheels").glob("*.whl"))
-    sh([py, "-m", "pip", "install", "--no-index", "--no-deps", *wheels], log=VENV / "logs" / "pip-wheels.log")
+    wheels = sorted((payload / "wheels").glob("*.whl"))
+    sh([*pip, "install", "--no-index", "--no-deps", *wheels], log=venv / "logs" / "pip-wheels.log")
     report["wheels_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    # cudnn.h / nccl.h are not in the CUDA toolkit: they come with torch's nvidia-* wheels.
-    nvidia = sh([py, "-c", "import nvidia, os; print(os.pathsep.join(os.path.join(p, d, 'include') "
-                           "for p in nvidia.__path__ for d in ('cudnn', 'nccl', 'cu13') "
-                           "if os.path.isdir(os.path.join(p, d, 'include'))))"]).stdout.strip()
-    env = {"NVTE_PYTORCH_FORCE_BUILD": "TRUE",      # no attempt to fetch a prebuilt wheel from GitHub
-           "NVTE_FRAMEWORK": "pytorch", "NVTE_CUDA_ARCHS": args.cuda_archs, "MAX_JOBS": str(os.cpu_count() or 8),
-           "CPATH": os.pathsep.join(x for x in (nvidia, os.environ.get("CPATH", "")) if x)}
-    for sdist in sorted((PAYLOAD / "sdist").glob("*.tar.gz")):
-        sh([py, "-m", "pip", "install", "--no-index", "--no-deps", "--no-build-isolation", "-v", sdist],
-           env=env, log=VENV / "logs" / f"build-{sdist.name}.log", timeout=args.build_timeout)
-    report["te_build_s"] = time.perf_counter() - t0
-    sh([py, "-m", "pip", "install", "--no-index", "--no-deps", "--no-build-isolation", "-e", REPO],
-       log=VENV / "logs" / "pip-repo.log")
-    probe = sh([py, "-c", "import torch, megatron.core, transformer_engine.pytorch as te, transformer_engine; "
-                          "print(torch.__version__, megatron.core.__version__, transformer_engine.__version__)"])
-    report["versions"] = probe.stdout.strip()
+    sdists = sorted((payload / "sdist").glob("*.tar.gz"))
+    if sdists:
+        # cudnn.h / nccl.h are not in the CUDA toolkit: they come with torch's nvidia-* wheels.
+        nvidia = sh([py, "-c", "import nvidia, os; print(os.pathsep.join(os.path.join(p, d, 'include') "
+                               "for p in nvidia.__path__ for d in ('cudnn', 'nccl', 'cu13') "
+                               "if os.path.isdir(os.path.join(p, d, 'include'))))"]).stdout.strip()
+        env = {"NVTE_PYTORCH_FORCE_BUILD": "TRUE",      # no attempt to fetch a prebuilt wheel from GitHub
+               "NVTE_FRAMEWORK": "pytorch", "NVTE_CUDA_ARCHS": args.cuda_archs, "MAX_JOBS": str(os.cpu_count() or 8),
+               "CPATH": os.pathsep.join(x for x in (nvidia, os.environ.get("CPATH", "")) if x)}
+        for sdist in sdists:
+            sh([*pip, "install", "--no-index", "--no-deps", "--no-build-isolation", "-v", sdist],
+               env=env, log=venv / "logs" / f"build-{sdist.name}.log", timeout=args.build_timeout)
+    report["sdist_build_s"] = time.perf_counter() - t0
+    # This repository is used in place (every phase runs from its root), not installed.
+    probe = sh([py, "-c", "import importlib, importlib.metadata as md, sys\n"
+                          "for m in sys.argv[1:]:\n"
+                          "    importlib.import_module(m)\n"
+                          "    d = m.split('.')[0].replace('_', '-')\n"
+                          "    try:\n        print(m, md.version(d))\n"
+                          "    except md.PackageNotFoundError:\n        print(m, 'imported')\n", *args.probe])
+    report["imports"] = probe.stdout.strip().splitlines()
     print(json.dumps(report, indent=1))
-    (VENV / "install.json").write_text(json.dumps(report, indent=1))
+    (venv / "install.json").write_text(json.dumps(report, indent=1))
 
 
 # ----------------------------------------------------------------------------------------------- check
@@ -672,6 +682,10 @@ def main(argv: list | None = None) -> None:
                    "working tree included)")
     p.add_argument("--vocab-size", type=int, default=32000)
     p = sub.add_parser("install", help="unpack, venv, wheels, TE build (GPU machine)")
+    p.add_argument("--stage", default=str(STAGE), help="the staging folder (its parts/ were carried here)")
+    p.add_argument("--venv", default=str(VENV))
+    p.add_argument("--probe", nargs="+", default=["torch", "megatron.core", "transformer_engine.pytorch",
+                                                  "flash_attn.cute"], help="modules that must import afterwards")
     p.add_argument("--cuda-archs", default="90")
     p.add_argument("--build-timeout", type=float, default=540)
     for name in ("check", "loss", "pretrain", "rollout"):

@@ -82,3 +82,48 @@ def test_rollout_phase_smoke(tmp_path):
     rows = doc["results"]["static_engine"]["batches"]
     assert [r["generated_tokens"] for r in rows.values()] == [8, 32]     # no EOD stop: every token generated
     assert all(r["tokens_per_s"] == pytest.approx(r["generated_tokens"] / r["seconds"]) for r in rows.values())
+
+
+def _tiny_wheel(folder: Path) -> Path:
+    """A pure-Python wheel built by hand (name mrpt_probe): what `install` must put into the venv offline."""
+    import base64
+    import hashlib
+    import zipfile
+    files = {"mrpt_probe/__init__.py": b"VALUE = 42\n",
+             "mrpt_probe-0.1.dist-info/METADATA": b"Metadata-Version: 2.1\nName: mrpt-probe\nVersion: 0.1\n",
+             "mrpt_probe-0.1.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                               b"Tag: py3-none-any\n"}
+    record = "".join(f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},"
+                     f"{len(data)}\n" for name, data in files.items()) + "mrpt_probe-0.1.dist-info/RECORD,,\n"
+    path = folder / "mrpt_probe-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+        z.writestr("mrpt_probe-0.1.dist-info/RECORD", record)
+    return path
+
+
+def test_install_phase_offline(tmp_path):
+    """`install` from carried parts: checks them, makes the venv, installs the wheels with no index, and
+    proves the probe modules import (the TE build and the real wheels only exist on the GPU side)."""
+    gpu = gpu_module()
+    payload = tmp_path / "payload"
+    (payload / "wheels").mkdir(parents=True)
+    _tiny_wheel(payload / "wheels")
+    gpu.pack(payload, tmp_path / "stage" / "parts", part_bytes=1000)
+    venv = tmp_path / "venv"
+    proc = subprocess.run([sys.executable, "benchmarks/gpu.py", "install", "--stage", str(tmp_path / "stage"),
+                           "--venv", str(venv), "--probe", "mrpt_probe"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((venv / "install.json").read_text())
+    assert report["imports"] == ["mrpt_probe 0.1"] and report["sdist_build_s"] < 5
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", "import mrpt_probe; print(mrpt_probe.VALUE)"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "42"
+    # a missing part stops the install with its name, before anything is installed
+    (tmp_path / "stage" / "parts" / "payload.tar.001").unlink()
+    again = subprocess.run([sys.executable, "benchmarks/gpu.py", "install", "--stage", str(tmp_path / "stage"),
+                            "--venv", str(tmp_path / "venv2")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert again.returncode != 0 and "parts not here yet: payload.tar.001" in again.stderr
+    assert not (tmp_path / "venv2" / "bin").exists()
