@@ -87,8 +87,13 @@ DENSE_SEQ = 4096
 def sh(cmd: list, *, env: dict | None = None, cwd: Path = REPO, timeout: float | None = None,
        log: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
     print("$ " + " ".join(str(c) for c in cmd), flush=True)
-    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True,
-                          text=True, timeout=timeout)
+    try:
+        proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env={**os.environ, **(env or {})},
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:   # keep what it printed: a build log is the evidence
+        def text(b):
+            return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+        proc = subprocess.CompletedProcess(e.cmd, 124, text(e.stdout), text(e.stderr) + f"\n[timed out after {timeout} s]")
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(f"$ {' '.join(str(c) for c in cmd)}\n{proc.stdout}\n--- stderr ---\n{proc.stderr}")
@@ -108,7 +113,8 @@ def environment() -> dict:
     import torch
     env = machine.describe({"torch": "torch", "megatron-core": "megatron-core", "triton": "triton",
                             "transformer-engine": "transformer-engine", "transformer-engine-torch":
-                            "transformer-engine-torch", "flash-attn": "flash-attn"},
+                            "transformer-engine-torch", "flash-attn": "flash-attn",
+                            "flash-attn-4": "flash-attn-4"},
                            ["megatron_rpt", "benchmarks/gpu.py"])
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
@@ -251,7 +257,8 @@ def stage(args) -> None:
         carry = [f"benchmarks/.gpu-stage/parts/{p['name']}"] + (["benchmarks/.gpu-stage/parts/manifest.json"]
                                                               if i == 0 else [])
         print(f"  run(carry={carry}, command='ls -la benchmarks/.gpu-stage/parts')")
-    print("then: run(command='python3 benchmarks/gpu.py install && .gpu-venv/bin/python benchmarks/gpu.py check')")
+    print("then, one call each: run(command='python3 benchmarks/gpu.py install'), "
+          "run(command='.gpu-venv/bin/python benchmarks/gpu.py check'), ... (see benchmarks/README.md)")
 
 
 # ----------------------------------------------------------------------------------------------- install
@@ -329,7 +336,8 @@ def ceilings(smoke: bool = False) -> dict:
         one = torch.ones((), device="cuda")
 
         def mm():
-            return torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+            return torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
+                                    use_fast_accum=True)   # as TE's forward GEMMs
         mm()
         out["fp8_matmul_tflops"] = 2 * n ** 3 / _median_time(mm, 20) / 1e12
     except Exception as e:  # noqa: BLE001 - recorded, not fatal
@@ -370,7 +378,8 @@ def loss(args) -> None:
     out = output_dir(args)
     shapes = ["--tokens", "256", "--vocab", "4096", "8192", "--tp", "1", "--dtype", "fp32", "--repeats", "2",
               "--no-memory"] if args.smoke else \
-        ["--tokens", "8192", "--vocab", "131072", "151936", "--tp", "1", "--dtype", "bf16", "--repeats", "10"]
+        ["--tokens", "8192", "--vocab", "131072", "151936", "--tp", "1", "--dtype", "bf16", "--repeats", "10",
+         "--repeats-large", "10"]
     device = "cpu" if args.smoke else "cuda"
     sh([sys.executable, "benchmarks/loss.py", "--device", device, *shapes, "--output", out / f"loss_{device}"],
        timeout=args.timeout)
@@ -443,11 +452,12 @@ def pretrain_runs(args) -> dict:
 
 
 def data_flags(args) -> tuple[list, str]:
-    paths = PAYLOAD / "data" / "paths.json"
+    payload = Path(args.payload)
+    paths = payload / "data" / "paths.json"
     if paths.exists() and not args.smoke:
         p = json.loads(paths.read_text())
-        return (["--data-path", str(PAYLOAD / p["document"]), "--tokenizer-type", "SentencePieceTokenizer",
-                 "--tokenizer-model", str(PAYLOAD / p["tokenizer_model"]), "--split", "100,0,0"],
+        return (["--data-path", str(payload / p["document"]), "--tokenizer-type", "SentencePieceTokenizer",
+                 "--tokenizer-model", str(payload / p["tokenizer_model"]), "--split", "100,0,0"],
                 "the staged demo corpus (Austen + Moby Dick), sentencepiece tokenizer; model vocabulary 151936")
     return ["--mock-data", "--vocab-size", "4096" if args.smoke else "151936"], "Megatron-Core mock data"
 
@@ -483,7 +493,7 @@ def pretrain(args) -> None:
             if "mfu" in timed[0]:
                 med["mfu"] = statistics.median(x["mfu"] for x in timed)
             result.update(med, timed_iterations=len(timed), peak_mem_gib=max(x.get("peak_mem_gib", 0) for x in parsed),
-                          losses={x["iteration"]: x["loss"] for x in parsed})
+                          losses={str(x["iteration"]): x["loss"] for x in parsed})   # JSON keys: str
         doc["results"][name] = result
         machine.write_results(out / "gpu_pretrain", doc, render_pretrain)   # after every run: nothing lost
         print(f"{name}: " + json.dumps({k: v for k, v in result.items() if k not in ("losses", "argv")}), flush=True)
@@ -511,8 +521,8 @@ def pretrain_summary(results: dict, tolerance: float) -> dict:
         if ce and gen:
             s[f"dense_{prec}_generalized_overhead"] = gen / ce - 1
     bl, fl = get("dense-bf16-ce", "losses"), get("dense-fp8-ce", "losses")
-    if bl and fl:
-        common = sorted(set(bl) & set(fl), key=int)
+    common = sorted(set(bl or {}) & set(fl or {}), key=int)
+    if common:
         diffs = [abs(fl[k] - bl[k]) / bl[k] for k in common]
         s["curve"] = {"iterations": len(common), "max_rel_diff": max(diffs), "mean_rel_diff": statistics.mean(diffs),
                       "tail20_bf16": _tail({k: bl[k] for k in common}, 20),
@@ -609,12 +619,15 @@ def rollout(args) -> None:
                        for _ in range(b)]
             try:
                 generated, dt = dynamic_engine_rollout(unwrap(job.state.model[0]), job.tokenizer, prompts, new_tokens,
-                                                       prompt_len + new_tokens + 8)
+                                                       prompt_len + new_tokens + 8, kv_per_token)
+                dyn[str(b)] = row(b, generated, dt)
             except Exception as e:  # noqa: BLE001 - recorded: the static engine's numbers still count
                 dyn[str(b)] = {"batch": b, "error": repr(e)[:500]}
                 print(f"dynamic engine, batch {b}: {e!r}", flush=True)
-                continue
-            dyn[str(b)] = row(b, generated, dt)
+            finally:
+                import gc
+                gc.collect()
+                torch.cuda.empty_cache()   # each batch size builds its own context (KV buffer)
         doc["results"]["dynamic_engine"] = {"model": argv, "params": params, "prompt_length": prompt_len,
                                             "new_tokens": new_tokens, "copy_gbps": copy, "batches": dyn}
     machine.write_results(out / "gpu_rollout", doc, render_rollout)
@@ -622,7 +635,8 @@ def rollout(args) -> None:
     destroy_distributed()
 
 
-def dynamic_engine_rollout(model, tokenizer, prompts: list, new_tokens: int, max_sequence_length: int) -> tuple:
+def dynamic_engine_rollout(model, tokenizer, prompts: list, new_tokens: int, max_sequence_length: int,
+                           kv_bytes_per_token: int) -> tuple:
     """Megatron-Core's DynamicInferenceEngine (>= 0.17 API: InferenceConfig; needs flash attention on CUDA) on
     the same model: returns (generated tokens, seconds). Sampling at temperature 1, no stop token."""
     import torch
@@ -635,8 +649,10 @@ def dynamic_engine_rollout(model, tokenizer, prompts: list, new_tokens: int, max
         TextGenerationController)
 
     model.eval()
-    icfg = InferenceConfig(max_sequence_length=max_sequence_length, buffer_size_gb=16, block_size_tokens=256,
-                           max_requests=len(prompts))
+    # KV cache for every request at full length, twice over (block rounding, paused requests), >= 1 GB.
+    kv_gb = 2 * len(prompts) * max_sequence_length * kv_bytes_per_token / 1e9
+    icfg = InferenceConfig(max_sequence_length=max_sequence_length, buffer_size_gb=max(1.0, kv_gb),
+                           block_size_tokens=256, max_requests=len(prompts))
     ctx = DynamicInferenceContext(model.config, icfg)
     engine = DynamicInferenceEngine(TextGenerationController(GPTInferenceWrapper(model, ctx), tokenizer), ctx)
     params = SamplingParams(num_tokens_to_generate=new_tokens, temperature=1.0, top_k=0, top_p=0.0,
@@ -695,6 +711,7 @@ def main(argv: list | None = None) -> None:
         p.add_argument("--timeout", type=float, default=570)
     p = sub.choices["pretrain"]
     p.add_argument("--runs", nargs="+", default=None)
+    p.add_argument("--payload", default=str(PAYLOAD), help="the unpacked staging payload (its data/)")
     p.add_argument("--curve-iters", type=int, default=200)
     p.add_argument("--throughput-iters", type=int, default=30)
     p.add_argument("--warmup-iters", type=int, default=5)

@@ -49,16 +49,20 @@ def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
                           * p.context_parallel_size)
 
 
-def sequence_length_multiple(cfg: RunConfig) -> int:
-    """What every micro-batch's sequence length must be a multiple of (variable-length steps pad to it).
+def fp8_row_multiple(cfg: RunConfig) -> int:
+    """What FP8 GEMM operands need their token count and per-rank weight dimensions divisible by:
+    Transformer Engine asserts rows % 8 and columns % 16 for both operands (tokens are the inner
+    dimension of the weight-gradient GEMM, hence 16 for them too); MXFP8 scales 1x32 blocks (32)."""
+    return 32 if cfg.fp8.fp8_recipe == "mxfp8" else 16
 
-    Sequence parallelism splits the sequence over TP ranks; FP8 GEMMs need token counts divisible by 16
-    per rank (Transformer Engine's FP8 execution rule: rows % 8, columns % 16; 16 covers both when a
-    transposed activation enters the weight-gradient GEMM); otherwise 8 keeps the shapes tensor-core friendly.
-    """
-    tp = cfg.parallel.tensor_model_parallel_size
-    per_rank = 16 if cfg.fp8.fp8_format else 8
-    return per_rank * tp if cfg.parallel.sequence_parallel else math.lcm(per_rank, tp)
+
+def sequence_length_multiple(cfg: RunConfig) -> int:
+    """What every micro-batch's sequence length must be a multiple of (variable-length steps pad to it):
+    tokens per rank (FP8: `fp8_row_multiple`; else 8, tensor-core friendly) x TP under sequence
+    parallelism x CP (each splits the sequence over its ranks)."""
+    p = cfg.parallel
+    per_rank = fp8_row_multiple(cfg) if cfg.fp8.fp8_format else 8
+    return per_rank * (p.tensor_model_parallel_size if p.sequence_parallel else 1) * p.context_parallel_size
 
 
 def _check_fp8(cfg: RunConfig) -> list[str]:
@@ -93,10 +97,12 @@ def _check_fp8(cfg: RunConfig) -> list[str]:
                     out.append(f"{flag} {n} must be between 0 and the layers per pipeline stage ({per_stage})")
     # Transformer Engine asserts FP8 GEMM operands have rows % 8 and columns % 16 (tokens, and every
     # weight dimension on this TP rank); checked here so the run does not stop inside the first step.
-    multiple = sequence_length_multiple(cfg)
+    multiple, rows = sequence_length_multiple(cfg), fp8_row_multiple(cfg)
     if m.seq_length is not None and m.seq_length % multiple:
-        out.append(f"--fp8-format: --seq-length {m.seq_length} must be a multiple of {multiple} "
-                   f"(16 tokens per rank{' x TP with --sequence-parallel' if p.sequence_parallel else ''})")
+        out.append(f"--fp8-format: --seq-length {m.seq_length} must be a multiple of {multiple} ({rows} tokens per "
+                   "rank" + (f" x TP {p.tensor_model_parallel_size} (--sequence-parallel)" if p.sequence_parallel
+                             else "") + (f" x CP {p.context_parallel_size}" if p.context_parallel_size > 1 else "")
+                   + ")")
     tp = p.tensor_model_parallel_size
     etp = p.expert_tensor_parallel_size or tp
     d = m.kv_channels or (m.hidden_size // m.num_attention_heads if m.hidden_size and m.num_attention_heads else None)
@@ -106,9 +112,9 @@ def _check_fp8(cfg: RunConfig) -> list[str]:
     if m.num_experts:
         dims.append(("--moe-ffn-hidden-size", m.moe_ffn_hidden_size or m.ffn_hidden_size, etp))
     for flag, size, split in dims:
-        if size is not None and size % split == 0 and (size // split) % 16:
+        if size is not None and size % split == 0 and (size // split) % rows:
             out.append(f"--fp8-format: {flag} {size}" + (f" / TP {split}" if split > 1 else "") +
-                       " must be a multiple of 16 (Transformer Engine's FP8 GEMM rule)")
+                       f" must be a multiple of {rows} (Transformer Engine's FP8 GEMM rule)")
     return out
 
 
@@ -380,9 +386,10 @@ def validate_rpt_config(cfg: RunConfig, world_size: int, *, check_files: bool = 
     elif m.seq_length is not None and r.rpt_max_response_length >= m.seq_length:
         problems.append(f"--rpt-max-response-length {r.rpt_max_response_length} leaves no room for the prompt "
                         f"in --seq-length {m.seq_length}")
-    if cfg.fp8.fp8_format and r.rollout_engine == "megatron" and r.rollout_max_batch_size % 16:
-        problems.append(f"--rollout-max-batch-size {r.rollout_max_batch_size} must be a multiple of 16 with "
-                        "--fp8-format (a decode step's FP8 GEMMs have one row per sequence; TE needs 16)")
+    if cfg.fp8.fp8_format and r.rollout_engine == "megatron" and r.rollout_max_batch_size % fp8_row_multiple(cfg):
+        problems.append(f"--rollout-max-batch-size {r.rollout_max_batch_size} must be a multiple of "
+                        f"{fp8_row_multiple(cfg)} with --fp8-format (the embedded engine pads every batch to it: "
+                        "a decode step's FP8 GEMMs have one row per sequence)")
     if r.rpt_dynamic_sampling_start is not None and r.rpt_dynamic_sampling_start < 0:
         problems.append(f"--rpt-dynamic-sampling-start must be >= 0 (got {r.rpt_dynamic_sampling_start})")
     if r.rollout_engine == "openai":

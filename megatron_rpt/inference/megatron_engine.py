@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -46,7 +46,31 @@ def _inference_wrapper(model, *, hidden_size: int, params_dtype: torch.dtype, pa
             padded_vocab_size=padded_vocab_size, inference_max_requests=max_batch_size,
             inference_max_seq_length=max_sequence_length)
         return GPTInferenceWrapper(model, config, context)
-    return GPTInferenceWrapper(model, context)
+    wrapper = GPTInferenceWrapper(model, context)
+    _undo_fp8_inference_padding(model)
+    return wrapper
+
+
+def _undo_fp8_inference_padding(model) -> int:
+    """Give the TE linear layers of `model` their own forward back; returns how many were rewired.
+
+    With FP8, megatron-core >= 0.19's inference wrapper rewires every TE linear layer of the model for
+    good (fp8_utils.prepare_model_for_fp8_inference: an instance `forward` that pads the sequence and,
+    under sequence parallelism, does its own all-gather / reduce-scatter). Here the model is also the
+    trainer's, whose forwards must stay Megatron's; the engine pads its batches itself (`row_multiple`),
+    which keeps every FP8 GEMM aligned in prefill and decode."""
+    try:
+        from megatron.core import fp8_utils
+        wrapped = fp8_utils._fp8_inference_wrapped_modules
+    except (ImportError, AttributeError):
+        return 0
+    undone = 0
+    for module in model.modules():
+        if module in wrapped:
+            module.__dict__.pop("forward", None)
+            wrapped.discard(module)
+            undone += 1
+    return undone
 
 
 def _inference_mode_flag():

@@ -62,9 +62,10 @@ class Platform:
         return torch.device("cpu")
 
     def gpu(self, local_rank: int = 0) -> "GPUInfo | None":
-        """Name and compute capability of a rank's CUDA device (None on CPU). Asked when needed:
-        choosing the platform must not touch a device (it runs before ranks pick theirs)."""
-        if self.device_type != "cuda":
+        """Name and compute capability of a rank's CUDA device (None on CPU, or when that device is not
+        visible: distributed.init_distributed reports it). Asked when needed: choosing the platform must
+        not touch a device (it runs before ranks pick theirs)."""
+        if self.device_type != "cuda" or local_rank >= torch.cuda.device_count():
             return None
         props = torch.cuda.get_device_properties(local_rank)
         return GPUInfo(props.name, (props.major, props.minor))

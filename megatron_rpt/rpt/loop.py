@@ -204,10 +204,11 @@ def build_engine(cfg: RunConfig, job) -> RolloutEngine:
     r = cfg.rpt
     if r.rollout_engine == "megatron":
         from megatron_rpt.inference.megatron_engine import MegatronEngine
-        # FP8 GEMMs need 16 rows: a decode step has one per sequence, so batches are padded to 16.
+        from megatron_rpt.config.validation import fp8_row_multiple
+        # FP8 GEMMs need aligned row counts and a decode step has one row per sequence: batches are padded.
         return MegatronEngine(job.state.model, job.tokenizer, padded_vocab_size=job.vocab_size,
                               max_batch_size=r.rollout_max_batch_size, max_sequence_length=cfg.model.seq_length,
-                              row_multiple=16 if cfg.fp8.fp8_format else 1)
+                              row_multiple=fp8_row_multiple(cfg) if cfg.fp8.fp8_format else 1)
     import os
 
     from megatron_rpt.inference.external import OpenAICompatibleEngine

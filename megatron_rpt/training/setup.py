@@ -49,7 +49,8 @@ def setup_job(cfg: RunConfig, *, validate: Optional[Callable[[RunConfig, int], A
     p, m = cfg.parallel, cfg.model
     env = dist.resolve_dist_env()
     (validate or validate_config)(cfg, env.world_size)
-    validate_platform(cfg, platform, platform.gpu(env.local_rank))
+    # The device is only asked about when the run needs something of it (CUDA stays untouched otherwise).
+    validate_platform(cfg, platform, platform.gpu(env.local_rank) if cfg.fp8.fp8_format else None)
     vp = num_virtual_stages(cfg)
     env = dist.init_distributed(
         backend=platform.backend, device_type=platform.device_type,

@@ -69,11 +69,15 @@ def test_pretrain_phase_smoke(tmp_path):
     assert overhead == pytest.approx(doc["results"]["dense-bf16-gen"]["ms_per_iter"]
                                      / doc["results"]["dense-bf16-ce"]["ms_per_iter"] - 1)
     assert "| dense-bf16-gen | 8 |" in (tmp_path / "gpu_pretrain.md").read_text()
-    # a second call (the next device call of a split session) merges into the same document
-    run_phase("pretrain", "--runs", "moe-bf16-ce", out=tmp_path)
+    # a second call (the next device call of a split session) merges into the same document, and the
+    # summary compares runs of different calls (the FP8-vs-bf16 curve; on CPU the "fp8" run is bf16)
+    run_phase("pretrain", "--runs", "dense-fp8-ce", out=tmp_path)
     doc = json.loads((tmp_path / "gpu_pretrain.json").read_text())
-    assert set(doc["results"]) == {"dense-bf16-ce", "dense-bf16-gen", "moe-bf16-ce"} and len(doc["commands"]) == 2
-    assert doc["results"]["moe-bf16-ce"]["iterations"] == 8
+    assert set(doc["results"]) == {"dense-bf16-ce", "dense-bf16-gen", "dense-fp8-ce"} and len(doc["commands"]) == 2
+    curve = doc["summary"]["curve"]
+    assert curve["iterations"] == 8 and curve["max_rel_diff"] < 1e-6 and curve["within_tolerance"]
+    assert doc["summary"]["dense_fp8_speedup"] == pytest.approx(
+        doc["results"]["dense-fp8-ce"]["tokens_per_s"] / doc["results"]["dense-bf16-ce"]["tokens_per_s"])
 
 
 def test_rollout_phase_smoke(tmp_path):

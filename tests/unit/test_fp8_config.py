@@ -2,7 +2,7 @@
 TransformerConfig defaults), every validation error, the hardware check against a platform, and the
 TransformerConfig fields they produce (built for real, so Megatron-Core's own checks run too).
 
-The FP8 numerics themselves need a Hopper GPU with Transformer Engine: tests/gpu/test_fp8_te.py."""
+The FP8 numerics themselves need a Hopper GPU with Transformer Engine: tests/gpu/test_te_fp8.py."""
 
 import dataclasses
 
@@ -103,11 +103,13 @@ def test_sequence_length_multiple():
         return sequence_length_multiple(parse_args(BASE + argv))
 
     assert multiple([]) == 8
-    assert multiple(["--tensor-model-parallel-size", "3"]) == 24          # lcm(8, 3)
+    assert multiple(["--tensor-model-parallel-size", "3"]) == 8           # TP without SP keeps whole sequences
     assert multiple(["--tensor-model-parallel-size", "2", "--sequence-parallel"]) == 16
     assert multiple(FP8) == 16
-    assert multiple(FP8 + ["--tensor-model-parallel-size", "2"]) == 16    # lcm(16, 2)
+    assert multiple(FP8 + ["--tensor-model-parallel-size", "2"]) == 16
     assert multiple(FP8 + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]) == 32
+    assert multiple(FP8 + ["--context-parallel-size", "2"]) == 32           # CP splits the sequence too
+    assert multiple(FP8 + ["--fp8-recipe", "mxfp8"]) == 32                 # MXFP8's 1x32 scaling blocks
 
 
 def test_fp8_gemm_shapes():
@@ -115,7 +117,12 @@ def test_fp8_gemm_shapes():
         "--fp8-format: --seq-length 72 must be a multiple of 16 (16 tokens per rank)")
     msg = one_problem(FP8 + ["--seq-length", "80", "--tensor-model-parallel-size", "2", "--sequence-parallel"],
                       world_size=2)
-    assert msg == "--fp8-format: --seq-length 80 must be a multiple of 32 (16 tokens per rank x TP with --sequence-parallel)"
+    assert msg == "--fp8-format: --seq-length 80 must be a multiple of 32 (16 tokens per rank x TP 2 (--sequence-parallel))"
+    assert any(p == "--fp8-format: --seq-length 112 must be a multiple of 64 (32 tokens per rank x CP 2)"
+               for p in problems(FP8 + ["--fp8-recipe", "mxfp8", "--seq-length", "112", "--context-parallel-size",
+                                        "2"], world_size=2))
+    assert "--ffn-hidden-size 400 must be a multiple of 32" in one_problem(
+        FP8 + ["--fp8-recipe", "mxfp8", "--ffn-hidden-size", "400"])
     # tiny: hidden 128, ffn 384, 4 heads x 32
     assert one_problem(FP8 + ["--ffn-hidden-size", "200"]) == (
         "--fp8-format: --ffn-hidden-size 200 must be a multiple of 16 (Transformer Engine's FP8 GEMM rule)")
@@ -196,8 +203,34 @@ def test_rpt_rollout_batches_fit_fp8():
     with pytest.raises(ConfigError) as e:
         validate_rpt_config(parse_rpt_args(argv + ["--bf16"] + FP8 + ["--rollout-max-batch-size", "24"]), 1,
                             check_files=False)
-    assert e.value.problems == ["--rollout-max-batch-size 24 must be a multiple of 16 with --fp8-format (a decode "
-                                "step's FP8 GEMMs have one row per sequence; TE needs 16)"]
+    assert e.value.problems == ["--rollout-max-batch-size 24 must be a multiple of 16 with --fp8-format (the "
+                                "embedded engine pads every batch to it: a decode step's FP8 GEMMs have one row per "
+                                "sequence)"]
     validate_rpt_config(parse_rpt_args(argv + ["--bf16"] + FP8 + ["--rollout-max-batch-size", "32"]), 1,
                         check_files=False)
     validate_rpt_config(parse_rpt_args(argv + ["--rollout-max-batch-size", "24"]), 1, check_files=False)
+
+
+def test_fp8_inference_padding_is_undone(monkeypatch):
+    """megatron-core 0.19's inference wrapper gives every TE linear layer an instance `forward` for good;
+    the embedded engine (whose model is the trainer's) removes it from its model's layers only."""
+    import weakref
+
+    import torch
+    from megatron.core import fp8_utils
+
+    from megatron_rpt.inference.megatron_engine import _undo_fp8_inference_padding
+
+    model, other = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)), torch.nn.Linear(2, 2)
+    wrapped = weakref.WeakSet()
+    for layer in (model[0], other):
+        layer.forward = lambda x: x * 0   # what the 0.19 wrapper installs (an instance attribute)
+        wrapped.add(layer)
+    monkeypatch.setattr(fp8_utils, "_fp8_inference_wrapped_modules", wrapped, raising=False)
+    x = torch.ones(1, 2)
+    assert _undo_fp8_inference_padding(model) == 1
+    assert torch.equal(model[0](x), torch.nn.functional.linear(x, model[0].weight, model[0].bias))
+    assert "forward" not in model[0].__dict__ and model[0] not in wrapped
+    assert other in wrapped and torch.equal(other(x), x * 0)          # another model's layers are left alone
+    monkeypatch.delattr(fp8_utils, "_fp8_inference_wrapped_modules")
+    assert _undo_fp8_inference_padding(model) == 0                    # 0.16: nothing to undo
