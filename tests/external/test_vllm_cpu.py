@@ -32,25 +32,11 @@ if importlib.util.find_spec("vllm") is None:
 from megatron_rpt.distributed import free_port  # noqa: E402
 from megatron_rpt.inference.base import SamplingConfig  # noqa: E402
 from megatron_rpt.inference.external import OpenAICompatibleEngine  # noqa: E402
-from tests.unit.test_external_engine import Reference, stop  # noqa: E402
+from tests.unit.test_external_engine import Reference, make_models, stop  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ATOL = 1e-4          # vLLM's CPU kernels vs transformers, both float32 (measured: 2e-6)
 PROMPTS = [[1, 5, 9, 17], [1, 40, 41], [1, 7, 100, 3, 64, 90, 12]]
-
-_MAKE_MODELS = r"""
-import sys, torch
-from transformers import LlamaConfig, LlamaForCausalLM
-for folder, seed in zip(sys.argv[1::2], sys.argv[2::2]):
-    torch.manual_seed(int(seed))
-    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    m = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        m.lm_head.weight.mul_(8.0)
-    m.save_pretrained(folder)
-"""
 
 
 def vllm_command(model: str, port: int) -> list[str]:
@@ -67,7 +53,7 @@ def vllm_env() -> dict:
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm")
     a, b = str(root / "model_a"), str(root / "model_b")
-    subprocess.run([sys.executable, "-c", _MAKE_MODELS, a, "0", b, "1"], check=True)
+    make_models([a, b], vocab=256, hidden=128)   # head_dim 32: vLLM's CPU attention has no head_dim 16
     port = free_port()
     log = open(root / "vllm.log", "wb")
     server = subprocess.Popen(vllm_command(a, port), env=vllm_env(), stdout=log, stderr=subprocess.STDOUT,

@@ -33,20 +33,27 @@ ATOL = 1e-4
 EOS = 2
 PROMPTS = [[1, 5, 9, 17], [1, 40, 41], [1, 7, 100, 3, 64, 90, 12]]
 
-# A tiny Llama per seed (head_dim 16, GQA) saved as an HF folder.
 _MAKE_MODELS = r"""
 import sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
-for folder, seed in zip(sys.argv[1::2], sys.argv[2::2]):
+vocab, hidden = int(sys.argv[1]), int(sys.argv[2])
+for folder, seed in zip(sys.argv[3::2], sys.argv[4::2]):
     torch.manual_seed(int(seed))
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=vocab,
                       bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     m = LlamaForCausalLM(cfg)
     with torch.no_grad():          # random init gives near-uniform outputs; sharpen them
         m.lm_head.weight.mul_(8.0)
     m.save_pretrained(folder)
 """
+
+
+def make_models(folders: list, *, vocab: int = 128, hidden: int = 64) -> None:
+    """A tiny random Llama (2 layers, 4 heads, GQA 2; head_dim = hidden / 4) per folder, seeds 0, 1, ...,
+    saved as HF folders (in a subprocess: no torch work in the test process before forking)."""
+    seeded = [str(x) for i, f in enumerate(folders) for x in (f, i)]
+    subprocess.run([sys.executable, "-c", _MAKE_MODELS, str(vocab), str(hidden), *seeded], check=True)
 
 # JSON lines in, JSON lines out: {"model", "greedy": [[prompt, k]...], "score": [[prompt, tokens]...]}.
 _REFERENCE = r"""
@@ -124,7 +131,7 @@ def stop(proc: subprocess.Popen) -> None:
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("external")
     a, b = str(root / "model_a"), str(root / "model_b")
-    subprocess.run([sys.executable, "-c", _MAKE_MODELS, a, "0", b, "1"], check=True)
+    make_models([a, b])
     port = free_port()
     server = start_server(a, port)          # loads while the reference process imports torch
     ref = Reference()
