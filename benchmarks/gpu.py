@@ -597,9 +597,13 @@ def rollout(args) -> None:
 
     rows = {}
     gen = torch.Generator().manual_seed(0)
+
+    def random_prompts(b: int) -> list:
+        high = 4000 if args.smoke else job.vocab_size - 1000
+        return [torch.randint(100, high, (prompt_len,), generator=gen).tolist() for _ in range(b)]
+
     for b in batches:
-        prompts = [torch.randint(100, job.vocab_size - 1000 if not args.smoke else 4000, (prompt_len,),
-                                 generator=gen).tolist() for _ in range(b)]
+        prompts = random_prompts(b)
         engine.generate(prompts[:1], 1, SamplingConfig(max_new_tokens=2, seed=0, stop_at_eod=False))  # warm-up
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -615,8 +619,7 @@ def rollout(args) -> None:
         from megatron_rpt.training.optimizer import unwrap
         dyn = {}
         for b in batches:
-            prompts = [torch.randint(100, job.vocab_size - 1000, (prompt_len,), generator=gen).tolist()
-                       for _ in range(b)]
+            prompts = random_prompts(b)
             try:
                 generated, dt = dynamic_engine_rollout(unwrap(job.state.model[0]), job.tokenizer, prompts, new_tokens,
                                                        prompt_len + new_tokens + 8, kv_per_token)
