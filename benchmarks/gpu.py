@@ -157,9 +157,9 @@ def fmt(x, spec: str = ".1f") -> str:
 def pack(src: Path, parts: Path, part_bytes: int) -> dict:
     """`src` as one tar split into `parts`/payload.tar.NNN of at most `part_bytes`, plus manifest.json
     (sha256 of every part and of the whole); earlier parts there are removed first. Returns the manifest."""
-    if parts.exists():
-        for old in parts.glob("payload.tar.*"):
-            old.unlink()
+    if parts.exists():   # the manifest first: stale parts must never look complete
+        for old in [parts / "manifest.json", *parts.glob("payload.tar.*")]:
+            old.unlink(missing_ok=True)
     parts.mkdir(parents=True, exist_ok=True)
     tar_path = parts / "payload.tar"
     with tarfile.open(tar_path, "w") as tar:
@@ -387,16 +387,30 @@ def loss(args) -> None:
     copy = None if args.smoke else ceilings()["copy_gbps"]
     floors = []
     for r in doc["results"]:
-        elem_bytes = 2 if r["dtype"] == "bf16" else 4
-        # Minimum traffic of any forward + backward: read the logits for the row statistics, read them
-        # again and write the gradient (a kernel that kept a row on chip could read once: 2x instead of 3x).
-        moved = 3 * r["tokens"] * r["vocab"] * elem_bytes
+        moved, floor_ms = loss_floor(r["tokens"], r["vocab"], 2 if r["dtype"] == "bf16" else 4, copy)
         floors.append({"tokens": r["tokens"], "vocab": r["vocab"], "dtype": r["dtype"], "bytes_moved": moved,
-                       "copy_gbps": copy, "floor_ms": None if copy is None else 1e3 * moved / (copy * 1e9),
+                       "copy_gbps": copy, "floor_ms": floor_ms,
                        "methods_ms": {m: v["time_s"]["median"] * 1e3 for m, v in r["methods"].items()}})
     fdoc = load_doc(out / "gpu_loss_floor", "loss_floor", sys.argv)
     fdoc["results"] = {"floors": floors}
     machine.write_results(out / "gpu_loss_floor", fdoc, render_floor)
+
+
+def loss_floor(tokens: int, vocab: int, elem_bytes: int, copy_gbps: float | None) -> tuple[int, float | None]:
+    """(bytes moved, milliseconds at `copy_gbps`) of the least traffic any loss forward + backward needs:
+    read the logits for the row statistics, read them again and write the gradient (3 passes; a kernel
+    keeping a row on chip could do 2)."""
+    moved = 3 * tokens * vocab * elem_bytes
+    return moved, None if copy_gbps is None else 1e3 * moved / (copy_gbps * 1e9)
+
+
+def decode_roofline(batch: int, weight_bytes: float, kv_bytes_per_token: float, mean_context: float,
+                    copy_gbps: float | None) -> float | None:
+    """Tokens/s bound of batched decoding by HBM bandwidth: each step reads every weight once plus the
+    batch's KV cache at the mean context length, and yields `batch` tokens."""
+    if copy_gbps is None:
+        return None
+    return batch / ((weight_bytes + batch * mean_context * kv_bytes_per_token) / (copy_gbps * 1e9))
 
 
 def render_floor(doc: dict) -> str:
@@ -587,9 +601,7 @@ def rollout(args) -> None:
     sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=1.0, seed=1, stop_at_eod=False)
 
     def row(b: int, generated: int, dt: float) -> dict:
-        # Decode roofline: each step reads every weight once plus the batch's KV cache (mean context).
-        step_bytes = params * bytes_per + b * (prompt_len + new_tokens / 2) * kv_per_token
-        roof = None if copy is None else b / (step_bytes / (copy * 1e9))
+        roof = decode_roofline(b, params * bytes_per, kv_per_token, prompt_len + new_tokens / 2, copy)
         out = {"batch": b, "generated_tokens": generated, "seconds": dt, "tokens_per_s": generated / dt,
                "roofline_tokens_per_s": roof, "fraction_of_roofline": None if roof is None else generated / dt / roof}
         print(json.dumps(out), flush=True)

@@ -131,3 +131,15 @@ def test_install_phase_offline(tmp_path):
                             "--venv", str(tmp_path / "venv2")], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert again.returncode != 0 and "parts not here yet: payload.tar.001" in again.stderr
     assert not (tmp_path / "venv2" / "bin").exists()
+
+
+def test_bandwidth_bounds_by_hand():
+    gpu = gpu_module()
+    # 8192 x 151936 bf16: 3 passes of 2.49 GB at 3 TB/s
+    moved, ms = gpu.loss_floor(8192, 151936, 2, 3000.0)
+    assert moved == 3 * 8192 * 151936 * 2 == 7_467_958_272 and ms == pytest.approx(2.489319424)
+    assert gpu.loss_floor(10, 10, 4, None) == (1200, None)
+    # 1 GB of weights, 8 sequences at 1000 tokens of 100 kB KV each: 1.8 GB per step -> 8 tokens per 0.6 ms
+    assert gpu.decode_roofline(8, 1e9, 1e5, 1000, 3000.0) == pytest.approx(8 / 0.0006)
+    assert gpu.decode_roofline(1, 1e9, 0.0, 1, 1000.0) == pytest.approx(1000.0)   # weights only: 1 ms per token
+    assert gpu.decode_roofline(8, 1e9, 1e5, 1000, None) is None
