@@ -35,12 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_tokenizer_arguments(g)
     g = ap.add_argument_group("proxy model (entropy filter)")
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--proxy-hf-dir", help="Hugging Face causal LM folder (safetensors), run in fp32")
+    src.add_argument("--proxy-hf-dir", help="Hugging Face causal LM folder (safetensors)")
     src.add_argument("--proxy-load", help="megatron-rpt checkpoint folder (e.g. from tools/convert_checkpoint.py "
-                                          "import), run single-process in fp32")
+                                          "import), run single-process")
     g.add_argument("--proxy-ckpt-step", type=int, help="--proxy-load iteration (default: the latest)")
     g.add_argument("--proxy-seq-length", type=int, default=2048,
                    help="window length; long documents are scored in windows overlapping by --min-context-tokens")
+    g.add_argument("--proxy-dtype", default="fp32", choices=["fp32", "fp64"],
+                   help="proxy arithmetic; fp64 to check results (transformers keeps RMSNorm and RoPE in fp32)")
     g.add_argument("--proxy-device", default="cpu", choices=["cpu", "cuda"], help="--proxy-hf-dir device")
     g.add_argument("--proxy-threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
     g.add_argument("--batch-size", type=int, default=8,
@@ -88,9 +90,9 @@ def main(argv=None) -> int:
         if args.proxy_hf_dir:
             if args.proxy_device == "cuda" and not torch.cuda.is_available():
                 raise TaskError("--proxy-device cuda: no CUDA device")
-            proxy = HFProxy(args.proxy_hf_dir, device=args.proxy_device)
+            proxy = HFProxy(args.proxy_hf_dir, device=args.proxy_device, dtype=args.proxy_dtype)
         else:
-            proxy = MegatronProxy(args.proxy_load, args.proxy_ckpt_step)
+            proxy = MegatronProxy(args.proxy_load, args.proxy_ckpt_step, dtype=args.proxy_dtype)
         r = build_tasks(cfg, tokenizer, proxy, n_docs)
     except (TaskError, TokenizerError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

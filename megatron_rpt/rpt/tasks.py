@@ -13,10 +13,11 @@ Files (`build_tasks`, run by tools/build_rpt_data.py): `PREFIX_train.jsonl` and
 file committed after every chunk of documents; an interrupted run resumes from it and the
 finished files are byte-identical to an uninterrupted run's. Chunks and batches are a function of
 the inputs and flags only (never of where a run stopped), so every window is computed in the same
-batch, at the same row, in both runs. Across different --batch-size values the entropies agree to
-~1e-6 nats (measured 1.7e-6), not bit for bit: CPU GEMM kernels (MKL) block the summation differently for different
-row counts, so the same row can round differently in a larger batch (measured; see the tests).
---batch-size is therefore part of the recorded settings, and a resumed run must use the same.
+batch, at the same row, in both runs. Across different --batch-size values the fp32 entropies
+agree to ~1e-6 nats (measured 1.7e-6), not bit for bit: CPU GEMM kernels (MKL) block the summation
+differently for different row counts, so the same row can round differently in a larger batch
+(with --proxy-dtype fp64 the Megatron proxy agrees to 1e-10; see the tests). --batch-size is
+therefore part of the recorded settings, and a resumed run must use the same.
 
 Scoring (`score_windows`): long documents are cut into windows of `--proxy-seq-length` tokens
 that overlap by `--min-context-tokens`, and each window scores only the positions that have at
@@ -48,6 +49,7 @@ SPLITS: tuple[tuple[str, float], ...] = (("easy", 0.5), ("medium", 1.0), ("hard"
 TOP_K = 16
 FORMAT = "mrpt-rpt-tasks/1"
 BUCKET = 64            # windows are padded to a multiple of this (per window, not per batch)
+PROXY_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}   # --proxy-dtype
 KILL_ENV = "MRPT_RPT_DATA_KILL_AT_CHUNK"   # test hook: SIGKILL after writing chunk N's records, before committing
 _RECORD_KEYS = ("id", "doc_id", "position", "context", "context_tokens", "target_tokens", "target_bytes", "entropy",
                 "splits")
@@ -278,7 +280,8 @@ def score_windows(proxy, windows: Sequence[Window], batch_size: int, pad_id: int
         length = min(-(-len(w.tokens) // BUCKET) * BUCKET, proxy.max_length)
         buckets.setdefault(max(length, len(w.tokens)), []).append(i)
     out: list[list[float]] = [[] for _ in windows]
-    rows_per_head = max(1, 2**25 // max(proxy.vocab_size, 1))   # output-layer chunk: ~128 MB of fp32 logits
+    # output-layer chunk: ~128 MB of logits
+    rows_per_head = max(1, 2**27 // (max(proxy.vocab_size, 1) * torch.finfo(PROXY_DTYPES[proxy.dtype]).bits // 8))
     for length in sorted(buckets):
         members = buckets[length]
         for b in range(0, len(members), batch_size):
@@ -303,24 +306,28 @@ def score_windows(proxy, windows: Sequence[Window], batch_size: int, pad_id: int
 # ----------------------------------------------------------------------------- proxies
 
 class HFProxy:
-    """A Hugging Face causal LM folder (safetensors), fp32, eval mode."""
+    """A Hugging Face causal LM folder (safetensors), eval mode, in `dtype` (fp32 by default).
+
+    fp64 does not make transformers' Llama/Qwen3 fully float64: they compute RMSNorm and the RoPE
+    table in fp32 whatever the model's dtype, so their fp64 logits carry fp32 rounding from those
+    steps (~1e-6 relative, measured)."""
 
     kind = "hf"
 
-    def __init__(self, folder: str, device: str = "cpu"):
+    def __init__(self, folder: str, device: str = "cpu", dtype: str = "fp32"):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoConfig, AutoModelForCausalLM
         if not os.path.isfile(os.path.join(folder, "config.json")):
             raise TaskError(f"--proxy-hf-dir {folder}: no config.json (not a Hugging Face model folder)")
         try:
             config = AutoConfig.from_pretrained(folder, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True,
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=PROXY_DTYPES[dtype], local_files_only=True,
                                                          use_safetensors=True)
         except (OSError, ValueError) as e:
             raise TaskError(f"--proxy-hf-dir {folder}: cannot load the model ({e})") from None
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.path = os.path.abspath(folder)
+        self.path, self.dtype = os.path.abspath(folder), dtype
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.vocab_size = int(text.vocab_size)
         self.max_length = int(getattr(text, "max_position_embeddings", 0) or 2**31)
@@ -354,7 +361,8 @@ class HFProxy:
         return HuggingFaceTokenizer(self.path)
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "path": self.path, "architecture": self.architecture, "vocab_size": self.vocab_size}
+        return {"kind": self.kind, "path": self.path, "architecture": self.architecture, "vocab_size": self.vocab_size,
+                "dtype": self.dtype}
 
     def close(self) -> None:
         pass
@@ -369,20 +377,21 @@ class _CaptureHidden(torch.nn.Module):
 
 class MegatronProxy:
     """A checkpoint written by this repo (recorded run config + torch_dist weights), single process,
-    TP=PP=1 (the checkpoint reshards on load), fp32."""
+    TP=PP=1 (the checkpoint reshards on load), in `dtype` (fp32 by default; fp64 is float64
+    throughout except Megatron-Core's RoPE table, which it computes in fp32)."""
 
     kind = "megatron"
 
-    def __init__(self, load: str, iteration: Optional[int] = None):
+    def __init__(self, load: str, iteration: Optional[int] = None, dtype: str = "fp32"):
         from megatron_rpt.platform import quiet_optional_backend_warnings
         quiet_optional_backend_warnings()   # before megatron.core is imported: its warnings fire at import
         with warnings.catch_warnings():
             # torch DCP / ShardedTensor deprecation notices raised inside Megatron-Core's loader
             warnings.simplefilter("ignore", FutureWarning)
             warnings.filterwarnings("ignore", message="full scope is deprecated")  # Megatron-Core's own default
-            self._build(load, iteration)
+            self._build(load, iteration, dtype)
 
-    def _build(self, load: str, iteration: Optional[int]) -> None:
+    def _build(self, load: str, iteration: Optional[int], dtype: str) -> None:
         from megatron_rpt.config.schema import RunConfig
         from megatron_rpt.convert.checkpoint import _ModelOnly, _single_process_model
         from megatron_rpt.data.tokenizers import tokenizer_from_config
@@ -408,7 +417,8 @@ class MegatronProxy:
             load_checkpoint(load, _ModelOnly([model]), cfg, iteration=it)
         except CheckpointError as e:
             raise TaskError(f"--proxy-load {load}: {e}") from None
-        model.float()
+        model.to(PROXY_DTYPES[dtype])
+        self.dtype = dtype
         self._weight = (model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights
                         else model.output_layer.weight)
         model.output_layer = _CaptureHidden()
@@ -427,7 +437,8 @@ class MegatronProxy:
         return self._tokenizer
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "path": self.path, "iteration": self.iteration, "vocab_size": self.vocab_size}
+        return {"kind": self.kind, "path": self.path, "iteration": self.iteration, "vocab_size": self.vocab_size,
+                "dtype": self.dtype}
 
     def close(self) -> None:
         from megatron_rpt.convert.checkpoint import _teardown
