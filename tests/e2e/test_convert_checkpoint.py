@@ -93,7 +93,8 @@ def test_imported_checkpoint_trains_at_tp2_or_pp2_and_exports_identically(tmp_pa
     hf, ckpt, run_dir, out = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "run", tmp_path / "out"
     run(sys.executable, "-c", MAKE, "Qwen3ForCausalLM", hf, "untied")
     convert("import", "--hf-dir", hf, "--save", ckpt)
-    proc = run(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megatron_rpt.pretrain",
+    proc = run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "megatron_rpt.pretrain",
                "--load", ckpt, "--save", run_dir, "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "96",
                "--num-attention-heads", "4", "--num-query-groups", "2", "--kv-channels", "16",
                "--max-position-embeddings", "64", "--seq-length", "16", "--norm-epsilon", "1e-6",

@@ -6,6 +6,7 @@ latest checkpoint is a clear error, or with --ckpt-fallback-to-previous the prev
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -119,10 +120,14 @@ def test_sigusr1_saves_and_exits_cleanly_then_resumes(tmp_path, reference):
     finally:
         _kill_session(proc.pid)
     text = "".join(out)
-    assert "> training stopped at iteration 1 (signal)" in text, text[-3000:]
-    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "1"
+    # The signal lands before the first step, so the run stops at iteration 1; a loaded machine may
+    # deliver the line late, so any iteration short of the end is accepted, and must be the one saved.
+    stopped = re.search(r"> training stopped at iteration (\d+) \(signal\)", text)
+    assert stopped and int(stopped.group(1)) < ITERS, text[-3000:]
+    at = int(stopped.group(1))
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == str(at)
     got = losses(run(args(ckpt, "--exit-signal-handler")).stdout)
-    assert sorted(got) == list(range(2, ITERS + 1))
+    assert sorted(got) == list(range(at + 1, ITERS + 1))
     assert {i: reference[i] for i in got} == got
 
 

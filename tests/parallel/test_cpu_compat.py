@@ -36,6 +36,10 @@ from megatron_rpt.training.checkpointing import prepare_optimizer_for_load  # no
 from tests.dist_harness import RankError, run_ranks  # noqa: E402
 
 VOCAB, SEQ, MBS = 512, 32, 2
+# The layouts are compared in float64 (the model's params and pipeline dtype): two summation orders
+# then agree to ~1e-13 relative on values of order 1-100, so 1e-10 is exact, while a wrong layout is
+# off by > 1e-3. (In fp32 the same comparisons sit a few ulps apart and depend on the CPU's kernels.)
+EXACT = 1e-10
 
 
 # --------------------------------------------------------------------------------------------
@@ -51,8 +55,8 @@ def _config(**overrides: Any) -> TransformerConfig:
         hidden_dropout=0.0,
         attention_dropout=0.0,
         use_cpu_initialization=True,
-        params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
+        params_dtype=torch.float64,
+        pipeline_dtype=torch.float64,
     )
     kw.update(overrides)
     return TransformerConfig(**kw)
@@ -75,7 +79,7 @@ def _gpt_chunks(cfg: TransformerConfig, seed: int = 1, vpp: int | None = None, *
                 post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
                 share_embeddings_and_output_weights=False,
                 vp_stage=vp,
-            )
+            ).to(cfg.params_dtype)   # the local spec's norms are created in the default dtype
         )
     return chunks
 
@@ -116,7 +120,7 @@ def _loss_step(data: dict[str, torch.Tensor], model: torch.nn.Module) -> tuple:
     out = model(data["tokens"], data["position_ids"], None, labels=data["labels"])
 
     def loss_func(per_token: torch.Tensor) -> tuple:
-        loss = per_token.float().mean()
+        loss = per_token.mean()
         return loss, {"loss": loss.detach()}
 
     return out, loss_func
@@ -207,7 +211,7 @@ def test_p3_tp2_logits_equal_tp1() -> None:
     tp2 = run_ranks(_logits_worker, 2, ())
     assert ref.shape == (MBS, SEQ, VOCAB)
     for out in tp2:
-        assert (out - ref).abs().max().item() < 1e-5
+        assert (out - ref).abs().max().item() < EXACT
     with pytest.raises(RankError, match="CUDA|cuda"):
         run_ranks(_logits_worker, 2, ("P3",))
 
@@ -250,8 +254,8 @@ def test_p4_interleaved_pipeline_matches_pp1_only_without_batched_p2p() -> None:
     res = run_ranks(_pp_worker, 2, weights, platform.batch_p2p_comm, ())
     grads = {**res[0][1], **res[1][1]}
     assert grads.keys() == ref_grads.keys()
-    _assert_close(grads, ref_grads, 1e-6)
-    assert res[1][0] == pytest.approx(ref_losses, abs=1e-6)  # losses live on the last stage
+    _assert_close(grads, ref_grads, EXACT)
+    assert res[1][0] == pytest.approx(ref_losses, abs=EXACT)  # losses live on the last stage
 
     # Upstream behaviour on gloo (notes: silent bug 1): with batch_isend_irecv the previous and
     # next stage are the same peer, gloo matches in posting order and the messages cross.
@@ -310,14 +314,14 @@ def test_p5_p6_p13_moe_alltoall_ep2_equals_ep1() -> None:
     ((weights, _, _),) = run_ranks(_moe_worker, 1, None, 1, ())
     ((_, ref_losses, ref_grads),) = run_ranks(_moe_worker, 1, weights, 2, ())
     res = run_ranks(_moe_worker, 2, weights, 1, ())
-    assert [r[1][0] for r in res] == pytest.approx(ref_losses, abs=1e-6)
+    assert [r[1][0] for r in res] == pytest.approx(ref_losses, abs=EXACT)
     # Expert grads collect both ranks' tokens through the alltoall; dense grads are per rank.
     experts = {**res[0][2], **res[1][2]}
     dense = {k: res[0][2][k] + res[1][2][k] for k in res[0][2] if "local_experts" not in k}
     experts = {k: v for k, v in experts.items() if "local_experts" in k}
     assert len(experts) == _EXPERTS * 2 * 2  # fc1, fc2 per expert per layer
     assert min(v.abs().sum().item() for v in experts.values()) > 0  # every expert got tokens
-    _assert_close({**experts, **dense}, ref_grads, 1e-5)
+    _assert_close({**experts, **dense}, ref_grads, EXACT)
     needed = [("P5", "CUDA|cuda"), ("P6", "incompatible function arguments")]
     if "P13" in cpu_compat.installed_patches():  # megatron-core < 0.17 only (0.19 defines te_general_gemm = None)
         needed.append(("P13", "te_general_gemm"))
@@ -351,8 +355,8 @@ def test_p7_sequence_parallel_norm_grads_equal_tp1() -> None:
     res = run_ranks(_sp_worker, 2, ())
     assert ref_norms
     for loss, norms in res:
-        assert abs(loss - ref_loss) < 1e-5
-        _assert_close(norms, ref_norms, 1e-5)
+        assert abs(loss - ref_loss) < EXACT
+        _assert_close(norms, ref_norms, EXACT)
     with pytest.raises(RankError, match="sequence parallel not supported"):
         run_ranks(_sp_worker, 2, ("P7",))
 
@@ -362,10 +366,12 @@ def test_p7_sequence_parallel_norm_grads_equal_tp1() -> None:
 # --------------------------------------------------------------------------------------------
 
 _OPT = dict(lr=1e-2, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0)
+# Megatron's optimizer wraps fp32/fp16/bf16 parameters only: the optimizer tests run in fp32.
+_FP32 = dict(params_dtype=torch.float32, pipeline_dtype=torch.float32)
 
 
 def _build_trainable(seed: int) -> tuple:
-    cfg = _config()
+    cfg = _config(**_FP32)
     (model,) = _gpt_chunks(cfg, seed=seed)
     ddp_cfg = DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True)
     ddp = DistributedDataParallel(cfg, ddp_cfg, model)
@@ -400,7 +406,7 @@ def _opt_worker(rank: int, world: int, undo: tuple[str, ...]) -> tuple[dict, dic
 
 def _adamw_reference(init: dict, world: int) -> dict:
     """torch.optim.AdamW on a TP=1 copy, mean loss over the DP ranks' batches, clip 1.0."""
-    model = _gpt_chunks(_config(), seed=1)[0]
+    model = _gpt_chunks(_config(**_FP32), seed=1)[0]
     model.load_state_dict({**model.state_dict(), **init})
     params = dict(model.named_parameters())
     no_wd = [p for n, p in params.items() if n.endswith(".bias") or p.ndim == 1]

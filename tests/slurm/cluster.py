@@ -48,10 +48,14 @@ class LocalSlurm:
         for sub in ("etc", "state", "spool", "run", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         r = self.root
+        ctld_port = free_port()
+        slurmd_port = free_port()
+        while slurmd_port == ctld_port:   # two bind(0) calls in a row may be given the same port
+            slurmd_port = free_port()
         self.conf.write_text(f"""ClusterName=mrpttest
 SlurmctldHost=localhost(127.0.0.1)
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/none

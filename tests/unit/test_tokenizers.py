@@ -286,11 +286,12 @@ def test_tiktokenizer_bad_files(tmp_path):
 
 # ---------------------------------------------------------------- HuggingFaceTokenizer on tiktoken
 
-def _prose():
-    """Real prose when the demo corpus was built in this session, else the module's samples."""
-    import glob
+def _prose(tmp_path_factory):
+    """Real prose when this pytest session built the demo corpus (tests/e2e/test_data_tools.py, run
+    earlier in the suite), else the module's samples; never another session's files."""
     texts = [TEXT] + SAMPLES + ADVERSARIAL
-    for path in glob.glob("/tmp/pytest-of-*/pytest-*/demo_corpus_cache/demo_corpus.jsonl")[:1]:
+    path = tmp_path_factory.getbasetemp() / "demo_corpus_cache" / "demo_corpus.jsonl"
+    if path.is_file():
         with open(path, encoding="utf-8") as f:
             texts += [json.loads(line)["text"] for _, line in zip(range(300), f)]
     return texts
@@ -303,7 +304,7 @@ def _hf_folder(tmp_path, backend, **special):
     return folder
 
 
-def test_hf_gpt2_llama3_style_and_trained_folders_run_on_tiktoken_with_the_reference_ids(tmp_path):
+def test_hf_gpt2_llama3_style_and_trained_folders_run_on_tiktoken_with_the_reference_ids(tmp_path, tmp_path_factory):
     from tokenizers import Regex, Tokenizer as RawTokenizer, pre_tokenizers
     from tokenizers.models import BPE
     vocab, merges = _gpt2_package_files()
@@ -321,7 +322,7 @@ def test_hf_gpt2_llama3_style_and_trained_folders_run_on_tiktoken_with_the_refer
     folders = {"gpt2": _hf_folder(tmp_path / "a", gpt2, eos_token="<|endoftext|>"),
                "llama3-style": _hf_folder(tmp_path / "b", llama, eos_token="<|endoftext|>"),
                "trained": trained}
-    texts = _prose() + ["<|im_start|>user\nhi<|endoftext|>", "x<|endoftext|>y"]
+    texts = _prose(tmp_path_factory) + ["<|im_start|>user\nhi<|endoftext|>", "x<|endoftext|>y"]
     for name, folder in folders.items():
         tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(folder))
         ref = RawTokenizer.from_file(str(folder / "tokenizer.json"))
