@@ -34,6 +34,8 @@ import os
 import threading
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import Iterator, Optional, Sequence
@@ -303,12 +305,12 @@ def encode_chunk(data: bytes) -> ChunkResult:
 
 
 class _Done:
-    """In-process stand-in for an AsyncResult (workers=1)."""
+    """In-process stand-in for a worker's Future (workers=1)."""
 
     def __init__(self, value):
         self._value = value
 
-    def get(self):
+    def result(self):
         return self._value
 
 
@@ -357,7 +359,11 @@ def _run_partition(run: _Run, index: int, segments: list[Segment], writers: dict
 
     def consume() -> None:
         pending, segment, first, consumed, nbytes = inflight.popleft()
-        result = pending.get()
+        try:
+            result = pending.result()
+        except BrokenProcessPool:
+            raise RuntimeError(f"a --workers process died while tokenizing {segment.path} (killed, e.g. out of "
+                               "memory?); nothing was published") from None
         where = []
         # Line numbers only where they are reported (a partition's first line may cost a count).
         if result.bad and (not run.skip_bad_lines or len(run.examples.get(index, ())) < MAX_EXAMPLES):
@@ -415,8 +421,12 @@ def preprocess(inputs: Sequence[str], output_prefix: str, *, tokenizer_type: str
     if workers > 1:
         # Rust tokenizers must not start their own thread pools inside forked workers.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        pool = get_context("fork").Pool(workers, _init_worker, (options,))
-        submit = lambda data: pool.apply_async(encode_chunk, (data,))  # noqa: E731
+        # Not multiprocessing.Pool: a worker that dies leaves its AsyncResult waiting forever, and
+        # Pool.terminate() with tasks in flight can deadlock its task-feeder thread (seen in the test
+        # suite, on the bad-line error path). The executor raises BrokenProcessPool instead.
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_init_worker,
+                                   initargs=(options,))
+        submit = lambda data: pool.submit(encode_chunk, data)  # noqa: E731
     else:
         in_process = threading.Lock()  # partition threads share this process's tokenizer
 
@@ -475,7 +485,7 @@ def preprocess(inputs: Sequence[str], output_prefix: str, *, tokenizer_type: str
         raise
     finally:
         if pool is not None:
-            pool.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)   # at most the in-flight window still runs
         if bar is not None:
             bar.close()
     stats.seconds = time.perf_counter() - run.t0

@@ -241,6 +241,19 @@ def test_merge_errors(tmp_path, spm):
     assert not list(tmp_path.glob("m.*")) and not list(tmp_path.glob("*.tmp"))
 
 
+def _worker_dies(data):
+    os._exit(3)   # as the OOM killer would end a worker: no exception, no result
+
+
+def test_a_dying_worker_is_an_error_not_a_hang(tmp_path, spm, monkeypatch):
+    import megatron_rpt.data.preprocess as pre
+    src = write_jsonl(tmp_path / "a.jsonl", DOCS)
+    monkeypatch.setattr(pre, "encode_chunk", _worker_dies)
+    with pytest.raises(RuntimeError, match=f"a --workers process died while tokenizing {src}"):
+        run([src], tmp_path / "out", spm, workers=2, partitions=2, chunk_bytes=3000)
+    assert not list(tmp_path.glob("out*"))
+
+
 # ---------------------------------------------------------------- partitions, sentences, JSON corner cases
 
 def test_partitions_give_identical_output_and_true_line_numbers(tmp_path, spm):
