@@ -16,7 +16,8 @@ fp32 logit rounding (max |z_fp32 - z_fp64| over every scored row, measured by th
 other side rounds the same arithmetic in another blocking. Hence tol = 4 * S * DELTA (~1e-4 at
 most here; a wrong window, position or weight moves entropies by > 1e-2).
 
-Every model computation runs in a subprocess (the tool, or a reference script), never in pytest.
+Every model computation runs in a child process (the tool, or a reference script; forked by
+tests/cli.py), never in pytest.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.cli import run_python, start_python
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
@@ -118,8 +120,7 @@ WORDS = ("the a cat dog sat on mat and ran x = 1 + 2 {braces} \\frac{a}{b} café
 
 
 def run(*args, check=True, env=None, timeout=300):
-    proc = subprocess.run([str(a) for a in args], cwd=ROOT, env=env or ENV, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = run_python(args, env=env or ENV, timeout=timeout)   # forked, not a fresh interpreter (tests/cli.py)
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
@@ -138,15 +139,14 @@ def build(w, prefix, *extra, check=True, env=None, proxy=None):
 
 
 def start(*argv):
-    """A subprocess started now (the runs are mostly import time: two cores run them side by side)."""
-    return subprocess.Popen([str(a) for a in argv], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    """A run started now (two cores run them side by side)."""
+    return start_python(argv, env=ENV)
 
 
 def finish(proc) -> str:
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-2000:] + err[-3000:]
-    return out
+    r = proc.finish()
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout
 
 
 def records(path) -> list[dict]:

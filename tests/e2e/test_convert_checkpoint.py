@@ -1,7 +1,7 @@
 """tools/convert_checkpoint.py end to end: HF -> Megatron -> HF is bit-exact, transformers loads the
 export with the original logits, an imported checkpoint trains at TP=2 and exports identically.
 
-Random Llama (untied) and Qwen3 (tied) models are created by transformers in subprocesses and saved
+Random Llama (untied) and Qwen3 (tied) models are created by transformers in child processes (forked by tests/cli.py) and saved
 with save_pretrained (no downloads). Every tool runs as users run it.
 """
 
@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.cli import run_python
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
@@ -53,7 +54,7 @@ print(json.dumps({"exact": exact, "diff": diff, "arch": type(mb).__name__}))
 
 
 def run(*args, check=True):
-    proc = subprocess.run([str(a) for a in args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = run_python(args, env=ENV, timeout=300)   # forked, not a fresh interpreter (tests/cli.py)
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc

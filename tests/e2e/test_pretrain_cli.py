@@ -3,11 +3,12 @@
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.cli import run_python
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be "
@@ -16,8 +17,7 @@ TEXT = ("It is a truth universally acknowledged, that a single man in possession
 
 
 def sh(*args, check=True, env=None):
-    proc = subprocess.run([str(a) for a in args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})})
+    proc = run_python(args, env={**os.environ, **(env or {})})   # forked, not a fresh interpreter (tests/cli.py)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
