@@ -11,11 +11,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.cli import run_python
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
@@ -62,7 +63,7 @@ print(json.dumps({"ids": tokens[0, len(prompt):].tolist()}))
 
 
 def run(*args):
-    proc = subprocess.run([str(a) for a in args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = run_python(args, env=ENV, timeout=600)   # forked, not a fresh interpreter (tests/cli.py)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout
 

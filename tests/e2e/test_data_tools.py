@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.cli import run_python
+
 from tests.assets import cl100k_path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,8 +30,7 @@ needs_apt = pytest.mark.skipif(shutil.which("apt-get") is None or shutil.which("
 
 def tool(name: str, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, f"tools/{name}.py", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_python([sys.executable, f"tools/{name}.py", *args], env=env, timeout=300)   # forked (tests/cli.py)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli import run_python
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -50,8 +52,7 @@ def test_pack_unpack_round_trip_and_damage(tmp_path):
 
 
 def run_phase(*argv, out: Path):
-    proc = subprocess.run([sys.executable, "benchmarks/gpu.py", *argv, "--smoke", "--output", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    proc = run_python([sys.executable, "benchmarks/gpu.py", *argv, "--smoke", "--output", out], timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

@@ -2,9 +2,10 @@
 malformed task file is named with its line."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+from tests.cli import run_python
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
@@ -14,8 +15,7 @@ MODEL = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
 
 
 def rpt(*args):
-    return subprocess.run([sys.executable, "-m", "megatron_rpt.train_rpt", *MODEL, *args], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    return run_python([sys.executable, "-m", "megatron_rpt.train_rpt", *MODEL, *args], env=ENV, timeout=300)
 
 
 def test_bad_flags_are_all_reported(tmp_path):

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli import run_python
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -23,7 +25,6 @@ def test_sbatch_scripts_parse_and_their_flags_validate(name, layout):
     text = script.read_text()
     for needed in ("#SBATCH --signal=USR1@", "#SBATCH --requeue", "--exit-signal-handler", "mrpt_run"):
         assert needed in text, f"{name} lacks {needed}"
-    proc = subprocess.run([sys.executable, "examples/slurm/check_flags.py", str(script)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_python([sys.executable, "examples/slurm/check_flags.py", script], timeout=300)   # forked (tests/cli.py)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"layout: {layout}" in proc.stdout
