@@ -180,7 +180,7 @@ class Running:
                 now = time.monotonic()
                 if now > self._deadline:
                     raise subprocess.TimeoutExpired(self.args, self._timeout)
-                if failed_at is not None and now - failed_at > 5:   # as torchrun: a failed rank ends its peers
+                if failed_at is not None and now - failed_at > 1:   # as torchrun: a failed rank ends its peers
                     self.kill()
                 time.sleep(0.02)
         finally:

@@ -1,4 +1,5 @@
-"""Crash safety of checkpointing through the real CLI (torchrun, 2 ranks): SIGKILL at three points of
+"""Crash safety of checkpointing through the CLI (2 ranks with torchrun's environment, forked by
+tests/cli.py; the SIGUSR1 test under torchrun itself, as SLURM signals the ranks): SIGKILL at three points of
 a save (faults.POINTS) leaves the previous checkpoint loadable and marked latest, and the resumed run
 ends with exactly the losses of an uninterrupted run; SIGUSR1 saves and exits cleanly; a corrupt
 latest checkpoint is a clear error, or with --ckpt-fallback-to-previous the previous one is used."""
@@ -10,10 +11,11 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
+
+from tests.cli import run_python
 
 from tests.e2e.test_pretrain_cli import ROOT, losses
 
@@ -31,22 +33,15 @@ def args(ckpt, *extra):
 
 
 def run(argv, env=None, check=True):
-    """Run in a session of its own and, when torchrun is done, kill what is left of the session, as
-    SLURM does at the end of a step: a rank killed by SIGKILL leaves the processes it forked
-    (Megatron-Core's checkpoint writers) behind, and they would hold the output pipes open."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([str(a) for a in argv], cwd=ROOT, stdout=out, stderr=err, text=True,
-                                env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}, start_new_session=True)
-        try:
-            code = proc.wait(timeout=300)
-        finally:
-            _kill_session(proc.pid)
-            _kill_run(argv)
-        out.seek(0)
-        err.seek(0)
-        done = subprocess.CompletedProcess(argv, code, out.read(), err.read())
-    if check and code != 0:
-        raise AssertionError(f"exit {code}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    """The run forked from pytest with torchrun's rank environment (tests/cli.py: each rank in its
+    own process group, ended with whatever it started, as SLURM ends a step); a SIGKILLed rank's
+    orphaned checkpoint writers are killed too (`_kill_run`)."""
+    try:
+        done = run_python(argv, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}, timeout=300)
+    finally:
+        _kill_run(argv)
+    if check and done.returncode != 0:
+        raise AssertionError(f"exit {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done
 
 
@@ -58,8 +53,8 @@ def _kill_session(pid: int) -> None:
 
 
 def _kill_run(argv) -> None:
-    """Kill what is left of a run outside torchrun's session: torchrun starts each rank in a session of its
-    own, so the checkpoint writers a SIGKILLed rank forked (same command line, orphaned) escape
+    """Kill what is left of a torchrun run outside its session: torchrun starts each rank in a session of
+    its own, so the checkpoint writers a SIGKILLed rank forked (same command line, orphaned) escape
     `_kill_session` and idled on after the suite. They are found by the run's unique --save folder."""
     marker = str(argv[argv.index("--save") + 1]).encode()
     for pid in os.listdir("/proc"):
