@@ -25,6 +25,11 @@ demo-rpt: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests
 
+# The suite without the end-to-end, SLURM and external-server tests (marked `slow` in tests/conftest.py):
+# every unit and multi-rank test, a few minutes on 2 cores.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra -m "not slow" tests
+
 clean-demo:
 	rm -rf $(DEMO_DIR)
 

@@ -1,4 +1,7 @@
-"""Suite-wide settings: silence Megatron-Core's expected "no Apex/TE" warnings on CPU machines."""
+"""Suite-wide settings: silence Megatron-Core's expected "no Apex/TE" warnings on CPU machines, and
+mark the end-to-end and cluster tests `slow` (`make test-fast` runs the rest: `-m "not slow"`)."""
+
+from pathlib import Path
 
 _EXPECTED_WARNINGS = (
     "ignore:Transformer Engine and Apex are not installed:UserWarning",
@@ -6,8 +9,19 @@ _EXPECTED_WARNINGS = (
     "ignore:The 'megatron.core.transformer.custom_layers.transformer_engine':DeprecationWarning",
     "ignore:full scope is deprecated:UserWarning",
 )
+_SLOW_FOLDERS = ("e2e", "slurm", "external")   # whole tools, real clusters, real servers
 
 
 def pytest_configure(config):
     for line in _EXPECTED_WARNINGS:
         config.addinivalue_line("filterwarnings", line)
+    config.addinivalue_line("markers", "slow: end-to-end / cluster test (deselected by `make test-fast`)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+    tests = Path(__file__).resolve().parent
+    for item in items:
+        parts = Path(item.fspath).resolve().relative_to(tests).parts
+        if parts and parts[0] in _SLOW_FOLDERS:
+            item.add_marker(pytest.mark.slow)

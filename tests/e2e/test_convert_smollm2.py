@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import run_python
+from tests.cli import start_python
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
@@ -62,24 +62,38 @@ print(json.dumps({"ids": tokens[0, len(prompt):].tolist()}))
 """
 
 
-def run(*args):
-    proc = run_python(args, env=ENV, timeout=600)   # forked, not a fresh interpreter (tests/cli.py)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc.stdout
+def start(*args):
+    return start_python(args, env=ENV, timeout=600)   # forked, not a fresh interpreter (tests/cli.py)
+
+
+def finish(proc) -> str:
+    r = proc.finish()
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def run(*args) -> str:
+    return finish(start(*args))
 
 
 def test_smollm2_imports_generates_like_transformers_and_exports_back(tmp_path):
     hf, ckpt, out = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "out"
-    ref = json.loads(run(sys.executable, "-c", HF_SIDE, hf, PROMPT, NEW_TOKENS).strip().splitlines()[-1])
+    run(sys.executable, "-c", "import sys; from megatron_rpt.convert.offline_models import smollm2_hf_folder; "
+        "smollm2_hf_folder(sys.argv[1])", hf)
+    # Two cores: transformers' generation beside the import, then our greedy decoding beside the export.
+    generate = start(sys.executable, "-c", HF_SIDE, hf, PROMPT, NEW_TOKENS)
+    finish(start(sys.executable, "tools/convert_checkpoint.py", "import", "--hf-dir", hf, "--save", ckpt,
+                 "--no-progress"))
+    export = start(sys.executable, "tools/convert_checkpoint.py", "export", "--load", ckpt, "--output", out,
+                   "--dtype", "fp32", "--no-progress")
+    ref = json.loads(finish(generate).strip().splitlines()[-1])
     assert len(ref["ids"]) == NEW_TOKENS and "Paris" in ref["text"]
-    run(sys.executable, "tools/convert_checkpoint.py", "import", "--hf-dir", hf, "--save", ckpt, "--no-progress")
     config = json.load(open(hf / "config.json"))
     assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"]
     ours = json.loads(run(sys.executable, "-c", MEGATRON_SIDE, ckpt, json.dumps(ref["prompt"]),
                           NEW_TOKENS).strip().splitlines()[-1])
     assert ours["ids"] == ref["ids"]
-    run(sys.executable, "tools/convert_checkpoint.py", "export", "--load", ckpt, "--output", out, "--dtype", "fp32",
-        "--no-progress")
+    finish(export)
     check = ("import sys, torch; from safetensors.torch import load_file; "
              "a = load_file(sys.argv[1] + '/model.safetensors'); b = load_file(sys.argv[2] + '/model.safetensors'); "
              "assert set(a) == set(b), set(a) ^ set(b); "
