@@ -22,6 +22,7 @@ subprocesses.
 
 from __future__ import annotations
 
+import importlib
 import os
 import runpy
 import signal
@@ -53,14 +54,16 @@ def warm_up() -> None:
     import megatron_rpt.pretrain  # noqa: F401
     import megatron_rpt.rpt.tasks  # noqa: F401
     import megatron_rpt.train_rpt  # noqa: F401
-    import importlib
     for name in ("megatron.core", "megatron.core.models.gpt", "megatron.core.models.gpt.gpt_layer_specs",
                  "megatron.core.distributed", "megatron.core.optimizer", "megatron.core.dist_checkpointing",
                  "megatron.core.pipeline_parallel", "megatron.core.datasets.gpt_dataset",
                  "megatron.core.datasets.blended_megatron_dataset_builder",
                  "megatron.core.inference.text_generation_controllers.text_generation_controller",
                  "megatron_rpt.training.checkpointing", "megatron_rpt.training.loop", "megatron_rpt.rpt.loop"):
-        importlib.import_module(name)   # megatron_rpt imports Megatron-Core lazily, inside functions
+        try:   # megatron_rpt imports Megatron-Core lazily, inside functions
+            importlib.import_module(name)
+        except ImportError:   # a module another megatron-core version lacks: the child imports what it needs
+            pass
     import transformers
     for name in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "AutoTokenizer"):
         getattr(transformers, name)   # resolve transformers' lazy modules now, not in every child
