@@ -25,8 +25,8 @@ demo-rpt: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests
 
-# The suite without the end-to-end, SLURM and external-server tests (marked `slow` in tests/conftest.py):
-# every unit and multi-rank test, a few minutes on 2 cores.
+# The suite without the tests marked `slow` (tests/conftest.py: end-to-end, SLURM, external servers, fresh
+# interpreters): every other unit and multi-rank test, about 6 minutes on 2 cores.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow" tests
 

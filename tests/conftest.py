@@ -1,5 +1,6 @@
 """Suite-wide settings: silence Megatron-Core's expected "no Apex/TE" warnings on CPU machines, and
-mark the end-to-end and cluster tests `slow` (`make test-fast` runs the rest: `-m "not slow"`)."""
+mark the end-to-end and cluster tests `slow` (`make test-fast` runs the rest: `-m "not slow"`;
+unit tests that start a fresh interpreter or a server carry `@pytest.mark.slow` themselves)."""
 
 from pathlib import Path
 
@@ -15,7 +16,8 @@ _SLOW_FOLDERS = ("e2e", "slurm", "external")   # whole tools, real clusters, rea
 def pytest_configure(config):
     for line in _EXPECTED_WARNINGS:
         config.addinivalue_line("filterwarnings", line)
-    config.addinivalue_line("markers", "slow: end-to-end / cluster test (deselected by `make test-fast`)")
+    config.addinivalue_line("markers", "slow: end-to-end / cluster test, or one that starts a fresh interpreter or "
+                                       "a server (deselected by `make test-fast`)")
 
 
 def pytest_collection_modifyitems(config, items):

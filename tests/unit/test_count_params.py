@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from megatron_rpt.config import parse_args
 from megatron_rpt.models.flops import count_parameters, training_flops_per_token
 
@@ -31,6 +33,7 @@ def test_moe_parameters_and_flops_by_hand():
     assert dense.active == dense.total
 
 
+@pytest.mark.slow   # a fresh interpreter
 def test_cli_prints_the_library_numbers_and_the_paper_sizes():
     out = subprocess.run([sys.executable, "tools/count_params.py", "--model-preset", "moe-10b-a0.5b", "--json"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)

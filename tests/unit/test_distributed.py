@@ -336,6 +336,7 @@ def test_seed_rejects_negative():
         dist.set_random_seed(-1)
 
 
+@pytest.mark.slow   # a fresh interpreter
 def test_seed_on_cpu_without_platform_says_what_to_do():
     """In a fresh interpreter (the suite's own process has the platform set up already)."""
     import subprocess

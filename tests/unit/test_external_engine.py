@@ -160,6 +160,7 @@ def _assert_serves(engine, ref, model):
 
 
 # ---- generation ---------------------------------------------------------------------------------
+@pytest.mark.slow   # a fresh interpreter / server process
 def test_greedy_rollouts_equal_transformers(env):
     engine = OpenAICompatibleEngine(env["url"])
     k = 12
@@ -173,6 +174,7 @@ def test_greedy_rollouts_equal_transformers(env):
     engine.close()
 
 
+@pytest.mark.slow   # a fresh interpreter / server process
 def test_sampled_rollouts_n_seed_and_raw_logprobs(env):
     engine = OpenAICompatibleEngine(env["url"], max_inflight=2)
     s = SamplingConfig(max_new_tokens=8, temperature=0.7, top_p=0.9, top_k=20, seed=3, stop_at_eod=False)
@@ -190,6 +192,7 @@ def test_sampled_rollouts_n_seed_and_raw_logprobs(env):
     engine.close()
 
 
+@pytest.mark.slow   # a fresh interpreter / server process
 def test_eod_finishes_and_max_tokens_cuts(env):
     k = 10
     greedy = env["ref"](env["a"], greedy=[[p, k] for p in PROMPTS])["greedy"]
@@ -205,6 +208,7 @@ def test_eod_finishes_and_max_tokens_cuts(env):
     assert out.tokens == g and not out.finished
 
 
+@pytest.mark.slow   # a fresh interpreter / server process
 def test_server_side_errors_name_the_url(env):
     engine = OpenAICompatibleEngine(env["url"], max_retries=0)
     with pytest.raises(RolloutError, match=rf"{env['url']}/v1/completions: HTTP 400.*token ids must be"):
@@ -309,6 +313,7 @@ def test_retries_then_unreachable(fake):
 
 
 # ---- weight reloads -----------------------------------------------------------------------------
+@pytest.mark.slow   # a fresh interpreter / server process
 def test_reload_protocols_switch_weights(env, tmp_path):
     ref, a, b = env["ref"], env["a"], env["b"]
     sglang = OpenAICompatibleEngine(env["url"], reload="sglang")
@@ -336,6 +341,7 @@ def test_reload_protocols_switch_weights(env, tmp_path):
         sglang.load_folder(a)
 
 
+@pytest.mark.slow   # a fresh interpreter / server process
 def test_sync_weights_from_megatron_checkpoint(env, tmp_path):
     ckpt, sync_dir = str(tmp_path / "ckpt"), str(tmp_path / "sync")
     subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"), "import", "--hf-dir",
@@ -360,6 +366,7 @@ def test_sync_weights_from_megatron_checkpoint(env, tmp_path):
         engine.load_folder(env["a"])
 
 
+@pytest.mark.slow   # a fresh interpreter / server process
 def test_restart_protocol(env):
     port = free_port()
     cmd = [sys.executable, SERVER, "--model", "{model_path}", "--port", str(port), "--threads", "1"]

