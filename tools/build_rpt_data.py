@@ -113,4 +113,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # --proxy-load runs a 1-rank gloo group: leave without the teardown that can abort (exit_without_teardown)
+    from megatron_rpt.distributed import exit_without_teardown
+    exit_without_teardown(main())

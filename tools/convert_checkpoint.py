@@ -17,7 +17,6 @@ Library code: megatron_rpt.convert.checkpoint.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -79,16 +78,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def _exit(code: int) -> None:
-    """Leave without interpreter teardown once the outputs are complete (files written, renamed,
-    fsynced). After the 1-rank gloo group is destroyed its C++ worker threads (pt_gloo_runloop,
-    gloo_tcp_loop) outlive every Python reference, and libtorch's static destructors at exit
-    aborted the process ("terminate called without an active exception", exit 134) in ~1 of 12
-    runs of a finished conversion (torch 2.13, gloo)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    _exit(main())
+    from megatron_rpt.distributed import exit_without_teardown
+    exit_without_teardown(main())

@@ -315,12 +315,16 @@ class OpenAICompatibleEngine(RolloutEngine):
     def export(self, checkpoint_dir: str, iteration: int, folder: str) -> None:
         """checkpoint -> HF folder, in a child process (see the module docstring)."""
         os.makedirs(os.path.dirname(folder), exist_ok=True)
+        # The child leaves without interpreter teardown once the folder is published (gloo's threads can
+        # abort it at exit: distributed.exit_without_teardown; seen once in the suite, exit -6).
         code = ("import json, sys\n"
                 "from megatron_rpt.convert.checkpoint import export_hf\n"
+                "from megatron_rpt.distributed import exit_without_teardown\n"
                 "a = json.loads(sys.argv[1])\n"
                 "r = export_hf(a['load'], a['output'], dtype=a['dtype'], iteration=a['iteration'], force=True,"
                 " progress=False)\n"
-                "print('MRPT_EXPORT ' + json.dumps({k: r[k] for k in ('path', 'iteration') if k in r}))\n")
+                "print('MRPT_EXPORT ' + json.dumps({k: r[k] for k in ('path', 'iteration') if k in r}))\n"
+                "exit_without_teardown(0)\n")
         args = json.dumps({"load": checkpoint_dir, "output": folder, "dtype": self.export_dtype,
                            "iteration": iteration})
         try:
