@@ -281,7 +281,7 @@ def score_windows(proxy, windows: Sequence[Window], batch_size: int, pad_id: int
         buckets.setdefault(max(length, len(w.tokens)), []).append(i)
     out: list[list[float]] = [[] for _ in windows]
     # output-layer chunk: ~128 MB of logits
-    rows_per_head = max(1, 2**27 // (max(proxy.vocab_size, 1) * torch.finfo(PROXY_DTYPES[proxy.dtype]).bits // 8))
+    rows_per_head = max(1, 2**27 // (max(proxy.vocab_size, 1) * PROXY_DTYPES[proxy.dtype].itemsize))
     for length in sorted(buckets):
         members = buckets[length]
         for b in range(0, len(members), batch_size):

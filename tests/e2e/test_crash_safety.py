@@ -16,7 +16,6 @@ import time
 import pytest
 
 from tests.cli import run_python
-
 from tests.e2e.test_pretrain_cli import ROOT, losses
 
 ITERS = 6
@@ -34,12 +33,9 @@ def args(ckpt, *extra):
 
 def run(argv, env=None, check=True):
     """The run forked from pytest with torchrun's rank environment (tests/cli.py: each rank in its
-    own process group, ended with whatever it started, as SLURM ends a step); a SIGKILLed rank's
-    orphaned checkpoint writers are killed too (`_kill_run`)."""
-    try:
-        done = run_python(argv, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}, timeout=300)
-    finally:
-        _kill_run(argv)
+    own process group, ended with whatever it started, e.g. a SIGKILLed rank's orphaned checkpoint
+    writers, as SLURM ends a step)."""
+    done = run_python(argv, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}, timeout=300)
     if check and done.returncode != 0:
         raise AssertionError(f"exit {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done
@@ -50,25 +46,6 @@ def _kill_session(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _kill_run(argv) -> None:
-    """Kill what is left of a torchrun run outside its session: torchrun starts each rank in a session of
-    its own, so the checkpoint writers a SIGKILLed rank forked (same command line, orphaned) escape
-    `_kill_session` and idled on after the suite. They are found by the run's unique --save folder."""
-    marker = str(argv[argv.index("--save") + 1]).encode()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if marker in cmdline:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
 
 
 @pytest.fixture(scope="module")
