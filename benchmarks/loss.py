@@ -8,7 +8,8 @@ the same run on the same inputs:
                   for fp32 logits; Megatron's function overwrites its fp32 input in place)
   mcore_fused_ce  CUDA only, when importable: ``megatron.core.fusions.fused_cross_entropy.
                   fused_vocab_parallel_cross_entropy(logits.float(), target, tp_group)``
-  ours_ce         ``megatron_rpt.loss.generalized_vocab_parallel_loss`` at zero settings (= CE)
+  ours_ce         ``megatron_rpt.loss.generalized_vocab_parallel_loss`` at zero settings (= CE), called
+                  with ``overwrite_logits=True`` as the training step's per-token head calls it
   ours_beta       beta=-0.25
   ours_low        lambda_low=-0.1, top_k=100
   ours_full       beta=-0.25, lambda_high=0.1, lambda_low=-0.1, top_k=100
@@ -57,17 +58,12 @@ import datetime
 import gc
 import hashlib
 import json
-import multiprocessing as mp
 import os
-import pickle
-import resource
 import shlex
 import statistics
 import sys
 import time
-import traceback
 from datetime import timedelta
-from multiprocessing.connection import wait
 from pathlib import Path
 
 import machine  # benchmarks/machine.py
@@ -195,7 +191,7 @@ class _Ctx:
             return lambda z, t: (fused_vocab_parallel_cross_entropy(z.float(), t, self.tp_group), None)
         from megatron_rpt.loss import generalized_vocab_parallel_loss
 
-        kw = dict(METHODS[name])
+        kw = dict(METHODS[name], overwrite_logits=True)    # as the training step's head calls it
         if self.spec.get("chunk_tokens"):
             kw["chunk_tokens"] = self.spec["chunk_tokens"]
         if kw.pop("stats", False):
@@ -356,7 +352,6 @@ def _job_time(ctx: _Ctx) -> dict:
 
 
 def _job_mem(ctx: _Ctx) -> dict:
-    torch = _torch()
     m = ctx.spec["method"]
     fn = ctx.method_fn(m)
     # warm-up on a few tokens: loads code paths, starts threads, sets up gloo buffers
@@ -369,27 +364,11 @@ def _job_mem(ctx: _Ctx) -> dict:
     gc.collect()
     ctx.barrier()
     out = {"method": m, "logits_bytes": z.numel() * z.element_size()}
-    if ctx.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(ctx.device)
-        before = torch.cuda.memory_allocated(ctx.device)
-        loss, grad, st = _step(fn, z, target, gout)
-        ctx.sync()
-        out.update(extra_bytes=torch.cuda.max_memory_allocated(ctx.device) - before, method_used="cuda_allocator")
-    else:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            reset = True
-        except OSError:
-            reset = False
-        rss0 = machine.status_kb("VmRSS")
-        maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        loss, grad, st = _step(fn, z, target, gout)
-        peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, machine.status_kb("VmHWM"))
-        out.update(extra_bytes=(peak - rss0) * 1024, rss_before_bytes=rss0 * 1024, peak_rss_bytes=peak * 1024,
-                   hwm_reset=reset, method_used="rss")
-        if not reset and maxrss0 > rss0:
-            out["contaminated"] = True    # an earlier peak may hide this one
+    meter = machine.PeakMemory(ctx.device)
+    meter.start()
+    loss, grad, st = _step(fn, z, target, gout)
+    ctx.sync()
+    out.update(meter.stop())
     del loss, grad, st
     return out
 
@@ -467,61 +446,26 @@ def _phase_times(ctx: _Ctx, fn, pristine, target, gout, runs: int = 3) -> dict:
 _JOBS = {"time": _job_time, "mem": _job_mem, "profile": _job_profile}
 
 
-def _fix_mmap_threshold() -> bool:
-    """glibc: serve every allocation >= 64 KiB by mmap and return it on free (no dynamic threshold),
-    so that RSS follows the bytes actually live instead of what the heap retains."""
-    try:
-        import ctypes
+def _rank_job(rank: int, world: int, port: int, spec: dict) -> dict:
+    """One rank of a job (machine.run_ranks): platform, gloo/NCCL group, TP = world, then the job."""
+    from megatron_rpt.platform import setup_platform
 
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024))   # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
+    plat = setup_platform(force_cpu=spec["device"] == "cpu")
+    torch = _torch()
+    if spec["device"] == "cpu":
+        from megatron_rpt.platform.cpu_compat import ensure_device_mode
 
+        ensure_device_mode()
+        torch.set_num_threads(spec["threads"])
+    else:
+        torch.cuda.set_device(rank)
+    torch.distributed.init_process_group(plat.backend, rank=rank, world_size=world,
+                                         init_method=f"tcp://127.0.0.1:{port}",
+                                         timeout=timedelta(seconds=spec["timeout"]))
+    from megatron.core import parallel_state
 
-def _worker(rank: int, world: int, port: int, spec: dict, conn) -> None:
-    status = 0
-    try:
-        malloc_fixed = spec.get("malloc") == "fixed" and _fix_mmap_threshold()
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                          LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
-        from megatron_rpt.platform import setup_platform
-
-        plat = setup_platform(force_cpu=spec["device"] == "cpu")
-        torch = _torch()
-        if spec["device"] == "cpu":
-            from megatron_rpt.platform.cpu_compat import ensure_device_mode
-
-            ensure_device_mode()
-            torch.set_num_threads(spec["threads"])
-        else:
-            torch.cuda.set_device(rank)
-        torch.distributed.init_process_group(plat.backend, rank=rank, world_size=world,
-                                             init_method=f"tcp://127.0.0.1:{port}",
-                                             timeout=timedelta(seconds=spec["timeout"]))
-        from megatron.core import parallel_state
-
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
-        result = _JOBS[spec["job"]](_Ctx(spec, rank, world))
-        if spec["job"] == "mem":
-            result["malloc_fixed"] = malloc_fixed
-        conn.send_bytes(pickle.dumps(("ok", result)))
-    except BaseException:  # noqa: BLE001 - everything goes back to the parent
-        status = 1
-        try:
-            conn.send_bytes(pickle.dumps(("err", traceback.format_exc())))
-        except Exception:  # noqa: BLE001
-            pass
-    finally:
-        try:
-            torch = _torch()
-            if torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
-        except Exception:  # noqa: BLE001
-            pass
-        conn.close()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+    return _JOBS[spec["job"]](_Ctx(spec, rank, world))
 
 
 # =============================================================================================
@@ -530,50 +474,7 @@ def _worker(rank: int, world: int, port: int, spec: dict, conn) -> None:
 
 def run_ranks(spec: dict, world: int) -> list:
     """Run one job on `world` fresh rank processes; results ordered by rank (RuntimeError on failure)."""
-    from megatron_rpt.distributed import free_port
-    ctx = mp.get_context("fork" if spec["device"] == "cpu" else "spawn")
-    port = free_port()
-    procs, conns = [], {}
-    for rank in range(world):
-        parent_end, child_end = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_worker, args=(rank, world, port, spec, child_end))
-        p.start()
-        child_end.close()
-        procs.append(p)
-        conns[parent_end] = rank
-    results, error = {}, None
-    deadline = time.monotonic() + spec["timeout"]
-    try:
-        pending = dict(conns)
-        while pending and error is None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                error = f"timeout after {spec['timeout']} s"
-                break
-            for c in wait(list(pending), timeout=left):
-                rank = pending.pop(c)
-                try:
-                    kind, value = pickle.loads(c.recv_bytes())
-                except EOFError:
-                    error = f"rank {rank} died (exit code {procs[rank].exitcode})"
-                    break
-                if kind == "err":
-                    error = f"rank {rank} raised:\n{value}"
-                    break
-                results[rank] = value
-    finally:
-        for p in procs:
-            if error is not None and p.is_alive():
-                p.kill()
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-                p.join()
-        for c in conns:
-            c.close()
-    if error is not None:
-        raise RuntimeError(f"{spec['job']} job {spec.get('method', '')} failed: {error}")
-    return [results[r] for r in range(world)]
+    return machine.run_ranks(_rank_job, spec, world, name=f"{spec['job']} job {spec.get('method', '')}")
 
 
 def _environment() -> dict:
@@ -684,7 +585,8 @@ def _markdown(doc: dict) -> str:
             f"at the end {doc['load_average_1m']['end']:.1f} (this benchmark keeps about `cores` busy by itself)",
             ""]
     out += ["Methods:", ""] + [f"- `{m}`: {METHOD_TEXT[m]}" for m in st["methods"]]
-    out += [f"- our loss: impl='auto' (torch path on CPU), inplace_backward=True, chunk_tokens="
+    out += [f"- our loss: impl='auto' (torch path on CPU), overwrite_logits=True (as the model's per-token head calls "
+            "it in training: fp32 logits are overwritten with exp(z - m), then the gradient), inplace_backward=True, chunk_tokens="
             + (str(st["chunk_tokens"]) if st.get("chunk_tokens") else "default (16 MiB of fp32 per temporary)"), ""]
     out += ["How it was measured:", "",
             f"- Time: forward + backward (`loss = fn(logits, target)`; `torch.autograd.grad(loss, logits, grad_output)`, "

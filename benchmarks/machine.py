@@ -112,3 +112,156 @@ def rerender(json_path: Path, render, notes: list[str]) -> Path:
           else Path(f"{json_path}.md"))
     _write_atomic(md, render(doc))
     return md
+
+
+# ---------------------------------------------------------------------------------------------
+# Fresh rank processes and peak memory (shared by loss.py and train_step.py)
+# ---------------------------------------------------------------------------------------------
+
+def fix_mmap_threshold() -> bool:
+    """glibc: serve every allocation >= 64 KiB by mmap and return it on free (no dynamic threshold),
+    so that RSS follows the bytes actually live instead of what the heap retains."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024))   # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+class PeakMemory:
+    """Peak memory of a region of code over what was resident at `start()`.
+
+    CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory_allocated at
+    the start. CPU: the kernel's peak-RSS mark is reset (/proc/self/clear_refs = 5), VmRSS is read,
+    and the peak is max(ru_maxrss, VmHWM): page- and allocator-granular (differences below ~1 MiB
+    are noise); `contaminated` when the mark could not be reset and an earlier peak may hide this one.
+    """
+
+    def __init__(self, device):
+        self.device = device
+
+    def start(self) -> None:
+        import resource
+
+        import torch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.reset = True
+        except OSError:
+            self.reset = False
+        self.before = status_kb("VmRSS") * 1024
+        self.maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def stop(self) -> dict:
+        """{"extra_bytes", "method_used", ...}: the peak since start() minus the bytes resident then."""
+        import resource
+
+        import torch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return {"extra_bytes": torch.cuda.max_memory_allocated(self.device) - self.before,
+                    "before_bytes": self.before, "method_used": "cuda_allocator"}
+        peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, status_kb("VmHWM")) * 1024
+        out = {"extra_bytes": peak - self.before, "before_bytes": self.before, "rss_before_bytes": self.before,
+               "peak_rss_bytes": peak,
+               "hwm_reset": self.reset, "method_used": "rss"}
+        if not self.reset and self.maxrss0 > self.before:
+            out["contaminated"] = True
+        return out
+
+
+def _rank_process(fn, rank: int, world: int, port: int, spec: dict, conn) -> None:
+    import os
+    import pickle
+    import sys
+    import traceback
+    status = 0
+    try:
+        malloc_fixed = spec.get("malloc") == "fixed" and fix_mmap_threshold()
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                          LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+        result = fn(rank, world, port, spec)
+        if isinstance(result, dict) and "malloc" in spec:
+            result["malloc_fixed"] = malloc_fixed
+        conn.send_bytes(pickle.dumps(("ok", result)))
+    except BaseException:  # noqa: BLE001 - everything goes back to the parent
+        status = 1
+        try:
+            conn.send_bytes(pickle.dumps(("err", traceback.format_exc())))
+        except Exception:  # noqa: BLE001
+            pass
+    finally:
+        try:
+            import torch
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+        conn.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+
+def run_ranks(fn, spec: dict, world: int, *, name: str = "job") -> list:
+    """Run fn(rank, world, port, spec) in `world` fresh processes (forked on CPU, spawned for CUDA:
+    spec["device"]) with the torchrun environment set (MASTER_ADDR/PORT, RANK, WORLD_SIZE, ...);
+    spec["malloc"] == "fixed" fixes glibc's mmap threshold first (`fix_mmap_threshold`). Returns
+    the results ordered by rank; RuntimeError naming the rank on an exception, a death or
+    spec["timeout"] seconds passing (every rank is then killed)."""
+    import multiprocessing as mp
+    import pickle
+    import time
+    from multiprocessing.connection import wait
+
+    from megatron_rpt.distributed import free_port
+    ctx = mp.get_context("fork" if spec.get("device", "cpu") == "cpu" else "spawn")
+    port = free_port()
+    procs, conns = [], {}
+    for rank in range(world):
+        parent_end, child_end = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_rank_process, args=(fn, rank, world, port, spec, child_end))
+        p.start()
+        child_end.close()
+        procs.append(p)
+        conns[parent_end] = rank
+    results, error = {}, None
+    deadline = time.monotonic() + spec["timeout"]
+    try:
+        pending = dict(conns)
+        while pending and error is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                error = f"timeout after {spec['timeout']} s"
+                break
+            for c in wait(list(pending), timeout=left):
+                rank = pending.pop(c)
+                try:
+                    kind, value = pickle.loads(c.recv_bytes())
+                except EOFError:
+                    error = f"rank {rank} died (exit code {procs[rank].exitcode})"
+                    break
+                if kind == "err":
+                    error = f"rank {rank} raised:\n{value}"
+                    break
+                results[rank] = value
+    finally:
+        for p in procs:
+            if error is not None and p.is_alive():
+                p.kill()
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for c in conns:
+            c.close()
+    if error is not None:
+        raise RuntimeError(f"{name} failed: {error}")
+    return [results[r] for r in range(world)]

@@ -3,8 +3,14 @@
 Every function has the signature of Megatron-Core's vocab-parallel cross-entropy:
 ``fn(vocab_parallel_logits [s, b, V/TP], target [s, b]) -> per-token loss [s, b]`` with autograd,
 computed over the tensor-parallel group, plus an optional ``stats`` dict that receives per-token
-distribution metrics (`STAT_NAMES`) where the loss can compute them. The training step only ever calls `get_loss_function`,
-so the generalized beta/lambda loss registers here and drops in without touching the loop.
+distribution metrics (`STAT_NAMES`) where the loss can compute them. The training step only ever
+calls `get_loss_function`, so the generalized beta/lambda loss registers here and drops in without
+touching the loop.
+
+The training step runs the function as the model's per-token head (`models.gpt.token_head`) on the
+output layer's logits, in the model's dtype, which the loss then owns, as Megatron-Core's
+cross-entropy owns them: it may overwrite them (fp32 logits: with exp(z - m) in forward, then the
+gradient), so nothing of size [s, b, V/TP] is copied.
 """
 
 from __future__ import annotations
@@ -52,8 +58,8 @@ def _cross_entropy(cfg: RunConfig, vocab_size: int) -> LossFn:
     """Megatron-Core's own vocab-parallel cross-entropy (the baseline; no distribution stats)."""
     def loss(vocab_parallel_logits: torch.Tensor, target: torch.Tensor, *, stats: Optional[dict] = None):
         from megatron.core import tensor_parallel  # lazily: the platform layer comes first
-        # fp32 math whatever the logits dtype, as Megatron-LM does for the LM loss.
-        return tensor_parallel.vocab_parallel_cross_entropy(vocab_parallel_logits.float(), target)
+        # what GPTModel.compute_language_model_loss calls (it upcasts bf16 logits to fp32 itself)
+        return tensor_parallel.vocab_parallel_cross_entropy(vocab_parallel_logits, target)
     return loss
 
 
@@ -65,5 +71,6 @@ def _generalized(cfg: RunConfig, vocab_size: int) -> LossFn:
     def loss(vocab_parallel_logits: torch.Tensor, target: torch.Tensor, *, stats: Optional[dict] = None):
         return generalized_vocab_parallel_loss(
             vocab_parallel_logits, target, beta=c.loss_beta, lambda_high=c.loss_lambda_high,
-            lambda_low=c.loss_lambda_low, top_k=c.loss_topk, vocab_size=vocab_size, stats=stats)
+            lambda_low=c.loss_lambda_low, top_k=c.loss_topk, vocab_size=vocab_size, stats=stats,
+            overwrite_logits=True)
     return loss

@@ -15,17 +15,22 @@ Top-k ties: K is the k largest logits, ties at the k-th value broken by the LOWE
 id (the order of a stable descending sort), so K is deterministic and independent of the
 tensor-parallel size. It is computed exactly without gathering logits: every rank's k largest
 logits contain all of its members of the global top-k, and a window's tie count is exact whenever
-it matters for the tie quota (see `_topk_plan`).
+it matters for the tie quota (see `_topk_plan`). The forward keeps each rank's members of K as
+column indices ([N, <= k], `_topk_members`); the backward gives every real entry lambda_low in its
+one pass and rewrites the members by scatter (O(N k)), never comparing logits again.
 
 Collectives (tensor-parallel group; forward only, backward communicates nothing):
   1. an all-gather of each rank's local top-k logits plus the max of its padded entries, [N, k'+1]
      fp32 (when no top-k is needed: an all-reduce MAX of the row max, [N]);
   2. one all-reduce SUM of packed per-token partial sums, [N, <=8] fp32.
-Kept for backward: the logits themselves (no copy) and O(N) per-token scalars. Backward recomputes
-the softmax chunk by chunk and, for non-leaf logits, writes the gradient into the logits' own
-storage (Megatron's cross-entropy overwrites its input already in forward); autograd's version
-counter makes any later use of the overwritten logits by a saved-tensor consumer an error. Peak
-memory is therefore the logits plus one chunk of fp32 temporaries.
+Kept for backward: the logits' storage (no copy), O(N) per-token scalars and the O(N k) member
+indices. Memory, as Megatron's cross-entropy: with `overwrite_logits` (how the model's per-token
+head calls it) fp32 logits are overwritten with exp(z - m) in forward and with the gradient in
+backward, so no [N, V] temporary exists (one chunk only while entropy statistics are computed);
+otherwise the logits are only read in forward, the backward recomputes exp(z - m) chunk by chunk
+and, for non-leaf logits, writes the gradient into their storage (bf16/fp16 logits always take
+this path: exp(z - m) in bf16 would lose the precision the fp32 math keeps). Autograd's version
+counter makes any later use of overwritten logits by a saved-tensor consumer an error.
 
 All elementwise math is fp32 (bf16/fp16 logits are upcast one chunk at a time); the per-token
 scalars (w, W, pi(K), pi(T)) are computed in float64 so that w stays finite when pi(x) rounds to 0
@@ -139,10 +144,9 @@ def _chunks(n: int, v: int, chunk_tokens: Optional[int]):
         yield slice(lo, min(n, lo + step))
 
 
-def row_sums_torch(z: torch.Tensor, m: torch.Tensor, x_local: torch.Tensor, t: Optional[torch.Tensor],
-                   *, n_real: int, zero_target: bool, want_entropy: bool,
-                   chunk_tokens: Optional[int] = None) -> torch.Tensor:
-    """Per-row partial sums of one shard: returns [N, 7] (compute dtype) with columns
+def row_sums_torch(z: torch.Tensor, m: torch.Tensor, x_local: torch.Tensor, *, n_real: int, zero_target: bool,
+                   want_entropy: bool, overwrite: bool = False, chunk_tokens: Optional[int] = None) -> torch.Tensor:
+    """Per-row partial sums of one shard: returns [N, 6] (compute dtype) with columns
 
     0 sum_e    sum_j exp(z_j - m) over the shard (the target's term left out when zero_target)
     1 e_x      exp(z_x - m) on the row's owner shard, else 0
@@ -150,37 +154,37 @@ def row_sums_torch(z: torch.Tensor, m: torch.Tensor, x_local: torch.Tensor, t: O
     3 zx       z_x on the owner, else 0
     4 pad_e    sum of exp(z_j - m) over padded entries (j >= n_real)
     5 ent_dot  sum_j exp(z_j - m) * (z_j - m), target included (0 unless want_entropy)
-    6 eq_before_x  on the owner: number of real entries with z == t before x in the shard (0 if t is None)
+
+    `overwrite` (fp32 z only): z itself receives e_j = exp(z_j - m) (0 at the target when
+    zero_target), as Megatron's cross-entropy overwrites its input; no [N, V] scratch is needed
+    then except one chunk when want_entropy. Otherwise z is only read.
     """
     n, v = z.shape
     cd = compute_dtype(z)
-    out = torch.zeros(n, 7, dtype=cd, device=z.device)
+    if overwrite and z.dtype != cd:
+        raise ValueError(f"row_sums_torch: overwrite needs {cd} logits, got {z.dtype}")
+    out = torch.zeros(n, 6, dtype=cd, device=z.device)
     if n == 0:
         return out
     ws = _Workspace(_chunk_rows(n, v, chunk_tokens), v, z.device)
     for rows in _chunks(n, v, chunk_tokens):
-        lo, c = rows.start, rows.stop - rows.start
+        c = rows.stop - rows.start
         zc = z[rows]
         xl = x_local[rows]
         own = xl >= 0
         idx = xl.clamp(min=0)[:, None]
         zx = torch.where(own, zc.gather(1, idx)[:, 0].to(cd), 0.0)
-        d = ws.get("d", cd, c)
-        torch.sub(zc, m[rows, None], out=d)                # == z.float() - m, rounded once
+        if overwrite:
+            d = zc.sub_(m[rows, None])
+        else:
+            d = torch.sub(zc, m[rows, None], out=ws.get("d", cd, c))    # == z.float() - m, rounded once
         zx_m = torch.where(own, d.gather(1, idx)[:, 0], 0.0)
-        if t is not None:
-            tr = t[rows]
-            tie = own & (zx == tr) & (xl > 0)
-            if bool(tie.any()):
-                sel = tie.nonzero()[:, 0]
-                before = torch.arange(v, device=z.device)[None, :] < xl[sel, None]
-                eq = (zc[sel, :n_real].to(cd) == tr[sel, None]) & before[:, :n_real]
-                out[lo + sel, 6] = eq.sum(-1).to(cd)
         if want_entropy:
-            e = ws.get("e", cd, c)
-            torch.exp(d, out=e)
-            ed = ws.get("ed", cd, c)
-            out[rows, 5] = torch.mul(e, d, out=ed).sum(-1)
+            e = torch.exp(d, out=ws.get("e", cd, c))
+            # row-wise dot products without an [c, V] product temporary
+            out[rows, 5] = torch.bmm(e.unsqueeze(1), d.unsqueeze(2)).view(c)
+            if overwrite:
+                e = zc.copy_(e)
         else:
             e = d.exp_()
         e_x = torch.where(own, e.gather(1, idx)[:, 0], 0.0)
@@ -196,24 +200,36 @@ def row_sums_torch(z: torch.Tensor, m: torch.Tensor, x_local: torch.Tensor, t: O
     return out
 
 
-def _lowest_ties(zr: torch.Tensor, tr: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
-    """[r, V] bool: per row the first `quota` entries equal to `tr`, in index order."""
-    eq = zr == tr[:, None]
-    return eq & (eq.cumsum(-1, dtype=torch.int32) <= quota[:, None])
+def scatter_topk_grad(z_k: torch.Tensor, out: torch.Tensor, k_idx: torch.Tensor, k_mask: torch.Tensor,
+                      x_local: torch.Tensor, m: torch.Tensor, s: torch.Tensor, big_w: torch.Tensor, g: torch.Tensor,
+                      lambda_high: float, *, z_is_exp: bool) -> None:
+    """out[i, k_idx[i, j]] = g_i * pi * (W_i - lambda_high) where k_mask[i, j], except at the target
+    (lambda 0 there): the top-k members' gradient over a bulk pass that gave every real non-target
+    entry lambda_low. `z_k` = the logits (or, with z_is_exp, exp(z - m)) at k_idx, read before the
+    bulk pass overwrote them. O(N k) work, nothing of size [N, V]."""
+    rows, slots = (k_mask & (k_idx != x_local[:, None])).nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return
+    cd = m.dtype
+    zk = z_k[rows, slots].to(cd)
+    pi = (zk if z_is_exp else torch.exp(zk - m[rows])) / s[rows]
+    out[rows, k_idx[rows, slots]] = (pi * (big_w[rows] - lambda_high) * g[rows]).to(out.dtype)
 
 
 def write_grad_torch(z: torch.Tensor, out: torch.Tensor, m: torch.Tensor, s: torch.Tensor, big_w: torch.Tensor,
-                     w: torch.Tensor, g: torch.Tensor, x_local: torch.Tensor, *, n_real: int,
-                     lambda_high: float, lambda_low: float, t: Optional[torch.Tensor],
-                     q_local: Optional[torch.Tensor], partial: Optional[torch.Tensor],
+                     w: torch.Tensor, g: torch.Tensor, x_local: torch.Tensor, e_x: torch.Tensor, *, n_real: int,
+                     lambda_high: float, lambda_low: float, k_idx: Optional[torch.Tensor] = None,
+                     k_mask: Optional[torch.Tensor] = None, z_is_exp: bool = False,
                      chunk_tokens: Optional[int] = None) -> None:
-    """out[i, j] = g_i * (pi_ij * (W_i - lam_ij) - w_i * 1[j = x_i]), pi recomputed from z, m, s.
+    """out[i, j] = g_i * (pi_ij * (W_i - lam_ij) - w_i * 1[j = x_i]), pi = exp(z - m) / s.
 
-    lam_ij = lambda_high for real j in the row's top-k set, lambda_low for the other real j, and 0
-    for j = x_i and padded j. The top-k set on this shard is {z > t} plus the first q_local entries
-    equal to t (in index order); `partial` marks rows where that prefix rule is needed (else all
-    ties are in). `out` may be `z` itself (in-place: each chunk is read before it is written).
-    Operation order: pi = exp(z - m) / s; pi *= (W - lam); pi[x] = pi_x * W - w; pi *= g.
+    lam_ij = lambda_high for the row's top-k members on this shard (k_idx where k_mask, from the
+    forward; needed only when lambda_high != lambda_low), lambda_low for the other real j, 0 for
+    j = x_i and padded j. `e_x` = exp(z_x - m) of the row's target (used on its owner shard).
+    `z_is_exp`: z holds exp(z - m) already (the overwriting forward), so nothing is recomputed;
+    the target's entry of z is not read. `out` may be `z` itself (each chunk is read before it is
+    written). Cross-entropy (W = w = 1, no lambda) keeps Megatron-Core's operation order
+    (pi = e / s; pi[x] -= 1; pi *= g); otherwise each entry is e * (g (W - lam) / s), one multiply.
     """
     n, v = z.shape
     if n == 0:
@@ -221,59 +237,45 @@ def write_grad_torch(z: torch.Tensor, out: torch.Tensor, m: torch.Tensor, s: tor
     cd = compute_dtype(z)
     use_lam = lambda_high != 0 or lambda_low != 0
     split = use_lam and lambda_high != lambda_low
-    unit_w = not use_lam and bool((big_w == 1).all())      # cross-entropy: skip the multiply by 1
-    if split:
-        # one comparison per element: ties wholly inside K compare against the next float below t
-        full = (q_local > 0) & ~partial
-        t_cmp = torch.where(full, torch.nextafter(t, torch.full_like(t, -math.inf)), t)
-        coef_k = (big_w - lambda_high)[:, None]
-        coef_t = (big_w - lambda_low)[:, None]
+    if split and (k_idx is None or k_mask is None):
+        raise ValueError("write_grad_torch: lambda_high != lambda_low needs the top-k members (k_idx, k_mask)")
+    if z_is_exp and z.dtype != cd:
+        raise ValueError(f"write_grad_torch: z_is_exp needs {cd} values, got {z.dtype}")
+    ce = not use_lam and bool((big_w == 1).all()) and bool((w == 1).all())
+    lam_real = lambda_low if use_lam else 0.0
+    coef_real = g * (big_w - lam_real) / s           # per row: real non-target entries
+    coef_pad = g * big_w / s                          # padded entries (lambda 0)
+    value_x = g * (e_x / s * big_w - w)               # the target (lambda 0)
     ws = _Workspace(_chunk_rows(n, v, chunk_tokens), v, z.device)
     for rows in _chunks(n, v, chunk_tokens):
         c = rows.stop - rows.start
         zc = z[rows]
-        pi = ws.get("pi", cd, c)
-        torch.sub(zc, m[rows, None], out=pi)
-        pi.exp_()
-        pi.div_(s[rows, None])
+        if z_is_exp and out.data_ptr() == z.data_ptr():
+            pi = zc
+        elif z_is_exp:
+            pi = ws.get("pi", cd, c).copy_(zc)
+        else:
+            pi = torch.sub(zc, m[rows, None], out=ws.get("pi", cd, c)).exp_()
+        z_k = pi.gather(1, k_idx[rows]) if split else None     # before the bulk pass overwrites them
         xl = x_local[rows]
         r_own = (xl >= 0).nonzero()[:, 0]
         x_own = xl[r_own]
-        px = pi[r_own, x_own]
-        wr = big_w[rows]
-        if split:
-            zr = zc[:, :n_real]
-            in_k = ws.get("mask", torch.bool, c, n_real)
-            maybe = partial[rows]
-            tc = t_cmp[rows]
-            part = None
-            if bool(maybe.any()):
-                # rows whose ties may continue past the window: count them; if the quota takes them all,
-                # compare against the float below t, else take the lowest-id ones (cumsum, rare)
-                eqm = ws.get("eq", torch.bool, c, n_real)
-                torch.eq(zr, t[rows, None], out=eqm)
-                cnt = eqm.sum(-1)
-                ql = q_local[rows]
-                all_in = maybe & (cnt <= ql)
-                tc = torch.where(all_in, torch.nextafter(t[rows], torch.full_like(tc, -math.inf)), tc)
-                part = (maybe & (cnt > ql)).nonzero()[:, 0]
-            torch.gt(zr, tc[:, None], out=in_k)
-            if part is not None and part.numel():
-                in_k[part] |= _lowest_ties(zr[part].to(cd), t[rows][part], q_local[rows][part])
-            coef = ws.get("coef", cd, c, n_real)
-            torch.where(in_k, coef_k[rows], coef_t[rows], out=coef)
-            pi[:, :n_real].mul_(coef)
-            if n_real < v:
-                pi[:, n_real:].mul_(wr[:, None])
-        elif use_lam:
-            pi[:, :n_real].mul_((wr - lambda_high)[:, None])
-            if n_real < v:
-                pi[:, n_real:].mul_(wr[:, None])
-        elif not unit_w:
-            pi.mul_(wr[:, None])
-        pi[r_own, x_own] = px * wr[r_own] - w[rows][r_own]
-        pi.mul_(g[rows, None])
-        out[rows] = pi
+        if ce:
+            pi.div_(s[rows, None])
+            pi[r_own, x_own] -= 1.0
+            pi.mul_(g[rows, None])
+        else:
+            if n_real < v and lam_real != 0.0:
+                pi[:, :n_real].mul_(coef_real[rows, None])
+                pi[:, n_real:].mul_(coef_pad[rows, None])
+            else:
+                pi.mul_(coef_real[rows, None])
+            if split:
+                scatter_topk_grad(z_k, pi, k_idx[rows], k_mask[rows], xl, m[rows], s[rows], big_w[rows], g[rows],
+                                  lambda_high, z_is_exp=True)
+            pi[r_own, x_own] = value_x[rows][r_own]
+        if pi.data_ptr() != out[rows].data_ptr():
+            out[rows] = pi
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,41 +285,49 @@ def write_grad_torch(z: torch.Tensor, out: torch.Tensor, m: torch.Tensor, s: tor
 _TOPK_GROUPS = 32   # group size of the top-k prefilter
 
 
-def _topk_values(z: torch.Tensor, k: int) -> torch.Tensor:
-    """The k largest values of each row (descending), via a group-max prefilter.
+def _topk_values(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest values of each row (descending) and their column indices, via a group-max prefilter.
 
     Columns are dealt into nb = V // 32 groups {b, b + nb, b + 2 nb, ...} (strided, so the group
     max is one vectorised max over 32 rows of length nb). The k groups with the largest maxima hold
     k values (their maxima) >= every value outside them, so the row's top-k multiset of values is
     the top-k of those 32 k candidates (plus the ragged tail): a cheap max pass and a small top-k
-    instead of a top-k over the whole row (1.7x faster on CPU at 152k columns).
+    instead of a top-k over the whole row (1.7x faster on CPU at 152k columns). Among equal values
+    the indices are whichever torch.topk returns (callers resolve ties themselves).
     """
     c, v = z.shape
     nb = v // _TOPK_GROUPS
     if nb <= 4 * k or v < 65536:   # measured on CPU: no gain at 32k columns, 1.7x at 152k
-        return torch.topk(z, k, dim=-1, sorted=True).values
+        r = torch.topk(z, k, dim=-1, sorted=True)
+        return r.values, r.indices
     main = z[:, :nb * _TOPK_GROUPS].unflatten(1, (_TOPK_GROUPS, nb))
     groups = torch.topk(main.amax(1), k, dim=-1, sorted=False).indices              # [c, k]
     offsets = nb * torch.arange(_TOPK_GROUPS, device=z.device)
-    cand = z.gather(1, (groups[:, None, :] + offsets[None, :, None]).flatten(1))
+    cols = (groups[:, None, :] + offsets[None, :, None]).flatten(1)
     if nb * _TOPK_GROUPS < v:
-        cand = torch.cat([cand, z[:, nb * _TOPK_GROUPS:]], dim=1)
-    return torch.topk(cand, k, dim=-1, sorted=True).values
+        tail = torch.arange(nb * _TOPK_GROUPS, v, device=z.device)
+        cols = torch.cat([cols, tail.expand(c, -1)], dim=1)
+    r = torch.topk(z.gather(1, cols), k, dim=-1, sorted=True)
+    return r.values, cols.gather(1, r.indices)
 
 
-def _local_window(z: torch.Tensor, k_loc: int, n_real: int, chunk_tokens) -> torch.Tensor:
-    """[N, k_loc + 2]: this shard's k_loc largest real logits (descending, -inf filled when the shard
-    has fewer real entries), then its (k_loc+1)-th largest real logit (tells whether ties at the
-    threshold may continue past the window), then the max of its padded entries (-inf if none)."""
+def _local_window(z: torch.Tensor, k_loc: int, n_real: int, chunk_tokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """([N, k_loc + 2], [N, k_loc]): this shard's k_loc largest real logits (descending, -inf filled
+    when the shard has fewer real entries), then its (k_loc+1)-th largest real logit (tells whether
+    ties at the threshold may continue past the window), then the max of its padded entries (-inf
+    if none); and the local column of each of the k_loc values (0 where -inf filled)."""
     n, v = z.shape
     win = torch.full((n, k_loc + 2), -math.inf, dtype=compute_dtype(z), device=z.device)
+    idx = torch.zeros((n, k_loc), dtype=torch.long, device=z.device)
     kk = min(k_loc + 1, n_real)
     for rows in _chunks(n, v, chunk_tokens):
         if kk > 0:
-            win[rows, :kk] = _topk_values(z[rows, :n_real], kk)
+            vals, cols = _topk_values(z[rows, :n_real], kk)
+            win[rows, :kk] = vals
+            idx[rows, :min(kk, k_loc)] = cols[:, :k_loc]
         if n_real < v:
             win[rows, k_loc + 1] = z[rows, n_real:].amax(-1)
-    return win
+    return win, idx
 
 
 def _topk_plan(gathered: torch.Tensor, shard: _Shard, k_eff: int, k_loc: int):
@@ -345,6 +355,38 @@ def _topk_plan(gathered: torch.Tensor, shard: _Shard, k_eff: int, k_loc: int):
     more_ties = gathered[r, :, k_loc] == t      # the next local value ties too: the count may be short
     partial = (quota[r] > 0) & ((quota[r] < eq[r]) | more_ties)
     return m, t, top1, quota[r], partial, gt[r]
+
+
+def _topk_members(z: torch.Tensor, win: torch.Tensor, idx: torch.Tensor, t: torch.Tensor, quota: torch.Tensor,
+                  partial: torch.Tensor, n_real: int, chunk_tokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """This shard's members of the global top-k as (k_idx [N, k_loc] columns, k_mask [N, k_loc]).
+
+    Members: every entry > t (all in the window) and the `quota` lowest-id entries equal to t. When
+    the quota takes all of the window's ties and no tie lies beyond it (not `partial`), those are
+    the window's ties. Otherwise (ties continue past the window, or only some are in) the window's
+    tie slots get the lowest-id ties, found by scanning those rows for t (common with bf16 logits,
+    whose values repeat; rare in fp32). A row's quota never exceeds its window's tie count.
+    """
+    k_loc = idx.shape[1]
+    vals = win[:, :k_loc]
+    valid = torch.arange(k_loc, device=z.device)[None, :] < min(k_loc, n_real)
+    eq = (vals == t[:, None]) & valid
+    tie_slot = eq & (eq.cumsum(-1) <= quota[:, None])
+    mask = ((vals > t[:, None]) & valid) | tie_slot
+    idx = idx.clone()
+    rows = partial.nonzero()[:, 0]
+    if rows.numel():
+        step = _chunk_rows(rows.numel(), n_real, chunk_tokens)
+        for lo in range(0, rows.numel(), step):
+            r = rows[lo:lo + step]
+            hits = (z[r, :n_real] == t[r, None].to(z.dtype)).nonzero()            # row-major: ids ascending
+            count = torch.bincount(hits[:, 0], minlength=r.numel())
+            rank = torch.arange(hits.shape[0], device=z.device) - (count.cumsum(0) - count)[hits[:, 0]]
+            take = rank < quota[r][hits[:, 0]]
+            sub = idx[r]
+            sub[tie_slot[r]] = hits[take, 1]                                       # both row-major, q per row
+            idx[r] = sub
+    return idx, mask
 
 
 def _all_gather(x: torch.Tensor, shard: _Shard) -> torch.Tensor:
@@ -386,7 +428,7 @@ class _GeneralizedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, settings: LossSettings, shard: _Shard, impl: str, want_stats: bool,
-                inplace: bool, chunk_tokens):
+                inplace: bool, overwrite: bool, chunk_tokens):
         v = shard.local_size
         z = logits.view(-1, v)
         cd = compute_dtype(z)
@@ -398,29 +440,34 @@ class _GeneralizedLoss(torch.autograd.Function):
         x_local = torch.where(own, tgt - shard.start, -1)
         ce = settings.is_cross_entropy
         split = want_stats or (settings.has_lambda and settings.lambda_high != settings.lambda_low)
+        k_idx = k_mask = None
 
         if split:
             k_eff = min(settings.top_k, shard.vocab_size)
             k_loc = min(k_eff, v)
-            gathered = _all_gather(_local_window(z, k_loc, n_real, chunk_tokens), shard)
+            win, widx = _local_window(z, k_loc, n_real, chunk_tokens)
+            gathered = _all_gather(win, shard)
             m, t, top1_val, q_local, partial, gt_local = _topk_plan(gathered, shard, k_eff, k_loc)
-            win = gathered[shard.rank, :, :k_loc]
-            above = torch.where(win > t[:, None], torch.exp(win - m[:, None]), 0.0).sum(-1)
-            e_k_local = above + q_local.to(m.dtype) * torch.exp(t - m)
+            win = gathered[shard.rank]
+            k_idx, k_mask = _topk_members(z, win, widx, t, q_local, partial, n_real, chunk_tokens)
+            e_k_local = torch.where(k_mask, torch.exp(win[:, :k_loc] - m[:, None]), 0.0).sum(-1)
+            x_in_k = own & ((k_idx == x_local[:, None]) & k_mask).any(-1)
         else:
             m = torch.empty(n, dtype=compute_dtype(z), device=z.device)
             for rows in _chunks(n, v, chunk_tokens):
                 m[rows] = z[rows].amax(-1)
             _all_reduce(m, shard, torch.distributed.ReduceOp.MAX)
-            t = q_local = partial = top1_val = e_k_local = None
+            top1_val = None
 
-        row_sums = _row_sums_impl(impl)
-        sums = row_sums(z, m, x_local, t, n_real=n_real, zero_target=not ce, want_entropy=want_stats,
-                        chunk_tokens=chunk_tokens)
-        pack = sums[:, :6]
+        if impl == "triton":
+            from megatron_rpt.loss import triton_kernels
+            sums = triton_kernels.row_sums_triton(z, m, x_local, n_real=n_real, zero_target=not ce,
+                                                  want_entropy=want_stats)
+        else:
+            sums = row_sums_torch(z, m, x_local, n_real=n_real, zero_target=not ce, want_entropy=want_stats,
+                                  overwrite=overwrite, chunk_tokens=chunk_tokens)
+        pack = sums
         if split:
-            own_tie_in = sums[:, 6] < q_local.to(sums.dtype)
-            x_in_k = own & ((sums[:, 3] > t) | ((sums[:, 3] == t) & own_tie_in))
             pack = torch.cat([pack, e_k_local[:, None], x_in_k.to(sums.dtype)[:, None]], dim=1)
         pack = _all_reduce(pack.contiguous(), shard)
         sum_e, e_x, zx_m, zx, pad_e, ent_dot = pack[:, :6].unbind(1)
@@ -462,52 +509,45 @@ class _GeneralizedLoss(torch.autograd.Function):
                 (zx >= top1_val).double(), topk_mass, (real_mass - topk_mass).clamp(min=0)], dim=1).float()
             stats = torch.where(valid[:, None], stats, math.nan)
 
-        g_mask = valid
-        ctx.save_for_backward(logits, m, s32, x_local, g_mask,
+        lam_split = settings.has_lambda and settings.lambda_high != settings.lambda_low
+        ctx.save_for_backward(logits, m, s32, x_local, valid, e_x,
                               *(() if ce else (w, big_w)),
-                              *((t, q_local, partial) if split else ()))
-        ctx.cfg = (settings, shard, impl, inplace, chunk_tokens, ce, split, n_real)
+                              *((k_idx, k_mask) if lam_split else ()))
+        ctx.cfg = (settings, shard, impl, inplace, overwrite, chunk_tokens, ce, lam_split, n_real)
         ctx.mark_non_differentiable(stats)
         return loss32.view(target.shape), stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
-        settings, shard, impl, inplace, chunk_tokens, ce, split, n_real = ctx.cfg
+        settings, shard, impl, inplace, overwrite, chunk_tokens, ce, lam_split, n_real = ctx.cfg
         saved = list(ctx.saved_tensors)
-        logits, m, s32, x_local, g_mask = saved[:5]
-        rest = saved[5:]
+        logits, m, s32, x_local, valid, e_x = saved[:6]
+        rest = saved[6:]
         if ce:
             w = big_w = None
         else:
             w, big_w, rest = rest[0], rest[1], rest[2:]
-        t, q_local, partial = rest if split else (None, None, None)
+        k_idx, k_mask = rest if lam_split else (None, None)
         z = logits.view(-1, shard.local_size)
-        g = torch.where(g_mask, grad_loss.reshape(-1).to(m.dtype), 0.0)
+        g = torch.where(valid, grad_loss.reshape(-1).to(m.dtype), 0.0)
         if ce:
-            ones = torch.ones_like(g)
-            w, big_w = ones, ones
-        in_place = inplace and not logits.is_leaf
+            w = big_w = torch.ones_like(g)
+        # the overwriting forward left exp(z - m) in the logits: write the gradient over it (its storage
+        # is the loss's own by then), so no [N, V] scratch at all
+        in_place = overwrite or (inplace and not logits.is_leaf)
         out = z if in_place else torch.empty_like(z)
         lam_h, lam_l = (0.0, 0.0) if ce else (settings.lambda_high, settings.lambda_low)
-        _write_grad_impl(impl)(z, out, m, s32, big_w, w, g, x_local, n_real=n_real, lambda_high=lam_h,
-                               lambda_low=lam_l, t=t, q_local=q_local, partial=partial, chunk_tokens=chunk_tokens)
-        if in_place and impl == "triton":
-            torch.autograd.graph.increment_version(logits)
-        return out.view(logits.shape), None, None, None, None, None, None, None
-
-
-def _row_sums_impl(impl: str):
-    if impl == "triton":
-        from megatron_rpt.loss import triton_kernels
-        return triton_kernels.row_sums_triton
-    return row_sums_torch
-
-
-def _write_grad_impl(impl: str):
-    if impl == "triton":
-        from megatron_rpt.loss import triton_kernels
-        return triton_kernels.write_grad_triton
-    return write_grad_torch
+        if impl == "triton":
+            from megatron_rpt.loss import triton_kernels
+            triton_kernels.write_grad_triton(z, out, m, s32, big_w, w, g, x_local, e_x, n_real=n_real,
+                                             lambda_high=lam_h, lambda_low=lam_l, k_idx=k_idx, k_mask=k_mask)
+            if in_place:
+                torch.autograd.graph.increment_version(logits)
+        else:
+            write_grad_torch(z, out, m, s32, big_w, w, g, x_local, e_x, n_real=n_real, lambda_high=lam_h,
+                             lambda_low=lam_l, k_idx=k_idx, k_mask=k_mask, z_is_exp=overwrite,
+                             chunk_tokens=chunk_tokens)
+        return out.view(logits.shape), None, None, None, None, None, None, None, None
 
 
 def _resolve_impl(impl: str, logits: torch.Tensor) -> str:
@@ -525,7 +565,7 @@ def generalized_vocab_parallel_loss(vocab_parallel_logits: torch.Tensor, target:
                                     beta: float = 0.0, lambda_high: float = 0.0, lambda_low: float = 0.0,
                                     top_k: int = 100, tp_group=None, vocab_size: Optional[int] = None,
                                     stats: Optional[dict] = None, impl: str = "auto",
-                                    inplace_backward: bool = True,
+                                    inplace_backward: bool = True, overwrite_logits: bool = False,
                                     chunk_tokens: Optional[int] = None) -> torch.Tensor:
     """Per-token generalized loss [s, b] from vocab-parallel logits [s, b, V/TP] (any leading shape).
 
@@ -543,7 +583,12 @@ def generalized_vocab_parallel_loss(vocab_parallel_logits: torch.Tensor, target:
             counts ties with the largest logit as hits. Requesting stats adds a top-k pass.
         impl: "auto" (Triton on CUDA when available, else torch), "torch" or "triton".
         inplace_backward: let backward write the gradient into the logits' storage when the
-            logits are not a leaf (the memory behaviour of Megatron's cross-entropy).
+            logits are not a leaf.
+        overwrite_logits: the logits are the loss's to destroy (the model's output layer hands
+            them over, as to Megatron's cross-entropy): fp32/float64 logits are overwritten with
+            exp(z - m) in forward and with the gradient in backward, so the loss needs no [N, V]
+            scratch (torch path; the Triton kernels never need any). Do not read the logits after
+            the call.
         chunk_tokens: tokens per chunk of the torch path (default: 16 MiB of fp32 per temporary).
     """
     settings = LossSettings(float(beta), float(lambda_high), float(lambda_low), top_k)
@@ -573,8 +618,9 @@ def generalized_vocab_parallel_loss(vocab_parallel_logits: torch.Tensor, target:
     impl = _resolve_impl(impl, logits)
     if not logits.is_contiguous():
         logits = logits.contiguous()
+    overwrite = bool(overwrite_logits) and impl == "torch" and logits.dtype == compute_dtype(logits)
     loss, st = _GeneralizedLoss.apply(logits, target, settings, shard, impl, stats is not None,
-                                      inplace_backward, chunk_tokens)
+                                      inplace_backward, overwrite, chunk_tokens)
     if stats is not None:
         for i, name in enumerate(STAT_NAMES):
             stats[name] = st[:, i].view(target.shape)

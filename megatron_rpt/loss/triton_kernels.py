@@ -46,9 +46,8 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def _row_sums_kernel(z_ptr, stride_zr, stride_zc, m_ptr, x_ptr, t_ptr, out_ptr, V, n_real,
-                         HAS_T: tl.constexpr, ZERO_TARGET: tl.constexpr, WANT_ENTROPY: tl.constexpr,
-                         BLOCK: tl.constexpr):
+    def _row_sums_kernel(z_ptr, stride_zr, stride_zc, m_ptr, x_ptr, out_ptr, V, n_real,
+                         ZERO_TARGET: tl.constexpr, WANT_ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)   # int64: row * stride overflows int32 for big N x V
         z_row = z_ptr + row * stride_zr
         m = tl.load(m_ptr + row)
@@ -58,14 +57,9 @@ def _kernels():
         zx = tl.load(z_row + tl.maximum(x, 0) * stride_zc).to(tl.float32)
         zx_m = zx - m
         e_x = tl.exp(zx_m)
-        if HAS_T:
-            t = tl.load(t_ptr + row)
-        else:
-            t = 0.0
         acc_e = tl.zeros([BLOCK], dtype=tl.float32)
         acc_pad = tl.zeros([BLOCK], dtype=tl.float32)
         acc_ent = tl.zeros([BLOCK], dtype=tl.float32)
-        acc_eq = tl.zeros([BLOCK], dtype=tl.int32)
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             inb = cols < V
@@ -78,27 +72,18 @@ def _kernels():
                 e = tl.where(cols == x, 0.0, e)   # x == -1 (not the owner) matches no column
             acc_e += e
             acc_pad += tl.where(cols >= n_real, e, 0.0)
-            if HAS_T:
-                acc_eq += ((zf == t) & (cols < x) & (cols < n_real) & inb).to(tl.int32)
-        base = out_ptr + row * 7
+        base = out_ptr + row * 6
         tl.store(base + 0, tl.sum(acc_e, axis=0))
         tl.store(base + 1, tl.where(own, e_x, 0.0))
         tl.store(base + 2, tl.where(own, zx_m, 0.0))
         tl.store(base + 3, tl.where(own, zx, 0.0))
         tl.store(base + 4, tl.sum(acc_pad, axis=0))
         tl.store(base + 5, tl.sum(acc_ent, axis=0))
-        if HAS_T:
-            # Only rows whose own target sits exactly at the threshold need the count.
-            tie = own & (zx == t) & (x > 0)
-            tl.store(base + 6, tl.where(tie, tl.sum(acc_eq, axis=0).to(tl.float32), 0.0))
-        else:
-            tl.store(base + 6, 0.0)
 
     @triton.jit
     def _write_grad_kernel(z_ptr, stride_zr, stride_zc, out_ptr, stride_or, stride_oc,
-                           m_ptr, s_ptr, bw_ptr, w_ptr, g_ptr, x_ptr, t_ptr, q_ptr, part_ptr,
-                           V, n_real, lambda_high, lambda_low,
-                           SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+                           m_ptr, s_ptr, bw_ptr, w_ptr, g_ptr, x_ptr, V, n_real, lambda_real,
+                           BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         z_row = z_ptr + row * stride_zr
         o_row = out_ptr + row * stride_or
@@ -108,13 +93,6 @@ def _kernels():
         w = tl.load(w_ptr + row)
         g = tl.load(g_ptr + row)
         x = tl.load(x_ptr + row)
-        if SPLIT:
-            t = tl.load(t_ptr + row)
-            q = tl.load(q_ptr + row)
-            pflag = tl.load(part_ptr + row)
-            part = pflag != 0
-            full_ties = (q > 0) & (pflag == 0)
-        seen_eq = 0   # ties with t in earlier tiles: makes the per-tile cumsum a row-wide prefix count
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             inb = cols < V
@@ -122,17 +100,8 @@ def _kernels():
             zf = tl.load(z_row + cols * stride_zc, mask=inb, other=0.0).to(tl.float32)
             # Correctly rounded division like torch's (a plain `/` may lower to div.full.f32 on CUDA).
             pi = tl.math.div_rn(tl.exp(zf - m), s)
-            real = cols < n_real
-            if SPLIT:
-                eq = (zf == t) & real & inb
-                eq_i = eq.to(tl.int32)
-                rank_eq = seen_eq + tl.cumsum(eq_i, axis=0)   # 1-based index of this tie in the row
-                seen_eq += tl.sum(eq_i, axis=0)
-                in_k = (zf > t) | (eq & full_ties) | (eq & part & (rank_eq <= q))
-                lam = tl.where(in_k, lambda_high, lambda_low)
-            else:
-                lam = tl.zeros([BLOCK], dtype=tl.float32) + lambda_high
-            lam = tl.where(real & (cols != x), lam, 0.0)
+            # lambda_low on every real non-target entry; the top-k members are rewritten afterwards
+            lam = tl.where((cols < n_real) & (cols != x), lambda_real, 0.0)
             pi = pi * (big_w - lam)
             pi = tl.where(cols == x, pi - w, pi)
             pi = pi * g
@@ -178,41 +147,39 @@ def _launch_options(block: int) -> dict:
     return dict(num_warps=8 if block >= 2048 else 4, enable_fp_fusion=False)
 
 
-def row_sums_triton(z: torch.Tensor, m: torch.Tensor, x_local: torch.Tensor, t: Optional[torch.Tensor],
-                    *, n_real: int, zero_target: bool, want_entropy: bool,
-                    chunk_tokens: Optional[int] = None, block_size: Optional[int] = None) -> torch.Tensor:
-    """Triton `row_sums_torch`: [N, 7] fp32 per-row partial sums (see that docstring for the columns).
-
-    chunk_tokens is accepted for signature parity and ignored (no [N, V] temporaries here);
-    block_size overrides the tile width (rounded up to a power of two).
-    """
+def row_sums_triton(z: torch.Tensor, m: torch.Tensor, x_local: torch.Tensor, *, n_real: int, zero_target: bool,
+                    want_entropy: bool, block_size: Optional[int] = None) -> torch.Tensor:
+    """Triton `row_sums_torch` (never overwriting z): [N, 6] fp32 per-row partial sums (see that
+    docstring for the columns); block_size overrides the tile width (rounded up to a power of two)."""
     _check_float(z)
     n, v = z.shape
-    out = torch.empty(n, 7, dtype=torch.float32, device=z.device)
+    out = torch.empty(n, 6, dtype=torch.float32, device=z.device)
     if n == 0:
         return out
     row_sums, _ = _kernels()
     _check_device(z, row_sums)
-    xl = _i32(x_local)
-    tt = _f32(t) if t is not None else xl   # placeholder pointer, never read when HAS_T is off
     block = _block(v, block_size)
-    row_sums[(n,)](z, z.stride(0), z.stride(1), _f32(m), xl, tt, out, v, int(n_real),
-                   HAS_T=t is not None, ZERO_TARGET=bool(zero_target), WANT_ENTROPY=bool(want_entropy),
+    row_sums[(n,)](z, z.stride(0), z.stride(1), _f32(m), _i32(x_local), out, v, int(n_real),
+                   ZERO_TARGET=bool(zero_target), WANT_ENTROPY=bool(want_entropy),
                    BLOCK=block, **_launch_options(block))
     return out
 
 
 def write_grad_triton(z: torch.Tensor, out: torch.Tensor, m: torch.Tensor, s: torch.Tensor, big_w: torch.Tensor,
-                      w: torch.Tensor, g: torch.Tensor, x_local: torch.Tensor, *, n_real: int,
-                      lambda_high: float, lambda_low: float, t: Optional[torch.Tensor],
-                      q_local: Optional[torch.Tensor], partial: Optional[torch.Tensor],
-                      chunk_tokens: Optional[int] = None, block_size: Optional[int] = None) -> None:
+                      w: torch.Tensor, g: torch.Tensor, x_local: torch.Tensor, e_x: Optional[torch.Tensor] = None,
+                      *, n_real: int, lambda_high: float, lambda_low: float, k_idx: Optional[torch.Tensor] = None,
+                      k_mask: Optional[torch.Tensor] = None, block_size: Optional[int] = None) -> None:
     """Triton `write_grad_torch`: out = g * (pi * (W - lam) - w * 1[j = x]), written in out's dtype.
 
-    `out` may be `z` itself (in place; the caller bumps autograd's version counter, which a raw
-    kernel store does not), or e.g. an fp32 tensor for bf16 logits. chunk_tokens is ignored;
-    block_size as in row_sums_triton.
+    One kernel pass gives every real non-target entry lambda_low; with lambda_high != lambda_low the
+    top-k members (k_idx where k_mask, from the forward) are then rewritten by
+    `generalized.scatter_topk_grad` from their logits, read before the pass. `e_x` is accepted for
+    signature parity (the kernel recomputes the target's term). `out` may be `z` itself (in place;
+    the caller bumps autograd's version counter, which a raw kernel store does not), or e.g. an
+    fp32 tensor for bf16 logits; block_size as in row_sums_triton.
     """
+    from megatron_rpt.loss.generalized import scatter_topk_grad
+
     _check_float(z)
     if out.shape != z.shape or out.device != z.device or not out.is_floating_point():
         raise ValueError(f"write_grad_triton: out {tuple(out.shape)} {out.dtype} {out.device} does not "
@@ -221,19 +188,17 @@ def write_grad_triton(z: torch.Tensor, out: torch.Tensor, m: torch.Tensor, s: to
     if n == 0:
         return
     lambda_high, lambda_low = float(lambda_high), float(lambda_low)
-    use_lam = lambda_high != 0 or lambda_low != 0
-    split = use_lam and lambda_high != lambda_low
-    if split and (t is None or q_local is None or partial is None):
-        raise ValueError("write_grad_triton: lambda_high != lambda_low needs t, q_local and partial")
+    split = (lambda_high != 0 or lambda_low != 0) and lambda_high != lambda_low
+    if split and (k_idx is None or k_mask is None):
+        raise ValueError("write_grad_triton: lambda_high != lambda_low needs the top-k members (k_idx, k_mask)")
     _, write_grad = _kernels()
     _check_device(z, write_grad)
-    xl = _i32(x_local)
-    if split:
-        tt, qq, pp = _f32(t), _i32(q_local), _i32(partial)
-    else:
-        tt = qq = pp = xl   # placeholder pointers, never read when SPLIT is off
+    z_k = z.gather(1, k_idx) if split else None     # before an in-place pass overwrites them
     block = _block(v, block_size)
     write_grad[(n,)](z, z.stride(0), z.stride(1), out, out.stride(0), out.stride(1),
-                     _f32(m), _f32(s), _f32(big_w), _f32(w), _f32(g), xl, tt, qq, pp,
-                     v, int(n_real), lambda_high, lambda_low,
-                     SPLIT=split, BLOCK=block, **_launch_options(block))
+                     _f32(m), _f32(s), _f32(big_w), _f32(w), _f32(g), _i32(x_local),
+                     v, int(n_real), lambda_low if split else lambda_high,
+                     BLOCK=block, **_launch_options(block))
+    if split:
+        scatter_topk_grad(z_k, out, k_idx, k_mask, x_local, _f32(m), _f32(s), _f32(big_w), _f32(g), lambda_high,
+                          z_is_exp=False)

@@ -3,9 +3,21 @@
 RMSNorm, SwiGLU, RoPE, grouped-query attention, QK-norm, no biases, tied or untied embeddings.
 Transformer Engine specs are used when the platform has TE on CUDA, Megatron-Core's local specs
 otherwise (the same modules the CPU path tests).
+
+The per-token head: training and RPT pass labels into the model, as Megatron-LM does, and the
+model computes a per-token function of its vocab-parallel logits right where the output layer
+leaves them ([s, b, V/TP], the model's dtype). Without labels Megatron-Core returns
+``logits.transpose(0, 1).contiguous()`` and, under bf16/fp16, Float16Module upcasts that copy to
+fp32: two full-vocabulary copies per micro-batch that the loss does not need. `TokenHeadGPTModel`
+overrides only `compute_language_model_loss` (Megatron-Core's hook for the LM loss, also used for
+multi-token prediction); `token_head(model, fn)` chooses the function for the forwards inside it
+(the loss of the pretraining step, log-probs of RPT's policy and reference).
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +29,45 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_rpt.config.schema import RunConfig
 from megatron_rpt.platform import Platform
+
+
+# head(vocab_parallel_logits [s, b, V/TP], labels [s, b]) -> per-token values [s, b] (with autograd)
+TokenHead = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class TokenHeadGPTModel(GPTModel):
+    """Megatron-Core's GPTModel whose loss, when labels are passed, is the per-token head chosen by
+    `token_head` (Megatron-Core's cross-entropy when none is). Same parameters and state dict."""
+
+    token_head_fn: Optional[TokenHead] = None
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.token_head_fn is None:
+            return super().compute_language_model_loss(labels, logits)
+        # labels [b, s] -> [s, b] (small); the per-token result goes back to [b, s] as Megatron's does
+        return self.token_head_fn(logits, labels.transpose(0, 1).contiguous()).transpose(0, 1)
+
+
+def unwrap_gpt(model: torch.nn.Module) -> TokenHeadGPTModel:
+    """The TokenHeadGPTModel inside any wrappers (DDP, Float16Module, ...) that hold it as `.module`."""
+    inner = model
+    while not isinstance(inner, TokenHeadGPTModel):
+        nxt = getattr(inner, "module", None)
+        if not isinstance(nxt, torch.nn.Module):
+            raise TypeError(f"{type(model).__name__} does not wrap a TokenHeadGPTModel (built by build_model_chunks)")
+        inner = nxt
+    return inner
+
+
+@contextlib.contextmanager
+def token_head(model: torch.nn.Module, head: TokenHead) -> Iterator[None]:
+    """Forwards of `model` with labels inside this block return `head(logits, labels)` as [b, s]."""
+    inner = unwrap_gpt(model)
+    previous, inner.token_head_fn = inner.token_head_fn, head
+    try:
+        yield
+    finally:
+        inner.token_head_fn = previous
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int) -> int:
@@ -185,7 +236,7 @@ def build_model_chunks(cfg: RunConfig, platform: Platform, vocab_size: int, devi
         vp_stage = stage if vp else None
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-        model = GPTModel(
+        model = TokenHeadGPTModel(
             config=config,
             transformer_layer_spec=spec,
             vocab_size=vocab_size,

@@ -10,7 +10,7 @@
   beta * KL_k3(pi_ref || pi) = exp(ref - logp) - (ref - logp) - 1 when a reference is given. The
   token-level mean over the global batch is taken by Megatron-Core's schedule
   (`calculate_per_token_loss`: sum of masked token losses / all tokens of all DP ranks).
-- `policy_log_probs`: log pi(label) from vocab-parallel logits [b, s, V/TP] without gathering the
+- `policy_log_probs`: log pi(label) from vocab-parallel logits [..., V/TP] without gathering the
   vocabulary: the generalized loss at zero settings is Megatron-Core's cross-entropy, bit for bit,
   so logp = -CE; it communicates what that loss does (all-reduce MAX of the row maxima, one SUM of
   the packed row sums; with `stats`, one all-gather of the top-k plan), keeps only per-token
@@ -68,12 +68,15 @@ def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages
 
 
 def policy_log_probs(vocab_parallel_logits: torch.Tensor, labels: torch.Tensor, *, vocab_size: int,
-                     stats: Optional[dict] = None) -> torch.Tensor:
-    """log pi(labels) [b, s] from vocab-parallel logits [b, s, V/TP] (see the module docstring);
+                     stats: Optional[dict] = None, overwrite_logits: bool = False) -> torch.Tensor:
+    """log pi(labels) [...] from vocab-parallel logits [..., V/TP], any leading layout (the training
+    step passes the output layer's [s, b, V/TP] as the model's per-token head; see the module docstring);
     `stats` (optional dict) receives per-token `entropy` and the rest of the loss's statistics.
-    Labels < 0 give 0."""
+    Labels < 0 give 0. `overwrite_logits`: the caller hands the logits over (the model's head; see
+    `generalized_vocab_parallel_loss`)."""
     from megatron_rpt.loss.generalized import generalized_vocab_parallel_loss
 
     ce = generalized_vocab_parallel_loss(vocab_parallel_logits, labels, beta=0.0, lambda_high=0.0,
-                                         lambda_low=0.0, top_k=1, vocab_size=vocab_size, stats=stats)
+                                         lambda_low=0.0, top_k=1, vocab_size=vocab_size, stats=stats,
+                                         overwrite_logits=overwrite_logits)
     return -ce.float()

@@ -25,6 +25,7 @@ import math
 import time
 import zlib
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Optional
 
 import torch
@@ -119,33 +120,33 @@ class ReferenceForwardStep:
         self.device, self.vocab_size = device, vocab_size
 
     def __call__(self, data_iterator, model):
+        from megatron_rpt.models.gpt import token_head
         from megatron_rpt.rpt.grpo import policy_log_probs
 
         host = next(data_iterator)
         batch = {k: v.to(self.device) for k, v in host.items()}
-        logits = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+        with token_head(model, partial(policy_log_probs, vocab_size=self.vocab_size, overwrite_logits=True)):
+            output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
 
-        def stash(output):
-            with torch.no_grad():
-                host["ref_log_probs"] = policy_log_probs(output, batch["labels"], vocab_size=self.vocab_size).cpu()
+        def stash(log_probs):
+            host["ref_log_probs"] = log_probs.detach().cpu()
             zero = torch.zeros((), device=self.device)
             return zero, torch.zeros((), dtype=torch.int, device=self.device), {}
-        return logits, stash
+        return output, stash
 
 
 class PolicyForwardStep:
-    """Megatron forward_step_func for the GRPO update: policy log-probs and the clipped surrogate
-    (plus kl_beta x k3 KL to the reference where the batch carries `ref_log_probs`)."""
+    """Megatron forward_step_func for the GRPO update: policy log-probs (the model's per-token head)
+    and the clipped surrogate (plus kl_beta x k3 KL to the reference where the batch carries
+    `ref_log_probs`)."""
 
     def __init__(self, device: torch.device, vocab_size: int, eps_low: float, eps_high: float, kl_beta: float = 0.0):
         self.device, self.vocab_size = device, vocab_size
         self.eps_low, self.eps_high, self.kl_beta = eps_low, eps_high, kl_beta
 
-    def _loss(self, batch: dict, logits: torch.Tensor):
-        from megatron_rpt.rpt.grpo import policy_log_probs, policy_loss
+    def _loss(self, batch: dict, stats: dict, logp: torch.Tensor):
+        from megatron_rpt.rpt.grpo import policy_loss
 
-        stats: dict = {}
-        logp = policy_log_probs(logits, batch["labels"], vocab_size=self.vocab_size, stats=stats)
         mask = batch["loss_mask"]
         keep = mask > 0
         old = batch["old_log_probs"]
@@ -158,17 +159,21 @@ class PolicyForwardStep:
         def s(x):
             return torch.where(keep, x.float(), 0.0).sum()
 
-        report = torch.stack([total.detach(), tokens, s(stats["entropy"]), s(info["ratio"]), s(info["clipped"]),
+        report = torch.stack([total.detach(), tokens, s(stats["entropy"].t()), s(info["ratio"]), s(info["clipped"]),
                               s(info["kl"]), s(info["approx_kl"]), diff.sum()])
         max_diff = diff.max()
         return total, tokens.to(torch.int), {"rpt": report, "max_abs_logp_diff": max_diff}
 
     def __call__(self, data_iterator, model):
-        from functools import partial
+        from megatron_rpt.models.gpt import token_head
+        from megatron_rpt.rpt.grpo import policy_log_probs
 
         batch = {k: v.to(self.device) for k, v in next(data_iterator).items()}
-        logits = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
-        return logits, partial(self._loss, batch)
+        stats: dict = {}    # per-token statistics [s, b] of the policy's distribution (entropy)
+        with token_head(model, partial(policy_log_probs, vocab_size=self.vocab_size, stats=stats,
+                                       overwrite_logits=True)):
+            logp = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+        return logp, partial(self._loss, batch, stats)
 
 
 def _reduce_report(outputs: list, device: torch.device) -> dict:

@@ -1,8 +1,10 @@
 """One training / evaluation step on Megatron-Core's forward-backward schedules.
 
-The model returns vocab-parallel logits (labels are not passed to GPTModel); the per-token loss
-comes from the pluggable `megatron_rpt.loss` function, masked and summed here, and Megatron's
-schedule divides by tokens and micro-batches (or not, with --calculate-per-token-loss). On steps
+Labels go into the model, as in Megatron-LM, and the pluggable `megatron_rpt.loss` function runs
+as the model's per-token head (`models.gpt.token_head`) on the output layer's vocab-parallel logits
+[s, b, V/TP] as they are (no transposed copy, no fp32 upcast); the per-token loss is masked and
+summed here, and Megatron's schedule divides by tokens and micro-batches (or not, with
+--calculate-per-token-loss). On steps
 that are logged, the loss also returns distribution statistics (cross-entropy, entropy, ...),
 which are token-averaged over the global batch like the loss.
 """
@@ -18,6 +20,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_rpt.loss import STAT_NAMES, LossFn
+from megatron_rpt.models.gpt import token_head
 
 
 @dataclass
@@ -37,39 +40,41 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def _loss_func(loss_fn: LossFn, labels: torch.Tensor, loss_mask: torch.Tensor, collect_stats: bool,
-               logits: torch.Tensor):
-    """logits [b, s, V/TP] -> (masked loss sum, token count, report) in Megatron's 3-tuple form.
-
-    The loss is per token, so it takes the [b, s] layout directly (no transposed copy of the logits).
-    """
-    stats: Optional[dict] = {} if collect_stats else None
-    per_token = loss_fn(logits, labels, stats=stats).float()             # [b, s]
+def _loss_func(loss_mask: torch.Tensor, stats: Optional[dict], per_token: torch.Tensor):
+    """per-token loss [b, s] (the model's output) -> (masked loss sum, token count, report) in
+    Megatron's 3-tuple form; `stats` holds the loss's per-token statistics [s, b] when collected."""
     mask = loss_mask.float()
-    loss = torch.sum(per_token * mask)
+    loss = torch.sum(per_token.float() * mask)
     num_tokens = mask.sum().detach().to(torch.int)
     report = {"lm loss": torch.stack([loss.detach().clone(), num_tokens.float()])}
     if stats:
-        keep = mask > 0
+        keep = mask.t() > 0
         report["stats"] = torch.stack([torch.where(keep, stats[name].float(), 0.0).sum() for name in STAT_NAMES])
     return loss, num_tokens, report
 
 
 class ForwardStep:
     """Megatron-style forward_step_func(data_iterator, model); set `collect_stats` before a step
-    whose distribution statistics should be reported."""
+    whose distribution statistics should be reported. `loss_fn` None: Megatron-Core's own language
+    model loss (GPTModel.compute_language_model_loss, exactly Megatron-LM's path; no statistics),
+    the baseline of benchmarks/train_step.py."""
 
-    def __init__(self, loss_fn: LossFn, device: torch.device):
+    def __init__(self, loss_fn: Optional[LossFn], device: torch.device):
         self.loss_fn, self.device = loss_fn, device
         self.collect_stats = False
 
     def __call__(self, data_iterator: Iterator[dict], model):
         batch = _to_device(next(data_iterator), self.device)
-        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
-        return output, partial(_loss_func, self.loss_fn, batch["labels"], batch["loss_mask"], self.collect_stats)
+        args = (batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+        if self.loss_fn is None:
+            return model(*args, labels=batch["labels"]), partial(_loss_func, batch["loss_mask"], None)
+        stats: Optional[dict] = {} if self.collect_stats else None
+        with token_head(model, partial(self.loss_fn, stats=stats)):
+            output = model(*args, labels=batch["labels"])
+        return output, partial(_loss_func, batch["loss_mask"], stats)
 
 
-def make_forward_step(loss_fn: LossFn, device: torch.device) -> ForwardStep:
+def make_forward_step(loss_fn: Optional[LossFn], device: torch.device) -> ForwardStep:
     return ForwardStep(loss_fn, device)
 
 

@@ -275,6 +275,80 @@ def test_inplace_backward_reuses_the_logits_storage():
     assert torch.equal(leaf.detach(), z)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("beta,lh,ll", [(0.0, 0.0, 0.0), (-0.25, 0.0, 0.0), (0.0, 0.0, -0.1),
+                                        (-0.25, 0.1, -0.1), (0.3, 0.2, 0.2)])
+@pytest.mark.parametrize("with_stats", [False, True])
+def test_overwriting_forward_equals_the_reading_one(dtype, beta, lh, ll, with_stats):
+    """overwrite_logits (how the model's head calls the loss): the logits hold exp(z - m) after the
+    forward and the gradient after the backward; loss, gradient and statistics are bit for bit those
+    of the path that only reads the logits, with padding, ignored targets and ties (integer rows)."""
+    z, x = _inputs(n=20, v=48, vocab=43, seed=31, dtype=dtype)
+    z[3] = torch.randint(-2, 3, (48,)).to(dtype)               # ties at the threshold
+    x[5] = -1                                                  # ignored
+    x[6] = int(z[6, :43].argmax())                             # the target is the top-1
+    kw = dict(beta=beta, lambda_high=lh, lambda_low=ll, top_k=6, vocab_size=43, chunk_tokens=7)
+    g = torch.linspace(0.5, 1.5, 20, dtype=dtype)
+
+    def run(overwrite):
+        base = z.clone().requires_grad_(True)
+        logits = base * 1.0                                    # non-leaf, as the output layer's is
+        st = {} if with_stats else None
+        loss = gloss(logits, x, stats=st, overwrite_logits=overwrite, **kw)
+        after_forward = logits.detach().clone()
+        (loss * g).sum().backward()
+        return loss.detach(), base.grad, st, after_forward, logits.detach()
+
+    loss0, grad0, st0, fwd0, _ = run(False)
+    loss1, grad1, st1, fwd1, end1 = run(True)
+    assert torch.equal(loss0, loss1) and torch.equal(grad0, grad1)
+    if with_stats:
+        for name in STAT_NAMES:
+            torch.testing.assert_close(st0[name], st1[name], rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(fwd0, z)                                # reading path: untouched by the forward
+    m = z.max(-1, keepdim=True).values
+    e = torch.exp(z - m)
+    keep = torch.ones_like(e, dtype=torch.bool)
+    if (beta, lh, ll) != (0.0, 0.0, 0.0):                      # the target's term is zeroed in the sums
+        own = (x >= 0).nonzero()[:, 0]
+        keep[own, x[own]] = False
+    assert torch.equal(fwd1[keep], e[keep])
+    assert torch.equal(end1, grad1)                            # and the gradient over it
+    ok = x >= 0
+    rloss, rgrad, _ = _ref(z[ok], x[ok], g[ok], beta=beta, lambda_high=lh, lambda_low=ll, top_k=6, vocab=43)
+    torch.testing.assert_close(loss1[ok].double(), rloss, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(grad1[ok].double(), rgrad, rtol=1e-5, atol=2e-7)
+    assert loss1[5] == 0 and not grad1[5].any()
+
+
+def test_overwrite_is_ignored_where_it_cannot_apply():
+    """bf16 logits are never overwritten (exp(z - m) would lose precision in bf16)."""
+    z, x = _inputs(n=6, v=30, vocab=30, seed=32, dtype=torch.bfloat16)
+    logits = z.clone().requires_grad_(True) * 1.0
+    gloss(logits, x, beta=-0.25, overwrite_logits=True, inplace_backward=False)
+    assert torch.equal(logits.detach(), z)
+
+
+def test_topk_members_are_the_lowest_id_ties():
+    """_topk_members against a stable sort (value descending, id ascending) of the whole row, on
+    rows whose ties run past the local window and rows where only some ties are in."""
+    from megatron_rpt.loss.generalized import _Shard, _local_window, _topk_members, _topk_plan
+    g = torch.Generator().manual_seed(33)
+    for dtype in (torch.float32, torch.bfloat16):
+        z = torch.randint(-3, 4, (24, 70), generator=g).to(dtype)
+        z[:4] = (torch.randn(4, 70, generator=g) * 3).to(dtype)
+        for k in (1, 4, 9, 30, 70):
+            shard = _Shard(None, 0, 1, 70, 66)
+            win, widx = _local_window(z, k, 66, None)
+            _, t, _, q, partial, _ = _topk_plan(win[None], shard, k, k)
+            idx, mask = _topk_members(z, win, widx, t, q, partial, 66, 5)
+            order = torch.sort(-z[:, :66].double(), dim=-1, stable=True).indices[:, :k]
+            for r in range(z.shape[0]):
+                assert sorted(idx[r][mask[r]].tolist()) == sorted(order[r].tolist()), (dtype, k, r)
+            if k in (4, 9):
+                assert bool(partial.any()), "the integer rows must exercise the tie scan"
+
+
 def test_leading_shape_and_non_contiguous_logits():
     z, x = _inputs(n=12, v=40, vocab=40, seed=14)
     kw = dict(beta=-0.25, lambda_low=-0.1, top_k=5)
@@ -300,7 +374,10 @@ def test_topk_prefilter_on_wide_rows(dtype):
     z[2, :20000] = -math.inf
     z[3, -13:] = 50.0                                                # the top values in the ragged tail
     for k in (1, 10, 33):
-        assert torch.equal(_topk_values(z, k), torch.topk(z, k, dim=-1).values), k
+        vals, cols = _topk_values(z, k)
+        assert torch.equal(vals, torch.topk(z, k, dim=-1).values), k
+        assert torch.equal(z.gather(1, cols), vals), k                       # the indices hold those values
+        assert all(len(set(r.tolist())) == k for r in cols), k              # k distinct columns per row
     x = torch.randint(0, v, (6,), generator=g)
     kw = dict(beta=-0.25, lambda_high=0.1, lambda_low=-0.1, top_k=10)
     loss, grad, gg = _ours(z, x, **kw)
