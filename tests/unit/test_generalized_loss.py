@@ -347,6 +347,20 @@ def test_topk_members_are_the_lowest_id_ties():
                 assert sorted(idx[r][mask[r]].tolist()) == sorted(order[r].tolist()), (dtype, k, r)
             if k in (4, 9):
                 assert bool(partial.any()), "the integer rows must exercise the tie scan"
+    # wide rows: many groups of the prefilter, ties spread over groups and the ragged tail
+    v, n_real = 65536 + 77, 65536 + 70
+    z = torch.randint(-40, 8, (5, v), generator=g).to(torch.bfloat16)
+    z[0, -60:-7] = 7.0                                               # ties inside the tail too
+    z[1] = (torch.randn(v, generator=g) * 3).to(torch.bfloat16)
+    for k in (3, 50, 130):
+        shard = _Shard(None, 0, 1, v, n_real)
+        win, widx = _local_window(z, k, n_real, None)
+        _, t, _, q, partial, _ = _topk_plan(win[None], shard, k, k)
+        idx, mask = _topk_members(z, win, widx, t, q, partial, n_real, 2)
+        order = torch.sort(-z[:, :n_real].double(), dim=-1, stable=True).indices[:, :k]
+        assert bool(partial.any())
+        for r in range(z.shape[0]):
+            assert sorted(idx[r][mask[r]].tolist()) == sorted(order[r].tolist()), (k, r)
 
 
 def test_leading_shape_and_non_contiguous_logits():
