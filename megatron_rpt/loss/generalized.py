@@ -279,29 +279,32 @@ def write_grad_torch(z: torch.Tensor, out: torch.Tensor, m: torch.Tensor, s: tor
 # Global top-k plan from the gathered windows
 # ---------------------------------------------------------------------------------------------
 
-_TOPK_GROUP = 64   # columns per group of the top-k prefilter (contiguous: measured fastest on CPU)
+def _topk_group(v: int) -> int:
+    """Columns per group of the top-k prefilter (contiguous), 0 for none: measured on CPU, 64 at 152k
+    columns (2.6x faster than torch.topk), 32 at 32k (1.3x), no gain below ~30k."""
+    return 64 if v >= 65536 else 32 if v >= 30000 else 0
 
 
 def _topk_values(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest values of each row (descending) and their column indices, via a group-max prefilter.
 
-    Columns are split into nb = V // 64 contiguous groups of 64. The k groups with the largest
-    maxima hold k values (their maxima) >= every value outside them, so the row's top-k multiset
-    of values is the top-k of those 64 k candidates (plus the ragged tail): one max pass (as fast as
-    a row max) and small top-ks instead of a top-k over the whole row (2.6x faster on CPU at 152k
-    columns than torch.topk). Among equal values the indices are whichever torch.topk returns
-    (callers resolve ties themselves).
+    Columns are split into nb = V // G contiguous groups of G (`_topk_group`). The k groups with the
+    largest maxima hold k values (their maxima) >= every value outside them, so the row's top-k
+    multiset of values is the top-k of those G k candidates (plus the ragged tail): one max pass
+    (about as fast as a row max) and small top-ks instead of a top-k over the whole row. Among
+    equal values the indices are whichever torch.topk returns (callers resolve ties themselves).
     """
     c, v = z.shape
-    nb = v // _TOPK_GROUP
-    if nb <= 4 * k or v < 65536:   # measured on CPU: no gain at 32k columns
+    g = _topk_group(v)
+    nb = v // g if g else 0
+    if nb <= 4 * k:
         r = torch.topk(z, k, dim=-1, sorted=True)
         return r.values, r.indices
-    main = z[:, :nb * _TOPK_GROUP].view(c, nb, _TOPK_GROUP)
+    main = z[:, :nb * g].view(c, nb, g)
     groups = torch.topk(main.amax(-1), k, dim=-1, sorted=False).indices              # [c, k]
-    cols = (groups[:, :, None] * _TOPK_GROUP + torch.arange(_TOPK_GROUP, device=z.device)).flatten(1)
-    if nb * _TOPK_GROUP < v:
-        tail = torch.arange(nb * _TOPK_GROUP, v, device=z.device)
+    cols = (groups[:, :, None] * g + torch.arange(g, device=z.device)).flatten(1)
+    if nb * g < v:
+        tail = torch.arange(nb * g, v, device=z.device)
         cols = torch.cat([cols, tail.expand(c, -1)], dim=1)
     r = torch.topk(z.gather(1, cols), k, dim=-1, sorted=True)
     return r.values, cols.gather(1, r.indices)
@@ -355,7 +358,8 @@ def _topk_plan(gathered: torch.Tensor, shard: _Shard, k_eff: int, k_loc: int):
 
 def _topk_members(z: torch.Tensor, win: torch.Tensor, idx: torch.Tensor, t: torch.Tensor, quota: torch.Tensor,
                   partial: torch.Tensor, n_real: int, chunk_tokens) -> tuple[torch.Tensor, torch.Tensor]:
-    """This shard's members of the global top-k as (k_idx [N, k_loc] columns, k_mask [N, k_loc]).
+    """This shard's members of the global top-k as (k_idx [N, k_loc] columns, k_mask [N, k_loc]);
+    k_idx is `idx` (the window's columns), rewritten in place where needed.
 
     Members: every entry > t (all in the window) and the `quota` lowest-id entries equal to t. When
     the quota takes all of the window's ties and no tie lies beyond it (not `partial`), those are
@@ -367,9 +371,8 @@ def _topk_members(z: torch.Tensor, win: torch.Tensor, idx: torch.Tensor, t: torc
     vals = win[:, :k_loc]
     valid = torch.arange(k_loc, device=z.device)[None, :] < min(k_loc, n_real)
     eq = (vals == t[:, None]) & valid
-    tie_slot = eq & (eq.cumsum(-1) <= quota[:, None])
+    tie_slot = eq & (eq.cumsum(-1, dtype=torch.int32) <= quota[:, None])
     mask = ((vals > t[:, None]) & valid) | tie_slot
-    idx = idx.clone()
     if not bool(partial.any()):
         return idx, mask
     n, v = z.shape
@@ -392,7 +395,7 @@ def _ties_in_order(zc: torch.Tensor, sel: torch.Tensor, tr: torch.Tensor, n_real
     """(row, column) of every real entry of rows `sel` of the chunk `zc` equal to that row's `tr`,
     sorted by row, then column. Only the contiguous groups whose max reaches tr can hold such an
     entry: one max pass and a few gathered groups instead of comparing and compacting whole rows."""
-    g = _TOPK_GROUP
+    g = 64
     nb = n_real // g
     row_of = torch.empty(0, dtype=torch.long, device=zc.device)
     cols = torch.empty(0, dtype=torch.long, device=zc.device)

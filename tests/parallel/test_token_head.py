@@ -1,14 +1,16 @@
 """The loss inside the model (`models.gpt.token_head`): the output layer's own logits, same numbers.
 
 Training passes labels into GPTModel and runs the loss as its per-token head on the output layer's
-vocab-parallel logits [s, b, V/TP] in the model's dtype. Checked on forked gloo ranks, fp32 and bf16
-(Float16Module), TP=1 and TP=2 with sequence parallelism:
+vocab-parallel logits [s, b, V/TP] in the model's dtype. Checked on forked gloo ranks, fp32, bf16
+(Float16Module) and a float64 model, TP=1 and TP=2 with sequence parallelism:
 - the head receives the output layer's output tensor itself (same storage: no transposed copy, no
   fp32 upcast);
 - per-token loss, distribution statistics and every parameter gradient equal, bit for bit, the
   path the step used before (logits returned by the model as [b, s, V/TP], upcast to fp32 by
   Float16Module, then the loss reading them), for cross-entropy, beta and the top-k lambda setting;
-- RPT's policy log-probs as the head equal -CE of the same logits.
+- RPT's policy log-probs as the head equal -CE of the same logits;
+- float64, TP=1: loss and every parameter gradient equal the literal float64 formula
+  (tests/reference_loss.py) applied to the model's logits, to 1e-10 relative.
 """
 
 from functools import partial
@@ -24,7 +26,12 @@ SETTINGS = {"ce": dict(), "beta": dict(beta=-0.25), "topk": dict(beta=-0.25, lam
                                                                   top_k=7)}
 
 
-def _compare(rank, world, argv, settings):
+def _compare(rank, world, argv, fp64=False):
+    """Every loss setting on one model (per setting: the head, the old path, the reference)."""
+    return [_compare_setting(rank, world, argv, settings, fp64) for settings in SETTINGS.values()]
+
+
+def _compare_setting(rank, world, argv, settings, fp64):
     import torch
     from megatron.core.transformer.module import Float16Module
 
@@ -35,14 +42,22 @@ def _compare(rank, world, argv, settings):
     from megatron_rpt.platform import setup_platform
     from megatron_rpt.rpt.grpo import policy_log_probs
 
+    from megatron.core import parallel_state
+
     platform = setup_platform(force_cpu=True)
     cfg = validate_config(parse_args(argv), world)
     p = cfg.parallel
-    dist.init_distributed(backend="gloo", device_type="cpu", tensor_model_parallel_size=p.tensor_model_parallel_size)
+    if not parallel_state.model_parallel_is_initialized():
+        dist.init_distributed(backend="gloo", device_type="cpu",
+                              tensor_model_parallel_size=p.tensor_model_parallel_size)
     dist.set_random_seed(5)
     vocab = padded_vocab_size(250, cfg.model.make_vocab_size_divisible_by, p.tensor_model_parallel_size)
     config = transformer_config(cfg, platform)
+    if fp64:
+        config.params_dtype = config.pipeline_dtype = torch.float64
     model = build_model_chunks(cfg, platform, vocab, torch.device("cpu"), config)[0]
+    if fp64:
+        model.to(torch.float64)          # the local spec's norms are created in the default dtype
     if cfg.training.bf16:
         model = Float16Module(config, model)
     gpt = model.module if cfg.training.bf16 else model
@@ -80,8 +95,9 @@ def _compare(rank, world, argv, settings):
     # the head got the output layer's tensor itself: [s, b, V/TP] in the model's dtype
     assert seen["head_ptr"] == seen["out"].data_ptr()
     assert seen["head_shape"] == (s, b, vocab // p.tensor_model_parallel_size)
-    assert seen["head_dtype"] == (torch.bfloat16 if cfg.training.bf16 else torch.float32)
-    assert tuple(loss_new.shape) == (b, s) and loss_new.dtype == torch.float32
+    dtype = torch.float64 if fp64 else torch.bfloat16 if cfg.training.bf16 else torch.float32
+    assert seen["head_dtype"] == dtype
+    assert tuple(loss_new.shape) == (b, s) and loss_new.dtype == (torch.float64 if fp64 else torch.float32)
 
     # the old path: logits out of the model ([b, s, V/TP], fp32 under Float16Module), loss reads them
     stats_old = {}
@@ -102,18 +118,29 @@ def _compare(rank, world, argv, settings):
     with torch.no_grad(), token_head(model, partial(policy_log_probs, vocab_size=250, overwrite_logits=True)):
         logp = model(tokens, pos, mask, labels=labels)
         ce = generalized_vocab_parallel_loss(model(tokens, pos, mask), labels, vocab_size=250)
-    assert torch.equal(logp, -ce)
+    assert torch.equal(logp, -ce.float())           # policy_log_probs reports fp32
+
+    if fp64 and world == 1:
+        from tests.reference_loss import reference_loss
+        logits = model(tokens, pos, mask)
+        keep = labels.reshape(-1) >= 0
+        ref, _ = reference_loss(logits.reshape(-1, vocab)[keep], labels.reshape(-1)[keep], vocab=250,
+                                **{k: v for k, v in settings.items()})
+        (ref * upstream.reshape(-1)[keep]).sum().backward()
+        grads_ref = grads()
+        torch.testing.assert_close(loss_new.reshape(-1)[keep], ref.detach(), rtol=1e-10, atol=1e-12)
+        for i, (gn, gr) in enumerate(zip(grads_new, grads_ref)):
+            torch.testing.assert_close(gn, gr, rtol=1e-10, atol=1e-13, msg=f"parameter {i}")
     return float(loss_new.sum())
 
 
-@pytest.mark.parametrize("setting", list(SETTINGS))
-@pytest.mark.parametrize("layout", ["tp1-fp32", "tp1-bf16", "tp2-sp-fp32", "tp2-sp-bf16"])
-def test_head_is_the_old_path_without_copies(layout, setting):
+@pytest.mark.parametrize("layout", ["tp1-fp64", "tp1-fp32", "tp1-bf16", "tp2-sp-fp64", "tp2-sp-fp32", "tp2-sp-bf16"])
+def test_head_is_the_old_path_without_copies(layout):
     world = 2 if layout.startswith("tp2") else 1
     argv = list(ARGV)
     if world == 2:
         argv += ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
     if layout.endswith("bf16"):
         argv += ["--bf16"]
-    totals = run_ranks(_compare, world, argv, SETTINGS[setting])
-    assert len(set(totals)) == 1          # every TP rank computed the same per-token loss
+    totals = run_ranks(_compare, world, argv, fp64=layout.endswith("fp64"))
+    assert all(t == totals[0] for t in totals)      # every TP rank computed the same per-token losses

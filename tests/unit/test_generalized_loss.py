@@ -378,11 +378,13 @@ def test_leading_shape_and_non_contiguous_logits():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_topk_prefilter_on_wide_rows(dtype):
-    """Rows wide enough for the group-max prefilter (V >= 65536), ragged tail, ties, -inf entries."""
-    from megatron_rpt.loss.generalized import _topk_values
+@pytest.mark.parametrize("v", [32000 + 13, 65536 + 13])
+def test_topk_prefilter_on_wide_rows(dtype, v):
+    """Rows wide enough for the group-max prefilter (groups of 32 from 30k columns, of 64 from 64k),
+    ragged tail, ties, -inf entries."""
+    from megatron_rpt.loss.generalized import _topk_group, _topk_values
+    assert _topk_group(v)
     g = torch.Generator().manual_seed(21)
-    v = 65536 + 13
     z = (torch.randn(6, v, generator=g) * 3).to(dtype)
     z[1] = torch.randint(-2, 3, (v,), generator=g).to(dtype)       # massive ties
     z[2, :20000] = -math.inf
@@ -393,6 +395,7 @@ def test_topk_prefilter_on_wide_rows(dtype):
         assert torch.equal(z.gather(1, cols), vals), k                       # the indices hold those values
         assert all(len(set(r.tolist())) == k for r in cols), k              # k distinct columns per row
     x = torch.randint(0, v, (6,), generator=g)
+    x[2] = 20000 + x[2] % (v - 20000)                                # a target with a finite logit
     kw = dict(beta=-0.25, lambda_high=0.1, lambda_low=-0.1, top_k=10)
     loss, grad, gg = _ours(z, x, **kw)
     rloss, rgrad, _ = _ref(z.double(), x, gg, **kw)
