@@ -18,8 +18,9 @@ Every method runs in fresh processes (forked on CPU, one per rank, TP = ranks): 
 the model and optimizer exactly as `mrpt-pretrain` does (mock data flags, NullTokenizer), then the
 same fixed micro-batch (random tokens, every position a loss token) feeds every step.
 
-* Time: `--warmup` untimed steps, then `--steps` timed steps; the median step (max over ranks).
-  Methods of a point run one after another in separate processes.
+* Time: per process `--warmup` untimed steps, then `--steps` timed steps (each the max over
+  ranks); `--rounds` processes per method, the methods' order rotated each round; the median over
+  all timed steps of a method.
 * Memory: a separate process per method with glibc's mmap threshold fixed at 64 KiB (RSS follows
   the bytes actually live; CPU) runs the warm-up steps (so optimizer state and grad buffers exist),
   then one step under `machine.PeakMemory`: the peak over the RSS before that step (CUDA:
@@ -155,12 +156,19 @@ def _run_point(args, dtype: str, tp: int, log) -> dict:
     t0 = time.monotonic()
     point = {"dtype": dtype, "tp": tp, "threads_per_rank": base["threads"], "methods": {},
              "load_average_1m": [os.getloadavg()[0]]}
+    steps = {m: [] for m in args.methods}
+    for rnd in range(args.rounds):
+        # rounds rotate the order, so a slow spell of a shared machine does not land on one method
+        shift = rnd % len(args.methods)
+        for m in args.methods[shift:] + args.methods[:shift]:
+            res = machine.run_ranks(_rank_job, {**base, "method": m, "job": "time"}, tp, name=f"time job {m}")
+            steps[m] += [max(r["times"][i] for r in res) for i in range(args.steps)]     # max over ranks
+            point["methods"].setdefault(m, {"losses": res[0]["losses"]})
     for m in args.methods:
-        res = machine.run_ranks(_rank_job, {**base, "method": m, "job": "time"}, tp, name=f"time job {m}")
-        per_step = [max(r["times"][i] for r in res) for i in range(args.steps)]
-        e = point["methods"][m] = {"time_s": {"median": statistics.median(per_step), "min": min(per_step),
-                                              "max": max(per_step), "all": per_step},
-                                   "losses": res[0]["losses"]}
+        per_step = steps[m]
+        e = point["methods"][m]
+        e["time_s"] = {"median": statistics.median(per_step), "min": min(per_step), "max": max(per_step),
+                       "all": per_step}
         if not args.no_memory:
             mres = machine.run_ranks(_rank_job, {**base, "method": m, "job": "mem",
                                                  "malloc": "fixed" if args.device == "cpu" else None}, tp,
@@ -240,9 +248,10 @@ def _markdown(doc: dict) -> str:
            f"- Total wall time: {doc['wall_s'] / 60:.1f} min", "",
            f"Model: {st['num_layers']} layers, hidden {st['hidden_size']}, 4 heads, vocabulary {st['vocab']}; "
            f"micro-batch {st['micro_batch']} x {st['seq_length']} tokens (one micro-batch per step); Adam "
-           f"(mrpt-pretrain defaults); TP > 1 with sequence parallelism. {st['warmup']} warm-up steps, "
-           f"then {st['steps']} timed steps (median, max over ranks) in one process per method; memory: one more "
-           "step after the warm-up in a separate process per method.", "",
+           f"(mrpt-pretrain defaults); TP > 1 with sequence parallelism. Time: {st.get('rounds', 1)} processes per "
+           f"method (order rotated each round), each {st['warmup']} warm-up steps then {st['steps']} timed steps "
+           "(a step's time is the max over ranks); the median over all timed steps. Memory: one more step after "
+           "the warm-up in a separate process per method.", "",
            "Methods:", ""] + [f"- `{m}`: {METHOD_TEXT[m]}" for m in st["methods"]]
     out += ["", "**step extra** = the step's peak memory over what was resident before it (model, gradient "
             "buffers, optimizer state; CPU: RSS with glibc's mmap threshold fixed at 64 KiB, so RSS follows live "
@@ -283,7 +292,9 @@ def _parse(argv=None):
     p.add_argument("--seq-length", type=int, default=1024)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (>= 1: optimizer state exists)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per process (median of all reported)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="time processes per method, the methods' order rotated each round")
     p.add_argument("--no-memory", action="store_true", help="skip the memory processes")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--timeout", type=int, default=1800, help="seconds per job")
@@ -293,8 +304,8 @@ def _parse(argv=None):
     p.add_argument("--render", metavar="JSON", default=None,
                    help="only rewrite the markdown next to this results JSON (adding any --note lines); runs nothing")
     args = p.parse_args(argv)
-    if args.warmup < 1 or args.steps < 1:
-        p.error("--warmup >= 1 and --steps >= 1")
+    if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
+        p.error("--warmup, --steps and --rounds must be >= 1")
     if BASELINE not in args.methods:
         args.methods = [BASELINE] + args.methods
     args.methods = [m for m in METHODS if m in args.methods]
@@ -316,7 +327,8 @@ def main(argv=None) -> int:
            "environment": machine.describe({"torch": "torch", "megatron_core": "megatron-core"},
                                            ["megatron_rpt", "benchmarks/train_step.py"]),
            "settings": {k: getattr(args, k) for k in ("device", "vocab", "num_layers", "hidden_size", "seq_length",
-                                                      "micro_batch", "warmup", "steps", "methods", "dtype", "tp")},
+                                                      "micro_batch", "warmup", "steps", "rounds", "methods", "dtype",
+                                                      "tp")},
            "results": results, "wall_s": time.monotonic() - t0, "notes": [f"Note: {n}" for n in args.note]}
     prefix = Path(args.output) if args.output else REPO / "benchmarks" / "results" / f"train_step_{args.device}"
     j, md = machine.write_results(prefix, doc, _markdown)

@@ -44,8 +44,9 @@ class TokenHeadGPTModel(GPTModel):
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         if self.token_head_fn is None:
             return super().compute_language_model_loss(labels, logits)
-        # labels [b, s] -> [s, b] (small); the per-token result goes back to [b, s] as Megatron's does
-        return self.token_head_fn(logits, labels.transpose(0, 1).contiguous()).transpose(0, 1)
+        # labels [b, s] -> [s, b] and the per-token result back to a contiguous [b, s] (small), as
+        # Megatron-Core's does: the step then sums the losses in the same order (bit-identical at CE)
+        return self.token_head_fn(logits, labels.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
 
 
 def unwrap_gpt(model: torch.nn.Module) -> TokenHeadGPTModel:
