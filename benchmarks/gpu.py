@@ -628,7 +628,7 @@ def rollout(args) -> None:
     doc["results"]["static_engine"] = {"model": argv, "params": params, "prompt_length": prompt_len,
                                        "new_tokens": new_tokens, "copy_gbps": copy, "batches": rows}
     if "dynamic" in args.engines and not args.smoke:   # CUDA only (flash attention)
-        from megatron_rpt.training.optimizer import unwrap
+        from megatron_rpt.models.gpt import unwrap
         dyn = {}
         for b in batches:
             prompts = random_prompts(b)

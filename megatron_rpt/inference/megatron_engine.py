@@ -138,7 +138,7 @@ class MegatronEngine(RolloutEngine):
                  max_batch_size: int, max_sequence_length: int, row_multiple: int = 1):
         from megatron.core.inference.engines import StaticInferenceEngine
 
-        from megatron_rpt.training.optimizer import unwrap
+        from megatron_rpt.models.gpt import unwrap
 
         if len(model_chunks) != 1:
             raise RolloutError(f"the embedded engine needs one model chunk per rank, got {len(model_chunks)} "

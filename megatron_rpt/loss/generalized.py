@@ -223,9 +223,9 @@ def write_grad_torch(z: torch.Tensor, out: torch.Tensor, m: torch.Tensor, s: tor
     lam_ij = lambda_high for the row's top-k members on this shard (k_idx where k_mask, from the
     forward; needed only when lambda_high != lambda_low), lambda_low for the other real j, 0 for
     j = x_i and padded j. `e_x` = exp(z_x - m) of the row's target (used on its owner shard).
-    `z_is_exp`: z holds exp(z - m) already (the overwriting forward), so nothing is recomputed;
-    the target's entry of z is not read. `out` may be `z` itself (each chunk is read before it is
-    written). Cross-entropy (W = w = 1, no lambda) keeps Megatron-Core's operation order
+    `z_is_exp`: z holds exp(z - m) already (the overwriting forward), so nothing is recomputed,
+    the gradient is written over it (`out` must be `z`) and the target's entry is not read.
+    Otherwise `out` may be `z` itself (each chunk is read before it is written). Cross-entropy (W = w = 1, no lambda) keeps Megatron-Core's operation order
     (pi = e / s; pi[x] -= 1; pi *= g); otherwise each entry is e * (g (W - lam) / s), one multiply.
     """
     n, v = z.shape
@@ -236,8 +236,8 @@ def write_grad_torch(z: torch.Tensor, out: torch.Tensor, m: torch.Tensor, s: tor
     split = use_lam and lambda_high != lambda_low
     if split and (k_idx is None or k_mask is None):
         raise ValueError("write_grad_torch: lambda_high != lambda_low needs the top-k members (k_idx, k_mask)")
-    if z_is_exp and z.dtype != cd:
-        raise ValueError(f"write_grad_torch: z_is_exp needs {cd} values, got {z.dtype}")
+    if z_is_exp and (z.dtype != cd or out.data_ptr() != z.data_ptr()):
+        raise ValueError(f"write_grad_torch: z_is_exp needs {cd} values written in place (out is z)")
     ce = not use_lam and bool((big_w == 1).all()) and bool((w == 1).all())
     lam_real = lambda_low if use_lam else 0.0
     coef_real = g * (big_w - lam_real) / s           # per row: real non-target entries
@@ -247,10 +247,8 @@ def write_grad_torch(z: torch.Tensor, out: torch.Tensor, m: torch.Tensor, s: tor
     for rows in _chunks(n, v, chunk_tokens):
         c = rows.stop - rows.start
         zc = z[rows]
-        if z_is_exp and out.data_ptr() == z.data_ptr():
+        if z_is_exp:
             pi = zc
-        elif z_is_exp:
-            pi = ws.get("pi", cd, c).copy_(zc)
         else:
             pi = torch.sub(zc, m[rows, None], out=ws.get("pi", cd, c)).exp_()
         z_k = pi.gather(1, k_idx[rows]) if split else None     # before the bulk pass overwrites them
@@ -271,7 +269,7 @@ def write_grad_torch(z: torch.Tensor, out: torch.Tensor, m: torch.Tensor, s: tor
                 scatter_topk_grad(z_k, pi, k_idx[rows], k_mask[rows], xl, m[rows], s[rows], big_w[rows], g[rows],
                                   lambda_high, z_is_exp=True)
             pi[r_own, x_own] = value_x[rows][r_own]
-        if pi.data_ptr() != out[rows].data_ptr():
+        if not z_is_exp:
             out[rows] = pi
 
 
@@ -395,7 +393,7 @@ def _ties_in_order(zc: torch.Tensor, sel: torch.Tensor, tr: torch.Tensor, n_real
     """(row, column) of every real entry of rows `sel` of the chunk `zc` equal to that row's `tr`,
     sorted by row, then column. Only the contiguous groups whose max reaches tr can hold such an
     entry: one max pass and a few gathered groups instead of comparing and compacting whole rows."""
-    g = 64
+    g = 64                                               # any group size is exact; the prefilter's at 152k
     nb = n_real // g
     row_of = torch.empty(0, dtype=torch.long, device=zc.device)
     cols = torch.empty(0, dtype=torch.long, device=zc.device)
@@ -476,7 +474,6 @@ class _GeneralizedLoss(torch.autograd.Function):
             win, widx = _local_window(z, k_loc, n_real, chunk_tokens)
             gathered = _all_gather(win, shard)
             m, t, top1_val, q_local, partial, gt_local = _topk_plan(gathered, shard, k_eff, k_loc)
-            win = gathered[shard.rank]
             k_idx, k_mask = _topk_members(z, win, widx, t, q_local, partial, n_real, chunk_tokens)
             e_k_local = torch.where(k_mask, torch.exp(win[:, :k_loc] - m[:, None]), 0.0).sum(-1)
             x_in_k = own & ((k_idx == x_local[:, None]) & k_mask).any(-1)

@@ -22,9 +22,11 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_rpt.config.schema import RunConfig
@@ -49,21 +51,19 @@ class TokenHeadGPTModel(GPTModel):
         return self.token_head_fn(logits, labels.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
 
 
-def unwrap_gpt(model: torch.nn.Module) -> TokenHeadGPTModel:
-    """The TokenHeadGPTModel inside any wrappers (DDP, Float16Module, ...) that hold it as `.module`."""
-    inner = model
-    while not isinstance(inner, TokenHeadGPTModel):
-        nxt = getattr(inner, "module", None)
-        if not isinstance(nxt, torch.nn.Module):
-            raise TypeError(f"{type(model).__name__} does not wrap a TokenHeadGPTModel (built by build_model_chunks)")
-        inner = nxt
-    return inner
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while isinstance(module, (DistributedDataParallel, Float16Module)):
+        module = module.module
+    return module
 
 
 @contextlib.contextmanager
 def token_head(model: torch.nn.Module, head: TokenHead) -> Iterator[None]:
     """Forwards of `model` with labels inside this block return `head(logits, labels)` as [b, s]."""
-    inner = unwrap_gpt(model)
+    inner = unwrap(model)
+    if not isinstance(inner, TokenHeadGPTModel):
+        raise TypeError(f"{type(inner).__name__} is not a TokenHeadGPTModel (built by build_model_chunks)")
     previous, inner.token_head_fn = inner.token_head_fn, head
     try:
         yield

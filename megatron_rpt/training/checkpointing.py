@@ -36,7 +36,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyPara
 from megatron_rpt.config.schema import RunConfig
 from megatron_rpt.platform import get_platform
 from megatron_rpt.training.faults import fault_point
-from megatron_rpt.training.optimizer import unwrap
+from megatron_rpt.models.gpt import unwrap
 
 TRACKER = "latest_checkpointed_iteration.txt"
 OPTIMIZER_SHARDING = "fully_reshardable"  # the default fully_sharded_model_space cannot save (see notes)

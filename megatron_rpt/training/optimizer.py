@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
@@ -118,10 +117,3 @@ def setup_model_and_optimizer(chunks: list, cfg: RunConfig, config: TransformerC
         param_sync = [m.start_param_sync for m in model]
         config.param_sync_func = param_sync[0] if len(param_sync) == 1 else param_sync
     return TrainState(model=model, optimizer=optimizer, scheduler=scheduler, config=config)
-
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while isinstance(module, (DistributedDataParallel, Float16Module)):
-        module = module.module
-    return module

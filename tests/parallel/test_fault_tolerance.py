@@ -12,7 +12,7 @@ def _poisoned_run(rank, world, argv, bad_iterations):
     import megatron_rpt.training.step as step_module
     from megatron_rpt.config import parse_args
     from megatron_rpt.training.loop import pretrain
-    from megatron_rpt.training.optimizer import unwrap
+    from megatron_rpt.models.gpt import unwrap
     original = step_module.train_step
     trace = {"fingerprint": {}, "lr": {}, "nonfinite": {}}
     calls = [0]

@@ -44,7 +44,7 @@ def _traced(rank, world, argv, with_tensors=False):
     from megatron_rpt.config import parse_args
     from megatron_rpt.training import step as step_module
     from megatron_rpt.training.loop import pretrain
-    from megatron_rpt.training.optimizer import unwrap
+    from megatron_rpt.models.gpt import unwrap
 
     loads: dict = {}
     real_forward = TopKRouter.forward

@@ -144,3 +144,12 @@ def test_head_is_the_old_path_without_copies(layout):
         argv += ["--bf16"]
     totals = run_ranks(_compare, world, argv, fp64=layout.endswith("fp64"))
     assert all(t == totals[0] for t in totals)      # every TP rank computed the same per-token losses
+
+
+def test_token_head_names_a_model_it_cannot_serve():
+    import torch
+
+    from megatron_rpt.models.gpt import token_head
+    with pytest.raises(TypeError, match="Linear is not a TokenHeadGPTModel"):
+        with token_head(torch.nn.Linear(2, 2), lambda logits, labels: logits):
+            pass
