@@ -3,11 +3,11 @@
 Every engine (the embedded Megatron-Core engine on the trainer's own weights, an external
 OpenAI-compatible server) implements `RolloutEngine`; the RPT loop only talks to this interface.
 
-Log-prob convention: `Rollout.log_probs[i]` is log pi(token_i | prompt, tokens_<i) of the policy
-itself at temperature 1 over the full vocabulary, as Megatron-Core's engines (and vLLM's
-`logprobs`) report it; the sampling temperature / top-p / top-k shape exploration only. The
-trainer recomputes the same quantity vocab-parallel, so at the first update the importance ratio
-is exp(0) = 1 up to numerics (the correctness gate of the RPT tests).
+Log-prob convention: `Rollout.log_probs[i]` is log pi_T(token_i | prompt, tokens_<i) of the policy
+that sampled it: log softmax(z / T) over the full (padded) vocabulary at the sampling temperature T;
+top-p / top-k truncation is not part of it (as verl). The trainer computes the same quantity
+vocab-parallel (`rpt.grpo.policy_log_probs`); by default it recomputes the old policy's log-probs
+itself and uses the engine's only to measure (and optionally correct) the engine-trainer mismatch.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ copy, no conversion, so `sync_weights` is a no-op), with Megatron-Core's static-
 prompts (TP ranks share gathered logits and a sampling generator seeded alike, so they sample the
 same tokens; PP stages receive the last stage's logits); data-parallel ranks run their own prompts.
 
-What is returned per sampled token is log_softmax of the full (padded-vocabulary) logits at
-temperature 1, the convention of `inference.base`, recorded at each sampling step by a
+What is returned per sampled token is log_softmax(z / T) of the full (padded-vocabulary) logits at
+the sampling temperature T (fp32, as Megatron-Core's sampler divides them), the convention of
+`inference.base`, recorded at each sampling step by a
 `TextGenerationController` subclass (cheaper than Megatron-Core's `return_log_probs`, which
 materialises the prompt's full-vocabulary logits, and it covers the terminating EOD).
 
@@ -109,19 +110,22 @@ def _recording_controller_class():
     Megatron-Core's own `return_log_probs` makes the static engine materialise [batch, prompt,
     vocabulary] logits at prefill for the prompt's log-probs (gigabytes for long prompts and large
     vocabularies) and drops the terminating EOD's. Here only the last position's log_softmax is
-    taken, at the token the controller actually sampled (the logits it is given are the raw ones:
-    it applies temperature/top-k/top-p to a copy), for the requests whose generation has started."""
+    taken, at the token the controller actually sampled, for the requests whose generation has started;
+    it is taken of the raw logits divided by `temperature` (set per call) before the sampler runs, so
+    whatever the sampler does to its logits (temperature, top-k/top-p masks) is not part of it."""
     from megatron.core.inference.text_generation_controllers.text_generation_controller import (
         TextGenerationController)
 
     class RecordingController(TextGenerationController):
+        temperature = 1.0
+
         def sample_from_logits(self, last_token_logits, *args, **kwargs):
+            log_softmax = torch.log_softmax(last_token_logits.float() / self.temperature, dim=-1)
             tokens = super().sample_from_logits(last_token_logits, *args, **kwargs)
             started = kwargs.get("generation_started")
             if started is None:
                 started = torch.ones(tokens.shape[0], dtype=torch.bool)
-            log_probs = torch.log_softmax(last_token_logits.float(), dim=-1).gather(
-                -1, tokens.view(-1, 1).to(last_token_logits.device)).view(-1)
+            log_probs = log_softmax.gather(-1, tokens.view(-1, 1).to(last_token_logits.device)).view(-1)
             self.recorded.append((log_probs.cpu(), started.cpu()))
             return tokens
 
@@ -211,6 +215,7 @@ class MegatronEngine(RolloutEngine):
                 requests.append(InferenceRequest(request_id=str(self._request_id), prompt="",
                                                  sampling_params=params, prompt_tokens=prompt))
         self.controller.sampling_rng.manual_seed(int(sampling.seed))
+        self.controller.temperature = float(sampling.temperature)
         was_training = [chunk.training for chunk in self.model_chunks]
         out: list[list[Rollout]] = [[] for _ in prompts]
         eod = self.tokenizer.eod

@@ -10,15 +10,19 @@
   beta * KL_k3(pi_ref || pi) = exp(ref - logp) - (ref - logp) - 1 when a reference is given. The
   token-level mean over the global batch is taken by Megatron-Core's schedule
   (`calculate_per_token_loss`: sum of masked token losses / all tokens of all DP ranks).
-- `policy_log_probs`: log pi(label) from vocab-parallel logits [..., V/TP] without gathering the
-  vocabulary: the generalized loss at zero settings is Megatron-Core's cross-entropy, bit for bit,
-  so logp = -CE; it communicates what that loss does (all-reduce MAX of the row maxima, one SUM of
-  the packed row sums; with `stats`, one all-gather of the top-k plan), keeps only per-token
-  values, and writes its gradient into the logits' storage in backward with no communication.
+- `policy_log_probs`: log pi_T(label) = log softmax(z / T)[label], T the rollouts' sampling temperature
+  (the policy that sampled them; the paper samples at T = 0.8; top-p/top-k truncation is not part of
+  it, as verl), from vocab-parallel logits [..., V/TP] without gathering the vocabulary: the
+  generalized loss at zero settings is Megatron-Core's cross-entropy, bit for bit, so logp = -CE of
+  z / T; it communicates what that loss does (all-reduce MAX of the row maxima, one SUM of the packed
+  row sums; with `stats`, one all-gather of the top-k plan), keeps only per-token values, and writes
+  its gradient into the logits' storage in backward with no communication. z / T is taken in fp32 at
+  least: handed-over fp32 logits are divided in place, bf16 logits at T != 1 cost one fp32 copy.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -67,16 +71,52 @@ def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages
     return loss, info
 
 
+class _DivideInPlace(torch.autograd.Function):
+    """z / T written over z's own storage (the caller owns the logits), and the gradient divided by T
+    in place in backward: no [N, V] temporary either way."""
+
+    @staticmethod
+    def forward(ctx, logits, temperature: float):
+        ctx.temperature = temperature
+        ctx.mark_dirty(logits)
+        return logits.div_(temperature)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.div_(ctx.temperature), None
+
+
+def tempered_logits(logits: torch.Tensor, temperature: float, *, owned: bool) -> torch.Tensor:
+    """z / T in the precision of the log-prob math (fp32 at least), as the engines scale before sampling.
+
+    Owned fp32/float64 logits are divided in place; bf16/fp16 logits (or logits the caller keeps) go to a new
+    fp32 tensor first, one [N, V/TP] fp32 temporary, because dividing in bf16 would round z / T once more than
+    the sampler did. T == 1 returns the logits themselves."""
+    if temperature <= 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if temperature == 1.0:
+        return logits
+    if owned and logits.dtype in (torch.float32, torch.float64):
+        return _DivideInPlace.apply(logits, float(temperature))
+    return logits.float() / temperature
+
+
 def policy_log_probs(vocab_parallel_logits: torch.Tensor, labels: torch.Tensor, *, vocab_size: int,
-                     stats: Optional[dict] = None, overwrite_logits: bool = False) -> torch.Tensor:
-    """log pi(labels) [...] from vocab-parallel logits [..., V/TP], any leading layout (the training
-    step passes the output layer's [s, b, V/TP] as the model's per-token head; see the module docstring);
-    `stats` (optional dict) receives per-token `entropy` and the rest of the loss's statistics.
-    Labels < 0 give 0. `overwrite_logits`: the caller hands the logits over (the model's head; see
-    `generalized_vocab_parallel_loss`)."""
+                     temperature: float = 1.0, stats: Optional[dict] = None,
+                     overwrite_logits: bool = False) -> torch.Tensor:
+    """log softmax(z / T)[labels] [...] from vocab-parallel logits z [..., V/TP], any leading layout (the
+    training step passes the output layer's [s, b, V/TP] as the model's per-token head; see the module
+    docstring), with its gradient; T is the sampling temperature of the rollouts (the policy that sampled
+    them is softmax(z / T)). `stats` (optional dict) receives per-token `entropy` of the tempered
+    distribution and the rest of the loss's statistics. Labels < 0 give 0. `overwrite_logits`: the caller
+    hands the logits over (the model's head; see `generalized_vocab_parallel_loss`); owned fp32 logits are
+    then divided by T in place."""
     from megatron_rpt.loss.generalized import generalized_vocab_parallel_loss
 
-    ce = generalized_vocab_parallel_loss(vocab_parallel_logits, labels, beta=0.0, lambda_high=0.0,
+    scaled = tempered_logits(vocab_parallel_logits, temperature, owned=overwrite_logits)
+    # a new fp32 tensor (bf16 logits at T != 1) is this function's own to overwrite
+    owned = overwrite_logits or scaled is not vocab_parallel_logits
+    ce = generalized_vocab_parallel_loss(scaled, labels, beta=0.0, lambda_high=0.0,
                                          lambda_low=0.0, top_k=1, vocab_size=vocab_size, stats=stats,
-                                         overwrite_logits=overwrite_logits)
-    return -ce.float()
+                                         overwrite_logits=owned)
+    return -(ce if ce.dtype == torch.float64 else ce.float())

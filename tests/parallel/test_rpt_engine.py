@@ -2,8 +2,8 @@
 hand-written reference: full-sequence forwards without a KV cache, log_softmax of the gathered logits.
 
 Checks, at TP=1 and TP=2: greedy rollouts equal the reference's greedy continuation; every returned
-log-prob equals the reference log-prob of that token (temperature 1, full padded vocabulary, the
-convention of inference.base) for greedy and temperature/top-k sampled rollouts; a seed reproduces
+log-prob equals the reference log-prob of that token (log_softmax(z / T) at the sampling temperature,
+full padded vocabulary, the convention of inference.base) for greedy and temperature/top-k sampled rollouts; a seed reproduces
 the samples; the KV-cache engine leaves the model in training mode.
 """
 
@@ -25,8 +25,8 @@ def _job(extra):
     return setup_job(cfg, validate=lambda c, w: validate_config(c, w, pretraining_data=False), check_data=False)
 
 
-def _reference(job, sequence):
-    """log_softmax over the gathered vocabulary of one full forward (no cache) -> [len, V]."""
+def _reference(job, sequence, temperature):
+    """log_softmax(z / T) over the gathered vocabulary of one full forward (no cache) -> [len, V]."""
     import torch
     from megatron.core import tensor_parallel
     model = job.state.model[0]
@@ -38,7 +38,7 @@ def _reference(job, sequence):
         logits = model(ids, torch.arange(n).unsqueeze(0), mask)
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
     model.train()
-    return torch.log_softmax(logits[0].double(), dim=-1)
+    return torch.log_softmax(logits[0].double() / temperature, dim=-1)
 
 
 def _engine_case(rank, world, extra, sampling_kw, n, row_multiple=1):
@@ -58,7 +58,7 @@ def _engine_case(rank, world, extra, sampling_kw, n, row_multiple=1):
     rows = []
     for prompt, group in zip(PROMPTS, out):
         for o in group:
-            ref = _reference(job, prompt + o.tokens)
+            ref = _reference(job, prompt + o.tokens, sampling.temperature)
             ref_lp = [float(ref[len(prompt) - 1 + i, tok]) for i, tok in enumerate(o.tokens)]
             if o.finished:   # the terminating EOD is part of the response, with its log-prob
                 assert o.tokens[-1] == job.tokenizer.eod

@@ -122,3 +122,10 @@ def test_majority_vote():
     tie = ["</think> \\boxed{ x =}", "</think> \\boxed{ z}"]       # tie: the earliest prediction wins
     assert majority_vote_reward(tie, target) == 1.0
     assert majority_vote_reward(["nothing", "\\boxed{}"], target) == 0.0
+
+
+def test_policy_log_probs_temperature_must_be_positive():
+    from megatron_rpt.rpt.grpo import policy_log_probs
+    for bad in (0.0, -0.8, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            policy_log_probs(torch.zeros(2, 4), torch.zeros(2, dtype=torch.long), vocab_size=4, temperature=bad)
