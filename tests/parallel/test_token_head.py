@@ -118,7 +118,9 @@ def _compare_setting(rank, world, argv, settings, fp64):
     with torch.no_grad(), token_head(model, partial(policy_log_probs, vocab_size=250, overwrite_logits=True)):
         logp = model(tokens, pos, mask, labels=labels)
         ce = generalized_vocab_parallel_loss(model(tokens, pos, mask), labels, vocab_size=250)
-    assert torch.equal(logp, -ce.float())           # policy_log_probs reports fp32
+    # policy_log_probs reports fp32, or float64 from float64 logits
+    assert logp.dtype == (torch.float64 if fp64 else torch.float32)
+    assert torch.equal(logp, -ce.to(logp.dtype))
 
     if fp64 and world == 1:
         from tests.reference_loss import reference_loss
