@@ -21,10 +21,17 @@ engine uses:
   POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path": DIR}}  (vLLM dev mode's)
   POST /reset_prefix_cache                                                  (vLLM's; no cache here)
 
-Log-probs are raw: log_softmax of the model's logits at temperature 1 over the full vocabulary
-(vLLM's default `--logprobs-mode raw_logprobs`), whatever temperature/top-p/top-k sampled the token.
+Log-probs (`--logprobs-mode`), over the full vocabulary whatever top-p/top-k truncated:
+  tempered (default)  log_softmax(logits / temperature), at the sampling temperature (the convention
+                      of megatron_rpt.inference.base; SGLang's default; vLLM's processed_logprobs
+                      without top-k/top-p);
+  raw                 log_softmax(logits), temperature 1 (vLLM's raw_logprobs, SGLang with
+                      SGLANG_RETURN_ORIGINAL_LOGPROB=1).
+Temperature 0 (greedy) reports temperature 1 in both. A request may override the mode with the
+field `logprobs_mode` (this server's extension, for tests).
 
   python tools/serve_hf_openai.py --model HF_DIR [--port 8000] [--served-model-name NAME] [--dtype fp32]
+                                  [--logprobs-mode tempered|raw]
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from typing import Any, Optional
 import torch
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LOGPROBS_MODES = ("tempered", "raw")
 
 
 class BadRequest(ValueError):
@@ -51,8 +59,12 @@ class BadRequest(ValueError):
 class ModelHost:
     """The served model, swapped atomically by a reload."""
 
-    def __init__(self, path: str, served_name: Optional[str], dtype: torch.dtype, device: str):
+    def __init__(self, path: str, served_name: Optional[str], dtype: torch.dtype, device: str,
+                 logprobs_mode: str = "tempered"):
+        if logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode {logprobs_mode!r} must be one of {', '.join(LOGPROBS_MODES)}")
         self.dtype, self.device = dtype, device
+        self.logprobs_mode = logprobs_mode
         self.served_name = served_name
         self.lock = threading.Lock()
         self.weight_version: Optional[str] = None
@@ -108,6 +120,9 @@ class ModelHost:
         if temperature < 0 or not 0 < top_p <= 1:
             raise BadRequest("temperature must be >= 0 and top_p in (0, 1]")
         logprobs = req.get("logprobs")
+        mode = req.get("logprobs_mode") or self.logprobs_mode
+        if mode not in LOGPROBS_MODES:
+            raise BadRequest(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got {mode!r}")
         seed = req.get("seed")
         stop_ids = set(req.get("stop_token_ids") or [])
         if not req.get("ignore_eos", False):
@@ -124,7 +139,7 @@ class ModelHost:
                                      f"model's context length {self.max_len}")
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed(int(seed) + i if seed is not None else int.from_bytes(os.urandom(4), "little"))
-                outs = self._sample(p, n, max_tokens, temperature, top_p, top_k, stop_ids, gen)
+                outs = self._sample(p, n, max_tokens, temperature, top_p, top_k, stop_ids, gen, mode)
                 usage_in += len(p)
                 for j, (tokens, lps, finished) in enumerate(outs):
                     usage_out += len(tokens)
@@ -135,7 +150,7 @@ class ModelHost:
                           "total_tokens": usage_in + usage_out}}
 
     @torch.no_grad()
-    def _sample(self, prompt, n, max_tokens, temperature, top_p, top_k, stop_ids, gen):
+    def _sample(self, prompt, n, max_tokens, temperature, top_p, top_k, stop_ids, gen, mode):
         ids = torch.tensor([prompt] * n, dtype=torch.long, device=self.device)
         past, step_in = None, ids
         tokens = [[] for _ in range(n)]
@@ -145,8 +160,9 @@ class ModelHost:
             out = self.model(input_ids=step_in, past_key_values=past, use_cache=True)
             past = out.past_key_values
             logits = out.logits[:, -1, :].float()
-            raw = torch.log_softmax(logits, dim=-1)
-            if temperature < 1e-5:          # vLLM's convention: temperature 0 is greedy
+            greedy = temperature < 1e-5     # vLLM's convention: temperature 0 is greedy
+            reported = torch.log_softmax(logits if greedy or mode == "raw" else logits / temperature, dim=-1)
+            if greedy:
                 nxt = logits.argmax(dim=-1)
             else:
                 nxt = torch.multinomial(torch.softmax(_filter(logits / temperature, top_p, top_k), dim=-1), 1,
@@ -156,7 +172,7 @@ class ModelHost:
                     continue
                 t = int(nxt[r])
                 tokens[r].append(t)
-                lps[r].append(float(raw[r, t]))
+                lps[r].append(float(reported[r, t]))
                 if t in stop_ids:
                     done[r] = True
             if all(done):
@@ -295,10 +311,13 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="fp32", choices=list(_DTYPES))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--logprobs-mode", default="tempered", choices=LOGPROBS_MODES,
+                    help="reported log-probs: at the sampling temperature (tempered) or at temperature 1 (raw)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    Handler.host = ModelHost(args.model, args.served_model_name, _DTYPES[args.dtype], args.device)
+    Handler.host = ModelHost(args.model, args.served_model_name, _DTYPES[args.dtype], args.device,
+                             args.logprobs_mode)
     server = ThreadingHTTPServer((args.host, args.port), Handler)
     server.daemon_threads = True
     print(f"serve_hf_openai: listening on http://{args.host}:{server.server_address[1]}", file=sys.stderr, flush=True)

@@ -234,6 +234,10 @@ class CheckpointConfig:
     ckpt_fully_parallel_save: bool = arg(True, flag="--ckpt-fully-parallel-save",
                                          negative="--no-ckpt-fully-parallel-save",
                                          help="Spread the save over data-parallel ranks.")
+    ckpt_keep_last: Optional[int] = arg(None, help="Keep only the newest N complete checkpoints in --save: after "
+                                        "each successful save, older iter_* folders are deleted (never the one "
+                                        "this run resumed from, nor ones newer than the save). megatron-rpt's own "
+                                        "flag (Megatron-LM has none); default: keep all.")
 
 
 @dataclass
@@ -299,8 +303,18 @@ class RPTConfig:
                                                  "to POST {model_path} to.")
     rollout_restart_command: Optional[str] = arg(None, help="External engine, --rollout-reload restart: the server "
                                                  "command with a {model_path} placeholder.")
-    rollout_sync_dir: Optional[str] = arg(None, help="External engine: folder of the exported HF weights "
-                                          "(default SAVE/rollout_sync).")
+    rollout_sync_dir: Optional[str] = arg(None, help="External engine: folder of the weight sync, the rolling "
+                                          "model-only checkpoint (weights/) and its HF export (hf/) the server "
+                                          "loads (default SAVE/rollout_sync).")
+    rollout_logprobs: str = arg("tempered", choices=("tempered", "raw"),
+                                help="External engine: what the server's log-probs are. 'tempered': log softmax(z/T) "
+                                "at the sampling temperature (vLLM --logprobs-mode processed_logprobs; SGLang's "
+                                "default); 'raw': at temperature 1 (vLLM raw_logprobs, its default; SGLang with "
+                                "SGLANG_RETURN_ORIGINAL_LOGPROB=1), accepted only with --rpt-temperature 1.")
+    rollout_frozen_policy: bool = arg(False, help="External engine: the server keeps its initial weights on purpose "
+                                      "(e.g. off-policy experiments): no weight sync at all. Without it "
+                                      "--rollout-reload none is refused (the server would sample from a stale "
+                                      "policy forever).")
     grpo_clamp_eps_lower: float = arg(0.2, help="Lower clip of the importance ratio (1 - eps).")
     grpo_clamp_eps_upper: float = arg(0.2, help="Upper clip of the importance ratio (1 + eps; > lower: "
                                       "clip-higher).")
@@ -308,6 +322,15 @@ class RPTConfig:
                               "(0: off, as in the paper).")
     rpt_ref_load: Optional[str] = arg(None, help="Checkpoint folder of the frozen reference policy of the KL "
                                       "penalty (its latest iteration; usually the initial policy).")
+    rpt_use_rollout_logprobs: bool = arg(False, help="Use the rollout engine's log-probs as the old policy's "
+                                         "(skip the trainer's forward-only recompute; the ratio then also carries "
+                                         "the engine-trainer numerical mismatch).")
+    rpt_tis_cap: Optional[float] = arg(None, help="Truncated importance sampling: weight each token's loss by "
+                                       "min(exp(logp_old - logp_engine), C), detached (corrects the rollouts "
+                                       "for the engine-trainer mismatch). Off by default.")
+    rpt_mini_batches: int = arg(1, help="Optimizer steps per rollout batch: its contexts are split into N equal "
+                                "mini-batches, each updated in turn against the same old policy (PPO/GRPO epochs "
+                                "of 1); 1 = on-policy, one update per batch, as the paper.")
     rpt_eval_samples: int = arg(1, help="Responses per held-out task in evaluation (k of pass@k/avg@k/cons@k).")
     rpt_eval_max_tasks: Optional[int] = arg(None, help="Evaluate on the first N held-out tasks only.")
 

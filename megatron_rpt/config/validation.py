@@ -7,7 +7,6 @@ together in a single `ConfigError` so a user fixes a launch script in one pass.
 from __future__ import annotations
 
 import math
-
 import os
 import warnings
 from typing import Optional
@@ -264,6 +263,10 @@ def validate_config(cfg: RunConfig, world_size: int, *, check_files: bool = True
     if p.sequence_parallel and m.seq_length is not None and m.seq_length % tp:
         problems.append(f"--seq-length {m.seq_length} is not divisible by --tensor-model-parallel-size "
                         f"{tp} (needed by --sequence-parallel)")
+    if cp > 1 and m.seq_length is not None and m.seq_length % (2 * cp):
+        # training.context_parallel: each CP rank keeps 2 of 2 x CP equal chunks (Megatron-LM asserts the same).
+        problems.append(f"--seq-length {m.seq_length} is not divisible by 2 x --context-parallel-size {cp} = "
+                        f"{2 * cp} (each context-parallel rank keeps two of 2 x CP equal chunks)")
 
     if dp is not None and t.global_batch_size is not None:
         if t.global_batch_size % (t.micro_batch_size * dp):
@@ -304,6 +307,12 @@ def validate_config(cfg: RunConfig, world_size: int, *, check_files: bool = True
         problems.append("--save-interval needs --save DIR")
     if c.save_interval is not None and c.save_interval < 1:
         problems.append(f"--save-interval must be >= 1 (got {c.save_interval})")
+    if c.ckpt_keep_last is not None:
+        if c.ckpt_keep_last < 1:
+            problems.append(f"--ckpt-keep-last must be >= 1 (got {c.ckpt_keep_last}): the checkpoint just saved is "
+                            "always kept; leave it unset to keep every checkpoint")
+        if c.save is None:
+            problems.append("--ckpt-keep-last needs --save DIR")
     if cfg.logging.log_interval < 1:
         problems.append(f"--log-interval must be >= 1 (got {cfg.logging.log_interval})")
     problems.extend(_check_loss(cfg))
@@ -325,6 +334,16 @@ def validate_platform(cfg: RunConfig, platform, gpu=None) -> None:
     """What this run asks of the hardware, against the chosen `platform.Platform` and this rank's
     `platform.GPUInfo` (None: not known); `ConfigError` otherwise."""
     problems: list[str] = []
+    cp = cfg.parallel.context_parallel_size
+    if cp > 1 and not platform.transformer_engine:
+        # Context parallelism lives in Transformer Engine's attention only: Megatron-Core's local
+        # DotProductAttention (the CPU / no-TE layer spec) asserts context_parallel_size == 1.
+        where = (f"a {platform.device_type} run{' (--use-cpu)' if cfg.training.use_cpu else ''}"
+                 if platform.device_type != "cuda" else
+                 "CUDA, but Transformer Engine does not import (pip install transformer-engine[pytorch])")
+        problems.append(f"--context-parallel-size {cp} needs Transformer Engine's attention (TEDotProductAttention; "
+                        f"Megatron-Core's local attention has no context parallelism); this platform has none "
+                        f"({where}): use --context-parallel-size 1")
     f = cfg.fp8
     if f.fp8_format:
         flag = f"--fp8-format {f.fp8_format}"
@@ -373,6 +392,18 @@ def validate_rpt_config(cfg: RunConfig, world_size: int, *, check_files: bool = 
         if r.rpt_contexts_per_step % dp:
             problems.append(f"--rpt-contexts-per-step {r.rpt_contexts_per_step} is not divisible by the "
                             f"data-parallel size {dp}")
+    if r.rpt_mini_batches < 1:
+        problems.append(f"--rpt-mini-batches must be >= 1 (got {r.rpt_mini_batches})")
+    elif world_size % (tp * pp * cp) == 0 and r.rpt_contexts_per_step % (world_size // (tp * pp * cp) * r.rpt_mini_batches):
+        problems.append(f"--rpt-contexts-per-step {r.rpt_contexts_per_step} is not divisible by the data-parallel "
+                        f"size {world_size // (tp * pp * cp)} x --rpt-mini-batches {r.rpt_mini_batches} (every "
+                        "mini-batch takes the same number of contexts on every rank)")
+    if r.rpt_tis_cap is not None:
+        if not (r.rpt_tis_cap > 0 and math.isfinite(r.rpt_tis_cap)):
+            problems.append(f"--rpt-tis-cap must be a finite number > 0 (got {r.rpt_tis_cap})")
+        if r.rpt_use_rollout_logprobs:
+            problems.append("--rpt-tis-cap corrects the engine's log-probs against the trainer's recomputed ones; "
+                            "with --rpt-use-rollout-logprobs there is no recompute (every weight would be 1)")
     if not r.rpt_temperature > 0:
         problems.append(f"--rpt-temperature must be > 0 (got {r.rpt_temperature})")
     if not 0.0 < r.rpt_top_p <= 1.0:
@@ -381,6 +412,12 @@ def validate_rpt_config(cfg: RunConfig, world_size: int, *, check_files: bool = 
         problems.append(f"--rpt-top-k must be >= 0 (got {r.rpt_top_k})")
     if r.rollout_engine == "megatron" and r.rpt_top_k > 0 and r.rpt_top_p < 1.0:
         problems.append("--rollout-engine megatron takes --rpt-top-k or --rpt-top-p, not both")
+    if r.rollout_engine == "megatron" and p.context_parallel_size > 1:
+        # Megatron-Core's inference code (0.16, 0.19) never cuts prompts or the KV cache per CP rank,
+        # and Transformer Engine has no attention backend for KV caching with context parallelism.
+        problems.append(f"--rollout-engine megatron with --context-parallel-size {p.context_parallel_size}: "
+                        "Megatron-Core's inference engine has no context parallelism; use --rollout-engine openai "
+                        "(only the trainer is context parallel then) or --context-parallel-size 1")
     if r.rpt_max_response_length < 1:
         problems.append(f"--rpt-max-response-length must be >= 1 (got {r.rpt_max_response_length})")
     elif m.seq_length is not None and r.rpt_max_response_length >= m.seq_length:
@@ -401,6 +438,32 @@ def validate_rpt_config(cfg: RunConfig, world_size: int, *, check_files: bool = 
             problems.append("--rollout-reload restart needs --rollout-restart-command")
         if r.rollout_reload == "endpoint" and not r.rollout_reload_endpoint:
             problems.append("--rollout-reload endpoint needs --rollout-reload-endpoint")
+        if r.rollout_frozen_policy and r.rollout_reload != "none":
+            problems.append(f"--rollout-frozen-policy keeps the server's initial weights (nothing is synced): drop "
+                            f"--rollout-reload {r.rollout_reload}")
+        elif not r.rollout_frozen_policy and r.rollout_reload == "none":
+            problems.append("--rollout-engine openai with --rollout-reload none: the server would never load the "
+                            "trainer's updated weights and every rollout would come from a stale policy; pick how it "
+                            "reloads (--rollout-reload sglang|vllm|endpoint|restart), or pass --rollout-frozen-policy "
+                            "if it keeps its initial weights on purpose")
+        if r.rollout_logprobs == "raw" and r.rpt_temperature != 1.0:
+            problems.append(f"--rollout-logprobs raw (log-probs at temperature 1) with --rpt-temperature "
+                            f"{r.rpt_temperature}: the engine cannot convert them to the sampling temperature (that "
+                            "needs the whole distribution); have the server report tempered log-probs (vLLM "
+                            "--logprobs-mode processed_logprobs; SGLang without SGLANG_RETURN_ORIGINAL_LOGPROB) and "
+                            "pass --rollout-logprobs tempered, or sample at --rpt-temperature 1")
+        elif r.rollout_logprobs == "tempered" and (r.rpt_top_p < 1.0 or r.rpt_top_k > 0):
+            # vLLM's processed_logprobs are renormalised over the top-k/top-p set (v1 sampler), not log softmax(z/T)
+            # over the whole vocabulary: refused only where the engine's log-probs enter the update.
+            users = [flag for flag, on in (("--rpt-use-rollout-logprobs", r.rpt_use_rollout_logprobs),
+                                           ("--rpt-tis-cap", r.rpt_tis_cap is not None)) if on]
+            if users:
+                truncation = " and ".join(x for x, on in ((f"--rpt-top-p {r.rpt_top_p}", r.rpt_top_p < 1.0),
+                                                          (f"--rpt-top-k {r.rpt_top_k}", r.rpt_top_k > 0)) if on)
+                problems.append(f"--rollout-logprobs tempered with {truncation}: vLLM's processed_logprobs are "
+                                "renormalised over the top-k/top-p set, not log softmax(z/T) over the full vocabulary, "
+                                f"and {' / '.join(users)} feed them into the update; sample without top-p/top-k, or "
+                                "drop " + " and ".join(users) + " (the trainer then recomputes the old log-probs)")
     if r.rollout_max_batch_size < 1:
         problems.append(f"--rollout-max-batch-size must be >= 1 (got {r.rollout_max_batch_size})")
     if not 0.0 <= r.grpo_clamp_eps_lower < 1.0:

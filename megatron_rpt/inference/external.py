@@ -2,7 +2,7 @@
 
 This module owns `OpenAICompatibleEngine`: turning `generate(prompts, n, sampling)` into
 `/v1/completions` requests (token-id prompts, concurrent, retried), parsing the answers into
-`Rollout`s, and the weight sync "by export" (trainer checkpoint -> HF folder -> the server loads it).
+`Rollout`s, and the weight sync (trainer weights -> rolling HF folder -> the server reloads it).
 
 Request (one per prompt, at most `max_inflight` in flight): `prompt` = token ids, `n`,
 `max_tokens`, `temperature`, `top_p`, `top_k` (vLLM/SGLang extension; -1 = off), `seed`,
@@ -11,44 +11,80 @@ Request (one per prompt, at most `max_inflight` in flight): `prompt` = token ids
 detokenization) and `return_token_ids` (newer vLLM: `choices[i].token_ids`), `stop_token_ids`
 (the EOD id when `stop_at_eod`) and `ignore_eos` (when not). finish_reason "stop" -> finished.
 
-Log-probs: base.py's convention is log pi(token | context) at temperature 1 over the full
-vocabulary. vLLM reports exactly that with `--logprobs-mode raw_logprobs` (its default since the
-option exists, vLLM PR #21398); `processed_logprobs` would report the temperature/top-k/top-p
-distribution instead and break the ratio-1 gate of the RPT tests. Launch it as, e.g.:
+Log-probs: base.py's convention is log softmax(z / T)[token], T the sampling temperature, over the
+full vocabulary (top-k/top-p truncation is not part of it, as in verl). The engine passes the
+server's values through, so the server must report them that way; `logprobs` says what it reports:
 
-    vllm serve HF_DIR --logprobs-mode raw_logprobs --max-logprobs 1 --port 8000
+  "tempered" (default)  at the sampling temperature.
+      vLLM:   vllm serve HF_DIR --logprobs-mode processed_logprobs --max-logprobs 1
+              processed_logprobs is log_softmax of the logits after penalties, temperature, min-p AND
+              top-k/top-p (vllm/v1/sample/sampler.py + ops/topk_topp_sampler.py: the kept set is
+              renormalised, the rest is -inf). Exact for the convention only without top-k/top-p
+              (--rpt-top-p 1 --rpt-top-k 0); with them, validate_rpt_config refuses the runs whose
+              update uses the engine's log-probs (--rpt-use-rollout-logprobs, --rpt-tis-cap).
+              Requests carry neutral penalties and min_p 0 (below), so nothing else enters.
+      SGLang: its default (no SGLANG_RETURN_ORIGINAL_LOGPROB): current sampler.py reports
+              log(softmax(z / T)) over the full vocabulary, before top-k/top-p (some early-2025
+              releases renormalised over the top-p set: check yours against a reference once).
+  "raw"  at temperature 1: vLLM --logprobs-mode raw_logprobs (its default since the option exists,
+      vLLM PR #21398), SGLang with SGLANG_RETURN_ORIGINAL_LOGPROB=1 (SGLang PR #8375). They equal the
+      convention only at temperature 1: log softmax(z / T) cannot be rebuilt from one raw log-prob
+      (it needs the whole distribution), so `generate` refuses raw at temperature != 1 and so does
+      validate_rpt_config (--rollout-logprobs raw with --rpt-temperature != 1).
+
+The engine cannot check any of this from a response: `tools/serve_hf_openai.py` (either mode) and
+the tests compare with transformers' log_softmax. Sampling-parameter defaults that a server takes
+from the model's generation_config.json (vLLM's `--generation-config auto`: repetition penalty,
+min-p, ...) are overridden by explicit neutral values in every request. Launch lines, e.g.:
+
+    vllm serve HF_DIR --logprobs-mode processed_logprobs --max-logprobs 1 --port 8000
         [--served-model-name policy]   # VLLM_SERVER_DEV_MODE=1 for reload="vllm"
+    python -m sglang.launch_server --model-path HF_DIR --port 8000
 
-SGLang's output-token log-probs are temperature-scaled by default; start it with
-SGLANG_RETURN_ORIGINAL_LOGPROB=1 (its sampler then reports log_softmax of the unscaled logits;
-SGLang PR #8375). The engine cannot check any of this from a response: `tools/serve_hf_openai.py`
-and the tests compare with transformers' log_softmax. Sampling-parameter defaults that a server
-takes from the model's generation_config.json (vLLM's `--generation-config auto`: repetition
-penalty, min-p, ...) are overridden by explicit neutral values in every request.
-
-Weight sync (`sync_weights(iteration, checkpoint_dir)`), "by export": rank 0 runs
-`megatron_rpt.convert.checkpoint.export_hf` in a child process (it creates and destroys its own
-1-rank process group, so it cannot run inside the trainer's; the launcher's RANK/WORLD_SIZE/
-MASTER_*/SLURM_* are removed from the child's environment) into `<sync_dir>/iter_XXXXXXX`, then
-asks the server to load it, per `reload`:
+Weight sync (`sync_weights(iteration)`), model only, one rolling folder each, atomic:
+1. every rank calls `weights_writer(<sync_dir>/weights, iteration)` (the RPT loop passes
+   `training.checkpointing.save_weights`: a Megatron dist-checkpoint of the model's sharded state
+   dict only, no optimizer or RNG state, written to a `.tmp` name and renamed; the previous one is
+   then deleted). Without a writer, `sync_weights(iteration, checkpoint_dir)` exports an existing
+   checkpoint folder instead (e.g. one from tools/convert_checkpoint.py).
+2. rank 0 runs `megatron_rpt.convert.checkpoint.export_hf` in a child process (it creates and
+   destroys its own 1-rank process group, so it cannot run inside the trainer's; the launcher's
+   RANK/WORLD_SIZE/MASTER_*/SLURM_* are removed from the child's environment) into
+   `<sync_dir>/hf.new`, a name the server never reads;
+3. publication: the served `<sync_dir>/hf` is renamed to `hf.prev` and `hf.new` to `hf` (renames
+   within one folder: the server never sees a torn `hf`; files it still holds open stay valid under
+   `hf.prev`);
+4. the server reloads `<sync_dir>/hf`, per `reload`; `hf.prev` is deleted once that succeeded (a
+   failed reload leaves it, the next sync replaces it);
+5. one line on rank 0: bytes and seconds of the weights write, the export and the reload.
+The served path stays `<sync_dir>/hf`, so a check by path cannot tell old from new weights:
 
   "sglang"   POST /update_weights_from_disk {"model_path", "weight_version": iteration};
-             checked with GET /get_model_info (model_path must be the new folder).
+             checked with GET /get_model_info: model_path must be the folder, and weight_version,
+             where the server reports one, the iteration.
   "vllm"     POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path",
              "is_checkpoint_format": true}} then POST /reset_prefix_cache (cached prefixes hold
              the old weights' KV). Needs the server started with VLLM_SERVER_DEV_MODE=1. vLLM's
              /v1/models keeps naming the launch folder, so the reload cannot be checked by name.
   "endpoint" POST `reload_endpoint` with `reload_body` ("{model_path}"/"{iteration}" substituted
-             in its strings); checked with /v1/models (`root` or `id` must be the new folder).
+             in its strings); checked with /v1/models (`root` or `id` must be the folder).
   "restart"  stop the server this engine started (if any), run `restart_command` with
              "{model_path}" substituted, wait for GET /health, check /v1/models as above.
-  "none"     export only (something else reloads the server).
+  "none"     publish only (something else reloads the server; the RPT loop refuses it unless
+             --rollout-frozen-policy, which syncs nothing at all).
 
-Collective contract: `sync_weights` is called by every rank of the job with the same arguments;
-rank 0 (of torch.distributed's default group, when initialised) exports and reloads, every other
-rank waits on a barrier, and an error on rank 0 is broadcast so that every rank raises it.
-`generate` is not collective: each rank may talk to the server for its own prompts. Without a
-process group the class is a plain single-process client.
+Collective contract. `generate`: when torch.distributed and Megatron-Core's parallel_state are
+initialised, the ranks that share a data-parallel rank (Megatron-Core's model-parallel group, TP x
+PP; with context parallelism its TP x CP x PP ranks, a group this engine creates at construction)
+must call it together with the same arguments. The group's first rank alone talks to the server
+and broadcasts the rollouts (broadcast_object_list; on an NCCL group through the current CUDA
+device), so every rank trains on the same sequences (servers are not batch-invariant: two
+requests for one prompt may differ even with one seed); an error there is raised on every rank of
+the group (a RolloutError naming that rank elsewhere). Groups of one rank skip the broadcast.
+`sync_weights`: called by every rank of the job with the same arguments; the writer is collective,
+rank 0 (of the default group) exports and reloads, an error on rank 0 is broadcast so that every
+rank raises it. The construction is collective when context parallelism is on. Without a process
+group the class is a plain single-process client.
 """
 
 from __future__ import annotations
@@ -66,11 +102,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from megatron_rpt.inference.base import Rollout, RolloutEngine, RolloutError, SamplingConfig
 
 RELOAD_PROTOCOLS = ("none", "sglang", "vllm", "endpoint", "restart")
+LOGPROBS_MODES = ("tempered", "raw")
 _RETRY_STATUS = {429, 502, 503, 504}
 # Variables by which a child would believe it is a rank of the trainer's job.
 _LAUNCHER_PREFIXES = ("SLURM_", "TORCHELASTIC_", "PMI_", "OMPI_")
@@ -99,17 +136,19 @@ class OpenAICompatibleEngine(RolloutEngine):
         max_retries / backoff: connection errors, timeouts and HTTP 429/502/503/504 are retried
             up to max_retries times, sleeping backoff * 2**attempt seconds.
         api_key: sent as "Authorization: Bearer ..." when given.
-        sync_dir: where sync_weights writes HF folders (<sync_dir>/iter_XXXXXXX); required for sync.
+        sync_dir: the weight sync's folder (<sync_dir>/weights: the rolling model-only checkpoint;
+            <sync_dir>/hf: the HF folder the server loads); required for sync.
         reload: one of RELOAD_PROTOCOLS.
         reload_endpoint / reload_body: for reload="endpoint".
         restart_command: for reload="restart": a shell-style command line or argv list with
-            "{model_path}" (e.g. "vllm serve {model_path} --port 8000 --logprobs-mode raw_logprobs").
+            "{model_path}" (e.g. "vllm serve {model_path} --port 8000 --logprobs-mode processed_logprobs").
         startup_timeout: seconds to wait for /health after a restart.
         export_dtype: "bf16" | "fp32" | "fp16" (the exported folder's dtype).
-        keep_exports: exported folders kept in sync_dir (older ones deleted after a successful
-            reload; the folder being served is always kept).
         export_timeout / reload_timeout: seconds for the export child process / the reload call.
         extra_body: more fields merged into every completions request (e.g. {"min_p": 0.0}).
+        logprobs: one of LOGPROBS_MODES, what the server's log-probs are (module docstring).
+        weights_writer: `writer(root, iteration)`, collective over all ranks: writes the trainer's
+            weights as a model-only checkpoint under `root` (training.checkpointing.save_weights).
     """
 
     name = "openai"
@@ -119,9 +158,10 @@ class OpenAICompatibleEngine(RolloutEngine):
                  backoff: float = 1.0, api_key: Optional[str] = None, sync_dir: Optional[str] = None,
                  reload: str = "none", reload_endpoint: Optional[str] = None,
                  reload_body: Optional[dict] = None, restart_command: Union[str, Sequence[str], None] = None,
-                 startup_timeout: float = 600.0, export_dtype: str = "bf16", keep_exports: int = 2,
+                 startup_timeout: float = 600.0, export_dtype: str = "bf16",
                  export_timeout: float = 3600.0, reload_timeout: float = 1800.0,
-                 extra_body: Optional[dict] = None):
+                 extra_body: Optional[dict] = None, logprobs: str = "tempered",
+                 weights_writer: Optional[Callable[[str, int], Any]] = None):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"rollout url {url!r} must start with http:// or https://")
         url = url.rstrip("/")
@@ -134,8 +174,12 @@ class OpenAICompatibleEngine(RolloutEngine):
             raise ValueError('reload="restart" needs restart_command (with "{model_path}")')
         if export_dtype not in ("bf16", "fp32", "fp16"):
             raise ValueError(f"export_dtype {export_dtype!r} must be bf16, fp32 or fp16")
-        if max_inflight < 1 or max_retries < 0 or keep_exports < 1:
-            raise ValueError("max_inflight and keep_exports must be >= 1, max_retries >= 0")
+        if max_inflight < 1 or max_retries < 0:
+            raise ValueError("max_inflight must be >= 1, max_retries >= 0")
+        if logprobs not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs {logprobs!r} must be one of {', '.join(LOGPROBS_MODES)}")
+        if weights_writer is not None and sync_dir is None:
+            raise ValueError("weights_writer needs sync_dir (the weights are written to <sync_dir>/weights)")
         self.model = model
         self._fixed_model = model is not None
         self.eod_token_id = eod_token_id
@@ -151,12 +195,15 @@ class OpenAICompatibleEngine(RolloutEngine):
         self.restart_command = restart_command
         self.startup_timeout = startup_timeout
         self.export_dtype = export_dtype
-        self.keep_exports = keep_exports
         self.export_timeout = export_timeout
         self.reload_timeout = reload_timeout
         self.extra_body = dict(extra_body or {})
+        self.logprobs = logprobs
+        self.weights_writer = weights_writer
         self.served_path: Optional[str] = None        # the folder the last sync loaded
         self.synced_iteration: Optional[int] = None
+        self.last_sync: Optional[dict] = None         # bytes and seconds of the last sync (every rank)
+        self._group = _rollout_group()                # (group, src rank) of collective generate, or None
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._pool_lock = threading.Lock()
         self._server: Optional[subprocess.Popen] = None
@@ -255,6 +302,34 @@ class OpenAICompatibleEngine(RolloutEngine):
         return [by_index[j] for j in range(n)]
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingConfig) -> list[list[Rollout]]:
+        """`n` rollouts per prompt; collective over the ranks that share a data-parallel rank (the
+        group's first rank talks to the server and broadcasts; see the module docstring)."""
+        if self._group is None:
+            return self._generate(prompts, n, sampling)
+        dist = _dist()
+        group, src = self._group
+        error: Optional[Exception] = None
+        box: list = [None]
+        if dist.get_rank() == src:
+            try:
+                box = [(self._generate(prompts, n, sampling), None)]
+            except Exception as e:   # every rank of the group must learn about it, or the others hang
+                error = e
+                box = [(None, f"{type(e).__name__}: {e}")]
+        _broadcast(dist, box, src, group)
+        result, message = box[0]
+        if error is not None:
+            raise error
+        if message is not None:
+            raise RolloutError(f"rollouts failed on rank {src} (the rank that talks to {self.url} for this "
+                               f"model-parallel group): {message}")
+        return result
+
+    def _generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingConfig) -> list[list[Rollout]]:
+        if self.logprobs == "raw" and sampling.temperature != 1.0:
+            raise ValueError(f"the server reports raw log-probs (temperature 1), the rollouts are sampled at temperature "
+                             f"{sampling.temperature}: log softmax(z / T) cannot be rebuilt from them (it needs the "
+                             f"whole distribution); serve tempered log-probs (logprobs='tempered') or sample at 1")
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         if not prompts:
@@ -279,38 +354,71 @@ class OpenAICompatibleEngine(RolloutEngine):
 
     # ---- weight sync ------------------------------------------------------------------------
     def sync_weights(self, iteration: int, checkpoint_dir: Optional[str] = None) -> None:
-        """Export the trainer's checkpoint at `iteration` and make the server load it (collective
-        when torch.distributed is initialised; see the module docstring)."""
+        """Make the server serve the trainer's weights of `iteration` (collective when torch.distributed
+        is initialised; see the module docstring). With a `weights_writer` the weights are written
+        first; otherwise `checkpoint_dir` is a checkpoint folder (a --save root) holding `iteration`.
+        An iteration already served is skipped (the same decision on every rank)."""
+        if self.synced_iteration == iteration:
+            return
         dist = _dist()
         rank = dist.get_rank() if dist is not None else 0
+        t0 = time.perf_counter()
+        if self.weights_writer is not None:
+            checkpoint_dir = os.path.join(self.sync_dir, "weights")
+            self.weights_writer(checkpoint_dir, iteration)        # collective over all ranks
+        written_s = time.perf_counter() - t0
         error: Optional[str] = None
+        stats: Optional[dict] = None
         if rank == 0:
             try:
-                self._sync_rank0(iteration, checkpoint_dir)
-            except Exception as e:   # every rank must learn about it, or the others hang in the barrier
+                stats = self._sync_rank0(iteration, checkpoint_dir, written_s)
+            except Exception as e:   # every rank must learn about it, or the others hang in the broadcast
                 if dist is None:
                     raise
                 error = f"{type(e).__name__}: {e}"
         if dist is not None:
-            box = [error]
-            dist.broadcast_object_list(box, src=0)
-            if box[0] is not None:
-                raise RolloutError(f"weight sync at iteration {iteration} failed on rank 0: {box[0]}")
-            self.synced_iteration = iteration
+            box = [(error, stats)]
+            _broadcast(dist, box, 0, None)
+            error, stats = box[0]
+            if error is not None:
+                raise RolloutError(f"weight sync at iteration {iteration} failed on rank 0: {error}")
+        self.synced_iteration = iteration
+        self.last_sync = stats
+        if not self._fixed_model:
+            self.model = None               # the served name may have changed (looked up on next use)
 
-    def _sync_rank0(self, iteration: int, checkpoint_dir: Optional[str]) -> None:
+    def _sync_rank0(self, iteration: int, checkpoint_dir: Optional[str], written_s: float) -> dict:
         if checkpoint_dir is None:
             raise RolloutError("the external rollout engine syncs weights from a checkpoint: sync_weights needs "
-                               "checkpoint_dir (the trainer's --save folder)")
+                               "checkpoint_dir (a checkpoint folder holding the iteration) or a weights_writer")
         if self.sync_dir is None:
             raise RolloutError("the external rollout engine needs sync_dir to export checkpoints for the server")
-        if self.synced_iteration == iteration and self.served_path is not None:
-            return
-        folder = os.path.abspath(os.path.join(self.sync_dir, f"iter_{iteration:07d}"))
-        self.export(checkpoint_dir, iteration, folder)
-        self.load_folder(folder, iteration)
-        self.synced_iteration = iteration
-        self._prune_exports()
+        stats = {"iteration": iteration, "reload": self.reload}
+        if self.weights_writer is not None:   # training.checkpointing.checkpoint_path's layout
+            stats.update(weights_bytes=_folder_bytes(os.path.join(checkpoint_dir, f"iter_{iteration:07d}")),
+                         weights_s=written_s)
+        hf = os.path.abspath(os.path.join(self.sync_dir, "hf"))
+        new, prev = hf + ".new", hf + ".prev"
+        t0 = time.perf_counter()
+        self.export(checkpoint_dir, iteration, new)
+        stats.update(export_bytes=_folder_bytes(new), export_s=time.perf_counter() - t0)
+        # Publish by renames in one folder: `hf` is never torn; the folder the server loaded moves to
+        # `hf.prev` (files it still holds stay valid) and is deleted once the reload succeeded.
+        shutil.rmtree(prev, ignore_errors=True)
+        if os.path.exists(hf):
+            os.replace(hf, prev)
+        os.replace(new, hf)
+        t0 = time.perf_counter()
+        self.load_folder(hf, iteration)
+        stats["reload_s"] = time.perf_counter() - t0
+        shutil.rmtree(prev, ignore_errors=True)
+        stats["total_s"] = written_s + stats["export_s"] + stats["reload_s"]
+        weights = (f"weights {_size(stats['weights_bytes'])} written in {written_s:.1f} s"
+                   if "weights_bytes" in stats else f"weights from {checkpoint_dir}")
+        print(f"> weight sync for iteration {iteration}: {weights}, HF export {_size(stats['export_bytes'])} in "
+              f"{stats['export_s']:.1f} s, reload ({self.reload}) {stats['reload_s']:.1f} s, total "
+              f"{stats['total_s']:.1f} s", flush=True)
+        return stats
 
     def export(self, checkpoint_dir: str, iteration: int, folder: str) -> None:
         """checkpoint -> HF folder, in a child process (see the module docstring)."""
@@ -358,6 +466,11 @@ class OpenAICompatibleEngine(RolloutEngine):
             if not _same_path(got, folder):
                 raise RolloutError(f"after reloading, GET {self.url}/get_model_info reports model_path={got!r}, "
                                    f"expected {folder}")
+            # The sync reloads one path over and over: the version (where reported) tells old from new.
+            got_version = info.get("weight_version")
+            if version is not None and got_version is not None and str(got_version) != version:
+                raise RolloutError(f"after reloading, GET {self.url}/get_model_info reports weight_version="
+                                   f"{got_version!r}, expected {version}")
         elif self.reload == "vllm":
             try:
                 self._request("POST", "/collective_rpc",
@@ -439,17 +552,6 @@ class OpenAICompatibleEngine(RolloutEngine):
             proc.wait()
         except ProcessLookupError:
             pass
-
-    def _prune_exports(self) -> None:
-        if self.sync_dir is None:
-            return
-        names = sorted(d for d in os.listdir(self.sync_dir)
-                       if d.startswith("iter_") and os.path.isdir(os.path.join(self.sync_dir, d)))
-        keep = set(names[-self.keep_exports:])
-        for d in names:
-            path = os.path.join(self.sync_dir, d)
-            if d not in keep and not _same_path(path, self.served_path):
-                shutil.rmtree(path, ignore_errors=True)
 
     def close(self) -> None:
         with self._pool_lock:
@@ -540,6 +642,57 @@ def _tail(path: Optional[str], start: int = 0, lines: int = 15) -> str:
     with open(path, "rb") as f:
         f.seek(max(start, os.path.getsize(path) - 8192))
         return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-lines:])
+
+
+def _folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def _broadcast(dist, box: list, src: int, group) -> None:
+    """broadcast_object_list from global rank `src` over `group` (None: the default group); an NCCL
+    group moves the pickled bytes through the current CUDA device, gloo through the CPU."""
+    device = None
+    if "nccl" in str(dist.get_backend(group)).lower():
+        import torch
+        device = torch.device("cuda", torch.cuda.current_device())
+    dist.broadcast_object_list(box, src=src, group=group, device=device)
+
+
+def _rollout_group():
+    """(group, first global rank) of the ranks that share this rank's data-parallel rank, or None: no
+    process group, Megatron-Core's parallel_state not initialised, or a group of one rank.
+
+    That is Megatron-Core's model-parallel group (TP x PP: `get_ranks('tp-pp')` in 0.16's
+    initialize_model_parallel) unless context parallelism is on: CP ranks share the data-parallel
+    rank (the same sequences, split along the sequence) but sit in different model-parallel groups,
+    and Megatron-Core has no TP x CP x PP group, so one is created here (collective over all ranks)."""
+    dist = _dist()
+    if dist is None:
+        return None
+    ps = sys.modules.get("megatron.core.parallel_state")    # never imported: never initialised (and no
+    if ps is None or not ps.model_parallel_is_initialized():  # seconds spent importing megatron.core here)
+        return None
+    if ps.get_context_parallel_world_size() == 1:
+        group = ps.get_model_parallel_group()
+        if dist.get_world_size(group) == 1:
+            return None
+        return group, ps.get_model_parallel_src_rank()
+    dp_ranks: list = [None] * dist.get_world_size()
+    dist.all_gather_object(dp_ranks, ps.get_data_parallel_rank())
+    mine = None
+    for dp in sorted(set(dp_ranks)):          # every rank creates every group, in the same order
+        ranks = [r for r, d in enumerate(dp_ranks) if d == dp]
+        group = dist.new_group(ranks)
+        if dist.get_rank() in ranks:
+            mine = (group, ranks[0])
+    return mine
 
 
 def _dist():

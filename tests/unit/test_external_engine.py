@@ -2,12 +2,16 @@
 
 A tiny random HF Llama is served by `tools/serve_hf_openai.py` in a subprocess; transformers, in
 another long-lived subprocess, is the reference: greedy rollouts must be its greedy continuation,
-every returned log-prob its log_softmax at temperature 1 (float32, atol 1e-4). Weight reloads (the
-SGLang, vLLM, custom-endpoint and restart protocols) must switch the served log-probs to the new
+every returned log-prob its log_softmax(z / T) at the sampling temperature over the full vocabulary
+(the server's default "tempered" mode; "raw" is temperature 1; float32, atol 1e-4). Weight reloads
+(the SGLang, vLLM, custom-endpoint and restart protocols) must switch the served log-probs to the new
 model's, and sync_weights from a Megatron checkpoint (imported from the HF folder by
-tools/convert_checkpoint.py) must serve the original weights. Malformed answers, HTTP errors and an
-unreachable server come from a stdlib fake server in a thread and must raise RolloutErrors naming
-the URL. No torch work runs in the pytest process (tests/parallel forks ranks from it).
+tools/convert_checkpoint.py) must serve the original weights from the rolling <sync_dir>/hf folder.
+The publication order of a sync (the new folder under the served name before the reload, the old
+one kept until the reload succeeded) and the collective contract of sync_weights use a stub export.
+Malformed answers, HTTP errors and an unreachable server come from a stdlib fake server in a thread
+and must raise RolloutErrors naming the URL. No torch work runs in the pytest process (tests/parallel
+forks ranks from it). The collective `generate` at TP/CP > 1: tests/parallel/test_external_collective.py.
 """
 
 from __future__ import annotations
@@ -55,7 +59,8 @@ def make_models(folders: list, *, vocab: int = 128, hidden: int = 64) -> None:
     seeded = [str(x) for i, f in enumerate(folders) for x in (f, i)]
     subprocess.run([sys.executable, "-c", _MAKE_MODELS, str(vocab), str(hidden), *seeded], check=True)
 
-# JSON lines in, JSON lines out: {"model", "greedy": [[prompt, k]...], "score": [[prompt, tokens]...]}.
+# JSON lines in, JSON lines out: {"model", "greedy": [[prompt, k]...], "score": [[prompt, tokens(, T)]...]};
+# a score is log_softmax(logits / T) of each token (T = 1 when not given).
 _REFERENCE = r"""
 import json, sys, torch
 from transformers import AutoModelForCausalLM
@@ -73,9 +78,9 @@ for line in sys.stdin:
             for _ in range(k):
                 ids.append(int(m(torch.tensor([ids])).logits[0, -1].argmax()))
             out["greedy"].append(ids[len(prompt):])
-        for prompt, tokens in job.get("score", []):
+        for prompt, tokens, *temperature in job.get("score", []):
             ids = torch.tensor([list(prompt) + list(tokens)])
-            lp = torch.log_softmax(m(ids).logits[0].float(), dim=-1)
+            lp = torch.log_softmax(m(ids).logits[0].float() / (temperature[0] if temperature else 1.0), dim=-1)
             out["score"].append([float(lp[len(prompt) - 1 + i, t]) for i, t in enumerate(tokens)])
     print(json.dumps(out), flush=True)
 """
@@ -175,15 +180,26 @@ def test_greedy_rollouts_equal_transformers(env):
 
 
 @pytest.mark.slow   # a fresh interpreter / server process
-def test_sampled_rollouts_n_seed_and_raw_logprobs(env):
+def test_sampled_rollouts_n_seed_and_logprob_modes(env):
     engine = OpenAICompatibleEngine(env["url"], max_inflight=2)
     s = SamplingConfig(max_new_tokens=8, temperature=0.7, top_p=0.9, top_k=20, seed=3, stop_at_eod=False)
     out = engine.generate(PROMPTS, 4, s)
     assert [len(g) for g in out] == [4, 4, 4]
     flat = [(p, r) for p, g in zip(PROMPTS, out) for r in g]
-    # log-probs are the policy's at temperature 1, whatever temperature/top-p/top-k sampled the tokens
-    scores = env["ref"](env["a"], score=[[p, r.tokens] for p, r in flat])["score"]
+    # tempered (the server's default): log softmax(z / 0.7) over the full vocabulary, whatever top-p/top-k cut
+    scores = env["ref"](env["a"], score=[[p, r.tokens, 0.7] for p, r in flat])["score"]
     _close_logprobs([r for _, r in flat], scores)
+    at_one = env["ref"](env["a"], score=[[p, r.tokens] for p, r in flat])["score"]
+    assert max(abs(x - y) for r, z in zip([r for _, r in flat], at_one) for x, y in zip(r.log_probs, z)) > 0.1
+    # raw (temperature 1): the engine refuses it at another sampling temperature (no way to convert) ...
+    raw = OpenAICompatibleEngine(env["url"], logprobs="raw", extra_body={"logprobs_mode": "raw"})
+    with pytest.raises(ValueError, match="cannot be rebuilt"):
+        raw.generate(PROMPTS, 1, s)
+    # ... and passes it through at temperature 1 (the same value as tempered there)
+    s1 = SamplingConfig(**{**s.__dict__, "temperature": 1.0})
+    got = [r for g in raw.generate(PROMPTS, 2, s1) for r in g]
+    _close_logprobs(got, env["ref"](env["a"], score=[[p, r.tokens] for p, r in zip([q for q in PROMPTS for _ in
+                                                                                     range(2)], got)])["score"])
     assert len({tuple(r.tokens) for r in out[0]}) > 1, "n samples of one prompt should differ"
     again = engine.generate(PROMPTS, 4, s)
     assert [[r.tokens for r in g] for g in again] == [[r.tokens for r in g] for g in out]   # same seed
@@ -356,10 +372,13 @@ def test_sync_weights_from_megatron_checkpoint(env, tmp_path):
         t0 = time.monotonic()
         engine.sync_weights(0, ckpt)
         took = time.monotonic() - t0
-        folder = os.path.join(sync_dir, "iter_0000000")
+        folder = os.path.join(sync_dir, "hf")                # the rolling HF folder
         assert engine.served_path == folder and engine.synced_iteration == 0
-        assert json.loads(urllib.request.urlopen(env["url"] + "/get_model_info").read())["model_path"] == folder
+        assert sorted(os.listdir(sync_dir)) == ["hf"]        # no .new / .prev / .tmp left
+        info = json.loads(urllib.request.urlopen(env["url"] + "/get_model_info").read())
+        assert info["model_path"] == folder and info["weight_version"] == "0"
         _assert_serves(engine, env["ref"], env["a"])       # the original weights, through Megatron and back
+        assert engine.last_sync["export_bytes"] > 0 and "weights_bytes" not in engine.last_sync
         engine.sync_weights(0, ckpt)                        # same iteration: nothing to do
         print(f"sync_weights (export + reload) of the tiny model: {took:.1f} s")
     finally:
@@ -399,18 +418,44 @@ def test_constructor_validation():
     with pytest.raises(ValueError, match="reload_endpoint"):
         OpenAICompatibleEngine("http://x", reload="endpoint")
     assert OpenAICompatibleEngine("http://x:1/v1/").url == "http://x:1"
+    with pytest.raises(ValueError, match="logprobs"):
+        OpenAICompatibleEngine("http://x", logprobs="processed")
+    with pytest.raises(ValueError, match="weights_writer needs sync_dir"):
+        OpenAICompatibleEngine("http://x", weights_writer=lambda root, it: None)
 
 
 # ---- the collective contract of sync_weights ------------------------------------------------------
 class _CountingEngine(OpenAICompatibleEngine):
-    """Exports by writing a stub folder (the real export is tested above) and counts the calls."""
+    """Exports by writing a stub folder (the real export is tested above) and counts the calls; at each
+    reload it records what the sync folder holds (the publication order)."""
 
     def export(self, checkpoint_dir, iteration, folder):
         if checkpoint_dir == "fail":
             raise RolloutError("export failed on purpose")
         os.makedirs(folder, exist_ok=True)
-        open(os.path.join(folder, "config.json"), "w").close()
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump({"iteration": iteration}, f)
         self.exports = getattr(self, "exports", 0) + 1
+
+    def load_folder(self, folder, iteration=None):
+        def version(name):
+            path = os.path.join(self.sync_dir, name, "config.json")
+            return json.load(open(path))["iteration"] if os.path.isfile(path) else None
+        self.seen = getattr(self, "seen", []) + [(os.path.basename(folder), version("hf"), version("hf.prev"),
+                                                  os.path.exists(os.path.join(self.sync_dir, "hf.new")))]
+        if iteration == 13:
+            raise RolloutError("reload failed on purpose")
+        super().load_folder(folder, iteration)
+
+
+def _writer(root, iteration):
+    """A stand-in for training.checkpointing.save_weights: one rank-specific file per call."""
+    import torch.distributed as dist
+    folder = os.path.join(root, f"iter_{iteration:07d}")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"rank{dist.get_rank()}.bin"), "wb") as f:
+        f.write(b"x" * 1000)
+    dist.barrier()
 
 
 def _sync_on_rank(rank, world, sync_dir):
@@ -421,7 +466,12 @@ def _sync_on_rank(rank, world, sync_dir):
         failed = None
     except RolloutError as e:
         failed = str(e)
-    return getattr(engine, "exports", 0), engine.synced_iteration, failed
+    writing = _CountingEngine("http://127.0.0.1:9", sync_dir=sync_dir, reload="none", weights_writer=_writer)
+    writing.sync_weights(5)
+    writing.sync_weights(5)                                  # served already: no write, no export
+    writing.sync_weights(6)
+    return (getattr(engine, "exports", 0), engine.synced_iteration, failed, getattr(writing, "exports", 0),
+            writing.last_sync, getattr(writing, "seen", None))
 
 
 def test_sync_weights_is_collective(tmp_path):
@@ -429,5 +479,27 @@ def test_sync_weights_is_collective(tmp_path):
     results = run_ranks(_sync_on_rank, 2, str(tmp_path))
     assert [r[0] for r in results] == [1, 0]                 # only rank 0 exports
     assert [r[1] for r in results] == [3, 3]                 # every rank knows the synced iteration
-    for _, _, failed in results:                             # rank 0's failure reaches every rank
+    for _, _, failed, *_ in results:                         # rank 0's failure reaches every rank
         assert failed and "failed on rank 0" in failed and "export failed on purpose" in failed
+    assert [r[3] for r in results] == [2, 0]
+    for r in results:                                        # every rank has the numbers of the last sync
+        stats = r[4]
+        assert stats["iteration"] == 6 and stats["weights_bytes"] == 2000 and stats["export_bytes"] > 0
+        assert all(stats[k] >= 0 for k in ("weights_s", "export_s", "reload_s", "total_s"))
+    # At each reload the new weights are under the served name, the previous ones under hf.prev
+    assert results[0][5] == [("hf", 5, 3, False), ("hf", 6, 5, False)]
+    assert sorted(os.listdir(tmp_path)) == ["hf", "weights"]   # hf.prev deleted after the reload succeeded
+
+
+def test_failed_reload_keeps_the_previous_folder(tmp_path):
+    engine = _CountingEngine("http://127.0.0.1:9", sync_dir=str(tmp_path), reload="none")
+    engine.sync_weights(12, "ckpt")
+    with pytest.raises(RolloutError, match="reload failed on purpose"):
+        engine.sync_weights(13, "ckpt")
+    assert engine.synced_iteration == 12
+    # the new folder is published, the one the server last loaded is still there (it may still use it)
+    assert json.load(open(tmp_path / "hf" / "config.json"))["iteration"] == 13
+    assert json.load(open(tmp_path / "hf.prev" / "config.json"))["iteration"] == 12
+    engine.sync_weights(14, "ckpt")                           # the next sync replaces it
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+    assert engine.seen[-1] == ("hf", 14, 13, False)
