@@ -13,6 +13,15 @@ the sampling temperature T (fp32, as Megatron-Core's sampler divides them), the 
 `TextGenerationController` subclass (cheaper than Megatron-Core's `return_log_probs`, which
 materialises the prompt's full-vocabulary logits, and it covers the terminating EOD).
 
+Expert parallelism (`lockstep_group`): the expert all-to-alls make every forward of the engine a
+collective over the ranks of an expert-parallel group, which hold different data-parallel prompts,
+so they must run the same number of forwards. Megatron-Core's static batch runs one forward per
+position from the batch's shortest prompt to its longest prompt plus the budget, and stops early
+when every row ended at EOD. In lockstep every rank of the group runs the same number of static
+batches with the same row count (padding rows and, where needed, padding batches), two padding rows
+give every batch the group's shortest and longest prompt lengths, and a batch stops only when every
+rank's rows are done (the ranks whose rows ended keep decoding padding, never recorded).
+
 Sampling is reproducible: the controller's generator is reseeded from `SamplingConfig.seed` on
 every call, so a resumed run samples the same rollouts. Megatron-Core's static engine takes top-k
 or top-p, not both; top-k = 1 is greedy.
@@ -129,6 +138,21 @@ def _recording_controller_class():
             self.recorded.append((log_probs.cpu(), started.cpu()))
             return tokens
 
+        lockstep_group = None    # a process group: stop a batch only when every rank's rows are done
+        _done = None             # this batch's own done flags (what the upstream loop is told may differ)
+
+        def update_generation_status(self, *args, **kwargs):
+            if self.lockstep_group is None:
+                return super().update_generation_status(*args, **kwargs)
+            if self._done is not None:   # the rows' true state, not the "not yet" the loop was told
+                kwargs["is_generation_done_tensor"] = self._done
+            done, lengths = super().update_generation_status(*args, **kwargs)
+            self._done = done
+            pending = torch.tensor([0 if bool(done.all()) else 1], dtype=torch.int32, device=done.device)
+            torch.distributed.all_reduce(pending, op=torch.distributed.ReduceOp.MAX, group=self.lockstep_group)
+            # lengths stop growing at each row's own EOD (computed from the true flags above)
+            return (torch.zeros_like(done) if bool(pending.item()) else done), lengths
+
     return RecordingController
 
 
@@ -139,7 +163,7 @@ class MegatronEngine(RolloutEngine):
     name = "megatron"
 
     def __init__(self, model_chunks: Sequence[torch.nn.Module], tokenizer, *, padded_vocab_size: int,
-                 max_batch_size: int, max_sequence_length: int, row_multiple: int = 1):
+                 max_batch_size: int, max_sequence_length: int, row_multiple: int = 1, lockstep_group=None):
         from megatron.core.inference.engines import StaticInferenceEngine
 
         from megatron_rpt.models.gpt import unwrap
@@ -151,6 +175,9 @@ class MegatronEngine(RolloutEngine):
             raise RolloutError(f"bad engine sizes: max_batch_size={max_batch_size}, "
                                f"max_sequence_length={max_sequence_length}, row_multiple={row_multiple} "
                                "(the batch size must be a multiple of row_multiple)")
+        if lockstep_group is not None and max_batch_size < 3:
+            raise RolloutError(f"max_batch_size={max_batch_size}: in lockstep (expert parallelism) a static batch "
+                               "needs room for two padding rows besides a request; use >= 3")
         # Every static batch is padded to this many rows (with copies of its first request, dropped from
         # the results): FP8 GEMMs need row counts divisible by 16, and a decode step has one row per request.
         self.row_multiple = row_multiple
@@ -166,6 +193,9 @@ class MegatronEngine(RolloutEngine):
             max_sequence_length=max_sequence_length)
         self.controller = _recording_controller_class()(self._wrapped, tokenizer)
         self.controller.recorded = []
+        self.controller.lockstep_group = lockstep_group
+        self.lockstep_group = lockstep_group
+        self.model_device = next(self.model.parameters()).device
         # legacy: the static-batch path itself (megatron-core >= 0.15 otherwise builds its dynamic
         # engine, which needs flash-attn on CUDA and cannot run on CPU).
         with _inference_mode(False):  # 0.19 sets the process-wide flag here and never clears it
@@ -221,16 +251,11 @@ class MegatronEngine(RolloutEngine):
         eod = self.tokenizer.eod
         try:
             # One static batch per call of the engine, so the recorded sampling steps belong to it.
-            for start in range(0, len(requests), self.max_batch_size):
-                batch = requests[start:start + self.max_batch_size]
-                for _ in range(-len(batch) % self.row_multiple):
-                    self._request_id += 1
-                    batch.append(InferenceRequest(request_id=str(self._request_id), prompt="", sampling_params=params,
-                                                  prompt_tokens=list(batch[0].prompt_tokens)))
+            for start, batch, real in self._static_batches(requests, params):
                 self.controller.recorded = []
+                self.controller._done = None
                 with _inference_mode(True):
                     done = self.engine.generate(inference_requests=batch)
-                real = min(self.max_batch_size, len(requests) - start)
                 done = done[:real]
                 steps = self.controller.recorded
                 for row, request in enumerate(done):
@@ -254,6 +279,46 @@ class MegatronEngine(RolloutEngine):
             # The KV cache lives in the context until the next prefill; give the memory back now.
             self._wrapped.inference_context.key_value_memory_dict = {}
         return out
+
+    def _static_batches(self, requests: list, params):
+        """(index of the first request, the static batch to run, how many of its rows are requests):
+        batches padded to the row multiple with copies of a request (dropped from the results); in
+        lockstep, also to the group's row count, shortest and longest prompt, and batch count (see the
+        module docstring)."""
+        from megatron.core.inference.inference_request import InferenceRequest
+
+        def pad_request(prompt: list):
+            self._request_id += 1
+            return InferenceRequest(request_id=str(self._request_id), prompt="", sampling_params=params,
+                                    prompt_tokens=list(prompt))
+
+        size = self.max_batch_size - (2 if self.lockstep_group is not None else 0)
+        chunks = [requests[i:i + size] for i in range(0, len(requests), size)]
+        count = len(chunks)
+        if self.lockstep_group is not None:
+            count = int(self._group_max([count])[0])
+        for b in range(count):
+            batch = list(chunks[b]) if b < len(chunks) else []
+            real = len(batch)
+            rows = real
+            if self.lockstep_group is not None:
+                lengths = [len(r.prompt_tokens) for r in batch]
+                most, neg_shortest, longest = self._group_max(
+                    [real + 2, -min(lengths, default=self.max_sequence_length), max(lengths, default=1)])
+                template = list(batch[0].prompt_tokens) if batch else (
+                    list(requests[0].prompt_tokens) if requests else [0])
+                for length in (-neg_shortest, longest):   # valid ids of the template, repeated to the length
+                    batch.append(pad_request((template * -(-length // len(template)))[:length]))
+                rows = most
+            rows += -rows % self.row_multiple
+            while len(batch) < rows:
+                batch.append(pad_request(batch[0].prompt_tokens))
+            yield b * size, batch, real
+
+    def _group_max(self, values: list) -> list:
+        t = torch.tensor(values, dtype=torch.int64, device=self.model_device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.lockstep_group)
+        return t.tolist()
 
     def close(self) -> None:
         self._wrapped.inference_context.key_value_memory_dict = {}

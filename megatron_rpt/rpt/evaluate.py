@@ -62,18 +62,19 @@ def evaluate_tasks(engine: RolloutEngine, tasks: Sequence, prompt_ids: Callable,
 
     `prompt_ids(task)` gives the token ids of the task's reasoning prompt; standard mode sees the
     last `max_context_tokens` context tokens. Collective for the embedded engine (every rank of a
-    model-parallel group passes the same tasks)."""
+    model-parallel group passes the same tasks; a rank without tasks still calls the engine, whose
+    lockstep mode under expert parallelism needs every rank)."""
     js = pass_ks(k)
     # per split: tasks, standard correct, reward sum (avg@k), cons@k sum, pass@j sums
     width = 4 + len(js)
     counts = [0.0] * (len(SPLITS) * width)
     std_hits = [False] * len(tasks)
-    if tasks and standard:
+    if standard:
         greedy = SamplingConfig(max_new_tokens=1, temperature=1.0, top_k=1, seed=sampling.seed, stop_at_eod=False)
         cut = -max_context_tokens if max_context_tokens else 0
         out = engine.generate([list(t.context_tokens)[cut:] for t in tasks], 1, greedy)
         std_hits = [bool(o[0].tokens) and o[0].tokens[0] == t.target_tokens[0] for t, o in zip(tasks, out)]
-    rollouts = engine.generate([prompt_ids(t) for t in tasks], k, sampling) if tasks else []
+    rollouts = engine.generate([prompt_ids(t) for t in tasks], k, sampling)
     for task, hit, group in zip(tasks, std_hits, rollouts):
         target = task.target_token_bytes
         rewards = [prefix_match_reward(o.text, target) for o in group]

@@ -1,27 +1,42 @@
-"""The RPT driver (`mrpt-rpt`): contexts -> rollouts -> prefix rewards -> GRPO update -> checkpoint.
+"""The RPT job (`mrpt-rpt`): contexts -> rollouts -> prefix rewards -> GRPO update, on the shared driver.
 
-One iteration (exactly on-policy, one update per batch, as the paper):
+One iteration:
 1. the next `--rpt-contexts-per-step` tasks of a seeded per-epoch permutation (the position is the
    checkpoint's consumed-samples count, so a resumed run continues with the same contexts); each
    data-parallel rank takes its contiguous share;
-2. the rollout engine samples `--rpt-group-size` responses per context (the embedded engine is
-   collective over the model-parallel group; its seed is a function of seed, iteration and DP rank,
-   so a resumed run samples the same rollouts);
+2. the rollout engine samples `--rpt-group-size` responses per context at `--rpt-temperature` T,
+   with their log-probs log softmax(z / T) (the embedded engine is collective over the
+   model-parallel group; its seed is a function of seed, iteration and DP rank, so a resumed run
+   samples the same rollouts);
 3. `rpt.reward.prefix_match_reward` scores each response against the target token bytes;
 4. `rpt.grpo` turns rewards into group advantages; from `--rpt-dynamic-sampling-start` on, groups
    whose rewards are all equal are dropped;
-5. prompt + response sequences go through Megatron-Core's forward-backward schedule (TP/PP/DP/EP):
-   the policy's log-probs come vocab-parallel from the logits (`grpo.policy_log_probs`), the
-   clipped surrogate is averaged over all response tokens of the global batch
-   (`calculate_per_token_loss`), then the Megatron optimizer steps.
-An iteration whose batch kept no token (every group dropped) skips the update on every rank.
-Metrics go to stdout every `--log-interval` and to TensorBoard; evaluation (`rpt.evaluate`) runs on
-held-out tasks every `--eval-interval` and at the end.
+5. the old policy's log-probs are recomputed by the trainer, forward only, on the very micro-batches
+   of the update (so the first update's ratio is exactly 1 in any precision); the engine's are kept
+   to measure the engine-trainer mismatch (mean/max |logp_old - logp_engine| and the k3 KL between
+   them) and, with `--rpt-tis-cap C`, to weight each token by min(exp(logp_old - logp_engine), C)
+   (truncated importance sampling, detached). `--rpt-use-rollout-logprobs` skips the recompute and
+   takes the engine's as the old policy;
+6. the local contexts are split into `--rpt-mini-batches` N equal parts; each part's prompt +
+   response sequences go through Megatron-Core's forward-backward schedule (TP/PP/DP/EP) with the
+   policy's log-probs at T (`grpo.policy_log_probs`) and the clipped surrogate averaged over all
+   response tokens of the part's global batch (`calculate_per_token_loss`), then the optimizer
+   steps: N updates per rollout batch. A part that kept no token on any rank skips its update on
+   every rank.
+With expert parallelism the ranks of an expert all-to-all hold different data, so every forward
+they run is matched: the engine decodes in lockstep (`MegatronEngine(lockstep_group=...)`) and the
+update pads every rank to the same micro-batch count and length (padding carries no loss).
+Resuming, the iteration loop, --eval-interval / --save-interval and the exit conditions are the
+shared `training.driver.TrainingDriver`; metrics go to stdout every `--log-interval` and to
+TensorBoard; evaluation (`rpt.evaluate`) runs on held-out tasks at the start, every
+`--eval-interval` and at the end.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -29,12 +44,28 @@ from functools import partial
 from typing import Optional
 
 import torch
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_rpt import distributed as dist
+from megatron_rpt.config import ConfigError
 from megatron_rpt.config.schema import RunConfig
+from megatron_rpt.config.validation import fp8_row_multiple, sequence_length_multiple, validate_rpt_config
 from megatron_rpt.inference.base import RolloutEngine, SamplingConfig
+from megatron_rpt.models.gpt import token_head
+from megatron_rpt.rpt.evaluate import evaluate_tasks
+from megatron_rpt.rpt.grpo import group_advantages, informative_groups, policy_log_probs, policy_loss
+from megatron_rpt.rpt.prompts import build_prompt, load_template
+from megatron_rpt.rpt.reward import prefix_match_reward
+from megatron_rpt.rpt.tasks import load_tasks
+from megatron_rpt.training.context_parallel import split_for_this_cp_rank
+from megatron_rpt.training.driver import SignalFlag, TrainingDriver
+from megatron_rpt.training.setup import setup_job
+from megatron_rpt.training.step import grads_are_finite, reduce_from_last_stage
 
 # Per-micro-batch sums reduced over the batch (order of the packed report tensor).
-_SUMS = ("loss", "tokens", "entropy", "ratio", "clipped", "kl", "approx_kl", "abs_logp_diff")
+_SUMS = ("loss", "tokens", "entropy", "ratio", "clipped", "kl", "approx_kl", "abs_logp_diff", "mismatch_kl",
+         "tis_weight")
 
 
 @dataclass
@@ -74,26 +105,31 @@ class ContextSampler:
 class TrainSequence:
     """One prompt + response for the policy update (labels are the next tokens)."""
 
-    tokens: list            # prompt + response ids
+    tokens: list                # prompt + response ids
     prompt_len: int
-    old_log_probs: list     # per response token (rollout engine)
+    rollout_log_probs: list     # per response token, as the rollout engine reported them
     advantage: float
 
 
 def _micro_batches(seqs: list, micro_batch_size: int, length_multiple: int, max_length: int,
-                   attention_mask: bool) -> tuple[list, int]:
-    """Right-padded micro-batches of one length L (Megatron's schedule needs one shape per step).
-    Position j predicts tokens[j + 1]; only response tokens carry loss."""
-    longest = max(len(s.tokens) - 1 for s in seqs) if seqs else 1
-    length = min(max_length, -(-longest // length_multiple) * length_multiple)
+                   attention_mask: bool, *, length: Optional[int] = None, count: int = 1) -> tuple[list, int]:
+    """Right-padded micro-batches of one length L (Megatron's schedule needs one shape per step), at
+    least `count` of them (the extra ones carry no loss); `length` forces L (>= what the sequences
+    need). Position j predicts tokens[j + 1]; only response tokens carry loss. `old_log_probs` starts
+    as the engine's; the trainer's recompute replaces it."""
+    need = min(max_length, -(-max((len(s.tokens) - 1 for s in seqs), default=1) // length_multiple) * length_multiple)
+    if length is None:
+        length = need
+    elif length < need:
+        raise ValueError(f"micro-batch length {length} < {need} needed by the sequences")
     batches = []
-    n_batches = max(1, -(-len(seqs) // micro_batch_size))
+    n_batches = max(count, 1, -(-len(seqs) // micro_batch_size))
     for b in range(n_batches):
         chunk = seqs[b * micro_batch_size:(b + 1) * micro_batch_size]
         tokens = torch.zeros(micro_batch_size, length, dtype=torch.long)
         labels = torch.zeros(micro_batch_size, length, dtype=torch.long)
         mask = torch.zeros(micro_batch_size, length)
-        old = torch.zeros(micro_batch_size, length)
+        engine = torch.zeros(micro_batch_size, length)
         adv = torch.zeros(micro_batch_size, 1)
         for i, s in enumerate(chunk):
             ids = torch.tensor(s.tokens, dtype=torch.long)
@@ -102,9 +138,10 @@ def _micro_batches(seqs: list, micro_batch_size: int, length_multiple: int, max_
             labels[i, :n] = ids[1:]
             start = s.prompt_len - 1             # the position whose label is the first response token
             mask[i, start:n] = 1.0
-            old[i, start:n] = torch.tensor(s.old_log_probs, dtype=torch.float32)
+            engine[i, start:n] = torch.tensor(s.rollout_log_probs, dtype=torch.float32)
             adv[i, 0] = s.advantage
-        batch = {"tokens": tokens, "labels": labels, "loss_mask": mask, "old_log_probs": old, "advantages": adv,
+        batch = {"tokens": tokens, "labels": labels, "loss_mask": mask, "rollout_log_probs": engine,
+                 "old_log_probs": engine.clone(), "advantages": adv,
                  "position_ids": torch.arange(length).unsqueeze(0).expand(micro_batch_size, length).contiguous()}
         if attention_mask:
             batch["attention_mask"] = torch.triu(torch.ones(1, 1, length, length, dtype=torch.bool), diagonal=1)
@@ -112,75 +149,78 @@ def _micro_batches(seqs: list, micro_batch_size: int, length_multiple: int, max_
     return batches, length
 
 
-class ReferenceForwardStep:
-    """Forward-only step of the frozen reference policy: stores its log-probs of the labels in the
-    host batch dict (key `ref_log_probs`, last pipeline stage only), for the policy step's KL term."""
+class LogProbForwardStep:
+    """Forward-only step that stores log pi_T(labels) [b, s] of `model` in the host batch dict under
+    `key` (last pipeline stage only): the old policy's recompute (`old_log_probs`, the trainer's own
+    model before the update) and the frozen reference of the KL term (`ref_log_probs`)."""
 
-    def __init__(self, device: torch.device, vocab_size: int):
-        self.device, self.vocab_size = device, vocab_size
+    def __init__(self, device: torch.device, vocab_size: int, temperature: float, key: str):
+        self.device, self.vocab_size, self.temperature, self.key = device, vocab_size, temperature, key
 
     def __call__(self, data_iterator, model):
-        from megatron_rpt.models.gpt import token_head
-        from megatron_rpt.rpt.grpo import policy_log_probs
-
         host = next(data_iterator)
         batch = {k: v.to(self.device) for k, v in host.items()}
-        with token_head(model, partial(policy_log_probs, vocab_size=self.vocab_size, overwrite_logits=True)):
+        with token_head(model, partial(policy_log_probs, vocab_size=self.vocab_size, temperature=self.temperature,
+                                       overwrite_logits=True)):
             output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
 
         def stash(log_probs):
-            host["ref_log_probs"] = log_probs.detach().cpu()
+            host[self.key] = log_probs.detach().float().cpu()
             zero = torch.zeros((), device=self.device)
             return zero, torch.zeros((), dtype=torch.int, device=self.device), {}
         return output, stash
 
 
 class PolicyForwardStep:
-    """Megatron forward_step_func for the GRPO update: policy log-probs (the model's per-token head)
-    and the clipped surrogate (plus kl_beta x k3 KL to the reference where the batch carries
-    `ref_log_probs`)."""
+    """Megatron forward_step_func for the GRPO update: policy log-probs at T (the model's per-token
+    head) and the clipped surrogate against `old_log_probs` (plus kl_beta x k3 KL to the reference
+    where the batch carries `ref_log_probs`; times the truncated IS weight with `tis_cap`).
 
-    def __init__(self, device: torch.device, vocab_size: int, eps_low: float, eps_high: float, kl_beta: float = 0.0):
-        self.device, self.vocab_size = device, vocab_size
+    The engine-trainer mismatch is measured per token between the trainer's log-probs of the policy
+    that sampled (the recomputed old ones; with `recomputed` False, this forward's) and the engine's:
+    |difference| and k3 = exp(d) - d - 1, d = logp_trainer - logp_engine (an estimate of
+    KL(engine || trainer) from the engine's samples)."""
+
+    def __init__(self, device: torch.device, vocab_size: int, temperature: float, eps_low: float, eps_high: float,
+                 kl_beta: float = 0.0, tis_cap: Optional[float] = None, recomputed: bool = True):
+        self.device, self.vocab_size, self.temperature = device, vocab_size, temperature
         self.eps_low, self.eps_high, self.kl_beta = eps_low, eps_high, kl_beta
+        self.tis_cap, self.recomputed = tis_cap, recomputed
 
     def _loss(self, batch: dict, stats: dict, logp: torch.Tensor):
-        from megatron_rpt.rpt.grpo import policy_loss
-
         mask = batch["loss_mask"]
         keep = mask > 0
-        old = batch["old_log_probs"]
+        old, engine = batch["old_log_probs"], batch["rollout_log_probs"]
         loss, info = policy_loss(logp, old, batch["advantages"], eps_low=self.eps_low, eps_high=self.eps_high,
                                  ref_log_probs=batch.get("ref_log_probs"), kl_beta=self.kl_beta)
-        diff = torch.where(keep, (logp.detach() - old).abs(), 0.0)
+        weight = torch.ones_like(old)
+        if self.tis_cap is not None:
+            weight = torch.clamp(torch.exp(old - engine), max=self.tis_cap)   # data: no gradient
+            loss = loss * weight
+        d = torch.where(keep, (old if self.recomputed else logp.detach()) - engine, 0.0)
         total = torch.sum(loss * mask)
         tokens = mask.sum()
 
         def s(x):
             return torch.where(keep, x.float(), 0.0).sum()
 
+        diff = d.abs()
         report = torch.stack([total.detach(), tokens, s(stats["entropy"].t()), s(info["ratio"]), s(info["clipped"]),
-                              s(info["kl"]), s(info["approx_kl"]), diff.sum()])
-        max_diff = diff.max()
-        return total, tokens.to(torch.int), {"rpt": report, "max_abs_logp_diff": max_diff}
+                              s(info["kl"]), s(info["approx_kl"]), diff.sum(), s(torch.expm1(d) - d), s(weight)])
+        return total, tokens.to(torch.int), {"rpt": report, "max_abs_logp_diff": diff.max()}
 
     def __call__(self, data_iterator, model):
-        from megatron_rpt.models.gpt import token_head
-        from megatron_rpt.rpt.grpo import policy_log_probs
-
         batch = {k: v.to(self.device) for k, v in next(data_iterator).items()}
         stats: dict = {}    # per-token statistics [s, b] of the policy's distribution (entropy)
-        with token_head(model, partial(policy_log_probs, vocab_size=self.vocab_size, stats=stats,
-                                       overwrite_logits=True)):
+        with token_head(model, partial(policy_log_probs, vocab_size=self.vocab_size, temperature=self.temperature,
+                                       stats=stats, overwrite_logits=True)):
             logp = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
         return logp, partial(self._loss, batch, stats)
 
 
-def _reduce_report(outputs: list, device: torch.device) -> dict:
-    """Sum the packed micro-batch reports over micro-batches and DP ranks, max of |logp - old|; every
-    pipeline stage receives the last stage's values."""
-    from megatron_rpt.training.step import reduce_from_last_stage
-
+def _reduce_report(outputs: list, device: torch.device) -> tuple[dict, float]:
+    """The packed micro-batch reports summed over micro-batches and DP ranks, and the max of
+    |logp - logp_engine|; every pipeline stage receives the last stage's values."""
     total = torch.zeros(len(_SUMS), dtype=torch.float64, device=device)
     peak = torch.zeros(1, dtype=torch.float64, device=device)
     for out in outputs:
@@ -188,20 +228,30 @@ def _reduce_report(outputs: list, device: torch.device) -> dict:
         peak = torch.maximum(peak, out["max_abs_logp_diff"].to(torch.float64).view(1))
     reduce_from_last_stage(total)
     reduce_from_last_stage(peak, op=torch.distributed.ReduceOp.MAX)   # |differences| >= 0
-    values = dict(zip(_SUMS, total.tolist()))
-    n = max(values["tokens"], 1.0)
-    return {"policy_loss": values["loss"] / n, "train_tokens": int(values["tokens"]),
-            "entropy": values["entropy"] / n, "ratio": values["ratio"] / n, "clip_fraction": values["clipped"] / n,
-            "kl": values["kl"] / n, "approx_kl": values["approx_kl"] / n,
-            "mean_abs_logp_diff": values["abs_logp_diff"] / n, "max_abs_logp_diff": float(peak.item())}
+    return dict(zip(_SUMS, total.tolist())), float(peak.item())
+
+
+def _summarise(sums: dict, peak: float) -> dict:
+    """Token means of the summed reports (over every update of the iteration)."""
+    n = max(sums["tokens"], 1.0)
+    return {"policy_loss": sums["loss"] / n, "train_tokens": int(sums["tokens"]),
+            "entropy": sums["entropy"] / n, "ratio": sums["ratio"] / n, "clip_fraction": sums["clipped"] / n,
+            "kl": sums["kl"] / n, "approx_kl": sums["approx_kl"] / n,
+            "mean_abs_logp_diff": sums["abs_logp_diff"] / n, "max_abs_logp_diff": peak,
+            "mismatch_kl": sums["mismatch_kl"] / n, "tis_weight": sums["tis_weight"] / n}
 
 
 def _sum_over_dp(values: list, device: torch.device) -> list:
-    """Element-wise sum over data-parallel ranks (model-parallel ranks hold the same values)."""
-    from megatron.core import parallel_state as ps
-
+    """Element-wise sum over data-parallel ranks (tensor-, pipeline- and context-parallel ranks of one
+    data-parallel rank hold the same rollouts, hence the same values)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t, group=ps.get_data_parallel_group(with_context_parallel=True))
+    torch.distributed.all_reduce(t, group=ps.get_data_parallel_group())
+    return t.tolist()
+
+
+def _max_over_world(values: list, device: torch.device) -> list:
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return t.tolist()
 
 
@@ -209,18 +259,28 @@ def build_engine(cfg: RunConfig, job) -> RolloutEngine:
     r = cfg.rpt
     if r.rollout_engine == "megatron":
         from megatron_rpt.inference.megatron_engine import MegatronEngine
-        from megatron_rpt.config.validation import fp8_row_multiple
         # FP8 GEMMs need aligned row counts and a decode step has one row per sequence: batches are padded.
+        # Expert parallelism: the expert all-to-alls need every rank to run the same forwards (lockstep).
         return MegatronEngine(job.state.model, job.tokenizer, padded_vocab_size=job.vocab_size,
                               max_batch_size=r.rollout_max_batch_size, max_sequence_length=cfg.model.seq_length,
-                              row_multiple=fp8_row_multiple(cfg) if cfg.fp8.fp8_format else 1)
-    import os
-
+                              row_multiple=fp8_row_multiple(cfg) if cfg.fp8.fp8_format else 1,
+                              lockstep_group=torch.distributed.group.WORLD if _lockstep(cfg) else None)
     from megatron_rpt.inference.external import OpenAICompatibleEngine
+    from megatron_rpt.training.checkpointing import save_weights
+    # --rollout-frozen-policy: the server keeps its weights, nothing is written or exported.
+    writer = None if r.rollout_frozen_policy else partial(save_weights, state=job.state, cfg=cfg)
     return OpenAICompatibleEngine(
         r.rollout_url, eod_token_id=job.tokenizer.eod, reload=r.rollout_reload,
         reload_endpoint=r.rollout_reload_endpoint, restart_command=r.rollout_restart_command,
-        sync_dir=r.rollout_sync_dir or os.path.join(cfg.checkpoint.save, "rollout_sync"))
+        sync_dir=r.rollout_sync_dir or os.path.join(cfg.checkpoint.save, "rollout_sync"),
+        logprobs=r.rollout_logprobs, weights_writer=writer)
+
+
+def _lockstep(cfg: RunConfig) -> bool:
+    """Whether ranks holding different data share collectives inside the forward (the expert
+    all-to-alls of expert parallelism), so that every rank must run the same forwards. The same
+    answer on every rank (configuration only)."""
+    return cfg.parallel.expert_model_parallel_size > 1
 
 
 def build_reference(cfg: RunConfig, job) -> list:
@@ -245,108 +305,83 @@ def build_reference(cfg: RunConfig, job) -> list:
     return chunks
 
 
-def rpt_train(cfg: RunConfig) -> RPTResult:
-    """Run (or resume) RPT as configured on the current launcher's ranks."""
-    from megatron_rpt.training.loop import ExitWatch, _SignalFlag  # the pretraining loop's exit logic
+class _RPTJob:
+    """One RPT run's pieces and its iteration (`step`) and evaluation (`evaluate`) for the driver."""
 
-    start_time = time.time()
-    signals = _SignalFlag(cfg.training.exit_signal_handler)
-    from megatron_rpt.config.validation import validate_rpt_config
-    from megatron_rpt.training.setup import setup_job
+    def __init__(self, cfg: RunConfig, job, driver: TrainingDriver, result: RPTResult):
+        r, t, m = cfg.rpt, cfg.training, cfg.model
+        self.cfg, self.job, self.driver, self.result = cfg, job, driver, result
+        self.device, self.state = job.device, job.state
+        self.tasks = load_tasks(r.rpt_data)
+        self.eval_tasks = load_tasks(r.rpt_eval_data) if r.rpt_eval_data else None
+        if self.eval_tasks is not None and r.rpt_eval_max_tasks:
+            self.eval_tasks = self.eval_tasks[:r.rpt_eval_max_tasks]
+        self.template = load_template(r.rpt_prompt_template)
+        self.chat = getattr(job.tokenizer, "_tok", None) if r.rpt_chat_template else None
+        if r.rpt_chat_template and self.chat is None:
+            raise ConfigError(["--rpt-chat-template needs --tokenizer-type HuggingFaceTokenizer (a chat template)"])
+        self.prompt_cache: dict = {}
+        self.max_prompt = m.seq_length - r.rpt_max_response_length
+        self.truncated = 0
+        self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        self.local_contexts = r.rpt_contexts_per_step // self.dp
+        self.sampler = ContextSampler(len(self.tasks), t.seed)
+        self.lockstep = _lockstep(cfg)
+        self.policy_step = PolicyForwardStep(
+            self.device, job.vocab_size, r.rpt_temperature, r.grpo_clamp_eps_lower, r.grpo_clamp_eps_upper,
+            r.grpo_kl_beta, tis_cap=r.rpt_tis_cap, recomputed=not r.rpt_use_rollout_logprobs)
+        self.reference = None
+        if r.grpo_kl_beta > 0:
+            self.reference = build_reference(cfg, job)
+            dist.print_rank_0(f"> KL reference policy: {r.rpt_ref_load} (beta {r.grpo_kl_beta})")
+        self.writer = None
+        if cfg.logging.tensorboard_dir and job.env.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=cfg.logging.tensorboard_dir, max_queue=100)
+        self.engine = build_engine(cfg, job)
 
-    job = setup_job(cfg, validate=validate_rpt_config, check_data=False)
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    def close(self) -> None:
+        self.engine.close()
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
 
-    from megatron_rpt import distributed as dist
-    from megatron_rpt.config import ConfigError
-    from megatron_rpt.config.validation import sequence_length_multiple
-    from megatron_rpt.rpt.evaluate import evaluate_tasks
-    from megatron_rpt.rpt.grpo import group_advantages, informative_groups
-    from megatron_rpt.rpt.prompts import build_prompt, load_template
-    from megatron_rpt.rpt.reward import prefix_match_reward
-    from megatron_rpt.rpt.tasks import load_tasks
-    from megatron_rpt.training.checkpointing import load_checkpoint, save_checkpoint
-    from megatron_rpt.training.step import grads_are_finite
-
-    r, t, m = cfg.rpt, cfg.training, cfg.model
-    device, tokenizer, state = job.device, job.tokenizer, job.state
-    tasks = load_tasks(r.rpt_data)
-    eval_tasks = load_tasks(r.rpt_eval_data) if r.rpt_eval_data else None
-    if eval_tasks is not None and r.rpt_eval_max_tasks:
-        eval_tasks = eval_tasks[:r.rpt_eval_max_tasks]
-    template = load_template(r.rpt_prompt_template)
-    chat = getattr(tokenizer, "_tok", None) if r.rpt_chat_template else None
-    if r.rpt_chat_template and chat is None:
-        raise ConfigError(["--rpt-chat-template needs --tokenizer-type HuggingFaceTokenizer (a chat template)"])
-    prompt_cache: dict = {}
-    max_prompt = m.seq_length - r.rpt_max_response_length
-    truncated = [0]
-
-    def prompt_ids(task) -> list:
+    def prompt_ids(self, task) -> list:
         """The task's prompt ids; a context too long for --seq-length minus the response budget loses
         its oldest text (the paper caps prompts at 4,096 tokens), never its end."""
-        if task.id not in prompt_cache:
+        if task.id not in self.prompt_cache:
+            tokenizer, template, chat = self.job.tokenizer, self.template, self.chat
             context = task.context
             ids = tokenizer.tokenize(build_prompt(context, template, chat_tokenizer=chat))
-            while len(ids) > max_prompt and context:
-                context = context[max(1, len(context) * (len(ids) - max_prompt) // len(ids) // 2 + 1):]
+            while len(ids) > self.max_prompt and context:
+                context = context[max(1, len(context) * (len(ids) - self.max_prompt) // len(ids) // 2 + 1):]
                 ids = tokenizer.tokenize(build_prompt(context, template, chat_tokenizer=chat))
-            if len(ids) > max_prompt:
+            if len(ids) > self.max_prompt:
                 raise ConfigError([f"the prompt template alone has {len(ids)} tokens, more than --seq-length "
-                                   f"{m.seq_length} minus --rpt-max-response-length {r.rpt_max_response_length}"])
-            truncated[0] += context != task.context
-            prompt_cache[task.id] = ids
-        return prompt_cache[task.id]
+                                   f"{self.cfg.model.seq_length} minus --rpt-max-response-length "
+                                   f"{self.cfg.rpt.rpt_max_response_length}"])
+            self.truncated += context != task.context
+            self.prompt_cache[task.id] = ids
+        return self.prompt_cache[task.id]
 
-    result = RPTResult(iteration=0, start_iteration=0)
-    consumed = 0
-    if cfg.checkpoint.load:
-        loaded = load_checkpoint(cfg.checkpoint.load, state, cfg, iteration=cfg.checkpoint.ckpt_step)
-        if loaded is not None:
-            result.iteration = result.start_iteration = loaded.iteration
-            consumed = loaded.consumed_train_samples
-            result.resumed_from = loaded.path
-            dist.print_rank_0(f"> loaded {loaded.path} at iteration {loaded.iteration} (consumed contexts {consumed})")
-        else:
-            dist.print_rank_0(f"> no checkpoint in {cfg.checkpoint.load}; starting from the initial weights")
-    engine = build_engine(cfg, job)
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    local_contexts = r.rpt_contexts_per_step // dp
-    sampler = ContextSampler(len(tasks), t.seed)
-    forward_step = PolicyForwardStep(device, job.vocab_size, r.grpo_clamp_eps_lower, r.grpo_clamp_eps_upper,
-                                     r.grpo_kl_beta)
-    reference = None
-    if r.grpo_kl_beta > 0:
-        reference = build_reference(cfg, job)
-        dist.print_rank_0(f"> KL reference policy: {r.rpt_ref_load} (beta {r.grpo_kl_beta})")
-    writer = None
-    if cfg.logging.tensorboard_dir and job.env.rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(log_dir=cfg.logging.tensorboard_dir, max_queue=100)
-    dist.print_rank_0(f"> RPT: {len(tasks)} tasks, {r.rpt_contexts_per_step} contexts x G={r.rpt_group_size} per "
-                      f"step, engine {engine.name}, temperature {r.rpt_temperature}, max response "
-                      f"{r.rpt_max_response_length} tokens")
-
-    def sampling(seed: int) -> SamplingConfig:
+    def sampling(self, seed: int) -> SamplingConfig:
+        r = self.cfg.rpt
         return SamplingConfig(max_new_tokens=r.rpt_max_response_length, temperature=r.rpt_temperature,
                               top_p=r.rpt_top_p, top_k=r.rpt_top_k, seed=seed)
 
-    def run_eval(iteration: int) -> None:
-        if eval_tasks is None:
-            return
+    def evaluate(self, iteration: int) -> None:
+        cfg, t = self.cfg, self.cfg.training
         t0 = time.perf_counter()
         # Held-out tasks are split over DP ranks; every rank of a model-parallel group evaluates the same ones.
-        mine = eval_tasks[dp_rank::dp]
-        metrics = evaluate_tasks(engine, mine, prompt_ids, k=r.rpt_eval_samples,
-                                 sampling=sampling(_seed(t.seed, iteration, dp_rank, 7)),
-                                 reduce=lambda v: _sum_over_dp(v, device), max_context_tokens=m.seq_length - 1)
-        result.evaluations[iteration] = metrics
-        if cfg.checkpoint.save and job.env.rank == 0:
+        mine = self.eval_tasks[self.dp_rank::self.dp]
+        metrics = evaluate_tasks(self.engine, mine, self.prompt_ids, k=cfg.rpt.rpt_eval_samples,
+                                 sampling=self.sampling(_seed(t.seed, iteration, self.dp_rank, 7)),
+                                 reduce=lambda v: _sum_over_dp(v, self.device),
+                                 max_context_tokens=cfg.model.seq_length - 1)
+        self.result.evaluations[iteration] = metrics
+        if cfg.checkpoint.save and self.job.env.rank == 0:
             # Next to the checkpoints, so before/after comparisons survive the job's log; rewritten
             # under a temporary name and renamed, so a crash never leaves a torn line.
-            import json
-            import os
             os.makedirs(cfg.checkpoint.save, exist_ok=True)
             path = os.path.join(cfg.checkpoint.save, "rpt_eval.jsonl")
             lines = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
@@ -356,134 +391,168 @@ def rpt_train(cfg: RunConfig) -> RPTResult:
         dist.print_rank_0(f"> evaluation at iteration {iteration} ({time.perf_counter() - t0:.1f} s): " +
                           " | ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
                                      for k, v in metrics.items()))
-        if writer is not None:
+        if self.writer is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
-                    writer.add_scalar(f"eval/{k}", v, iteration)
+                    self.writer.add_scalar(f"eval/{k}", v, iteration)
 
-    def save(iteration: int) -> None:
-        if cfg.checkpoint.save:
-            t0 = time.perf_counter()
-            path = save_checkpoint(cfg.checkpoint.save, iteration, state, cfg, consumed_train_samples=consumed,
-                                   consumed_valid_samples=0, fully_parallel=cfg.checkpoint.ckpt_fully_parallel_save)
-            result.saved.append(path)
-            dist.print_rank_0(f"> saved checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
+    def _schedule(self, model, forward_step, batches: list, length: int, forward_only: bool) -> list:
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(batches), model=model,
+            num_microbatches=len(batches), seq_length=length, micro_batch_size=self.cfg.training.micro_batch_size,
+            forward_only=forward_only)
 
-    iteration = result.iteration
-    last_saved = iteration if result.resumed_from else None
-    exit_watch = ExitWatch(t, start_time, signals, device)
-    if t.eval_interval and iteration == 0:
-        run_eval(0)
-    try:
-        while iteration < t.train_iters:
-            t_start = time.perf_counter()
-            first = consumed + dp_rank * local_contexts
-            batch_tasks = [tasks[sampler(first + i)] for i in range(local_contexts)]
-            prompts = [prompt_ids(task) for task in batch_tasks]
-            if engine.name != "megatron":
-                # An external server sees the trainer's weights through an export of this iteration's
-                # checkpoint (the engine skips an iteration it already serves).
-                if last_saved != iteration:
-                    save(iteration)
-                    last_saved = iteration
-                engine.sync_weights(iteration, cfg.checkpoint.save)
-            rollouts = engine.generate(prompts, r.rpt_group_size, sampling(_seed(t.seed, iteration, dp_rank)))
-            t_rollout = time.perf_counter() - t_start
-            rewards = torch.tensor([[prefix_match_reward(o.text, task.target_token_bytes) for o in group]
-                                    for task, group in zip(batch_tasks, rollouts)], dtype=torch.float32)
-            advantages = group_advantages(rewards)
-            informative = informative_groups(rewards)
-            dynamic = r.rpt_dynamic_sampling_start is not None and iteration >= r.rpt_dynamic_sampling_start
-            keep = informative if dynamic else torch.ones_like(informative)
-            seqs = [TrainSequence(tokens=list(p) + o.tokens, prompt_len=len(p), old_log_probs=o.log_probs,
-                             advantage=float(advantages[g, j]))
-                    for g, (p, group) in enumerate(zip(prompts, rollouts)) if keep[g]
-                    for j, o in enumerate(group)]
-            resp_lens = [len(o.tokens) for group in rollouts for o in group]
-            local = [rewards.sum().item(), rewards.numel(), float(rewards.max(dim=1).values.sum()), len(rewards),
-                     float(keep.sum()), float(sum(resp_lens)), float(sum(o.finished for g in rollouts for o in g)),
-                     float(sum(len(p) for p in prompts) * r.rpt_group_size), float(informative.sum())]
-            (reward_sum, n_rollouts, groups_solved, n_groups, kept, resp_tokens, finished, prompt_tokens,
-             n_informative) = _sum_over_dp(local, device)
+    def _mini_batches(self, parts: list) -> list:
+        """Each part's sequences -> (micro-batches, full length); in lockstep every rank gets the same
+        counts and lengths (one MAX all-reduce over the world). Under context parallelism each
+        micro-batch is cut to this rank's sequence chunks once, here, so that the log-probs the
+        forward-only passes stash are in the layout of the update (the schedule takes the full length)."""
+        cfg, t = self.cfg, self.cfg.training
+        make = partial(_micro_batches, micro_batch_size=t.micro_batch_size,
+                       length_multiple=sequence_length_multiple(cfg), max_length=cfg.model.seq_length,
+                       attention_mask=not self.job.platform.transformer_engine)
+        plan = [make(seqs) for seqs in parts]
+        if self.lockstep:
+            agreed = _max_over_world([len(b) for b, _ in plan] + [length for _, length in plan], self.device)
+            plan = [make(seqs, length=agreed[len(parts) + i], count=agreed[i]) for i, seqs in enumerate(parts)]
+        return [([split_for_this_cp_rank(b) for b in batches], length) for batches, length in plan]
 
-            t_train0 = time.perf_counter()
-            # The length suits sequence parallelism and FP8 (models.gpt.sequence_length_multiple). DP ranks
-            # may run different numbers of micro-batches: the token mean stays exact (Megatron sums over DP).
-            batches, length = _micro_batches(seqs, t.micro_batch_size, sequence_length_multiple(cfg), m.seq_length,
-                                             attention_mask=not job.platform.transformer_engine)
-            if reference is not None:
-                with torch.no_grad():
-                    get_forward_backward_func()(
-                        forward_step_func=ReferenceForwardStep(device, job.vocab_size), data_iterator=iter(batches),
-                        model=reference, num_microbatches=len(batches), seq_length=length,
-                        micro_batch_size=t.micro_batch_size, forward_only=True)
-            for chunk in state.model:
+    def _update(self, parts: list) -> tuple[dict, list]:
+        """The GRPO update of one rollout batch split in `parts` (see the module docstring, 5-6):
+        the summed reports and the grad norms of the optimizer steps taken."""
+        r, t = self.cfg.rpt, self.cfg.training
+        plan = self._mini_batches(parts)
+        with torch.no_grad():
+            for batches, length in plan:
+                if not r.rpt_use_rollout_logprobs:
+                    self._schedule(self.state.model, LogProbForwardStep(self.device, self.job.vocab_size,
+                                                                       r.rpt_temperature, "old_log_probs"),
+                                   batches, length, forward_only=True)
+                if self.reference is not None:
+                    self._schedule(self.reference, LogProbForwardStep(self.device, self.job.vocab_size,
+                                                                     r.rpt_temperature, "ref_log_probs"),
+                                   batches, length, forward_only=True)
+        sums, peak, grad_norms = dict.fromkeys(_SUMS, 0.0), 0.0, []
+        for i, (batches, length) in enumerate(plan):
+            for chunk in self.state.model:
                 chunk.zero_grad_buffer()
-            state.optimizer.zero_grad()
-            outputs = get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=iter(batches), model=state.model,
-                num_microbatches=len(batches), seq_length=length, micro_batch_size=t.micro_batch_size,
-                forward_only=False)
-            report = _reduce_report(outputs, device)
-            updated = False
-            grad_norm = None
-            if report["train_tokens"] > 0 and grads_are_finite(state.model, device):
-                updated, grad_norm, _ = state.optimizer.step()
-                if updated:
-                    state.scheduler.step(increment=t.global_batch_size)
-            elif report["train_tokens"] > 0:
-                dist.print_rank_0(f"> iteration {iteration + 1}: NaN/inf gradients; update skipped")
-            t_train = time.perf_counter() - t_train0
-            iteration += 1
-            consumed += r.rpt_contexts_per_step
-            metrics = {
-                "reward": reward_sum / max(n_rollouts, 1), f"pass@{r.rpt_group_size}": groups_solved / max(n_groups, 1),
-                "kept_group_fraction": kept / max(n_groups, 1),
-                "informative_group_fraction": n_informative / max(n_groups, 1),
-                "response_length": resp_tokens / max(n_rollouts, 1), "finished_fraction": finished / max(n_rollouts, 1),
-                **report, "updated": bool(updated), "grad_norm": None if grad_norm is None else float(grad_norm),
-                "lr": float(state.optimizer.param_groups[0]["lr"]),
-                "rollout_tokens_per_s": resp_tokens / max(t_rollout, 1e-9),
-                "train_tokens_per_s": (prompt_tokens * kept / max(n_groups, 1) + report["train_tokens"]) / max(t_train, 1e-9),
-                "time_rollout_s": t_rollout, "time_train_s": t_train,
-                "prompts_truncated": truncated[0],   # so far, on this rank (contexts cut to fit --seq-length)
-            }
-            result.metrics[iteration] = metrics
-            if writer is not None and iteration % cfg.logging.tensorboard_log_interval == 0:
-                for k, v in metrics.items():
-                    if isinstance(v, (int, float)) and not isinstance(v, bool):
-                        writer.add_scalar(f"rpt/{k}", v, iteration)
-            if iteration % cfg.logging.log_interval == 0 or iteration == t.train_iters:
-                dist.print_rank_0(
-                    f" iteration {iteration:8d}/{t.train_iters:8d} | consumed contexts: {consumed} | "
-                    f"reward: {metrics['reward']:.4f} | pass@{r.rpt_group_size}: {metrics[f'pass@{r.rpt_group_size}']:.4f} | "
-                    f"kept groups: {metrics['kept_group_fraction']:.3f} | response length: {metrics['response_length']:.1f} | "
-                    f"policy loss: {report['policy_loss']:.5f} | entropy: {report['entropy']:.4f} | "
-                    f"clip frac: {report['clip_fraction']:.4f} | ratio: {report['ratio']:.5f} | "
-                    f"|logp-old| max: {report['max_abs_logp_diff']:.2e} | lr: {metrics['lr']:.3e} | "
-                    f"grad norm: {'-' if grad_norm is None else f'{grad_norm:.4f}'} | "
-                    f"rollout: {t_rollout:.1f} s ({metrics['rollout_tokens_per_s']:.1f} tok/s) | "
-                    f"train: {t_train:.1f} s ({metrics['train_tokens_per_s']:.1f} tok/s)")
-            if not math.isfinite(report["policy_loss"]):
-                raise FloatingPointError(f"iteration {iteration}: policy loss is {report['policy_loss']}")
-            if t.eval_interval and iteration % t.eval_interval == 0 and iteration != t.train_iters:
-                run_eval(iteration)
-            if cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0:
-                save(iteration)
-                last_saved = iteration
-            reason = exit_watch.reason(iteration)
-            if reason is not None:
-                result.exit_reason = reason
-                break
-        result.iteration = iteration
-        if cfg.checkpoint.save and last_saved != iteration:
-            save(iteration)
-        if t.eval_interval and result.exit_reason == "train_iters":
-            run_eval(iteration)
-        dist.print_rank_0(f"> RPT stopped at iteration {iteration} ({result.exit_reason})")
+            self.state.optimizer.zero_grad()
+            part_sums, part_peak = _reduce_report(self._schedule(self.state.model, self.policy_step, batches, length,
+                                                                 forward_only=False), self.device)
+            sums = {k: sums[k] + part_sums[k] for k in _SUMS}
+            peak = max(peak, part_peak)
+            if part_sums["tokens"] == 0:
+                continue      # every group of this part was dropped, on every rank (the count is global)
+            if not grads_are_finite(self.state.model, self.device):
+                dist.print_rank_0(f"> iteration {self.driver.iteration + 1}, mini-batch {i + 1}: NaN/inf gradients; "
+                                  "update skipped")
+                continue
+            updated, grad_norm, _ = self.state.optimizer.step()
+            if updated:
+                self.state.scheduler.step(increment=t.global_batch_size // len(parts))
+                grad_norms.append(float(grad_norm))
+        return {**_summarise(sums, peak), "updates": len(grad_norms)}, grad_norms
+
+    def step(self, iteration: int) -> None:
+        r, t = self.cfg.rpt, self.cfg.training
+        t_start = time.perf_counter()
+        first = self.driver.consumed_train + self.dp_rank * self.local_contexts
+        batch_tasks = [self.tasks[self.sampler(first + i)] for i in range(self.local_contexts)]
+        prompts = [self.prompt_ids(task) for task in batch_tasks]
+        if self.engine.name != "megatron" and not r.rollout_frozen_policy:
+            # An external server samples from the trainer's weights of this iteration: model only,
+            # written and exported by the engine (which skips an iteration it already serves).
+            self.engine.sync_weights(iteration - 1)
+        rollouts = self.engine.generate(prompts, r.rpt_group_size,
+                                        self.sampling(_seed(t.seed, iteration - 1, self.dp_rank)))
+        t_rollout = time.perf_counter() - t_start
+        rewards = torch.tensor([[prefix_match_reward(o.text, task.target_token_bytes) for o in group]
+                                for task, group in zip(batch_tasks, rollouts)], dtype=torch.float32)
+        advantages = group_advantages(rewards)
+        informative = informative_groups(rewards)
+        dynamic = r.rpt_dynamic_sampling_start is not None and iteration - 1 >= r.rpt_dynamic_sampling_start
+        keep = informative if dynamic else torch.ones_like(informative)
+        per_part = self.local_contexts // r.rpt_mini_batches
+        parts = [[TrainSequence(tokens=list(prompts[g]) + o.tokens, prompt_len=len(prompts[g]),
+                                rollout_log_probs=o.log_probs, advantage=float(advantages[g, j]))
+                  for g in range(p * per_part, (p + 1) * per_part) if keep[g]
+                  for j, o in enumerate(rollouts[g])]
+                 for p in range(r.rpt_mini_batches)]
+        resp_lens = [len(o.tokens) for group in rollouts for o in group]
+        local = [rewards.sum().item(), rewards.numel(), float(rewards.max(dim=1).values.sum()), len(rewards),
+                 float(keep.sum()), float(sum(resp_lens)), float(sum(o.finished for g in rollouts for o in g)),
+                 float(sum(len(p) for p in prompts) * r.rpt_group_size), float(informative.sum())]
+        (reward_sum, n_rollouts, groups_solved, n_groups, kept, resp_tokens, finished, prompt_tokens,
+         n_informative) = _sum_over_dp(local, self.device)
+
+        t_train0 = time.perf_counter()
+        report, grad_norms = self._update(parts)
+        t_train = time.perf_counter() - t_train0
+        self.driver.consumed_train += r.rpt_contexts_per_step
+        grad_norm = sum(grad_norms) / len(grad_norms) if grad_norms else None
+        metrics = {
+            "reward": reward_sum / max(n_rollouts, 1), f"pass@{r.rpt_group_size}": groups_solved / max(n_groups, 1),
+            "kept_group_fraction": kept / max(n_groups, 1),
+            "informative_group_fraction": n_informative / max(n_groups, 1),
+            "response_length": resp_tokens / max(n_rollouts, 1), "finished_fraction": finished / max(n_rollouts, 1),
+            **report, "updated": bool(grad_norms), "grad_norm": grad_norm,
+            "lr": float(self.state.optimizer.param_groups[0]["lr"]),
+            "rollout_tokens_per_s": resp_tokens / max(t_rollout, 1e-9),
+            "train_tokens_per_s": (prompt_tokens * kept / max(n_groups, 1) + report["train_tokens"]) / max(t_train, 1e-9),
+            "time_rollout_s": t_rollout, "time_train_s": t_train,
+            "prompts_truncated": self.truncated,   # so far, on this rank (contexts cut to fit --seq-length)
+        }
+        self.result.metrics[iteration] = metrics
+        self._log(iteration, metrics, report)
+        if not math.isfinite(report["policy_loss"]):
+            raise FloatingPointError(f"iteration {iteration}: policy loss is {report['policy_loss']}")
+
+    def _log(self, iteration: int, metrics: dict, report: dict) -> None:
+        r, t, g = self.cfg.rpt, self.cfg.training, metrics["grad_norm"]
+        if self.writer is not None and iteration % self.cfg.logging.tensorboard_log_interval == 0:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.writer.add_scalar(f"rpt/{k}", v, iteration)
+        if iteration % self.cfg.logging.log_interval == 0 or iteration == t.train_iters:
+            dist.print_rank_0(
+                f" iteration {iteration:8d}/{t.train_iters:8d} | consumed contexts: {self.driver.consumed_train} | "
+                f"reward: {metrics['reward']:.4f} | pass@{r.rpt_group_size}: {metrics[f'pass@{r.rpt_group_size}']:.4f} | "
+                f"kept groups: {metrics['kept_group_fraction']:.3f} | response length: {metrics['response_length']:.1f} | "
+                f"policy loss: {report['policy_loss']:.5f} | entropy: {report['entropy']:.4f} | "
+                f"clip frac: {report['clip_fraction']:.4f} | ratio: {report['ratio']:.5f} | "
+                f"|logp-engine| max: {report['max_abs_logp_diff']:.2e} | mismatch kl: {report['mismatch_kl']:.2e} | "
+                + (f"tis weight: {report['tis_weight']:.4f} | " if r.rpt_tis_cap is not None else "")
+                + f"lr: {metrics['lr']:.3e} | grad norm: {'-' if g is None else f'{g:.4f}'} | "
+                f"updates: {report['updates']} | "
+                f"rollout: {metrics['time_rollout_s']:.1f} s ({metrics['rollout_tokens_per_s']:.1f} tok/s) | "
+                f"train: {metrics['time_train_s']:.1f} s ({metrics['train_tokens_per_s']:.1f} tok/s)")
+
+
+def rpt_train(cfg: RunConfig) -> RPTResult:
+    """Run (or resume) RPT as configured on the current launcher's ranks."""
+    start_time = time.time()
+    signals = SignalFlag(cfg.training.exit_signal_handler)
+    job = setup_job(cfg, validate=validate_rpt_config, check_data=False)
+    driver = TrainingDriver(cfg, job.state, job.device, start_time=start_time, signals=signals, name="RPT")
+    loaded = driver.resume()
+    if loaded is not None:
+        dist.print_rank_0(f"> loaded {loaded.path} at iteration {loaded.iteration} "
+                          f"(consumed contexts {driver.consumed_train})")
+    elif cfg.checkpoint.load:
+        dist.print_rank_0(f"> no checkpoint in {cfg.checkpoint.load}; starting from the initial weights")
+    result = RPTResult(iteration=driver.iteration, start_iteration=driver.iteration, resumed_from=driver.resumed_from)
+    rpt = _RPTJob(cfg, job, driver, result)
+    r = cfg.rpt
+    dist.print_rank_0(f"> RPT: {len(rpt.tasks)} tasks, {r.rpt_contexts_per_step} contexts x G={r.rpt_group_size} per "
+                      f"step, engine {rpt.engine.name}, temperature {r.rpt_temperature}, max response "
+                      f"{r.rpt_max_response_length} tokens, old policy "
+                      f"{'from the engine' if r.rpt_use_rollout_logprobs else 'recomputed'}"
+                      + (f", TIS cap {r.rpt_tis_cap}" if r.rpt_tis_cap is not None else "")
+                      + (f", {r.rpt_mini_batches} mini-batches" if r.rpt_mini_batches > 1 else ""))
+    try:
+        result.iteration = driver.run(rpt.step, evaluate=rpt.evaluate if rpt.eval_tasks is not None else None,
+                                      eval_at_start=True, eval_at_end=True)
     finally:
-        engine.close()
-        if writer is not None:
-            writer.flush()
-            writer.close()
+        result.saved, result.exit_reason = driver.saved, driver.exit_reason
+        rpt.close()
     return result

@@ -127,3 +127,55 @@ def test_batches_padded_to_a_row_multiple():
     assert len(sampled["rows"]) == 9 and all(n % 4 == 0 for n in sampled["batch_rows"])
     for row in sampled["rows"]:
         assert row["log_probs"] == pytest.approx(row["ref"], abs=2e-4)
+
+
+def _lockstep_case(rank, world, sampling_kw):
+    """Two data-parallel ranks with different prompts (rank 0: three, rank 1: one) decode in lockstep:
+    rank 1 runs padding batches, every batch has both ranks' shortest and longest prompt, and a rank
+    whose rows ended at EOD keeps stepping until the other's have."""
+    import torch
+    from megatron_rpt.inference import SamplingConfig
+    from megatron_rpt.inference.megatron_engine import MegatronEngine
+    job = _job(["--vocab-size", "7", "--make-vocab-size-divisible-by", "1"])
+    prompts = PROMPTS if rank == 0 else [[3, 3, 3, 3, 3, 3, 3, 3, 3, 1]]
+    sampling = SamplingConfig(**sampling_kw)
+    forwards = []
+    model = job.state.model[0]
+    hook = model.register_forward_hook(lambda *a: forwards.append(1))
+    lockstep = MegatronEngine(job.state.model, job.tokenizer, padded_vocab_size=job.vocab_size, max_batch_size=4,
+                              max_sequence_length=48, lockstep_group=torch.distributed.group.WORLD)
+    out = lockstep.generate(prompts, 2, sampling)
+    n_lockstep = len(forwards)
+    hook.remove()
+    plain = MegatronEngine(job.state.model, job.tokenizer, padded_vocab_size=job.vocab_size, max_batch_size=4,
+                           max_sequence_length=48).generate(prompts, 2, sampling)
+    rows = []
+    for prompt, group in zip(prompts, out):
+        for o in group:
+            ref = _reference(job, prompt + o.tokens, sampling.temperature)
+            rows.append({"tokens": o.tokens, "finished": o.finished, "log_probs": o.log_probs,
+                         "ref": [float(ref[len(prompt) - 1 + i, t]) for i, t in enumerate(o.tokens)],
+                         "greedy": [int(ref[len(prompt) - 1 + i].argmax()) for i in range(len(o.tokens))]})
+    return {"rows": rows, "forwards": n_lockstep, "eod": job.tokenizer.eod,
+            "plain": [[o.tokens for o in g] for g in plain], "lockstep": [[o.tokens for o in g] for g in out]}
+
+
+def test_lockstep_decoding_matches_reference_on_uneven_ranks():
+    """Expert parallelism's lockstep (every rank runs the same forwards) changes nothing a rank returns:
+    greedy rollouts equal the unsynchronised engine's and the no-cache reference; sampled log-probs at T
+    match the reference; both ranks ran the same number of forwards although their prompts differ."""
+    greedy = run_ranks(_lockstep_case, 2, {"max_new_tokens": 10, "top_k": 1, "seed": 3}, timeout=240)
+    sampled = run_ranks(_lockstep_case, 2, {"max_new_tokens": 10, "temperature": 0.8, "seed": 4}, timeout=240)
+    for outs in (greedy, sampled):
+        assert outs[0]["forwards"] == outs[1]["forwards"]
+        assert sum(len(o["rows"]) for o in outs) == 2 * (len(PROMPTS) + 1)
+        for out in outs:
+            for row in out["rows"]:
+                assert row["log_probs"] == pytest.approx(row["ref"], abs=2e-4)
+                assert row["finished"] == (row["tokens"][-1] == out["eod"])
+                assert out["eod"] not in row["tokens"][:-1]
+    for out in greedy:
+        assert out["lockstep"] == out["plain"]
+        assert all(row["tokens"] == row["greedy"] for row in out["rows"])
+    # the case lockstep exists for: responses of different lengths
+    assert len({len(row["tokens"]) for out in sampled for row in out["rows"]}) > 1

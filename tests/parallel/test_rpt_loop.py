@@ -137,3 +137,44 @@ def test_kl_to_reference_policy(task_files, tmp_path):
     assert with_kl[4]["grad_norm"] == without[4]["grad_norm"]      # KL and its gradient vanish at the reference
     assert with_kl[6]["kl"] > 1e-4
     assert with_kl[6]["grad_norm"] != without[6]["grad_norm"]
+
+
+def _run_lockstep(rank, world, argv):
+    import megatron_rpt.rpt.loop as loop
+    loop._lockstep = lambda cfg: True
+    return _run(rank, world, argv)
+
+
+# tiny-moe (8 experts, top-2) shrunk to 2 layers, hidden 64; responses of up to 3 tokens, so lengths differ.
+MOE = ["--model-preset", "tiny-moe", "--num-layers", "2", "--hidden-size", "64", "--kv-channels", "16",
+       "--num-attention-heads", "4", "--seq-length", "8", "--max-position-embeddings", "8",
+       "--rpt-max-response-length", "3", "--rpt-group-size", "4", "--micro-batch-size", "4",
+       "--rpt-dynamic-sampling-start", "0", "--log-interval", "1"]
+
+
+def test_expert_parallel_rpt_with_uneven_ranks_equals_ep1(task_files, tmp_path):
+    """EP=2 over two data-parallel ranks: dynamic sampling from step 0 keeps different numbers of groups
+    per rank (different micro-batch counts) and responses end at different lengths (different decode
+    steps), yet every expert all-to-all is matched (lockstep decoding, padded micro-batches): the run
+    completes within the timeout and equals the EP=1 run from the same weights."""
+    start = str(tmp_path / "start")
+    run_ranks(_run, 1, _args(task_files, MOE + ["--train-iters", "1", "--save", start]), timeout=300)
+    common = MOE + ["--train-iters", "3", "--load", start, "--finetune", "--rpt-temperature", "1.3"]
+    # The EP=1 reference decodes in lockstep too: its padding rows draw from the sampler's random stream,
+    # so only with them do both layouts sample the same rollouts (lockstep decoding itself is checked
+    # against the no-cache reference in test_rpt_engine.py).
+    ep1 = run_ranks(_run_lockstep, 2, _args(task_files, common), timeout=300)[0]["metrics"]
+    ep2 = run_ranks(_run, 2, _args(task_files, common + ["--expert-model-parallel-size", "2"]), timeout=300)[0]["metrics"]
+    assert sorted(ep2) == [1, 2, 3]
+    # the case the lockstep exists for: ranks kept different numbers of groups and sampled different lengths
+    assert any(0.0 < m["kept_group_fraction"] < 1.0 for m in ep2.values())
+    assert len({m["response_length"] for m in ep2.values()}) > 1 or any(
+        0.0 < m["finished_fraction"] < 1.0 for m in ep2.values())
+    for it in (1, 2, 3):
+        for key in ("reward", "kept_group_fraction", "response_length", "train_tokens"):
+            assert ep2[it][key] == ep1[it][key], (it, key)
+        for key in ("policy_loss", "entropy", "ratio", "grad_norm"):
+            if ep1[it][key] is None:
+                assert ep2[it][key] is None, (it, key)
+            else:
+                assert ep2[it][key] == pytest.approx(ep1[it][key], rel=1e-5, abs=1e-7), (it, key)

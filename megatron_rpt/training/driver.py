@@ -1,0 +1,143 @@
+"""The training driver shared by pretraining (`training.loop`) and RPT (`rpt.loop`).
+
+`TrainingDriver` owns what every training job does around its step: resuming from --load (iteration
+and consumed-sample counters), the iteration loop up to --train-iters, evaluation and checkpoint
+cadence (--eval-interval, --save-interval, a final save), and stopping between iterations on a
+preemption signal, --exit-duration-in-mins or --exit-interval (`ExitWatch`). The job supplies its
+step (one iteration's work and logging) and its evaluation as callables; the driver never looks at
+what a step computes.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Callable, Optional
+
+import torch
+
+from megatron_rpt import distributed as dist
+from megatron_rpt.config.schema import RunConfig
+
+
+class SignalFlag:
+    """Remembers SIGTERM/SIGUSR1 (SLURM preemption) so the loop saves and exits between iterations.
+    Installed first thing in a job, so that a signal during set-up (model build, dataset indices:
+    minutes at scale) is remembered instead of killing the job."""
+
+    def __init__(self, enabled: bool):
+        self.received: Optional[int] = None
+        if enabled:
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):  # noqa: ARG002
+        self.received = signum
+
+
+def any_rank(flags: list, device: torch.device) -> list:
+    """Element-wise OR of per-rank flags (one MAX all-reduce), so every rank decides alike."""
+    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+class ExitWatch:
+    """When a training loop must stop between iterations: a signal (--exit-signal-handler), the run
+    time (--exit-duration-in-mins, from `start_time`) or --exit-interval. Signal and time are agreed
+    by one MAX all-reduce, and only when they can end the run, so every rank stops at the same
+    iteration."""
+
+    def __init__(self, training, start_time: float, signals: SignalFlag, device: torch.device):
+        self.t, self.start_time, self.signals, self.device = training, start_time, signals, device
+        self.collective = training.exit_signal_handler or bool(training.exit_duration_in_mins)
+
+    def reason(self, iteration: int) -> Optional[str]:
+        """'signal', 'exit_duration', 'exit_interval' or None (collective when signals or time are watched)."""
+        t = self.t
+        if self.collective:
+            out_of_time = bool(t.exit_duration_in_mins) and time.time() - self.start_time > 60 * t.exit_duration_in_mins
+            signalled, timed_out = any_rank([self.signals.received is not None, out_of_time], self.device)
+            if signalled:
+                return "signal"
+            if timed_out:
+                return "exit_duration"
+        if t.exit_interval and iteration % t.exit_interval == 0:
+            return "exit_interval"
+        return None
+
+
+class TrainingDriver:
+    """Resume, iterate, evaluate, save and stop for one job (see the module docstring).
+
+    `consumed_train` / `consumed_valid` are the job's sample counters (RPT counts contexts); the step
+    advances them, the driver restores them from and writes them into checkpoints."""
+
+    def __init__(self, cfg: RunConfig, state, device: torch.device, *, start_time: float, signals: SignalFlag,
+                 name: str):
+        self.cfg, self.state, self.device, self.name = cfg, state, device, name
+        self.exit_watch = ExitWatch(cfg.training, start_time, signals, device)
+        self.iteration = self.start_iteration = 0
+        self.consumed_train = self.consumed_valid = 0
+        self.resumed_from: Optional[str] = None
+        self.saved: list = []
+        self.exit_reason = "train_iters"
+
+    def resume(self):
+        """Load --load (at --ckpt-step) into the state: the loaded checkpoint, or None without one."""
+        from megatron_rpt.training.checkpointing import load_checkpoint
+
+        ckpt = self.cfg.checkpoint
+        if not ckpt.load:
+            return None
+        loaded = load_checkpoint(ckpt.load, self.state, self.cfg, iteration=ckpt.ckpt_step)
+        if loaded is not None:
+            self.iteration = self.start_iteration = loaded.iteration
+            self.consumed_train, self.consumed_valid = loaded.consumed_train_samples, loaded.consumed_valid_samples
+            self.resumed_from = loaded.path
+        return loaded
+
+    def save(self, iteration: int) -> None:
+        """A full checkpoint (model, optimizer, scheduler, RNG, counters) of `iteration` to --save."""
+        from megatron_rpt.training.checkpointing import save_checkpoint
+
+        ckpt = self.cfg.checkpoint
+        if ckpt.save:
+            t0 = time.perf_counter()
+            path = save_checkpoint(ckpt.save, iteration, self.state, self.cfg,
+                                   consumed_train_samples=self.consumed_train,
+                                   consumed_valid_samples=self.consumed_valid,
+                                   fully_parallel=ckpt.ckpt_fully_parallel_save)
+            self.saved.append(path)
+            dist.print_rank_0(f"> saved checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
+
+    def run(self, step: Callable[[int], None], *, evaluate: Optional[Callable[[int], None]] = None,
+            eval_at_start: bool = False, eval_at_end: bool = False) -> int:
+        """Iterate `step(iteration)` (the number of the iteration it performs, from the start iteration
+        + 1) up to --train-iters or an exit; returns the last iteration done. `evaluate(iteration)` runs
+        every --eval-interval; `eval_at_start` also before the first iteration of a fresh run,
+        `eval_at_end` once after the last (then not twice at an interval that falls on it)."""
+        t = self.cfg.training
+        every = t.eval_interval if evaluate is not None else 0
+        iteration = self.iteration
+        last_saved = iteration if self.resumed_from else None
+        if every and eval_at_start and iteration == 0:
+            evaluate(0)
+        while iteration < t.train_iters:
+            step(iteration + 1)
+            iteration = self.iteration = iteration + 1
+            if every and iteration % every == 0 and not (eval_at_end and iteration == t.train_iters):
+                evaluate(iteration)
+            if self.cfg.checkpoint.save_interval and iteration % self.cfg.checkpoint.save_interval == 0:
+                self.save(iteration)
+                last_saved = iteration
+            reason = self.exit_watch.reason(iteration)
+            if reason is not None:
+                self.exit_reason = reason
+                break
+        if self.cfg.checkpoint.save and last_saved != iteration:
+            self.save(iteration)
+        if every and eval_at_end and self.exit_reason == "train_iters":
+            evaluate(iteration)
+        dist.print_rank_0(f"> {self.name} stopped at iteration {iteration} ({self.exit_reason})")
+        return iteration
