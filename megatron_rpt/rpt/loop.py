@@ -334,17 +334,10 @@ class _RPTJob:
         if r.grpo_kl_beta > 0:
             self.reference = build_reference(cfg, job)
             dist.print_rank_0(f"> KL reference policy: {r.rpt_ref_load} (beta {r.grpo_kl_beta})")
-        self.writer = None
-        if cfg.logging.tensorboard_dir and job.env.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=cfg.logging.tensorboard_dir, max_queue=100)
         self.engine = build_engine(cfg, job)
 
     def close(self) -> None:
         self.engine.close()
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
 
     def prompt_ids(self, task) -> list:
         """The task's prompt ids; a context too long for --seq-length minus the response budget loses
@@ -391,10 +384,7 @@ class _RPTJob:
         dist.print_rank_0(f"> evaluation at iteration {iteration} ({time.perf_counter() - t0:.1f} s): " +
                           " | ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
                                      for k, v in metrics.items()))
-        if self.writer is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self.writer.add_scalar(f"eval/{k}", v, iteration)
+        self.driver.scalars("eval", metrics, iteration)
 
     def _schedule(self, model, forward_step, batches: list, length: int, forward_only: bool) -> list:
         return get_forward_backward_func()(
@@ -509,10 +499,8 @@ class _RPTJob:
 
     def _log(self, iteration: int, metrics: dict, report: dict) -> None:
         r, t, g = self.cfg.rpt, self.cfg.training, metrics["grad_norm"]
-        if self.writer is not None and iteration % self.cfg.logging.tensorboard_log_interval == 0:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.writer.add_scalar(f"rpt/{k}", v, iteration)
+        if iteration % self.cfg.logging.tensorboard_log_interval == 0:
+            self.driver.scalars("rpt", metrics, iteration)
         if iteration % self.cfg.logging.log_interval == 0 or iteration == t.train_iters:
             dist.print_rank_0(
                 f" iteration {iteration:8d}/{t.train_iters:8d} | consumed contexts: {self.driver.consumed_train} | "
@@ -534,12 +522,7 @@ def rpt_train(cfg: RunConfig) -> RPTResult:
     signals = SignalFlag(cfg.training.exit_signal_handler)
     job = setup_job(cfg, validate=validate_rpt_config, check_data=False)
     driver = TrainingDriver(cfg, job.state, job.device, start_time=start_time, signals=signals, name="RPT")
-    loaded = driver.resume()
-    if loaded is not None:
-        dist.print_rank_0(f"> loaded {loaded.path} at iteration {loaded.iteration} "
-                          f"(consumed contexts {driver.consumed_train})")
-    elif cfg.checkpoint.load:
-        dist.print_rank_0(f"> no checkpoint in {cfg.checkpoint.load}; starting from the initial weights")
+    driver.resume(counted="contexts")
     result = RPTResult(iteration=driver.iteration, start_iteration=driver.iteration, resumed_from=driver.resumed_from)
     rpt = _RPTJob(cfg, job, driver, result)
     r = cfg.rpt
@@ -555,4 +538,5 @@ def rpt_train(cfg: RunConfig) -> RPTResult:
     finally:
         result.saved, result.exit_reason = driver.saved, driver.exit_reason
         rpt.close()
+        driver.close()
     return result

@@ -2,9 +2,10 @@
 
 `TrainingDriver` owns what every training job does around its step: resuming from --load (iteration
 and consumed-sample counters), the iteration loop up to --train-iters, evaluation and checkpoint
-cadence (--eval-interval, --save-interval, a final save), and stopping between iterations on a
-preemption signal, --exit-duration-in-mins or --exit-interval (`ExitWatch`). The job supplies its
-step (one iteration's work and logging) and its evaluation as callables; the driver never looks at
+cadence (--eval-interval, --save-interval, a final save), stopping between iterations on a
+preemption signal, --exit-duration-in-mins or --exit-interval (`ExitWatch`), and the job's one
+TensorBoard writer (rank 0, --tensorboard-dir; `scalars`). The job supplies its step (one
+iteration's work and its stdout line) and its evaluation as callables; the driver never looks at
 what a step computes.
 """
 
@@ -82,19 +83,42 @@ class TrainingDriver:
         self.resumed_from: Optional[str] = None
         self.saved: list = []
         self.exit_reason = "train_iters"
+        self.writer = None          # the job's TensorBoard writer: rank 0 only, with --tensorboard-dir
+        if cfg.logging.tensorboard_dir and torch.distributed.get_rank() == 0:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=cfg.logging.tensorboard_dir, max_queue=100)
 
-    def resume(self):
-        """Load --load (at --ckpt-step) into the state: the loaded checkpoint, or None without one."""
+    def scalars(self, prefix: str, values: dict, iteration: int) -> None:
+        """Every int/float of `values` (bools and None left out) as `prefix/name` at `iteration`."""
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{prefix}/{name}", value, iteration)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+            self.writer = None
+
+    def resume(self, counted: str = "samples"):
+        """Load --load (at --ckpt-step) into the state and say so on rank 0 (`counted`: what the
+        consumed counter counts): the loaded checkpoint, or None without one."""
         from megatron_rpt.training.checkpointing import load_checkpoint
 
         ckpt = self.cfg.checkpoint
         if not ckpt.load:
             return None
         loaded = load_checkpoint(ckpt.load, self.state, self.cfg, iteration=ckpt.ckpt_step)
-        if loaded is not None:
-            self.iteration = self.start_iteration = loaded.iteration
-            self.consumed_train, self.consumed_valid = loaded.consumed_train_samples, loaded.consumed_valid_samples
-            self.resumed_from = loaded.path
+        if loaded is None:
+            dist.print_rank_0(f"> no checkpoint in {ckpt.load}; starting from the initial weights")
+            return None
+        self.iteration = self.start_iteration = loaded.iteration
+        self.consumed_train, self.consumed_valid = loaded.consumed_train_samples, loaded.consumed_valid_samples
+        self.resumed_from = loaded.path
+        dist.print_rank_0(f"> resumed from {loaded.path} at iteration {loaded.iteration} (consumed {counted} "
+                          f"{self.consumed_train}){' [resharded]' if loaded.resharded else ''}")
         return loaded
 
     def save(self, iteration: int) -> None:

@@ -68,7 +68,7 @@ def parse_log_line(line: str) -> Optional[dict]:
 class MetricsLogger:
     """Accumulates per-iteration results and prints/writes them every `log_interval` iterations."""
 
-    def __init__(self, *, log_interval: int, tensorboard_dir: Optional[str], tensorboard_log_interval: int,
+    def __init__(self, *, log_interval: int, writer, tensorboard: bool, tensorboard_log_interval: int,
                  train_iters: int, global_batch_size: int, seq_length: int, flops_per_token: float,
                  world_size: int, peak_tflops: Optional[float], device_type: str, is_logging_rank: bool,
                  log_throughput: bool = True, log_memory: bool = True):
@@ -83,11 +83,10 @@ class MetricsLogger:
         self.device_type = device_type
         self.is_logging_rank = is_logging_rank
         self.log_throughput, self.log_memory = log_throughput, log_memory
-        self.writer = None
-        self.tensorboard = bool(tensorboard_dir)
-        if tensorboard_dir and is_logging_rank:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=tensorboard_dir, max_queue=100)
+        # The job's TensorBoard writer (the training driver's; None off rank 0). `tensorboard`: whether
+        # the run writes TensorBoard at all, the same on every rank (see wants_stats).
+        self.writer = writer
+        self.tensorboard = tensorboard
         self._reset(time.perf_counter())
         self.last_line: Optional[str] = None
 
@@ -197,8 +196,3 @@ class MetricsLogger:
             print("-" * len(line), flush=True)
         self.scalar("lm loss validation", loss, iteration)
         self.scalar("lm loss validation ppl", ppl, iteration)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()

@@ -58,12 +58,7 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
     flops_per_token = job.flops_per_token
 
     driver = TrainingDriver(cfg, state, device, start_time=start_time, signals=signals, name="training")
-    loaded = driver.resume()
-    if loaded is not None:
-        dist.print_rank_0(f"> resumed from {loaded.path} at iteration {loaded.iteration} "
-                          f"(consumed samples {loaded.consumed_train_samples}){' [resharded]' if loaded.resharded else ''}")
-    elif cfg.checkpoint.load:
-        dist.print_rank_0(f"> no checkpoint in {cfg.checkpoint.load}; starting from scratch")
+    driver.resume()
     result = PretrainResult(iteration=driver.iteration, start_iteration=driver.iteration,
                             resumed_from=driver.resumed_from)
 
@@ -84,7 +79,7 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
     if peak is None and platform.device_type == "cuda":
         peak = peak_tflops_for_device(platform.gpu(env.local_rank).name)
     logger = MetricsLogger(
-        log_interval=cfg.logging.log_interval, tensorboard_dir=cfg.logging.tensorboard_dir,
+        log_interval=cfg.logging.log_interval, writer=driver.writer, tensorboard=bool(cfg.logging.tensorboard_dir),
         tensorboard_log_interval=cfg.logging.tensorboard_log_interval, train_iters=t.train_iters,
         global_batch_size=t.global_batch_size, seq_length=m.seq_length, flops_per_token=flops_per_token,
         world_size=env.world_size, peak_tflops=peak, device_type=platform.device_type,
@@ -145,7 +140,7 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
         result.iteration = driver.run(train_one, evaluate=run_eval if t.eval_iters > 0 else None)
     finally:
         result.saved, result.exit_reason = driver.saved, driver.exit_reason
-        logger.close()
+        driver.close()
         if monitor is not None:
             monitor.close()
     return result

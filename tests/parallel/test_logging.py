@@ -50,7 +50,7 @@ def test_tensorboard_and_stdout(tmp_path):
 
 
 def test_throughput_arithmetic():
-    log = MetricsLogger(log_interval=1, tensorboard_dir=None, tensorboard_log_interval=1, train_iters=10,
+    log = MetricsLogger(log_interval=1, writer=None, tensorboard=False, tensorboard_log_interval=1, train_iters=10,
                         global_batch_size=8, seq_length=1024, flops_per_token=6e9, world_size=4, peak_tflops=100.0,
                         device_type="cpu", is_logging_rank=False)
     tp = log.throughput(seconds_per_iter=0.5)
@@ -60,7 +60,7 @@ def test_throughput_arithmetic():
 
 
 def test_skipped_and_nan_iterations_are_counted_not_averaged():
-    log = MetricsLogger(log_interval=3, tensorboard_dir=None, tensorboard_log_interval=1, train_iters=10,
+    log = MetricsLogger(log_interval=3, writer=None, tensorboard=False, tensorboard_log_interval=1, train_iters=10,
                         global_batch_size=1, seq_length=1, flops_per_token=1.0, world_size=1, peak_tflops=None,
                         device_type="cpu", is_logging_rank=False)
     log.record(1, StepResult(2.0, 1, 1.0, 0, True, 1e-3), 1)
@@ -72,7 +72,7 @@ def test_skipped_and_nan_iterations_are_counted_not_averaged():
 
 
 def test_parse_log_line_reads_back_what_record_prints():
-    log = MetricsLogger(log_interval=2, tensorboard_dir=None, tensorboard_log_interval=1, train_iters=12,
+    log = MetricsLogger(log_interval=2, writer=None, tensorboard=False, tensorboard_log_interval=1, train_iters=12,
                         global_batch_size=16, seq_length=4096, flops_per_token=1.1e10, world_size=1, peak_tflops=989.4,
                         device_type="cpu", is_logging_rank=False)
     import time

@@ -6,7 +6,8 @@ test_rpt_loop (forked gloo ranks, one rank each).
   old policy (the default), and a different one with --rpt-use-rollout-logprobs (ratio != 1 at the
   first update). The reported mismatch is DELTA; --rpt-tis-cap C weighs tokens by
   min(exp(logp_old - logp_engine), C), whose mean must be the hand value.
-- bf16: the first update's ratio is exactly 1.0 (the recompute and the update run the same forward).
+- bf16: the first update's ratio is exactly 1.0 (the recompute and the update run the same forward);
+  the metrics reach TensorBoard (the training driver's writer).
 - --rpt-mini-batches 2 must equal a reference loop of two one-mini-batch updates on the same halves
   against the same old log-probs (parameters bit for bit); its second update sees a moved policy
   (ratio != 1) while the recomputed old log-probs still equal the engine's.
@@ -86,10 +87,19 @@ def test_truncated_importance_sampling_weights(task_files):  # noqa: F811
     assert out[1]["grad_norm"] != plain[1]["grad_norm"]
 
 
-def test_bf16_first_ratio_is_exactly_one(task_files):  # noqa: F811
-    out = run_ranks(_run, 1, _args(task_files, ["--train-iters", "1", "--bf16"]), timeout=300)[0]
+def test_bf16_first_ratio_is_exactly_one(task_files, tmp_path):  # noqa: F811
+    tb = tmp_path / "tb"
+    out = run_ranks(_run, 1, _args(task_files, ["--train-iters", "2", "--bf16", "--tensorboard-dir", str(tb)]),
+                    timeout=300)[0]
     assert out[1]["ratio"] == 1.0 and out[1]["clip_fraction"] == 0.0
     assert out[1]["train_tokens"] == 64
+    # the driver's TensorBoard writer has every logged metric, at every iteration
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    for key in ("ratio", "mismatch_kl", "max_abs_logp_diff", "updates", "reward"):
+        assert {e.step: e.value for e in acc.Scalars(f"rpt/{key}")} == pytest.approx(
+            {it: float(out[it][key]) for it in (1, 2)}, rel=1e-6), key
 
 
 # ---- --rpt-mini-batches against a reference loop ------------------------------------------------
