@@ -178,3 +178,16 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0,
     if error is not None:
         raise RankError(error)
     return [results[r] for r in range(world_size)]
+
+
+def forked(test: Callable) -> Callable:
+    """Decorator: run a test's body in one forked rank (`run_ranks(..., 1)`), so that its torch math
+    never runs in the pytest process (an OpenMP pool started there hangs the ranks forked later by
+    other tests). Pytest still sees the test's own signature (parameters, fixtures)."""
+    import functools
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        run_ranks(lambda rank, world: test(*args, **kwargs), 1)
+    return run
+

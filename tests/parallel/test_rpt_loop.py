@@ -67,7 +67,7 @@ def test_reward_rises_and_first_step_gate(task_files):
     m = out["metrics"]
     assert sorted(m) == list(range(1, 41))
     first = m[1]
-    assert first["ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert first["ratio"] == 1.0                  # the recomputed old policy is the update's own forward
     assert first["max_abs_logp_diff"] < 1e-4
     assert first["clip_fraction"] == 0.0
     early = sum(m[i]["reward"] for i in (1, 2, 3)) / 3
@@ -113,7 +113,7 @@ def test_tensor_parallel_2_first_step_gate_and_dynamic_sampling(task_files):
                      timeout=300)
     m = outs[0]["metrics"]
     assert m == outs[1]["metrics"] or all(m[i]["reward"] == outs[1]["metrics"][i]["reward"] for i in m)
-    assert m[1]["ratio"] == pytest.approx(1.0, abs=1e-5) and m[1]["max_abs_logp_diff"] < 1e-4
+    assert m[1]["ratio"] == 1.0 and m[1]["max_abs_logp_diff"] < 1e-4
     for v in m.values():
         assert v["kept_group_fraction"] == pytest.approx(v["informative_group_fraction"])
 

@@ -2,7 +2,8 @@
 accounting against the unsplit micro-batch through Megatron-Core's own schedule, DDP and
 finalize_model_grads (2 forked gloo ranks), and the start-up refusal where attention has no CP.
 
-The attention itself under CP (Transformer Engine) is checked on GPUs: tests/gpu/test_context_parallel_te.py."""
+The attention itself under CP (Transformer Engine) is checked on GPUs: tests/gpu/test_context_parallel_te.py.
+Tests with tensor math run `forked` (never in the pytest process, which forks ranks later)."""
 
 import dataclasses
 
@@ -13,7 +14,7 @@ from megatron_rpt.config import ConfigError, parse_args, validate_config
 from megatron_rpt.config.validation import validate_platform
 from megatron_rpt.platform import Platform
 from megatron_rpt.training.context_parallel import split_for_context_parallel
-from tests.dist_harness import run_ranks
+from tests.dist_harness import forked, run_ranks
 from tests.unit.config_checks import config_checkers
 
 B, S = 3, 16
@@ -41,6 +42,7 @@ def _reference_positions(cp: int, rank: int, length: int = S) -> list:
 
 
 @pytest.mark.parametrize("cp", [2, 4])
+@forked
 def test_each_rank_keeps_chunks_r_and_2cp_minus_1_minus_r(cp):
     batch = _batch()
     for rank in range(cp):
@@ -64,6 +66,7 @@ def test_each_rank_keeps_chunks_r_and_2cp_minus_1_minus_r(cp):
     assert torch.equal(batch["tokens"], _batch()["tokens"])  # the input is not modified
 
 
+@forked
 def test_cp2_chunk_order_spelled_out():
     batch = {"tokens": torch.arange(8).unsqueeze(0)}
     assert split_for_context_parallel(batch, 2, 0)["tokens"].tolist() == [[0, 1, 6, 7]]
@@ -72,6 +75,7 @@ def test_cp2_chunk_order_spelled_out():
 
 
 @pytest.mark.parametrize("cp", [2, 4])
+@forked
 def test_all_ranks_reconstruct_the_batch(cp):
     batch = _batch()
     parts = [split_for_context_parallel(batch, cp, r) for r in range(cp)]
@@ -89,6 +93,7 @@ def test_all_ranks_reconstruct_the_batch(cp):
 
 
 @pytest.mark.parametrize("cp", [2, 4])
+@forked
 def test_loss_sums_and_token_counts_add_up(cp):
     batch = _batch()
     per_token = torch.rand(B, S, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -106,6 +111,7 @@ def test_loss_sums_and_token_counts_add_up(cp):
     assert not torch.allclose(sum(s / c for s, c in zip(sums, counts)) / cp, sum(sums) / total, rtol=1e-6)
 
 
+@forked
 def test_cp_size_1_returns_the_same_object():
     batch = _batch(length=7)   # neither divisible nor checked: nothing is cut
     batch["odd"] = torch.zeros(B, 5)
@@ -113,6 +119,7 @@ def test_cp_size_1_returns_the_same_object():
 
 
 @pytest.mark.parametrize("length,cp", [(12, 4), (10, 2), (6, 4)])
+@forked
 def test_length_not_divisible_names_length_and_cp(length, cp):
     with pytest.raises(ValueError, match=rf"sequence length {length} is not divisible by 2 x context-parallel "
                                          rf"size {cp} = {2 * cp}"):
@@ -126,6 +133,7 @@ def test_length_not_divisible_names_length_and_cp(length, cp):
     ("attention_mask", torch.ones(1, 1, S // 2, S, dtype=torch.bool), r"expected \[b\|1, 1, 16, 16\]"),
     ("attention_mask", torch.ones(B, S, dtype=torch.bool), r"'attention_mask' has shape \(3, 16\)"),
 ])
+@forked
 def test_ambiguous_tensors_raise(key, value, match):
     batch = _batch(mask=False)
     batch[key] = value
@@ -133,6 +141,7 @@ def test_ambiguous_tensors_raise(key, value, match):
         split_for_context_parallel(batch, 2, 0)
 
 
+@forked
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="needs a 'tokens' tensor"):
         split_for_context_parallel({"labels": torch.zeros(B, S)}, 2, 0)
@@ -142,6 +151,7 @@ def test_bad_arguments_raise():
         split_for_context_parallel(_batch(), 0, 0)
 
 
+@forked
 def test_split_for_this_cp_rank_without_parallel_state_is_identity():
     from megatron_rpt.training.context_parallel import context_parallel_size_and_rank, split_for_this_cp_rank
     batch = _batch()
