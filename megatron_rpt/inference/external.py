@@ -32,7 +32,7 @@ server's values through, so the server must report them that way; `logprobs` say
       (it needs the whole distribution), so `generate` refuses raw at temperature != 1 and so does
       validate_rpt_config (--rollout-logprobs raw with --rpt-temperature != 1).
 
-The engine cannot check any of this from a response: `tools/serve_hf_openai.py` (either mode) and
+The engine cannot check any of this from a response: the tests' small HF server (either mode) and
 the tests compare with transformers' log_softmax. Sampling-parameter defaults that a server takes
 from the model's generation_config.json (vLLM's `--generation-config auto`: repetition penalty,
 min-p, ...) are overridden by explicit neutral values in every request. Launch lines, e.g.:

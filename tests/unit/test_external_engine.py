@@ -1,6 +1,6 @@
 """The external rollout engine (`megatron_rpt.inference.external`) against real HTTP servers.
 
-A tiny random HF Llama is served by `tools/serve_hf_openai.py` in a subprocess; transformers, in
+A tiny random HF Llama is served by `tests/serve_hf_openai.py` in a subprocess; transformers, in
 another long-lived subprocess, is the reference: greedy rollouts must be its greedy continuation,
 every returned log-prob its log_softmax(z / T) at the sampling temperature over the full vocabulary
 (the server's default "tempered" mode; "raw" is temperature 1; float32, atol 1e-4). Weight reloads
@@ -32,7 +32,7 @@ from megatron_rpt.inference.base import RolloutError, SamplingConfig
 from megatron_rpt.inference.external import OpenAICompatibleEngine
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SERVER = os.path.join(REPO, "tools", "serve_hf_openai.py")
+SERVER = os.path.join(REPO, "tests", "serve_hf_openai.py")
 ATOL = 1e-4
 EOS = 2
 PROMPTS = [[1, 5, 9, 17], [1, 40, 41], [1, 7, 100, 3, 64, 90, 12]]

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """A small OpenAI-compatible completions server for Hugging Face causal LMs (transformers, CPU or GPU).
 
-For smoke tests of the external rollout engine (`megatron_rpt.inference.external`) without vLLM or
-SGLang, and for the engine's own tests. It serves one model at a time, one request at a time
+A test fixture, not a product tool: the external rollout engine's (`megatron_rpt.inference.external`)
+tests run against it where vLLM or SGLang are not installed. It serves one model at a time, one request at a time
 (requests are queued behind a lock), with the request/response fields of vLLM's server that the
 engine uses:
 
@@ -30,7 +30,7 @@ Log-probs (`--logprobs-mode`), over the full vocabulary whatever top-p/top-k tru
 Temperature 0 (greedy) reports temperature 1 in both. A request may override the mode with the
 field `logprobs_mode` (this server's extension, for tests).
 
-  python tools/serve_hf_openai.py --model HF_DIR [--port 8000] [--served-model-name NAME] [--dtype fp32]
+  python tests/serve_hf_openai.py --model HF_DIR [--port 8000] [--served-model-name NAME] [--dtype fp32]
                                   [--logprobs-mode tempered|raw]
 """
 
