@@ -481,6 +481,14 @@ def exit_without_teardown(code: int) -> None:
     os._exit(code)
 
 
+def max_over_ranks(values: list, device: Any, group: Any = None) -> list:
+    """Element-wise maximum of per-rank integers over `group` (None: the world), one all-reduce: how
+    ranks agree on a count, a length or a flag (OR of 0/1) so that their collectives match."""
+    t = torch.tensor([int(v) for v in values], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
+    return t.tolist()
+
+
 def print_rank_0(*args: Any, **kwargs: Any) -> None:
     """print(..., flush=True) on global rank 0, or anywhere before a process group exists."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \

@@ -36,6 +36,7 @@ from typing import Sequence
 
 import torch
 
+from megatron_rpt.distributed import max_over_ranks
 from megatron_rpt.inference.base import Rollout, RolloutEngine, RolloutError, SamplingConfig
 
 
@@ -148,10 +149,9 @@ def _recording_controller_class():
                 kwargs["is_generation_done_tensor"] = self._done
             done, lengths = super().update_generation_status(*args, **kwargs)
             self._done = done
-            pending = torch.tensor([0 if bool(done.all()) else 1], dtype=torch.int32, device=done.device)
-            torch.distributed.all_reduce(pending, op=torch.distributed.ReduceOp.MAX, group=self.lockstep_group)
+            pending = max_over_ranks([not bool(done.all())], done.device, self.lockstep_group)[0]
             # lengths stop growing at each row's own EOD (computed from the true flags above)
-            return (torch.zeros_like(done) if bool(pending.item()) else done), lengths
+            return (torch.zeros_like(done) if pending else done), lengths
 
     return RecordingController
 
@@ -296,15 +296,16 @@ class MegatronEngine(RolloutEngine):
         chunks = [requests[i:i + size] for i in range(0, len(requests), size)]
         count = len(chunks)
         if self.lockstep_group is not None:
-            count = int(self._group_max([count])[0])
+            count = max_over_ranks([count], self.model_device, self.lockstep_group)[0]
         for b in range(count):
             batch = list(chunks[b]) if b < len(chunks) else []
             real = len(batch)
             rows = real
             if self.lockstep_group is not None:
                 lengths = [len(r.prompt_tokens) for r in batch]
-                most, neg_shortest, longest = self._group_max(
-                    [real + 2, -min(lengths, default=self.max_sequence_length), max(lengths, default=1)])
+                most, neg_shortest, longest = max_over_ranks(
+                    [real + 2, -min(lengths, default=self.max_sequence_length), max(lengths, default=1)],
+                    self.model_device, self.lockstep_group)
                 template = list(batch[0].prompt_tokens) if batch else (
                     list(requests[0].prompt_tokens) if requests else [0])
                 for length in (-neg_shortest, longest):   # valid ids of the template, repeated to the length
@@ -314,11 +315,6 @@ class MegatronEngine(RolloutEngine):
             while len(batch) < rows:
                 batch.append(pad_request(batch[0].prompt_tokens))
             yield b * size, batch, real
-
-    def _group_max(self, values: list) -> list:
-        t = torch.tensor(values, dtype=torch.int64, device=self.model_device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.lockstep_group)
-        return t.tolist()
 
     def close(self) -> None:
         self._wrapped.inference_context.key_value_memory_dict = {}

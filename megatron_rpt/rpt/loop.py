@@ -249,12 +249,6 @@ def _sum_over_dp(values: list, device: torch.device) -> list:
     return t.tolist()
 
 
-def _max_over_world(values: list, device: torch.device) -> list:
-    t = torch.tensor(values, dtype=torch.int64, device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t.tolist()
-
-
 def build_engine(cfg: RunConfig, job) -> RolloutEngine:
     r = cfg.rpt
     if r.rollout_engine == "megatron":
@@ -403,7 +397,7 @@ class _RPTJob:
                        attention_mask=not self.job.platform.transformer_engine)
         plan = [make(seqs) for seqs in parts]
         if self.lockstep:
-            agreed = _max_over_world([len(b) for b, _ in plan] + [length for _, length in plan], self.device)
+            agreed = dist.max_over_ranks([len(b) for b, _ in plan] + [length for _, length in plan], self.device)
             plan = [make(seqs, length=agreed[len(parts) + i], count=agreed[i]) for i, seqs in enumerate(parts)]
         return [([split_for_this_cp_rank(b) for b in batches], length) for batches, length in plan]
 

@@ -38,9 +38,7 @@ class SignalFlag:
 
 def any_rank(flags: list, device: torch.device) -> list:
     """Element-wise OR of per-rank flags (one MAX all-reduce), so every rank decides alike."""
-    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
+    return [bool(v) for v in dist.max_over_ranks([bool(f) for f in flags], device)]
 
 
 class ExitWatch:
