@@ -4,7 +4,8 @@
 convert one log-prob); tempered log-probs with top-p/top-k (vLLM renormalises over the kept set) are
 refused only where the engine's log-probs enter the update; --rollout-reload none (a server that
 never sees the updated weights) needs --rollout-frozen-policy, which in turn takes no reload
-protocol; --ckpt-keep-last must be >= 1 and needs --save.
+protocol; --ckpt-keep-last must be >= 1 and needs --save; --rpt-mini-batches, --rpt-tis-cap and
+--rpt-use-rollout-logprobs name their bad values.
 """
 
 import pytest
@@ -74,3 +75,19 @@ def test_ckpt_keep_last():
         found = problems(["--save", "ckpt", "--ckpt-keep-last", bad])
         assert len(found) == 1 and f"--ckpt-keep-last must be >= 1 (got {bad})" in found[0]
     assert problems(["--ckpt-keep-last", "2"]) == ["--ckpt-keep-last needs --save DIR"]
+
+
+def test_update_flags_bad_values_are_named():
+    """--rpt-mini-batches, --rpt-tis-cap and --rpt-use-rollout-logprobs (the old-policy options)."""
+    assert rpt_problems(["--rpt-mini-batches", "2", "--rpt-tis-cap", "2.0"]) == []
+    for bad in ("0", "-1"):
+        assert rpt_problems(["--rpt-mini-batches", bad]) == [f"--rpt-mini-batches must be >= 1 (got {bad})"]
+    # 4 contexts per step, DP 1: 3 mini-batches cannot take equal shares
+    problems = rpt_problems(["--rpt-mini-batches", "3"])
+    assert len(problems) == 1 and "--rpt-contexts-per-step 4 is not divisible by the data-parallel size 1 x " \
+                                  "--rpt-mini-batches 3" in problems[0]
+    for bad in ("0", "-0.5", "inf", "nan"):
+        problems = rpt_problems(["--rpt-tis-cap", bad])
+        assert len(problems) == 1 and problems[0].startswith("--rpt-tis-cap must be a finite number > 0"), bad
+    problems = rpt_problems(["--rpt-tis-cap", "2.0", "--rpt-use-rollout-logprobs"])
+    assert len(problems) == 1 and "there is no recompute" in problems[0]
