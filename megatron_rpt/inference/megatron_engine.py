@@ -175,6 +175,16 @@ class MegatronEngine(RolloutEngine):
             raise RolloutError(f"bad engine sizes: max_batch_size={max_batch_size}, "
                                f"max_sequence_length={max_sequence_length}, row_multiple={row_multiple} "
                                "(the batch size must be a multiple of row_multiple)")
+        device = next(unwrap(model_chunks[0]).parameters()).device
+        if device.type != "cuda" and torch.distributed.is_initialized():
+            from megatron.core import parallel_state
+            if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+                # Megatron-Core's inference passes activations between stages only as CUDA tensors
+                # (inference/communication_utils.py asserts tensor.is_cuda, 0.16 and 0.19).
+                raise RolloutError(f"the embedded engine with pipeline parallelism needs CUDA: Megatron-Core's "
+                                   f"inference sends activations between stages as CUDA tensors only, and this "
+                                   f"model is on {device.type}; use --pipeline-model-parallel-size 1 or "
+                                   "--rollout-engine openai")
         if lockstep_group is not None and max_batch_size < 3:
             raise RolloutError(f"max_batch_size={max_batch_size}: in lockstep (expert parallelism) a static batch "
                                "needs room for two padding rows besides a request; use >= 3")
@@ -195,7 +205,7 @@ class MegatronEngine(RolloutEngine):
         self.controller.recorded = []
         self.controller.lockstep_group = lockstep_group
         self.lockstep_group = lockstep_group
-        self.model_device = next(self.model.parameters()).device
+        self.model_device = device
         # legacy: the static-batch path itself (megatron-core >= 0.15 otherwise builds its dynamic
         # engine, which needs flash-attn on CUDA and cannot run on CPU).
         with _inference_mode(False):  # 0.19 sets the process-wide flag here and never clears it

@@ -178,3 +178,15 @@ def test_expert_parallel_rpt_with_uneven_ranks_equals_ep1(task_files, tmp_path):
                 assert ep2[it][key] is None, (it, key)
             else:
                 assert ep2[it][key] == pytest.approx(ep1[it][key], rel=1e-5, abs=1e-7), (it, key)
+
+
+def test_pipeline_parallel_embedded_engine_is_refused_on_cpu(task_files):
+    """Megatron-Core's inference moves activations between pipeline stages as CUDA tensors only: on
+    CPU the run stops at start-up with one message naming the way out, not with an assertion inside
+    the first rollout."""
+    from tests.dist_harness import RankError
+    with pytest.raises(RankError, match=r"RolloutError: the embedded engine with pipeline parallelism needs CUDA"
+                                        r".* use --pipeline-model-parallel-size 1 or --rollout-engine openai"):
+        run_ranks(_run, 2, _args(task_files, ["--train-iters", "1", "--pipeline-model-parallel-size", "2"]),
+                  timeout=300)
+
