@@ -25,6 +25,8 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
+from megatron_rpt.fileio import write_jsonl
+
 PACKAGES = {"austen": "r-cran-janeaustenr", "moby_dick": "r-cran-tokenizers"}
 AUSTEN_TITLES = {"sensesensibility": "Sense and Sensibility", "prideprejudice": "Pride and Prejudice",
                  "mansfieldpark": "Mansfield Park", "emma": "Emma", "northangerabbey": "Northanger Abbey",
@@ -145,22 +147,6 @@ def _strip_gutenberg(text: str) -> str:
     return text[first.start():] if first else text
 
 
-def _write_jsonl(docs: list[dict], out: Path) -> None:
-    """One json document per line, under a unique temporary name in the same folder, renamed when
-    complete: concurrent builders never see a partial file (os.replace is atomic on one filesystem)."""
-    fd, tmp_out = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for doc in docs:
-                f.write(json.dumps(doc, ensure_ascii=False) + "\n")
-        os.chmod(tmp_out, 0o644)
-        os.replace(tmp_out, out)
-    except BaseException:
-        if os.path.exists(tmp_out):
-            os.remove(tmp_out)
-        raise
-
-
 def build_demo_corpus(output_dir: str | Path, *, sources=("austen", "moby_dick"), force: bool = False) -> Path:
     """Write (or reuse) `output_dir/demo_corpus.jsonl`; returns its path."""
     unknown = set(sources) - set(PACKAGES)
@@ -186,7 +172,7 @@ def build_demo_corpus(output_dir: str | Path, *, sources=("austen", "moby_dick")
             text = _strip_gutenberg(str(moby[0]))
             for piece in _documents(text.split("\n")):
                 docs.append({"text": piece, "source": "tokenizers", "title": "Moby Dick"})
-    _write_jsonl(docs, out)
+    write_jsonl(out, docs)
     _summary(out, len(docs))
     return out
 
@@ -239,6 +225,6 @@ def math_corpus(output_dir: str | Path, *, sources: tuple[str, ...] = MATH_SOURC
             docs.append({"text": p["problem"] + "\n\n" + "\n".join(p["steps"]), "id": p["id"],
                          "source": "champ-dataset", "category": p["category"]})
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(docs, out)
+    write_jsonl(out, docs)
     _summary(out, len(docs), name="math corpus")
     return out

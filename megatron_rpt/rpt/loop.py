@@ -51,6 +51,7 @@ from megatron_rpt import distributed as dist
 from megatron_rpt.config import ConfigError
 from megatron_rpt.config.schema import RunConfig
 from megatron_rpt.config.validation import fp8_row_multiple, sequence_length_multiple, validate_rpt_config
+from megatron_rpt.fileio import atomic_open
 from megatron_rpt.inference.base import RolloutEngine, SamplingConfig
 from megatron_rpt.models.gpt import token_head
 from megatron_rpt.rpt.evaluate import evaluate_tasks
@@ -372,9 +373,8 @@ class _RPTJob:
             os.makedirs(cfg.checkpoint.save, exist_ok=True)
             path = os.path.join(cfg.checkpoint.save, "rpt_eval.jsonl")
             lines = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
-            with open(path + ".tmp", "w", encoding="utf-8") as f:
+            with atomic_open(path) as f:
                 f.write(lines + json.dumps({"iteration": iteration, **metrics}) + "\n")
-            os.replace(path + ".tmp", path)
         dist.print_rank_0(f"> evaluation at iteration {iteration} ({time.perf_counter() - t0:.1f} s): " +
                           " | ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
                                      for k, v in metrics.items()))

@@ -45,6 +45,8 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from megatron_rpt.fileio import write_json
+
 SPLITS: tuple[tuple[str, float], ...] = (("easy", 0.5), ("medium", 1.0), ("hard", 1.5))
 TOP_K = 16
 FORMAT = "mrpt-rpt-tasks/1"
@@ -554,16 +556,6 @@ def _settings(cfg: BuildConfig, tokenizer, proxy, files: list[str]) -> dict:
                                   "proxy": proxy.describe(), "inputs": inputs}, default=str))
 
 
-def _write_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _empty_counts() -> dict:
     return {split: {"documents": 0, "tasks": 0, **{name: 0 for name, _ in SPLITS}} for split in ("train", "heldout")}
 
@@ -662,7 +654,7 @@ def build_tasks(cfg: BuildConfig, tokenizer, proxy, n_docs: Optional[int] = None
             os.fsync(h.fileno())
         state["docs_done"] += len(chunk)
         state["bytes"] = {k: handles[k].tell() for k in handles}
-        _write_json_atomic(progress_path, state)
+        write_json(progress_path, state)
         chunk_no += 1
         bar.update(len(chunk))
         bar.set_postfix(tasks=new_tasks, refresh=False)
@@ -711,6 +703,6 @@ def build_tasks(cfg: BuildConfig, tokenizer, proxy, n_docs: Optional[int] = None
     }
     for k in tmps:
         os.replace(tmps[k], finals[k])
-    _write_json_atomic(f"{prefix}.meta.json", meta)
+    write_json(f"{prefix}.meta.json", meta)
     os.remove(progress_path)
     return {**meta, "run": {"seconds": seconds, "new_tasks": new_tasks, "new_positions_scored": new_positions}}
