@@ -14,7 +14,7 @@ from megatron_rpt.config import ConfigError, parse_args
 def run_job(job: Callable, cfg, errors: tuple = ()) -> int:
     """Run `job(cfg)` as an entry point: configuration, checkpoint and `errors` exceptions are one
     `error: ...` line and exit code 2 (no traceback); the process group is always torn down."""
-    from megatron_rpt.training.checkpointing import CheckpointError
+    from megatron_rpt.checkpoint.layout import CheckpointError
     try:
         job(cfg)
     except (ConfigError, CheckpointError, *errors) as e:

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         p.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     from megatron_rpt.convert.checkpoint import ConversionError, export_hf, import_hf
-    from megatron_rpt.training.checkpointing import CheckpointError
+    from megatron_rpt.checkpoint.layout import CheckpointError
     from megatron_rpt.platform import quiet_optional_backend_warnings
     quiet_optional_backend_warnings()
     try:

@@ -286,7 +286,8 @@ def build_reference(cfg: RunConfig, job) -> list:
     from megatron.core.transformer.module import Float16Module
 
     from megatron_rpt.models.gpt import build_model_chunks, transformer_config
-    from megatron_rpt.training.checkpointing import CheckpointError, load_checkpoint
+    from megatron_rpt.checkpoint.layout import CheckpointError
+    from megatron_rpt.training.checkpointing import load_checkpoint
 
     config = transformer_config(cfg, job.platform)
     chunks = build_model_chunks(cfg, job.platform, job.vocab_size, job.device, config)
