@@ -49,6 +49,7 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
+from megatron_rpt.checkpoint.layout import checkpoint_path
 from megatron_rpt.inference.base import RolloutError
 from megatron_rpt.inference.external.client import Client, HTTPStatusError, excerpt, same_path
 from megatron_rpt.inference.external.collective import broadcast, initialized_dist
@@ -128,8 +129,8 @@ class WeightSync:
         if self.sync_dir is None:
             raise RolloutError("the external rollout engine needs sync_dir to export checkpoints for the server")
         stats = {"iteration": iteration, "reload": self.reload}
-        if self.weights_writer is not None:   # training.checkpointing.checkpoint_path's layout
-            stats.update(weights_bytes=_folder_bytes(os.path.join(checkpoint_dir, f"iter_{iteration:07d}")),
+        if self.weights_writer is not None:
+            stats.update(weights_bytes=_folder_bytes(checkpoint_path(checkpoint_dir, iteration)),
                          weights_s=written_s)
         hf = os.path.abspath(os.path.join(self.sync_dir, "hf"))
         new, prev = hf + ".new", hf + ".prev"
