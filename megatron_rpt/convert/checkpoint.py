@@ -125,7 +125,7 @@ def _run_config(model_flags: dict, tokenizer_dir: Optional[str], vocab_size: int
     """The run configuration recorded with an imported checkpoint; `layout` = (TP, PP, EP) the user
     means to train with (the checkpoint itself reshards to any; this records and checks it)."""
     from megatron_rpt.config import parse_args
-    from megatron_rpt.config.validation import validate_config
+    from megatron_rpt.validate import validate_config
     tp, pp, ep = layout
     argv = ["--mock-data", "--lr", "0", "--train-iters", "1", "--seq-length",
             str(min(4096, model_flags["max_position_embeddings"])), "--tensor-model-parallel-size", str(tp),

@@ -15,6 +15,7 @@ gradient), so nothing of size [s, b, V/TP] is copied.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Protocol
 
 import torch
@@ -22,7 +23,8 @@ import torch
 from megatron_rpt.config.schema import RunConfig
 from megatron_rpt.loss.generalized import STAT_NAMES, generalized_vocab_parallel_loss
 
-__all__ = ["STAT_NAMES", "generalized_vocab_parallel_loss", "get_loss_function", "loss_names", "register_loss"]
+__all__ = ["STAT_NAMES", "check_loss_config", "generalized_vocab_parallel_loss", "get_loss_function", "loss_names",
+           "register_loss"]
 
 class LossFn(Protocol):
     def __call__(self, vocab_parallel_logits: torch.Tensor, target: torch.Tensor, *,
@@ -74,3 +76,24 @@ def _generalized(cfg: RunConfig, vocab_size: int) -> LossFn:
             lambda_low=c.loss_lambda_low, top_k=c.loss_topk, vocab_size=vocab_size, stats=stats,
             overwrite_logits=True)
     return loss
+
+
+def check_loss_config(cfg: RunConfig) -> list[str]:
+    """The loss flags of a run, one message per problem (the registry is the list of valid names)."""
+    lc, out = cfg.loss, []
+    if lc.loss_function not in loss_names():
+        out.append(f"--loss-function {lc.loss_function!r} is unknown; known: {', '.join(loss_names())}")
+    for flag, value in (("--loss-beta", lc.loss_beta), ("--loss-lambda-high", lc.loss_lambda_high),
+                        ("--loss-lambda-low", lc.loss_lambda_low)):
+        if not math.isfinite(value):
+            out.append(f"{flag} must be a finite number (got {value})")
+    if lc.loss_beta < -1:
+        out.append(f"--loss-beta {lc.loss_beta} < -1: the target weight pi(x)**(1-(1-pi(x))**beta) "
+                   "is unbounded as pi(x) -> 1; use a value >= -1 (the paper uses -0.25 and 0.5)")
+    if lc.loss_topk < 1:
+        out.append(f"--loss-topk must be >= 1 (got {lc.loss_topk})")
+    settings = (lc.loss_beta, lc.loss_lambda_high, lc.loss_lambda_low)
+    if lc.loss_function == "cross_entropy" and any(settings):
+        out.append("--loss-beta/--loss-lambda-high/--loss-lambda-low need --loss-function generalized "
+                   "(the default); --loss-function cross_entropy is Megatron-Core's plain loss")
+    return out

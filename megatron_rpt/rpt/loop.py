@@ -50,7 +50,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_rpt import distributed as dist
 from megatron_rpt.config import ConfigError
 from megatron_rpt.config.schema import RunConfig
-from megatron_rpt.config.validation import fp8_row_multiple, sequence_length_multiple, validate_rpt_config
+from megatron_rpt.config.validation import fp8_row_multiple, sequence_length_multiple
+from megatron_rpt.validate import validate_rpt_config
 from megatron_rpt.fileio import atomic_open
 from megatron_rpt.inference.base import RolloutEngine, SamplingConfig
 from megatron_rpt.models.gpt import token_head
