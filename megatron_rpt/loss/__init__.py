@@ -1,7 +1,9 @@
 """Per-token loss functions of the pretraining step, chosen by name (`--loss-function`).
 
 Every function has the signature of Megatron-Core's vocab-parallel cross-entropy:
-``fn(vocab_parallel_logits [s, b, V/TP], target [s, b]) -> per-token loss [s, b]`` with autograd,
+``fn(vocab_parallel_logits [..., V/TP], target [...]) -> per-token loss [...]`` with autograd, any
+leading layout (the training step passes the output layer's [s, b, V/TP] and [s, b] labels, as
+Megatron-Core's `compute_language_model_loss` does after transposing the [b, s] labels),
 computed over the tensor-parallel group, plus an optional ``stats`` dict that receives per-token
 distribution metrics (`STAT_NAMES`) where the loss can compute them. The training step only ever
 calls `get_loss_function`, so the generalized beta/lambda loss registers here and drops in without

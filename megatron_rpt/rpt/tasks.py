@@ -4,7 +4,7 @@ A task is a corpus position t of a document tokenized by the POLICY's tokenizer:
 the text of tokens[:t], the target the next `--target-tokens` tokens (their exact bytes, for the
 prefix-match reward of `rpt.reward`). Positions are kept where a small PROXY model is unsure:
 entropy (nats) of its renormalised top-16 next-token probabilities at t given tokens[:t] above
-`--entropy-threshold` (arXiv 2506.08007; methods.md part B). Difficulty splits are the paper's
+`--entropy-threshold` (arXiv 2506.08007; docs/methods.md part B). Difficulty splits are the paper's
 nested sets entropy > 0.5 / 1.0 / 1.5 = easy / medium / hard.
 
 Files (`build_tasks`, run by tools/build_rpt_data.py): `PREFIX_train.jsonl` and
