@@ -2,7 +2,7 @@
 
 `setup_platform()` is called once at start-up (entry points, test harness) before any model is
 built. It picks CUDA + NCCL when a GPU is usable, otherwise CPU + gloo, and on CPU installs the
-Megatron-Core compatibility layer (`megatron_rpt.platform.cpu_compat`). Everything CPU-specific
+Megatron-Core compatibility layer (`megatron_rpt.platform.compat`). Everything CPU-specific
 lives in this package; the rest of the code asks `get_platform()` instead of testing for CUDA.
 """
 
@@ -157,14 +157,14 @@ def setup_platform(force_cpu: bool = False) -> Platform:
             )
         return _PLATFORM
 
-    from megatron_rpt.platform import cpu_compat
+    from megatron_rpt.platform.compat import registry
 
     cuda = torch.cuda.is_available() and not force_cpu
     if cuda:
         # Upstream bugs of the torch-optimizer fallback hit GPU runs without Apex/TE too.
-        cpu_compat.install_upstream_fixes()
+        registry.install_upstream_fixes()
     else:
-        cpu_compat.install_cpu_compat()
+        registry.install_cpu_compat()
     _PLATFORM = Platform(
         device_type="cuda" if cuda else "cpu",
         backend="nccl" if cuda else "gloo",

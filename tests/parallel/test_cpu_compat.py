@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from megatron_rpt.platform import cpu_compat, setup_platform
+from megatron_rpt.platform import setup_platform
 
 setup_platform(force_cpu=True)  # before megatron.core is imported, as the entry points do
 
@@ -31,7 +31,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, model_par
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 from megatron.core import dist_checkpointing  # noqa: E402
 
-from megatron_rpt.platform.cpu_compat import uninstall_patches  # noqa: E402
+from megatron_rpt.platform.compat.registry import installed_patches, uninstall_patches  # noqa: E402
 from megatron_rpt.training.checkpointing import prepare_optimizer_for_load  # noqa: E402
 from tests.dist_harness import RankError, run_ranks  # noqa: E402
 
@@ -323,7 +323,7 @@ def test_p5_p6_p13_moe_alltoall_ep2_equals_ep1() -> None:
     assert min(v.abs().sum().item() for v in experts.values()) > 0  # every expert got tokens
     _assert_close({**experts, **dense}, ref_grads, EXACT)
     needed = [("P5", "CUDA|cuda"), ("P6", "incompatible function arguments")]
-    if "P13" in cpu_compat.installed_patches():  # megatron-core < 0.17 only (0.19 defines te_general_gemm = None)
+    if "P13" in installed_patches():  # megatron-core < 0.17 only (0.19 defines te_general_gemm = None)
         needed.append(("P13", "te_general_gemm"))
     for pid, pattern in needed:
         with pytest.raises(RankError, match=pattern):

@@ -16,9 +16,11 @@ from typing import Any
 
 import pytest
 import torch
+from packaging.version import Version
 
 import megatron_rpt.platform as platform_mod
-from megatron_rpt.platform import cpu_compat, get_platform, setup_platform
+from megatron_rpt.platform import get_platform, setup_platform
+from megatron_rpt.platform.compat import cuda_stubs, device_mode, registry
 from tests.dist_harness import RankError, run_ranks
 
 
@@ -104,26 +106,26 @@ def test_unrelated_apex_package_warns_and_is_not_apex(monkeypatch: pytest.Monkey
 
 def test_patch_set_for_installed_megatron_core() -> None:
     setup_platform(force_cpu=True)
-    applied = cpu_compat.installed_patches()
+    applied = registry.installed_patches()
     # 0.16.x: no triton import (P1 off), te_general_gemm NameError (P13 on). 0.19.x: P13 off (fixed
     # upstream), P1 on only where triton is not installed.
-    version = cpu_compat._mcore_version()
-    assert ("P1" in applied) == cpu_compat._p1_applies(version)
-    assert ("P13" in applied) == (version < cpu_compat.Version("0.17"))
+    version = registry._mcore_version()
+    assert ("P1" in applied) == cuda_stubs._p1_applies(version)
+    assert ("P13" in applied) == (version < Version("0.17"))
     for pid in ("P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "P14", "P15", "P16"):
         assert pid in applied
-    assert cpu_compat.install_cpu_compat() == applied  # idempotent
+    assert registry.install_cpu_compat() == applied  # idempotent
     with pytest.raises(ValueError, match="unknown patch"):
-        cpu_compat.install_cpu_compat(exclude={"P99"})
-    for patch in cpu_compat._PATCHES:  # every patch documents its upstream site
+        registry.install_cpu_compat(exclude={"P99"})
+    for patch in registry._PATCHES:  # every patch documents its upstream site
         assert patch.apply.__doc__ and ".py" in patch.apply.__doc__, patch.id
 
 
 def _device_mode_probe(rank: int, world: int) -> dict:
-    seen: dict[str, Any] = {"fork": cpu_compat.device_mode_active()}
+    seen: dict[str, Any] = {"fork": device_mode.device_mode_active()}
 
     def in_thread() -> None:
-        seen["thread"] = cpu_compat.device_mode_active()
+        seen["thread"] = device_mode.device_mode_active()
         seen["thread_tensor"] = torch.zeros(2, device="cuda").device.type
 
     t = threading.Thread(target=in_thread)
@@ -172,7 +174,7 @@ def test_device_mode_in_forked_workers_and_threads() -> None:
 
 
 def _uninstall_probe(rank: int, world: int) -> tuple[str, bool]:
-    cpu_compat.uninstall_patches({"P8", "P3"})
+    registry.uninstall_patches({"P8", "P3"})
     x = torch.ones(1)
     try:
         x.cuda()
@@ -237,14 +239,14 @@ def _triton_stub_probe(rank: int, world: int, folder: str) -> tuple:
     sys.meta_path.insert(0, _NoTriton())
     import torch.utils._triton as tt
     tt.has_triton_package.cache_clear()
-    real = cpu_compat._p1_applies
+    real = cuda_stubs._p1_applies
     try:
         import triton  # noqa: F401
         failed = False
     except ImportError:
         failed = True
     sys.path.insert(0, folder)
-    cpu_compat._p1_triton_stub(target="fake_paged_stash")
+    cuda_stubs._p1_triton_stub(target="fake_paged_stash")
     import fake_paged_stash
 
     try:
@@ -263,7 +265,7 @@ def _triton_stub_probe(rank: int, world: int, folder: str) -> tuple:
     except ImportError:
         hidden = True
 
-    return (failed, fake_paged_stash.kernel.__name__, launched, real(cpu_compat.Version("0.16.1")),
+    return (failed, fake_paged_stash.kernel.__name__, launched, real(Version("0.16.1")),
             tt.has_triton_package(), visible_after, hidden)
 
 
@@ -316,15 +318,16 @@ def test_setup_after_megatron_import_patches_bound_names(tmp_path: Any) -> None:
 import megatron.core.transformer.moe.token_dispatcher as td
 import megatron.core.transformer.moe.moe_utils as mu
 import megatron.core.tensor_parallel.random as rnd
-from megatron_rpt.platform import cpu_compat
-applied = cpu_compat.install_cpu_compat(exclude={"P13"})
+from packaging.version import Version
+from megatron_rpt.platform.compat import registry
+applied = registry.install_cpu_compat(exclude={"P13"})
 assert "P13" not in applied and "P6" in applied, applied
 assert td.maybe_move_tensor_to_cpu is mu.maybe_move_tensor_to_cpu
 assert "_p6_" in td.maybe_move_tensor_to_cpu.__qualname__
-assert cpu_compat._mcore_version() >= cpu_compat.Version("0.17") or not hasattr(mu, "te_general_gemm")
+assert registry._mcore_version() >= Version("0.17") or not hasattr(mu, "te_general_gemm")
 import torch
 assert rnd._get_cuda_rng_state().equal(torch.get_rng_state())
-print("OK", cpu_compat.install_cpu_compat())
+print("OK", registry.install_cpu_compat())
 """
     import os
 
@@ -333,7 +336,7 @@ print("OK", cpu_compat.install_cpu_compat())
         [sys.executable, "-W", "ignore", "-c", script], cwd=root, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    if cpu_compat._mcore_version() < cpu_compat.Version("0.17"):  # P13 applies to 0.16.x only
+    if registry._mcore_version() < Version("0.17"):  # P13 applies to 0.16.x only
         assert "P13" in out.stdout  # a later call without exclude installs it
 
 
