@@ -121,6 +121,58 @@ def test_patch_set_for_installed_megatron_core() -> None:
         assert patch.apply.__doc__ and ".py" in patch.apply.__doc__, patch.id
 
 
+def test_every_patch_states_its_checked_range() -> None:
+    """Each patch's docstring states the megatron-core range it was checked against, and whether it
+    also runs on GPU; the installed megatron-core is inside every range."""
+    for patch in registry._PATCHES:
+        doc = patch.apply.__doc__ or ""
+        assert f"megatron-core {patch.checked}" in doc, patch.id
+        assert ("Runs on GPU too" in doc) == (not patch.cpu_only), patch.id
+        assert ("CPU only" in doc) == patch.cpu_only, patch.id
+        assert patch.checked_for(registry._mcore_version()), patch.id
+    assert {p.id for p in registry._PATCHES if not p.cpu_only} == {"P9", "P10", "P13"}
+
+
+@pytest.mark.parametrize("fake", ["0.20.0", "0.20.0rc1", "0.15.2", "0"])
+def test_megatron_core_outside_checked_range_fails_at_install(monkeypatch: pytest.MonkeyPatch, fake: str) -> None:
+    """Outside a patch's checked range the installation fails with one error naming the version, the
+    patch ids, the range and the way out, and applies nothing (no torch work: safe in this process)."""
+    before = registry.installed_patches()
+    monkeypatch.setattr(registry, "_mcore_version", lambda: Version(fake))
+    with pytest.raises(registry.MegatronCoreVersionError) as err:
+        registry.install_cpu_compat(exclude={"P14"})
+    msg = str(err.value)
+    installed = "megatron-core is not installed" if fake == "0" else f"megatron-core {fake} is installed"
+    assert msg.startswith(installed), msg
+    ids = ", ".join(pid for pid in registry.PATCH_IDS if pid != "P14")  # P1 and P13 too: their ranges are checked
+    assert f"({ids}: megatron-core >=0.16,<0.20)" in msg, msg
+    assert "pip install 'megatron-core>=0.16,<0.20'" in msg and "0.16.1, 0.19.2" in msg
+    with pytest.raises(registry.MegatronCoreVersionError, match=r"\(P9, P10, P13: megatron-core "
+                                                                r">=0\.16,<0\.20\)\. Install"):
+        registry.install_upstream_fixes()   # what CUDA runs install
+    assert registry.installed_patches() == before
+
+
+def _reinstall_at(rank: int, world: int, fake: str) -> tuple:
+    """In a forked worker: undo every patch, then install again as megatron-core `fake`."""
+    registry.uninstall_patches(set(registry.PATCH_IDS))
+    undone = (registry.installed_patches(), torch.cuda.current_device is not None and
+              getattr(torch.cuda.current_device, "__module__", "") == "torch.cuda")
+    registry._mcore_version = lambda: Version(fake)   # this worker only
+    applied = registry.install_cpu_compat()
+    return undone, applied, torch.cuda.current_device(), registry.install_upstream_fixes() == applied
+
+
+@pytest.mark.parametrize("fake", ["0.16.5", "0.19.9"])
+def test_megatron_core_inside_checked_range_applies(fake: str) -> None:
+    (undone, applied, device, upstream_idempotent), = run_ranks(_reinstall_at, 1, fake)
+    assert undone == ([], True)
+    expected = [pid for pid in registry.PATCH_IDS if pid not in ("P1", "P13")]
+    expected += ["P1"] * cuda_stubs._p1_applies(Version(fake)) + ["P13"] * (Version(fake) < Version("0.17"))
+    assert sorted(applied) == sorted(expected)
+    assert device == "cpu" and upstream_idempotent
+
+
 def _device_mode_probe(rank: int, world: int) -> dict:
     seen: dict[str, Any] = {"fork": device_mode.device_mode_active()}
 

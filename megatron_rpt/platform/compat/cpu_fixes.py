@@ -23,7 +23,8 @@ from megatron_rpt.platform.compat.hooks import rebind_everywhere, set_attr, when
 def _p6_split_sizes_to_numpy() -> None:
     """P6: `transformer/moe/moe_utils.py:maybe_move_tensor_to_cpu` converts to numpy only for
     CUDA tensors, so the alltoall dispatcher passes a tensor as split sizes to
-    `all_to_all_single` ("incompatible function arguments") (0.16.x and later).
+    `all_to_all_single` ("incompatible function arguments").
+    Checked against megatron-core >=0.16,<0.20 (0.16.1, 0.19.2). CPU only.
     """
 
     def fix(mod: types.ModuleType) -> None:
@@ -41,7 +42,7 @@ def _p6_split_sizes_to_numpy() -> None:
 
 def _p7_torch_norm_sequence_parallel() -> None:
     """P7: `transformer/torch_norm.py:WrappedTorchNorm.__new__` asserts sequence parallel is off,
-    but MoE with TP>1 requires sequence parallel (all versions without TE).
+    but MoE with TP>1 requires sequence parallel (without TE). Checked against megatron-core >=0.16,<0.20 (0.16.1, 0.19.2). CPU only.
 
     Builds the torch norm anyway and tags its parameters `sequence_parallel=True`, so
     `finalize_model_grads` all-reduces their (partial, per-sequence-shard) grads over TP.
@@ -74,7 +75,8 @@ def _p14_fork_results_queue() -> None:
     _get_write_results_queue` (0.16.x; `get_write_results_queue(mp_mode)` in 0.19.x) starts a multiprocessing Manager with the *spawn* context on the
     first save of every process: a fresh interpreter importing torch, 4-13 s per rank on 2 cores
     (the "first save 4-7 s warm-up" of the note). Spawn protects CUDA state; a CPU process has
-    none, so the Manager is started with fork (~0.05 s). Same queue type (all versions).
+    none, so the Manager is started with fork (~0.05 s). Same queue type.
+    Checked against megatron-core >=0.16,<0.20 (0.16.1, 0.19.2). CPU only.
     """
     import multiprocessing as mp
 
@@ -100,7 +102,8 @@ def _p15_expert_cpu_init() -> None:
     with `use_cpu_initialization` build every weight from the default torch generator, also for
     experts (`is_expert=True`), where the GPU path (`_initialize_affine_weight_gpu`) forks the
     expert-parallel RNG stream. All EP ranks seed that generator alike, so at EP=N each rank's
-    local experts are copies of rank 0's (measured: EP=2 experts 4..7 == 0..3). All versions.
+    local experts are copies of rank 0's (measured: EP=2 experts 4..7 == 0..3).
+    Checked against megatron-core >=0.16,<0.20 (0.16.1, 0.19.2). CPU only.
 
     Expert layers are initialised inside `get_cuda_rng_tracker().fork(expert-parallel name)`
     (P2 makes the tracker drive the CPU generator), as on GPU.
@@ -133,7 +136,8 @@ def _p16_uneven_gather_scatter() -> None:
     `_reduce_scatter_along_first_dim(input_split_sizes=...)` call `all_gather` / `reduce_scatter`
     with uneven tensor lists; gloo rejects them ("ProcessGroupGloo::allgather: invalid tensor size")
     and has no reduce_scatter. Hit by the alltoall MoE dispatcher with expert TP > 1
-    (`token_dispatcher.py` dispatch_postprocess / combine_preprocess). All versions.
+    (`token_dispatcher.py` dispatch_postprocess / combine_preprocess).
+    Checked against megatron-core >=0.16,<0.20 (0.16.1, 0.19.2). CPU only.
 
     Uneven gather: pad every rank's part to the largest, all-gather, drop the padding. Uneven
     reduce-scatter: all-reduce the whole input and keep this rank's part (more traffic, same sums).

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from megatron_rpt.platform.compat.device_mode import enable_feature
@@ -69,8 +70,9 @@ def _triton_stub_modules() -> dict[str, types.ModuleType]:
 
 
 def _p1_triton_stub(target: str = _P1_TARGET) -> None:
-    """P1: `transformer/moe/ops/paged_stash.py` does an unconditional `import triton` (0.19.x;
-    gated on megatron-core >= 0.17 and triton not installed).
+    """P1: `transformer/moe/ops/paged_stash.py` does an unconditional `import triton` (0.19.x):
+    without triton every `import megatron.core` fails. Applies to megatron-core >=0.17,<0.20 when
+    triton is not installed; checked against megatron-core >=0.16,<0.20 (0.16.1, 0.19.2). CPU only.
 
     The stub modules are in `sys.modules` only WHILE `target` executes, so that module binds them
     and nothing else ever sees them: a process-wide stub made `torch.utils._triton.has_triton_package()`
@@ -91,10 +93,14 @@ def _p1_triton_stub(target: str = _P1_TARGET) -> None:
     around_import("P1", target, scoped_stub)
 
 
+_P1_VERSIONS = SpecifierSet(">=0.17,<0.20")  # the releases with the unconditional `import triton`
+
+
 def _p1_applies(v: Version) -> bool:
+    """P1's gate: megatron-core >=0.17,<0.20 and triton not installed."""
     import importlib.util
 
-    if v < Version("0.17"):
+    if not _P1_VERSIONS.contains(v, prereleases=True):
         return False
     try:
         return importlib.util.find_spec("triton") is None
@@ -123,7 +129,7 @@ def _p2_rng() -> None:
     """P2: CUDA RNG of `tensor_parallel/random.py`: `_get_cuda_rng_state`, `_set_cuda_rng_state`
     (used by `CudaRNGStatesTracker.add/fork` and `CheckpointFunction`) and
     `model_parallel_cuda_manual_seed` calling `torch.cuda.get_rng_state/manual_seed`
-    (all versions; 0.16.x, 0.19.x).
+    Checked against megatron-core >=0.16,<0.20 (0.16.1, 0.19.2). CPU only.
 
     torch.cuda RNG get/set/manual_seed map to the CPU default generator. Megatron's own
     `_set_cuda_rng_state` is redirected too: on a CPU build it queues its work with
@@ -215,7 +221,8 @@ def _p3_current_device() -> None:
     `transformer/moe/router.py`, `distributed/param_and_grad_buffer.py`,
     `dist_checkpointing/strategies/state_dict_saver.py`, `optimizer/distrib_optimizer.py`,
     `transformer/attention.py`, text_generation_controller; `torch.cuda.synchronize()` in
-    p2p_communication / filesystem_async; `.cuda()` in distrib_optimizer (all versions).
+    p2p_communication / filesystem_async; `.cuda()` in distrib_optimizer.
+    Checked against megatron-core >=0.16,<0.20 (0.16.1, 0.19.2). CPU only.
 
     current_device() -> "cpu" (every use is a device argument); synchronize/set_device are no-ops;
     Tensor.cuda() returns the tensor (through the device mode).
@@ -230,7 +237,7 @@ def _p3_current_device() -> None:
 def _p4_device_literals() -> None:
     """P4: `device="cuda"` literals in `pipeline_parallel/schedules.py` (loss/num-tokens tensors),
     `optimizer/clip_grads.py`, `optimizer/optimizer.py`, `utils.py`, `transformer/utils.py`,
-    `local_multi_tensor_l2_norm` (all versions).
+    `local_multi_tensor_l2_norm`. Checked against megatron-core >=0.16,<0.20 (0.16.1, 0.19.2). CPU only.
 
     The device mode rewrites a CUDA `device=` argument, `.to("cuda")` and `pin_memory=True` to CPU.
     """
@@ -240,7 +247,7 @@ def _p4_device_literals() -> None:
 def _p5_streams() -> None:
     """P5: CUDA streams/events in `transformer/moe/token_dispatcher.py` (alltoall),
     `distributed/param_and_grad_buffer.py` (`current_stream`), text_generation_controller (Event)
-    (all versions).
+    Checked against megatron-core >=0.16,<0.20 (0.16.1, 0.19.2). CPU only.
 
     torch.cuda.Stream/Event/stream()/current_stream()/default_stream() become no-op objects and
     Tensor.record_stream a no-op (CPU tensors have no stream to record on).
@@ -260,7 +267,7 @@ def _p5_streams() -> None:
 def _p8_type_names() -> None:
     """P8: string checks `param.grad.type() == 'torch.cuda.FloatTensor'` in
     `optimizer/clip_grads.py:get_grad_norm_fp32/clip_grad_by_total_norm_fp32`,
-    `optimizer/distrib_optimizer.py`, `optimizer/optimizer.py` (all versions).
+    `optimizer/distrib_optimizer.py`, `optimizer/optimizer.py`. Checked against megatron-core >=0.16,<0.20 (0.16.1, 0.19.2). CPU only.
 
     Inside the device mode `Tensor.type()` reports `torch.cuda.*` names and
     `Tensor.type('torch.cuda.X')` converts to the CPU type X.

@@ -16,6 +16,8 @@ import types
 from typing import Any
 
 import torch
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 
 from megatron_rpt.platform.compat.hooks import set_attr, when_imported
 
@@ -23,7 +25,8 @@ def _p9_optimizer_state_copy() -> None:
     """P9: `optimizer/distrib_optimizer.py:DistributedOptimizer._set_main_param_and_optimizer_states`
     (0.19.2 lines 1219-1225) with the torch AdamW fallback (no Apex/TE, GPU too): copies every key
     of the live state, including `step` that the checkpoint lacks (KeyError: 'step'), and writes
-    in place into a leaf that requires grad (all versions).
+    in place into a leaf that requires grad. Checked against megatron-core >=0.16,<0.20 (0.16.1, 0.19.2).
+    Runs on GPU too (cpu_only=False: `install_upstream_fixes`).
 
     Copies only the keys the checkpoint has, under no_grad.
     """
@@ -52,7 +55,8 @@ def _p10_unshare_step() -> None:
     """P10: `optimizer/distrib_optimizer.py:DistributedOptimizer.load_state_dict` (0.19.2 lines
     1025-1031) gives every param state ONE shared `step` tensor with the torch AdamW fallback;
     torch AdamW increments it in place once per param, so after a resume bias correction uses a
-    wrong step. Silent: resumed runs diverge (all versions).
+    wrong step. Silent: resumed runs diverge. Checked against megatron-core >=0.16,<0.20 (0.16.1, 0.19.2).
+    Runs on GPU too (cpu_only=False: `install_upstream_fixes`).
 
     Gives each param its own copy of `step` after loading.
     """
@@ -78,7 +82,9 @@ def _p10_unshare_step() -> None:
 def _p13_te_general_gemm() -> None:
     """P13: `transformer/moe/moe_utils.py:router_gating_linear` (0.16.1 line 1192) reads
     `te_general_gemm`, which is only defined when Transformer Engine imports -> NameError in every
-    MoE router without TE (gated on megatron-core < 0.17).
+    MoE router without TE (0.19 defines it as None itself). Applies to megatron-core >=0.16,<0.17;
+    checked against megatron-core >=0.16,<0.20 (0.16.1, 0.19.2).
+    Runs on GPU too (cpu_only=False: `install_upstream_fixes`).
 
     Defines it as None when missing.
     """
@@ -88,4 +94,14 @@ def _p13_te_general_gemm() -> None:
             set_attr("P13", mod, "te_general_gemm", None)
 
     when_imported("P13", "megatron.core.transformer.moe.moe_utils", fix)
+
+
+# 0.19.2 sets te_general_gemm = None itself without TE; 0.17.x / 0.18.x are assumed to as well (only
+# 0.16.1 and 0.19.2 are tested).
+_P13_VERSIONS = SpecifierSet(">=0.16,<0.17")
+
+
+def _p13_applies(v: Version) -> bool:
+    """P13's gate: megatron-core >=0.16,<0.17."""
+    return _P13_VERSIONS.contains(v, prereleases=True)
 
