@@ -27,7 +27,7 @@ def quiet_optional_backend_warnings() -> None:
     """
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed", category=UserWarning)
 
-# Failures seen when importing partially installed GPU packages (see notes/gpu-and-dependencies.md):
+# Failures seen when importing partially installed GPU packages (docs/megatron-core-on-cpu.md, GPU-side dependencies):
 # a TE core wheel without cuDNN raises RuntimeError / OSError, not ImportError.
 _IMPORT_FAILURES = (ImportError, OSError, RuntimeError)
 

@@ -51,7 +51,7 @@ from megatron_rpt.training.faults import fault_point
 from megatron_rpt.models.gpt import unwrap
 
 TRACKER = "latest_checkpointed_iteration.txt"
-OPTIMIZER_SHARDING = "fully_reshardable"  # the default fully_sharded_model_space cannot save (see notes)
+OPTIMIZER_SHARDING = "fully_reshardable"  # the default fully_sharded_model_space cannot save (docs/megatron-core-on-cpu.md)
 _ITER_DIR = re.compile(r"iter_(\d+)")
 # Checkpoint folders this process loaded (real paths): retention never deletes them.
 _LOADED_FROM: set = set()
@@ -134,7 +134,7 @@ def _rng_sharded_object(state: Optional[dict]) -> ShardedObject:
 
 
 def prepare_optimizer_for_load(optimizer) -> None:
-    """Give a fresh distributed optimizer Adam states to load into (W1 in the CPU notes).
+    """Give a fresh distributed optimizer Adam states to load into (W1 in docs/megatron-core-on-cpu.md).
 
     `DistributedOptimizer.state_dict()` (distrib_optimizer.py, 0.16.1 ~l.642) asserts one shared
     `step` over param states, and a freshly built torch-AdamW-backed optimizer (no Apex/TE, on CPU

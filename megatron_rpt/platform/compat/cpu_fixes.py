@@ -72,10 +72,11 @@ def _p7_torch_norm_sequence_parallel() -> None:
 
 def _p14_fork_results_queue() -> None:
     """P14 (new; speed, not correctness): `dist_checkpointing/strategies/filesystem_async.py:
-    _get_write_results_queue` (0.16.x; `get_write_results_queue(mp_mode)` in 0.19.x) starts a multiprocessing Manager with the *spawn* context on the
-    first save of every process: a fresh interpreter importing torch, 4-13 s per rank on 2 cores
-    (the "first save 4-7 s warm-up" of the note). Spawn protects CUDA state; a CPU process has
-    none, so the Manager is started with fork (~0.05 s). Same queue type.
+    _get_write_results_queue` (0.16.x; `get_write_results_queue(mp_mode)` in 0.19.x) starts a
+    multiprocessing Manager with the *spawn* context on the first save of every process: a fresh
+    interpreter importing torch, 4-13 s per rank on 2 cores (the "first save 4-7 s" warm-up measured
+    before P14). Spawn protects CUDA state; a CPU process has none, so the Manager is started with
+    fork (~0.05 s). Same queue type.
     Checked against megatron-core >=0.16,<0.20 (0.16.1, 0.19.2). CPU only.
     """
     import multiprocessing as mp
