@@ -385,8 +385,6 @@ class MegatronProxy:
     kind = "megatron"
 
     def __init__(self, load: str, iteration: Optional[int] = None, dtype: str = "fp32"):
-        from megatron_rpt.platform import quiet_optional_backend_warnings
-        quiet_optional_backend_warnings()   # before megatron.core is imported: its warnings fire at import
         with warnings.catch_warnings():
             # torch DCP / ShardedTensor deprecation notices raised inside Megatron-Core's loader
             warnings.simplefilter("ignore", FutureWarning)
@@ -398,9 +396,7 @@ class MegatronProxy:
         from megatron_rpt.convert.checkpoint import _ModelOnly, _single_process_model
         from megatron_rpt.data.tokenizers import tokenizer_from_config
         from megatron_rpt.models.gpt import model_vocab_size, padded_vocab_size
-        from megatron_rpt.platform import quiet_optional_backend_warnings
         from megatron_rpt.training.checkpointing import CheckpointError, checkpoint_path, load_checkpoint, read_tracker
-        quiet_optional_backend_warnings()
         it = iteration if iteration is not None else read_tracker(load)
         if it is None:
             raise TaskError(f"--proxy-load {load}: no checkpoint (no latest_checkpointed_iteration.txt); "

@@ -404,3 +404,75 @@ def test_cpu_threads_share_the_node():
     assert cpu.cpu_threads(2, environ={"OMP_NUM_THREADS": "3"}) is None
     gpu = Platform("cuda", "nccl", False, False, "0.16.1", True)
     assert gpu.cpu_threads(8, environ={}) is None
+
+
+def test_only_megatron_cores_backend_warnings_are_silenced() -> None:
+    """The filter (installed when megatron_rpt is imported) drops exactly Megatron-Core's known
+    "TE / Apex not installed" messages from Megatron-Core modules; any other warning still shows."""
+    import warnings
+
+    from megatron_rpt.platform import messages
+
+    def warn(message: str, module: str) -> None:
+        warnings.warn_explicit(message, UserWarning, "x.py", 1, module=module, registry={})
+
+    with warnings.catch_warnings(record=True) as seen:   # restores the filters on exit
+        warnings.simplefilter("always")
+        messages.quiet_megatron_core_backend_warnings()
+        messages.quiet_megatron_core_backend_warnings()   # idempotent
+        ours = [f for f in warnings.filters if getattr(f[3], "pattern", f[3]) == messages._MODULES]
+        assert len(ours) == len(messages.MEGATRON_CORE_BACKEND_WARNINGS) == 4
+        for message in messages.MEGATRON_CORE_BACKEND_WARNINGS:
+            warn(message, "megatron.core.optimizer")
+            warn(message, "megatron.core.distributed.fsdp.src.megatron_fsdp.mixed_precision")
+        warn(messages.MEGATRON_CORE_BACKEND_WARNINGS[0], "my_package")          # not from Megatron-Core
+        warn("Apex is not installed. Falling back to Torch Norm (and more)", "megatron.core.models.backends")
+        warn("something else", "megatron.core.optimizer")
+    assert [(str(w.message), w.category) for w in seen] == [
+        (messages.MEGATRON_CORE_BACKEND_WARNINGS[0], UserWarning),
+        ("Apex is not installed. Falling back to Torch Norm (and more)", UserWarning),
+        ("something else", UserWarning)]
+
+
+def test_platform_line_describes_the_backends(monkeypatch: pytest.MonkeyPatch) -> None:
+    from megatron_rpt.platform import Platform
+
+    monkeypatch.setattr(platform_mod, "_why_unused", lambda module, device_type: f"why {module}")
+    cpu = Platform("cpu", "gloo", False, False, "0.16.1", False)
+    assert cpu.describe() == ("cpu, gloo, megatron-core 0.16.1, transformer engine: False (why transformer_engine; "
+                              "local layer specs), apex: False (why apex)")
+    gpu = Platform("cuda", "nccl", True, True, "0.19.2", True)
+    # tests/gpu/test_te_fp8.py looks for "transformer engine: True" in a run's output
+    assert gpu.describe() == "cuda, nccl, megatron-core 0.19.2, transformer engine: True (Transformer Engine " \
+                             "layer specs), apex: True"
+
+
+@pytest.mark.slow   # fresh interpreters
+def test_tools_print_no_backend_warnings_and_entry_points_one_platform_line() -> None:
+    """A tool that only imports Megatron-Core (count_params) prints none of its "Transformer Engine
+    and Apex are not installed" warnings; an entry point prints them neither, and one platform line
+    (here from pretraining's cheapest exit: a configuration error after the platform is chosen)."""
+    import os
+    import re
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "SLURM_PROCID")}
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, *argv], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        for text in ("Transformer Engine and Apex are not installed", "Apex is not installed", "Warning"):
+            assert text not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+        return proc
+
+    count = run("tools/count_params.py", "--model-preset", "tiny")
+    assert count.returncode == 0 and "total parameters" in count.stdout, count.stderr[-3000:]
+    assert "> platform:" not in count.stdout + count.stderr   # it chooses no platform
+
+    pre = run("-m", "megatron_rpt.pretrain", "--use-cpu", "--model-preset", "tiny", "--mock-data",
+              "--tokenizer-type", "NullTokenizer", "--vocab-size", "255", "--tensor-model-parallel-size", "2")
+    assert pre.returncode == 2 and "world size 1 is not divisible" in pre.stderr, pre.stderr[-3000:]
+    lines = [x for x in (pre.stdout + pre.stderr).splitlines() if "platform:" in x]
+    assert len(lines) == 1, lines
+    assert re.fullmatch(r"> platform: cpu, gloo, megatron-core 0\.\d+\.\S+, transformer engine: False "
+                        r"\((not installed|needs CUDA); local layer specs\), apex: False \(.+\)", lines[0]), lines
