@@ -53,9 +53,8 @@ STAGE = REPO / "benchmarks" / ".gpu-stage"
 VENV = REPO / ".gpu-venv"
 PAYLOAD = VENV / "payload"
 
-# What the GPU machine lacks (docs/megatron-core-on-cpu.md, GPU-side dependencies: Python 3.12,
-# torch 2.11.0+cu130, triton, transformers, tensorboard, sentencepiece, numpy, pytest are there;
-# megatron-core and TE are not).
+# What the GPU machine lacks (measured on the lent machine: Python 3.12, torch 2.11.0+cu130, triton,
+# transformers, tensorboard, sentencepiece, numpy, pytest are there; megatron-core and TE are not).
 # Measured on 2026-11-22 (pip download for cp312 manylinux x86_64, sizes in the issue note):
 # - megatron-core 0.19.2 declares only torch/numpy/packaging; its dynamic inference engine also needs einops
 #   and a flash-attention package: flash-attn (FA2) is an sdist only (hours to build), so FA4 (flash-attn-4,

@@ -36,7 +36,7 @@ runs every tool once, in an order rotated by one per round):
   differing document is reported (index, lengths, first differing token, decoded text around it, the
   input line). Every repeat's output is also checked against the first repeat's (determinism).
 
-Corpus: real English prose built offline by ``megatron_rpt.data.corpus`` (Jane Austen's novels and
+Corpus: real English prose built offline by ``megatron_rpt.demo_assets.corpus`` (Jane Austen's novels and
 Moby Dick from Debian packages; ``--base-corpus`` to reuse an existing demo_corpus.jsonl), cut into
 paragraphs and re-assembled, pass after pass, into documents with new boundaries (each pass starts at
 a different paragraph and draws new document lengths, log-normal around 3000 characters, 200 to
@@ -132,7 +132,7 @@ def log(msg: str) -> None:
 def _base_corpus(args, work: Path) -> Path:
     if args.base_corpus:
         return Path(args.base_corpus)
-    from megatron_rpt.data.corpus import build_demo_corpus
+    from megatron_rpt.demo_assets.corpus import build_demo_corpus
 
     return build_demo_corpus(work / "demo")
 
@@ -616,7 +616,7 @@ def markdown(doc: dict) -> str:
     out += doc.get("notes", []) and (doc["notes"] + [""])
     out += ["Inputs:", "",
             f"- Corpus: {corp['bytes'] / MiB:.1f} MiB of jsonl, {corp['documents']} documents, {corp['text_chars']} "
-            f"characters of text; real English prose (the offline demo corpus of `megatron_rpt.data.corpus`: "
+            f"characters of text; real English prose (the offline demo corpus of `megatron_rpt.demo_assets.corpus`: "
             f"{corp['paragraphs_in_base']} paragraphs of Jane Austen and Moby Dick) re-cut into documents with new "
             f"boundaries on each of {corp['passes']} passes (log-normal lengths around {DOC_CHARS_MEDIAN} characters, "
             f"{DOC_CHARS_MIN}-{DOC_CHARS_MAX}); seed {corp['seed']}; sha256 `{corp['sha256'][:12]}`"
@@ -716,7 +716,7 @@ def _parse(argv=None):
     p.add_argument("--interval", type=float, default=0.02, help="memory sampling interval (s)")
     p.add_argument("--timeout", type=float, default=4 * 3600, help="per run (s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--base-corpus", help="an existing demo_corpus.jsonl (default: build it with megatron_rpt.data.corpus)")
+    p.add_argument("--base-corpus", help="an existing demo_corpus.jsonl (default: build it with megatron_rpt.demo_assets.corpus)")
     p.add_argument("--work-dir", default="/tmp/mrpt-bench-preprocess", help="corpus cache and outputs")
     p.add_argument("--keep-outputs", action="store_true", help="keep the .bin/.idx files in the work dir")
     p.add_argument("--output", help="output path prefix (default benchmarks/results/preprocess_cpu): "

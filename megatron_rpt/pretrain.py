@@ -15,8 +15,8 @@ def run_job(job: Callable, cfg, errors: tuple = ()) -> int:
     """Run `job(cfg)` as an entry point: configuration, checkpoint, megatron-core version and `errors`
     exceptions are one `error: ...` line and exit code 2 (no traceback); the process group is always
     torn down."""
+    from megatron_rpt.checkpoint.layout import CheckpointError
     from megatron_rpt.platform.compat.registry import MegatronCoreVersionError
-    from megatron_rpt.training.checkpointing import CheckpointError
     try:
         job(cfg)
     except (ConfigError, CheckpointError, MegatronCoreVersionError, *errors) as e:

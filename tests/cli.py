@@ -60,7 +60,7 @@ def warm_up() -> None:
                  "megatron.core.pipeline_parallel", "megatron.core.datasets.gpt_dataset",
                  "megatron.core.datasets.blended_megatron_dataset_builder",
                  "megatron.core.inference.text_generation_controllers.text_generation_controller",
-                 "megatron_rpt.training.checkpointing", "megatron_rpt.training.loop", "megatron_rpt.rpt.loop"):
+                 "megatron_rpt.checkpoint.sharded", "megatron_rpt.training.checkpointing", "megatron_rpt.training.loop", "megatron_rpt.rpt.loop"):
         try:   # megatron_rpt imports Megatron-Core lazily, inside functions
             importlib.import_module(name)
         except ImportError:   # a module another megatron-core version lacks: the child imports what it needs

@@ -4,7 +4,7 @@
 Writes OUTPUT_DIR/demo_corpus.jsonl ({"text", "source", "title"} per line), reusing an existing
 complete file unless --force. With --math, writes OUTPUT_DIR/math_corpus.jsonl instead: 270
 competition math problems with worked solutions (PyPI champ-dataset), the RPT demo corpus.
-See megatron_rpt.data.corpus for where the texts come from.
+See megatron_rpt.demo_assets.corpus for where the texts come from.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_rpt.data.corpus import PACKAGES, CorpusError, build_demo_corpus, math_corpus
+from megatron_rpt.demo_assets.corpus import PACKAGES, CorpusError, build_demo_corpus, math_corpus
 
 
 def main(argv: list[str] | None = None) -> int:

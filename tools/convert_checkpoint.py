@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         p.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     from megatron_rpt.convert.checkpoint import ConversionError, export_hf, import_hf
-    from megatron_rpt.training.checkpointing import CheckpointError
+    from megatron_rpt.checkpoint.layout import CheckpointError
     try:
         if args.command == "import":
             layout = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,

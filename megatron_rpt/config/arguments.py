@@ -85,7 +85,7 @@ def config_from_namespace(ns: argparse.Namespace) -> RunConfig:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, extra_args_provider=None) -> RunConfig:
-    """Parse the pretraining command line (unvalidated: see `config.validation.validate_config`)."""
+    """Parse the pretraining command line (unvalidated: see `megatron_rpt.validate.validate_config`)."""
     parser = build_parser(extra_args_provider)
     return config_from_namespace(parser.parse_args(argv))
 

@@ -1,7 +1,9 @@
-"""Checks a `RunConfig` against itself, the world size and the file system.
+"""Checks of a `RunConfig`'s flags against each other and the world size (`check_config`,
+`check_rpt_config`), the hardware check (`validate_platform`), and values derived from the flags.
 
-Every problem becomes one line naming the flag(s) and what to do; all lines are reported
-together in a single `ConfigError` so a user fixes a launch script in one pass.
+Every problem becomes one line naming the flag(s) and what to do; `megatron_rpt.validate` gathers
+these with the loss's and the data's checks into a single `ConfigError`, so a user fixes a launch
+script in one pass. This package imports no other part of megatron_rpt but the platform.
 """
 
 from __future__ import annotations
@@ -9,9 +11,8 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Optional
 
-from megatron_rpt.config.schema import DataConfig, RunConfig
+from megatron_rpt.config.schema import RunConfig
 
 
 class ConfigError(ValueError):
@@ -161,32 +162,9 @@ def _check_moe(cfg: RunConfig, world_size: int) -> list[str]:
     return problems
 
 
-def _check_loss(cfg: RunConfig) -> list[str]:
-    from megatron_rpt.loss import loss_names   # the registry is the list of valid names
-    lc, out = cfg.loss, []
-    if lc.loss_function not in loss_names():
-        out.append(f"--loss-function {lc.loss_function!r} is unknown; known: {', '.join(loss_names())}")
-    for flag, value in (("--loss-beta", lc.loss_beta), ("--loss-lambda-high", lc.loss_lambda_high),
-                        ("--loss-lambda-low", lc.loss_lambda_low)):
-        if not math.isfinite(value):
-            out.append(f"{flag} must be a finite number (got {value})")
-    if lc.loss_beta < -1:
-        out.append(f"--loss-beta {lc.loss_beta} < -1: the target weight pi(x)**(1-(1-pi(x))**beta) "
-                   "is unbounded as pi(x) -> 1; use a value >= -1 (the paper uses -0.25 and 0.5)")
-    if lc.loss_topk < 1:
-        out.append(f"--loss-topk must be >= 1 (got {lc.loss_topk})")
-    settings = (lc.loss_beta, lc.loss_lambda_high, lc.loss_lambda_low)
-    if lc.loss_function == "cross_entropy" and any(settings):
-        out.append("--loss-beta/--loss-lambda-high/--loss-lambda-low need --loss-function generalized "
-                   "(the default); --loss-function cross_entropy is Megatron-Core's plain loss")
-    return out
-
-
-def validate_config(cfg: RunConfig, world_size: int, *, check_files: bool = True,
-                    pretraining_data: bool = True) -> RunConfig:
-    """Fill derived defaults and raise `ConfigError` listing every problem found.
-
-    `pretraining_data=False` (RPT, whose data are tasks): no --data-path blend is needed."""
+def check_config(cfg: RunConfig, world_size: int) -> list[str]:
+    """Fill derived defaults; one message per problem of the flags among themselves and against the
+    world size (the loss's and the data's flags are checked by their packages: `megatron_rpt.validate`)."""
     _complete_defaults(cfg, world_size)
     m, p, t, o, c = cfg.model, cfg.parallel, cfg.training, cfg.optimizer, cfg.checkpoint
     problems: list[str] = []
@@ -315,14 +293,9 @@ def validate_config(cfg: RunConfig, world_size: int, *, check_files: bool = True
             problems.append("--ckpt-keep-last needs --save DIR")
     if cfg.logging.log_interval < 1:
         problems.append(f"--log-interval must be >= 1 (got {cfg.logging.log_interval})")
-    problems.extend(_check_loss(cfg))
     problems.extend(_check_moe(cfg, world_size))
     problems.extend(_check_fp8(cfg))
-
-    problems.extend(_check_data(cfg, check_files, pretraining_data))
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+    return problems
 
 
 # Minimum CUDA compute capability of each FP8 recipe (TE: FP8 tensor cores from Ada/Hopper; the
@@ -362,9 +335,10 @@ def validate_platform(cfg: RunConfig, platform, gpu=None) -> None:
         raise ConfigError(problems)
 
 
-def validate_rpt_config(cfg: RunConfig, world_size: int, *, check_files: bool = True) -> RunConfig:
-    """`validate_config` for `mrpt-rpt`: the RPT/GRPO flags, and the batch derived from them (the
-    optimizer step takes --rpt-contexts-per-step x --rpt-group-size sequences; per-token loss)."""
+def check_rpt_config(cfg: RunConfig, world_size: int, *, check_files: bool = True) -> list[str]:
+    """The RPT/GRPO flags of `mrpt-rpt`, one message per problem, and the batch derived from them (the
+    optimizer step takes --rpt-contexts-per-step x --rpt-group-size sequences; per-token loss), set
+    before the run's other checks see it."""
     r, m, p, t = cfg.rpt, cfg.model, cfg.parallel, cfg.training
     problems: list[str] = []
     sequences = r.rpt_contexts_per_step * r.rpt_group_size
@@ -484,167 +458,9 @@ def validate_rpt_config(cfg: RunConfig, world_size: int, *, check_files: bool = 
     if p.num_layers_per_virtual_pipeline_stage is not None:
         problems.append("--num-layers-per-virtual-pipeline-stage is not supported by mrpt-rpt (Megatron-Core's "
                         "inference engine runs one model chunk per rank)")
-    try:
-        validate_config(cfg, world_size, check_files=check_files, pretraining_data=False)
-    except ConfigError as e:
-        problems = e.problems + problems
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+    return problems
 
 
 _SHAPE_FLAGS = {"--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads", "--seq-length"}
 
 
-def _number(item: str) -> Optional[float]:
-    try:
-        return float(item)
-    except ValueError:
-        return None
-
-
-def parse_blend(data_path: list, flag: str = "--data-path") -> tuple[list[str], Optional[list[float]]]:
-    """A Megatron-LM blend list -> (prefixes, weights or None); ValueError names the flag and item.
-
-    'A' or 'A B ...' (no weights: Megatron-Core weighs each prefix by its size) or
-    'W1 A W2 B ...' (weights > 0, normalised by Megatron-Core).
-    """
-    items = [str(x).strip() for x in data_path]
-    if not items:
-        raise ValueError(f"{flag}: no prefix given")
-    numbers = [_number(x) for x in items]
-    if all(x is None for x in numbers):
-        return items, None
-    if len(items) % 2:
-        raise ValueError(f"{flag}: {len(items)} items, with numbers among them: expected weight/prefix "
-                         "pairs 'W1 PREFIX1 W2 PREFIX2 ...' (or prefixes only)")
-    weights, prefixes = [], []
-    for i in range(0, len(items), 2):
-        weight, prefix = numbers[i], items[i + 1]
-        if weight is None:
-            raise ValueError(f"{flag}: item {i + 1} {items[i]!r} is not a weight "
-                             "(expected 'W1 PREFIX1 W2 PREFIX2 ...')")
-        if numbers[i + 1] is not None:
-            raise ValueError(f"{flag}: item {i + 2} {prefix!r} is a number where a prefix is expected "
-                             "(expected 'W1 PREFIX1 W2 PREFIX2 ...')")
-        if not math.isfinite(weight):
-            raise ValueError(f"{flag}: weight {items[i]} for {prefix} is not a finite number")
-        if weight < 0:
-            raise ValueError(f"{flag}: negative weight {weight} for {prefix}")
-        if weight == 0:
-            raise ValueError(f"{flag}: zero weight for {prefix} (Megatron-Core cannot blend it); "
-                             "drop the prefix instead")
-        weights.append(weight)
-        prefixes.append(prefix)
-    return prefixes, weights
-
-
-PER_SPLIT_FLAGS = ("--train-data-path", "--valid-data-path", "--test-data-path")
-
-
-def data_blends(d: DataConfig) -> list[tuple[str, list]]:
-    """The blends given, as (flag, items): --data-path and/or the per-split flags, in that order."""
-    given = [("--data-path", d.data_path)] + list(zip(PER_SPLIT_FLAGS, (d.train_data_path, d.valid_data_path,
-                                                                        d.test_data_path)))
-    return [(flag, items) for flag, items in given if items]
-
-
-def prefix_position(flag: str, i: int, n: int) -> str:
-    """How messages name a prefix: its flag, and its position when the blend has several."""
-    return flag if n == 1 else f"{flag} prefix {i + 1} of {n}"
-
-
-def data_prefixes(d: DataConfig) -> list[tuple[str, str]]:
-    """(position, prefix) of every prefix of every blend given (ValueError for a bad blend)."""
-    out = []
-    for flag, items in data_blends(d):
-        prefixes, _ = parse_blend(items, flag)
-        out.extend((prefix_position(flag, i, len(prefixes)), p) for i, p in enumerate(prefixes))
-    return out
-
-
-def parse_split(split: str) -> list[float]:
-    try:
-        parts = [float(x) for x in split.replace("/", ",").split(",")]
-    except ValueError:
-        raise ValueError(f"--split: {split!r} is not a comma-separated list of numbers") from None
-    if not 1 <= len(parts) <= 3 or any(x < 0 for x in parts) or sum(parts) <= 0:
-        raise ValueError(f"--split: {split!r} must be 1-3 non-negative numbers with a positive sum")
-    return parts + [0.0] * (3 - len(parts))
-
-
-def _check_data(cfg: RunConfig, check_files: bool, pretraining_data: bool = True) -> list[str]:
-    d, t = cfg.data, cfg.training
-    problems = []
-    blends = data_blends(d) if pretraining_data else []
-    per_split = [flag for flag, _ in blends if flag != "--data-path"]
-    if d.data_path and per_split:
-        problems.append(f"--data-path and {'/'.join(per_split)} are mutually exclusive: give one blend "
-                        "divided by --split, or one blend per split")
-    elif not d.mock_data and not blends and pretraining_data:
-        problems.append("--data-path is required (or --train-data-path [--valid-data-path "
-                        "--test-data-path], or --mock-data)")
-    elif not d.mock_data and per_split and not d.train_data_path:
-        problems.append(f"{'/'.join(per_split)} without --train-data-path: give the training blend too")
-    parsed = []
-    for flag, items in blends:
-        try:
-            parsed.append((flag, parse_blend(items, flag)[0]))
-        except ValueError as e:
-            problems.append(str(e))
-    split, shares = None, None
-    if not per_split:  # Megatron-LM ignores --split when each split has its own blend
-        try:
-            shares = parse_split(d.split)
-            split = ",".join(str(x) for x in shares)
-        except ValueError as e:
-            problems.append(str(e))
-    if pretraining_data and t.eval_interval > 0 and t.eval_iters > 0 and not d.mock_data:
-        asks = f"--eval-interval {t.eval_interval} with --eval-iters {t.eval_iters} asks for validation"
-        if per_split and not d.valid_data_path and not d.data_path:
-            problems.append(f"{asks}, but there is no --valid-data-path; give one or set --eval-interval 0")
-        elif d.data_path and shares is not None and shares[1] == 0:
-            problems.append(f"{asks}, but --split {d.split} gives the validation split no data; give it "
-                            "a share (e.g. --split 969,30,1) or set --eval-interval 0")
-    if check_files and not d.mock_data:
-        from megatron_rpt.data.validate import check_prefix, check_split_documents
-        for flag, prefixes in parsed:
-            for i, prefix in enumerate(prefixes):
-                where = prefix_position(flag, i, len(prefixes))
-                found = check_prefix(prefix, where)
-                problems.extend(found)
-                if not found and flag == "--data-path" and split is not None:
-                    problems.extend(check_split_documents(prefix, where, split, f"--split {d.split}"))
-        if d.data_cache_path is not None:
-            problems.extend(_check_writable_dir(d.data_cache_path, "--data-cache-path"))
-    if d.tokenizer_type is None and not d.mock_data:
-        problems.append("--tokenizer-type is required")
-    if d.tokenizer_type is None and d.mock_data and cfg.model.vocab_size is None:
-        problems.append("--mock-data without --tokenizer-type needs --vocab-size")
-    if d.tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer", "TikTokenizer") and \
-            d.tokenizer_model is None:
-        problems.append(f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
-    if d.tokenizer_type == "GPT2BPETokenizer" and (d.vocab_file is None or d.merge_file is None):
-        problems.append("--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
-    if d.tokenizer_type == "NullTokenizer" and cfg.model.vocab_size is None:
-        problems.append("--tokenizer-type NullTokenizer needs --vocab-size")
-    if check_files:
-        for flag, path in (("--tokenizer-model", d.tokenizer_model), ("--vocab-file", d.vocab_file),
-                           ("--merge-file", d.merge_file)):
-            if path is not None and not os.path.exists(path):
-                problems.append(f"{flag}: {path} not found")
-    return problems
-
-
-def _check_writable_dir(path: str, flag: str) -> list[str]:
-    """`path` is (or can be created as) a folder this process may write to."""
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            return [f"{flag}: {path} exists and is not a folder"]
-        return [] if os.access(path, os.W_OK | os.X_OK) else [f"{flag}: {path} is not writable"]
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        return [f"{flag}: cannot create {path} ({parent} is not a writable folder)"]
-    return []

@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from megatron_rpt.checkpoint.layout import publish_folder, read_run_config
 from megatron_rpt.convert.hf_config import architecture, model_flags_from_hf, shape_from_hf
 from megatron_rpt.convert.mapping import Shape, expand, family_rules, hf_names, to_hf, to_megatron
 
@@ -49,12 +50,6 @@ def _prepare_output(path: str, force: bool) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     return tmp
-
-
-def _publish(tmp: str, path: str) -> None:
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.replace(tmp, path)
 
 
 class _SafetensorsFolder:
@@ -130,7 +125,7 @@ def _run_config(model_flags: dict, tokenizer_dir: Optional[str], vocab_size: int
     """The run configuration recorded with an imported checkpoint; `layout` = (TP, PP, EP) the user
     means to train with (the checkpoint itself reshards to any; this records and checks it)."""
     from megatron_rpt.config import parse_args
-    from megatron_rpt.config.validation import validate_config
+    from megatron_rpt.validate import validate_config
     tp, pp, ep = layout
     argv = ["--mock-data", "--lr", "0", "--train-iters", "1", "--seq-length",
             str(min(4096, model_flags["max_position_embeddings"])), "--tensor-model-parallel-size", str(tp),
@@ -185,7 +180,7 @@ def import_hf(hf_dir: str, save: str, *, force: bool = False, progress: bool = T
 
 def _import_into(chunks, cfg, rules, shape, tensors, save, force, progress) -> str:
     from megatron_rpt.convert.streaming import LazySaveStrategy, placeholder_model
-    from megatron_rpt.training.checkpointing import save_checkpoint
+    from megatron_rpt.checkpoint.sharded import model_state_dict, save_sharded
     own = {k: v for k, v in placeholder_model(chunks[0]).items() if not k.endswith("_extra_state")}
     items = {name: (sources, rule) for name, sources, rule, _, _ in expand(rules, shape)}
     params = {name for name, _ in chunks[0].named_parameters()}
@@ -219,16 +214,11 @@ def _import_into(chunks, cfg, rules, shape, tensors, save, force, progress) -> s
     if force and os.path.isdir(save):
         shutil.rmtree(save)
     strategy = LazySaveStrategy(own, produce)
-    path = save_checkpoint(save, 0, _ModelOnly(chunks), cfg, consumed_train_samples=0, consumed_valid_samples=0,
-                           fully_parallel=False, sharded_strategy=strategy)
+    # A model-only checkpoint: `--load` starts from its weights at iteration 0 with a fresh optimizer.
+    path = save_sharded(save, 0, model_state_dict(chunks), cfg, model_only=True, fully_parallel=False,
+                        sharded_strategy=strategy, common={"consumed_train_samples": 0, "consumed_valid_samples": 0})
     bar.close()
     return path
-
-
-@dataclasses.dataclass
-class _ModelOnly:
-    model: list
-    optimizer: object = None
 
 
 def _bar(total: int, desc: str, enabled: bool):
@@ -273,21 +263,12 @@ def export_hf(load: str, output: str, *, dtype: str = "bf16", iteration: Optiona
               force: bool = False, progress: bool = True, shard_bytes: int = SHARD_BYTES) -> dict:
     """Megatron checkpoint (any layout) -> HF folder (see module docstring). `shard_bytes`: the
     largest output file (a larger single tensor gets a file of its own)."""
-    from megatron_rpt.config.schema import RunConfig
+    from megatron_rpt.checkpoint.sharded import open_checkpoint
     from megatron_rpt.data.tokenizers import tokenizer_from_config
     from megatron_rpt.models.gpt import model_vocab_size, padded_vocab_size
-    from megatron_rpt.training.checkpointing import checkpoint_path, open_checkpoint, read_tracker
     if dtype not in _DTYPES:
         raise ConversionError(f"--dtype must be one of {', '.join(_DTYPES)}")
-    it = iteration if iteration is not None else read_tracker(load)
-    if it is None:
-        raise ConversionError(f"--load {load}: no checkpoint (no latest_checkpointed_iteration.txt); pass --iteration")
-    path = checkpoint_path(load, it)
-    meta = os.path.join(path, "run_config.json")
-    if not os.path.isfile(meta):
-        raise ConversionError(f"--load {load}: {meta} missing (not a megatron-rpt checkpoint, or incomplete)")
-    with open(meta) as f:
-        cfg = RunConfig.from_dict(json.load(f)["run_config"])
+    it, path, cfg = read_run_config(load, iteration, "--load", "--iteration")
     arch = _export_architecture(cfg)
     tokenizer_dir = cfg.data.tokenizer_model if cfg.data.tokenizer_type == "HuggingFaceTokenizer" else None
     # As the training run's model: an imported checkpoint (no tokenizer recorded) has exactly the
@@ -315,7 +296,7 @@ def _export_from(chunks, cfg, arch, shape, path, it, output, tokenizer_dir, *, d
     from safetensors.torch import save_file
 
     from megatron_rpt.convert.streaming import read_tensors
-    from megatron_rpt.training.checkpointing import load_sharded
+    from megatron_rpt.checkpoint.sharded import load_sharded
     sharded = chunks[0].sharded_state_dict()
     tmp = _prepare_output(output, force)
     try:
@@ -365,7 +346,7 @@ def _export_from(chunks, cfg, arch, shape, path, it, output, tokenizer_dir, *, d
             for fname in os.listdir(tokenizer_dir):
                 if fname.startswith(("tokenizer", "special_tokens_map", "vocab", "merges", "chat_template")):
                     shutil.copy2(os.path.join(tokenizer_dir, fname), tmp)
-        _publish(tmp, output)
+        publish_folder(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

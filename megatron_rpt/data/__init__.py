@@ -1,4 +1,4 @@
-"""Data: demo corpus, tokenizers, indexed-dataset writing, preprocessing and training datasets.
+"""Data: tokenizers, blend flags, indexed-dataset writing, preprocessing, checks and training datasets.
 
 Submodules are imported explicitly (`megatron_rpt.data.tokenizers`, ...) so that light tools do
 not pull in Megatron-Core.

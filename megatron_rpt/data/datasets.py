@@ -18,7 +18,8 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from megatron_rpt.config.schema import RunConfig
-from megatron_rpt.config.validation import ConfigError, data_prefixes, parse_blend, parse_split
+from megatron_rpt.config.validation import ConfigError
+from megatron_rpt.data.blend import data_prefixes, parse_blend, parse_split
 from megatron_rpt.data.validate import check_token_ids_all
 
 

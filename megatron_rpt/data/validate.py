@@ -5,7 +5,8 @@ or foreign .idx, silent garbage for a truncated .bin, an endless loop in `GPTDat
 that holds no documents, and a CUDA index error (or silently wrong training on CPU) for token ids
 beyond the tokenizer's vocabulary. Each check here returns one message per problem, naming
 the flag and position (`where`), the file, and what to do; callers gather them into one
-`ConfigError`. The .idx header is read with Megatron-Core's own `_IndexReader`.
+`ConfigError`. The .idx header is read with Megatron-Core's own `_IndexReader`. `check_data_config`
+is the data part of a run's configuration check (`megatron_rpt.validate`): flags and files.
 
 Cost: `check_prefix` and `check_split_documents` read the .idx header and O(1) entries of it;
 `check_token_ids` reads a bounded sample of the .bin (`sample_tokens` per prefix, spread over
@@ -19,6 +20,8 @@ import struct
 from typing import Optional, Sequence
 
 import numpy as np
+
+from megatron_rpt.data.blend import data_blends, parse_blend, parse_split, prefix_position
 
 # Tokens scanned per prefix by check_token_ids: 8 windows of 1 Mi tokens (16 MiB of uint16).
 SAMPLE_TOKENS = 8 * 2 ** 20
@@ -172,3 +175,81 @@ def check_token_ids_all(prefixes: Sequence[tuple[str, str]], vocab_size: int, **
             seen.add(prefix)
             out.extend(check_token_ids(prefix, where, vocab_size, **kwargs))
     return out
+
+
+def check_data_config(cfg, check_files: bool, pretraining_data: bool = True) -> list[str]:
+    """The data flags of a run (`RunConfig`): blends, --split, validation data, tokenizer flags, and with
+    `check_files` the prefixes, the split shares and the tokenizer files on disk. One message per problem."""
+    d, t = cfg.data, cfg.training
+    problems = []
+    blends = data_blends(d) if pretraining_data else []
+    per_split = [flag for flag, _ in blends if flag != "--data-path"]
+    if d.data_path and per_split:
+        problems.append(f"--data-path and {'/'.join(per_split)} are mutually exclusive: give one blend "
+                        "divided by --split, or one blend per split")
+    elif not d.mock_data and not blends and pretraining_data:
+        problems.append("--data-path is required (or --train-data-path [--valid-data-path "
+                        "--test-data-path], or --mock-data)")
+    elif not d.mock_data and per_split and not d.train_data_path:
+        problems.append(f"{'/'.join(per_split)} without --train-data-path: give the training blend too")
+    parsed = []
+    for flag, items in blends:
+        try:
+            parsed.append((flag, parse_blend(items, flag)[0]))
+        except ValueError as e:
+            problems.append(str(e))
+    split, shares = None, None
+    if not per_split:  # Megatron-LM ignores --split when each split has its own blend
+        try:
+            shares = parse_split(d.split)
+            split = ",".join(str(x) for x in shares)
+        except ValueError as e:
+            problems.append(str(e))
+    if pretraining_data and t.eval_interval > 0 and t.eval_iters > 0 and not d.mock_data:
+        asks = f"--eval-interval {t.eval_interval} with --eval-iters {t.eval_iters} asks for validation"
+        if per_split and not d.valid_data_path and not d.data_path:
+            problems.append(f"{asks}, but there is no --valid-data-path; give one or set --eval-interval 0")
+        elif d.data_path and shares is not None and shares[1] == 0:
+            problems.append(f"{asks}, but --split {d.split} gives the validation split no data; give it "
+                            "a share (e.g. --split 969,30,1) or set --eval-interval 0")
+    if check_files and not d.mock_data:
+        for flag, prefixes in parsed:
+            for i, prefix in enumerate(prefixes):
+                where = prefix_position(flag, i, len(prefixes))
+                found = check_prefix(prefix, where)
+                problems.extend(found)
+                if not found and flag == "--data-path" and split is not None:
+                    problems.extend(check_split_documents(prefix, where, split, f"--split {d.split}"))
+        if d.data_cache_path is not None:
+            problems.extend(_writable_dir_problems(d.data_cache_path, "--data-cache-path"))
+    if d.tokenizer_type is None and not d.mock_data:
+        problems.append("--tokenizer-type is required")
+    if d.tokenizer_type is None and d.mock_data and cfg.model.vocab_size is None:
+        problems.append("--mock-data without --tokenizer-type needs --vocab-size")
+    if d.tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer", "TikTokenizer") and \
+            d.tokenizer_model is None:
+        problems.append(f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
+    if d.tokenizer_type == "GPT2BPETokenizer" and (d.vocab_file is None or d.merge_file is None):
+        problems.append("--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
+    if d.tokenizer_type == "NullTokenizer" and cfg.model.vocab_size is None:
+        problems.append("--tokenizer-type NullTokenizer needs --vocab-size")
+    if check_files:
+        for flag, path in (("--tokenizer-model", d.tokenizer_model), ("--vocab-file", d.vocab_file),
+                           ("--merge-file", d.merge_file)):
+            if path is not None and not os.path.exists(path):
+                problems.append(f"{flag}: {path} not found")
+    return problems
+
+
+def _writable_dir_problems(path: str, flag: str) -> list[str]:
+    """`path` is (or can be created as) a folder this process may write to."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            return [f"{flag}: {path} exists and is not a folder"]
+        return [] if os.access(path, os.W_OK | os.X_OK) else [f"{flag}: {path} is not writable"]
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        return [f"{flag}: cannot create {path} ({parent} is not a writable folder)"]
+    return []

@@ -1,7 +1,9 @@
 """Per-token loss functions of the pretraining step, chosen by name (`--loss-function`).
 
 Every function has the signature of Megatron-Core's vocab-parallel cross-entropy:
-``fn(vocab_parallel_logits [s, b, V/TP], target [s, b]) -> per-token loss [s, b]`` with autograd,
+``fn(vocab_parallel_logits [..., V/TP], target [...]) -> per-token loss [...]`` with autograd, any
+leading layout (the training step passes the output layer's [s, b, V/TP] and [s, b] labels, as
+Megatron-Core's `compute_language_model_loss` does after transposing the [b, s] labels),
 computed over the tensor-parallel group, plus an optional ``stats`` dict that receives per-token
 distribution metrics (`STAT_NAMES`) where the loss can compute them. The training step only ever
 calls `get_loss_function`, so the generalized beta/lambda loss registers here and drops in without
@@ -15,6 +17,7 @@ gradient), so nothing of size [s, b, V/TP] is copied.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Protocol
 
 import torch
@@ -22,7 +25,8 @@ import torch
 from megatron_rpt.config.schema import RunConfig
 from megatron_rpt.loss.generalized import STAT_NAMES, generalized_vocab_parallel_loss
 
-__all__ = ["STAT_NAMES", "generalized_vocab_parallel_loss", "get_loss_function", "loss_names", "register_loss"]
+__all__ = ["STAT_NAMES", "check_loss_config", "generalized_vocab_parallel_loss", "get_loss_function", "loss_names",
+           "register_loss"]
 
 class LossFn(Protocol):
     def __call__(self, vocab_parallel_logits: torch.Tensor, target: torch.Tensor, *,
@@ -74,3 +78,24 @@ def _generalized(cfg: RunConfig, vocab_size: int) -> LossFn:
             lambda_low=c.loss_lambda_low, top_k=c.loss_topk, vocab_size=vocab_size, stats=stats,
             overwrite_logits=True)
     return loss
+
+
+def check_loss_config(cfg: RunConfig) -> list[str]:
+    """The loss flags of a run, one message per problem (the registry is the list of valid names)."""
+    lc, out = cfg.loss, []
+    if lc.loss_function not in loss_names():
+        out.append(f"--loss-function {lc.loss_function!r} is unknown; known: {', '.join(loss_names())}")
+    for flag, value in (("--loss-beta", lc.loss_beta), ("--loss-lambda-high", lc.loss_lambda_high),
+                        ("--loss-lambda-low", lc.loss_lambda_low)):
+        if not math.isfinite(value):
+            out.append(f"{flag} must be a finite number (got {value})")
+    if lc.loss_beta < -1:
+        out.append(f"--loss-beta {lc.loss_beta} < -1: the target weight pi(x)**(1-(1-pi(x))**beta) "
+                   "is unbounded as pi(x) -> 1; use a value >= -1 (the paper uses -0.25 and 0.5)")
+    if lc.loss_topk < 1:
+        out.append(f"--loss-topk must be >= 1 (got {lc.loss_topk})")
+    settings = (lc.loss_beta, lc.loss_lambda_high, lc.loss_lambda_low)
+    if lc.loss_function == "cross_entropy" and any(settings):
+        out.append("--loss-beta/--loss-lambda-high/--loss-lambda-low need --loss-function generalized "
+                   "(the default); --loss-function cross_entropy is Megatron-Core's plain loss")
+    return out

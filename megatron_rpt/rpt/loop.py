@@ -50,7 +50,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_rpt import distributed as dist
 from megatron_rpt.config import ConfigError
 from megatron_rpt.config.schema import RunConfig
-from megatron_rpt.config.validation import fp8_row_multiple, sequence_length_multiple, validate_rpt_config
+from megatron_rpt.config.validation import fp8_row_multiple, sequence_length_multiple
+from megatron_rpt.validate import validate_rpt_config
 from megatron_rpt.fileio import atomic_open
 from megatron_rpt.inference.base import RolloutEngine, SamplingConfig
 from megatron_rpt.models.gpt import token_head
@@ -286,7 +287,8 @@ def build_reference(cfg: RunConfig, job) -> list:
     from megatron.core.transformer.module import Float16Module
 
     from megatron_rpt.models.gpt import build_model_chunks, transformer_config
-    from megatron_rpt.training.checkpointing import CheckpointError, load_checkpoint
+    from megatron_rpt.checkpoint.layout import CheckpointError
+    from megatron_rpt.training.checkpointing import load_checkpoint
 
     config = transformer_config(cfg, job.platform)
     chunks = build_model_chunks(cfg, job.platform, job.vocab_size, job.device, config)

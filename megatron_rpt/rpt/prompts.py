@@ -4,7 +4,7 @@ A template is plain text with exactly one `{context}` placeholder (the paper wri
 `{prompt_content}`). Filling it is plain string splicing, never `str.format`: contexts are corpus
 text and contain braces (LaTeX, code), which must come through verbatim.
 
-The v0 text is methods.md part B (arXiv 2506.08007, whitespace reconstructed from the PDF). It
+The v0 text is the paper's (docs/methods.md part B; arXiv 2506.08007, whitespace reconstructed from the PDF). It
 ends right after the context, with no trailing newline: the model predicts the token that follows
 the context, and a newline the corpus does not have would change what that is.
 """

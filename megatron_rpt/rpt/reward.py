@@ -1,4 +1,4 @@
-"""RPT's answer extraction and prefix-match reward (arXiv 2506.08007, eq. 3; ../shared/notes/methods.md B).
+"""RPT's answer extraction and prefix-match reward (arXiv 2506.08007, eq. 3; docs/methods.md part B).
 
 A response looks like `<think> ... </think> ... \\boxed{PREDICTION}`. The prediction is the full
 content of the last top-level `\\boxed{...}` after the first `</think>` (anywhere when there is no

@@ -4,7 +4,7 @@ A task is a corpus position t of a document tokenized by the POLICY's tokenizer:
 the text of tokens[:t], the target the next `--target-tokens` tokens (their exact bytes, for the
 prefix-match reward of `rpt.reward`). Positions are kept where a small PROXY model is unsure:
 entropy (nats) of its renormalised top-16 next-token probabilities at t given tokens[:t] above
-`--entropy-threshold` (arXiv 2506.08007; methods.md part B). Difficulty splits are the paper's
+`--entropy-threshold` (arXiv 2506.08007; docs/methods.md part B). Difficulty splits are the paper's
 nested sets entropy > 0.5 / 1.0 / 1.5 = easy / medium / hard.
 
 Files (`build_tasks`, run by tools/build_rpt_data.py): `PREFIX_train.jsonl` and
@@ -392,27 +392,22 @@ class MegatronProxy:
             self._build(load, iteration, dtype)
 
     def _build(self, load: str, iteration: Optional[int], dtype: str) -> None:
-        from megatron_rpt.config.schema import RunConfig
-        from megatron_rpt.convert.checkpoint import _ModelOnly, _single_process_model
+        from megatron_rpt.checkpoint.layout import CheckpointError, read_run_config
+        from megatron_rpt.checkpoint.sharded import load_weights
+        from megatron_rpt.convert.checkpoint import _single_process_model
         from megatron_rpt.data.tokenizers import tokenizer_from_config
         from megatron_rpt.models.gpt import model_vocab_size, padded_vocab_size
-        from megatron_rpt.training.checkpointing import CheckpointError, checkpoint_path, load_checkpoint, read_tracker
-        it = iteration if iteration is not None else read_tracker(load)
-        if it is None:
-            raise TaskError(f"--proxy-load {load}: no checkpoint (no latest_checkpointed_iteration.txt); "
-                            "pass --proxy-ckpt-step")
-        meta = os.path.join(checkpoint_path(load, it), "run_config.json")
-        if not os.path.isfile(meta):
-            raise TaskError(f"--proxy-load {load}: {meta} missing (not a megatron-rpt checkpoint, or incomplete)")
-        with open(meta) as f:
-            cfg = RunConfig.from_dict(json.load(f)["run_config"])
+        try:
+            it, _, cfg = read_run_config(load, iteration, "--proxy-load", "--proxy-ckpt-step")
+        except CheckpointError as e:
+            raise TaskError(str(e)) from None
         self.cfg = cfg
         self._tokenizer = tokenizer_from_config(cfg) if cfg.data.tokenizer_type else None
         self.vocab_size = model_vocab_size(self._tokenizer.vocab_size if self._tokenizer else 0, cfg)
         padded = padded_vocab_size(self.vocab_size, cfg.model.make_vocab_size_divisible_by, 1)
         model = _single_process_model(cfg, padded)[0].eval()
         try:
-            load_checkpoint(load, _ModelOnly([model]), cfg, iteration=it)
+            load_weights(load, [model], iteration=it)
         except CheckpointError as e:
             raise TaskError(f"--proxy-load {load}: {e}") from None
         model.to(PROXY_DTYPES[dtype])

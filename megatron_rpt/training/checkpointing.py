@@ -1,12 +1,7 @@
-"""Distributed checkpoints (Megatron-Core dist_checkpointing, torch_dist) with atomic publication.
+"""Training checkpoints: what goes into them and how a run resumes from them.
 
-Layout (Megatron-LM compatible names):
-    SAVE/iter_0000100/                 one torch_dist checkpoint (+ run_config.json)
-    SAVE/latest_checkpointed_iteration.txt
-
-A checkpoint is written to `iter_XXXXXXX.tmp`, renamed to its final name only after every rank
-finished writing, and only then does the tracker file (itself written to a temp name and
-renamed) point at it. A crash at any point leaves the previous checkpoint as "latest".
+On-disk layout, atomic publication, retention and sharded I/O are `megatron_rpt.checkpoint`'s
+(shared with RPT and conversion); this module is about the loop's state:
 
 Contents: model (one entry per virtual pipeline chunk), optimizer (distributed optimizer with the
 `fully_reshardable` layout, so TP/PP/DP may change on load), LR scheduler, iteration, consumed
@@ -14,23 +9,12 @@ train/valid samples (the data position), per-rank RNG states, the run configurat
 parallel layout it was saved with. A model-only checkpoint (`model_only=True`, a state without an
 optimizer, or `save_weights`) has the model and the metadata only: `--load` starts from its weights
 at iteration 0 with a fresh optimizer.
-
-Retention (`--ckpt-keep-last N`, megatron-rpt's own flag; Megatron-LM has none): after a save is
-published (every rank wrote, the folder renamed, the tracker updated), rank 0 deletes the oldest
-complete checkpoints (a final `iter_XXXXXXX` name with DCP's `.metadata`) below the saved iteration
-beyond the newest N, the saved one included. Never deleted: the checkpoint just saved, any
-checkpoint this process loaded (the one a run resumed from with --load = --save, the KL reference),
-checkpoints of later iterations (another history: the user decides) and folders of interrupted
-saves (`.tmp`, not complete). A doomed folder is first renamed to `iter_XXXXXXX.deleting`, so a
-crash mid-deletion never leaves a torn folder under a checkpoint's name.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import re
 import shutil
 import sys
 import warnings
@@ -39,26 +23,17 @@ from typing import Optional
 
 import numpy as np
 import torch
-from packaging.version import Version
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
-from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
+from megatron_rpt.checkpoint.layout import CheckpointError, checkpoint_path, mark_loaded, prune_checkpoints, read_tracker
+from megatron_rpt.checkpoint.sharded import (
+    load_model_state, load_sharded, model_state_dict, open_checkpoint, parallel_layout, rank, save_sharded)
 from megatron_rpt.config.schema import RunConfig
-from megatron_rpt.platform import get_platform
-from megatron_rpt.training.faults import fault_point
-from megatron_rpt.models.gpt import unwrap
 
-TRACKER = "latest_checkpointed_iteration.txt"
-OPTIMIZER_SHARDING = "fully_reshardable"  # the default fully_sharded_model_space cannot save (docs/megatron-core-on-cpu.md)
-_ITER_DIR = re.compile(r"iter_(\d+)")
-# Checkpoint folders this process loaded (real paths): retention never deletes them.
-_LOADED_FROM: set = set()
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or inconsistent with the run."""
+# Megatron-Core's default optimizer sharding (fully_sharded_model_space) cannot be saved by the
+# torch-optimizer fallback used without Apex/TE; fully_reshardable can, and reshards on load.
+OPTIMIZER_SHARDING = "fully_reshardable"
 
 
 @dataclass
@@ -68,40 +43,6 @@ class LoadedCheckpoint:
     consumed_valid_samples: int
     path: str
     resharded: bool
-
-
-def checkpoint_path(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def read_tracker(root: str) -> Optional[int]:
-    """The latest complete iteration under `root`, None if there is no checkpoint."""
-    path = os.path.join(root, TRACKER)
-    if not os.path.isfile(path):
-        return None
-    text = open(path).read().strip()
-    try:
-        return int(text)
-    except ValueError:
-        raise CheckpointError(f"{path}: expected an iteration number, found {text[:40]!r}") from None
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def _layout() -> dict:
-    return {
-        "tp": parallel_state.get_tensor_model_parallel_world_size(),
-        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
-        "dp": parallel_state.get_data_parallel_world_size(),
-        "vp": parallel_state.get_virtual_pipeline_model_parallel_world_size(),
-    }
 
 
 def _rng_state() -> dict:
@@ -149,13 +90,7 @@ def prepare_optimizer_for_load(optimizer) -> None:
 
 
 def _state_dict(state, *, is_loading: bool, with_optimizer: bool, with_rng: bool) -> dict:
-    sd: dict = {}
-    chunks = [unwrap(m) for m in state.model]  # keys without DDP/Float16Module prefixes (as Megatron-LM)
-    if len(chunks) == 1:
-        sd["model"] = chunks[0].sharded_state_dict()
-    else:
-        for i, chunk in enumerate(chunks):
-            sd[f"model{i}"] = chunk.sharded_state_dict()
+    sd = model_state_dict(state.model)
     if with_optimizer:
         # No "chained_N." prefix on tensor states: keys are parameter names only, so a checkpoint
         # loads whether the parameters sit in one optimizer or in a dense + expert chain (EP changes).
@@ -169,59 +104,22 @@ def _state_dict(state, *, is_loading: bool, with_optimizer: bool, with_rng: bool
 
 
 def save_checkpoint(root: str, iteration: int, state, cfg: RunConfig, *, consumed_train_samples: int,
-                    consumed_valid_samples: int, fully_parallel: bool = True, sharded_strategy=None,
-                    model_only: bool = False, keep_last: Optional[int] = None) -> str:
-    """Write iteration `iteration` under `root` atomically; returns the final directory.
+                    consumed_valid_samples: int, fully_parallel: bool = True, model_only: bool = False,
+                    keep_last: Optional[int] = None) -> str:
+    """Write iteration `iteration` of the run's state under `root` atomically (`checkpoint.sharded`);
+    returns the final directory.
 
-    `sharded_strategy`: a torch_dist save strategy other than Megatron-Core's default (the
-    converter's tensor-at-a-time `convert.streaming.LazySaveStrategy`). `model_only`: the weights
-    only (no optimizer, scheduler or RNG state), also implied by a state without an optimizer.
-    `keep_last`: retention after the save (module docstring); None: `cfg.checkpoint.ckpt_keep_last`.
+    `model_only`: the weights only (no optimizer, scheduler or RNG state), also implied by a state
+    without an optimizer. `keep_last`: retention after the save (`checkpoint.layout`); None:
+    `cfg.checkpoint.ckpt_keep_last`.
     """
-    final = checkpoint_path(root, iteration)
-    tmp = final + ".tmp"
-    if _rank() == 0:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted save
-        os.makedirs(tmp)
-    fault_point("save-begin", iteration, _rank())
-    _barrier()
-    # A state without optimizer (tools/convert_checkpoint.py import) writes a model-only
-    # checkpoint: `--load` starts from its weights at iteration 0 with a fresh optimizer.
     model_only = model_only or getattr(state, "optimizer", None) is None
     sd = _state_dict(state, is_loading=False, with_optimizer=not model_only, with_rng=not model_only)
-    sd.update(iteration=iteration, consumed_train_samples=consumed_train_samples,
-              consumed_valid_samples=consumed_valid_samples, run_config=cfg.to_dict(),
-              parallel_layout=_layout(), checkpoint_version=1, model_only=model_only)
-    strategy = sharded_strategy or get_default_save_sharded_strategy()
-    if fully_parallel and parallel_state.get_data_parallel_world_size() > 1:
-        strategy = FullyParallelSaveStrategyWrapper(
-            strategy, parallel_state.get_data_parallel_group(with_context_parallel=True))
-    dist_checkpointing.save(sd, tmp, sharded_strategy=strategy)
-    _barrier()
-    if _rank() == 0:
-        with open(os.path.join(tmp, "run_config.json"), "w") as f:
-            json.dump({"iteration": iteration, "run_config": cfg.to_dict(), "parallel_layout": _layout()},
-                      f, indent=2, default=str)
-        fault_point("save-written", iteration, 0)
-        if os.path.exists(final):  # re-saving an iteration: keep the old one until the new is in place
-            old = final + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fault_point("save-published", iteration, 0)
-        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tracker_tmp, "w") as f:
-            f.write(str(iteration))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tracker_tmp, os.path.join(root, TRACKER))
-    _barrier()
+    final = save_sharded(root, iteration, sd, cfg, model_only=model_only, fully_parallel=fully_parallel,
+                         common={"consumed_train_samples": consumed_train_samples,
+                                 "consumed_valid_samples": consumed_valid_samples})
     keep_last = cfg.checkpoint.ckpt_keep_last if keep_last is None else keep_last
-    if keep_last is not None and _rank() == 0:   # the save is complete on every rank (barrier above)
+    if keep_last is not None and rank() == 0:   # the save is complete on every rank (save_sharded's barrier)
         deleted = prune_checkpoints(root, keep_last, iteration)
         if deleted and not model_only:
             print(f"> --ckpt-keep-last {keep_last}: deleted {', '.join(os.path.basename(p) for p in deleted)}",
@@ -236,45 +134,12 @@ def save_weights(root: str, iteration: int, state, cfg: RunConfig) -> str:
     The external rollout engine exports it to Hugging Face format for its server."""
     final = save_checkpoint(root, iteration, state, cfg, consumed_train_samples=0, consumed_valid_samples=0,
                             fully_parallel=cfg.checkpoint.ckpt_fully_parallel_save, model_only=True, keep_last=1)
-    if _rank() == 0:   # the folder is this writer's alone: leftovers of a crashed or later run go too
+    if rank() == 0:   # the folder is this writer's alone: leftovers of a crashed or later run go too
         for name in os.listdir(root):
             path = os.path.join(root, name)
             if name.startswith("iter_") and path != final and os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)
     return final
-
-
-def complete_checkpoints(root: str) -> dict[int, str]:
-    """iteration -> folder of the complete checkpoints under `root`: a final `iter_XXXXXXX` name (an
-    interrupted save keeps its `.tmp` name) holding DCP's `.metadata` (written when a save finishes)."""
-    found = {}
-    for name in os.listdir(root) if os.path.isdir(root) else ():
-        match = _ITER_DIR.fullmatch(name)
-        path = os.path.join(root, name)
-        if match and os.path.isfile(os.path.join(path, ".metadata")):
-            found[int(match.group(1))] = path
-    return found
-
-
-def prune_checkpoints(root: str, keep_last: int, saved_iteration: int) -> list[str]:
-    """Retention (module docstring): delete the complete checkpoints under `root` below
-    `saved_iteration` beyond the newest `keep_last` (the saved one counts), except those this process
-    loaded. Called by one process (rank 0) once the save of `saved_iteration` is published; returns
-    the deleted folders."""
-    if keep_last < 1:
-        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    older = sorted((it, path) for it, path in complete_checkpoints(root).items() if it < saved_iteration)
-    doomed = older[:max(0, len(older) - (keep_last - 1))]
-    deleted = []
-    for _, path in doomed:
-        if os.path.realpath(path) in _LOADED_FROM:
-            continue
-        trash = path + ".deleting"
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(path, trash)              # atomic: no torn folder under a checkpoint's name
-        shutil.rmtree(trash, ignore_errors=True)
-        deleted.append(path)
-    return deleted
 
 
 # megatron-core 0.16's `param_group_identifier_keys` (optimizer/optimizer.py): how a saved param group
@@ -384,65 +249,6 @@ def _same_structure(loaded, requested):
     return fitted
 
 
-def open_checkpoint(root: str, iteration: Optional[int] = None) -> Optional[tuple[str, dict]]:
-    """(folder, common state) of the latest (or `iteration`) checkpoint under `root`; None if there
-    is none. Errors name what is missing or unreadable."""
-    if iteration is None:
-        iteration = read_tracker(root)
-        if iteration is None:
-            if os.path.isdir(root) and any(n.startswith("iter_") for n in os.listdir(root)):
-                raise CheckpointError(f"--load {root}: no {TRACKER} but iteration folders exist; "
-                                      f"pass --ckpt-step N to pick one")
-            return None
-    path = checkpoint_path(root, iteration)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"--load {root}: checkpoint folder {path} for iteration {iteration} not found")
-    old_reader = Version(get_platform().megatron_core_version) < Version("0.17")
-    if old_reader and not os.path.isfile(os.path.join(path, "common.pt")):
-        # megatron-core >= 0.17 keeps the common state inside the .distcp files; 0.16 cannot read it.
-        if any(n.endswith(".distcp") for n in os.listdir(path)):
-            raise CheckpointError(f"--load {root}: {path} was saved by megatron-core >= 0.17 (no common.pt); "
-                                  f"load it with megatron-core >= 0.17 (Python >= 3.12)")
-    _check_files(path)
-    try:
-        common = dist_checkpointing.load_common_state_dict(path)
-    except Exception as e:  # noqa: BLE001 - any failure here means an unreadable checkpoint
-        raise CheckpointError(f"--load {root}: cannot read checkpoint {path}: {e}") from e
-    return path, common
-
-
-def _check_files(path: str) -> None:
-    """Every data file the checkpoint's DCP metadata refers to exists and is long enough (a file
-    removed or truncated after the save is named here instead of failing deep inside a load)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    if not os.path.isfile(os.path.join(path, ".metadata")):
-        raise CheckpointError(f"{path}: .metadata is missing (not a torch_dist checkpoint, or incomplete)")
-    try:
-        storage = FileSystemReader(path).read_metadata().storage_data
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path}/.metadata is unreadable: {type(e).__name__}: {e}") from e
-    needed: dict[str, int] = {}
-    for info in storage.values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    for name, size in sorted(needed.items()):
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            raise CheckpointError(f"{path}: data file {name} is missing (the checkpoint is incomplete)")
-        if os.path.getsize(file) < size:
-            raise CheckpointError(f"{path}: data file {name} has {os.path.getsize(file)} bytes, the metadata "
-                                  f"needs {size} (truncated)")
-
-
-def load_sharded(sharded_state_dict: dict, path: str, *, partial: bool = False) -> dict:
-    """`dist_checkpointing.load` of a checkpoint, failures as one CheckpointError. `partial`: the
-    state dict holds only some entries (e.g. some layers of a layer-stacked tensor), so Megatron-Core's
-    check that the requested shards cover every tensor whole is skipped."""
-    try:
-        return dist_checkpointing.load(sharded_state_dict, path, validate_access_integrity=not partial)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"loading {path} failed: {type(e).__name__}: {e}") from e
-
-
 def load_checkpoint(root: str, state, cfg: RunConfig, *, iteration: Optional[int] = None) -> Optional[LoadedCheckpoint]:
     """Load the latest (or `iteration`) checkpoint under `root` into `state`; None if there is none.
 
@@ -460,7 +266,7 @@ def load_checkpoint(root: str, state, cfg: RunConfig, *, iteration: Optional[int
         earlier = sorted((int(n[5:]) for n in os.listdir(root) if n.startswith("iter_") and n[5:].isdigit()
                           and (failed is None or int(n[5:]) < failed)), reverse=True)
         for it in earlier:
-            if _rank() == 0:
+            if rank() == 0:
                 print(f"> WARNING --ckpt-fallback-to-previous: {error}; trying {checkpoint_path(root, it)}",
                       file=sys.stderr, flush=True)
             try:
@@ -483,24 +289,19 @@ def _load_checkpoint(root: str, state, cfg: RunConfig, iteration: Optional[int])
         return None
     path, common = opened
     saved_layout = common.get("parallel_layout", {})
-    layout = _layout()
+    layout = parallel_layout()
     same_layout = all(saved_layout.get(k) == layout[k] for k in ("tp", "pp"))
     model_only = bool(common.get("model_only")) or getattr(state, "optimizer", None) is None
     load_optim = not (c.finetune or c.no_load_optim or model_only)
     load_rng = not (c.finetune or c.no_load_rng or model_only) and same_layout
-    if not same_layout and not (c.finetune or c.no_load_rng or model_only) and _rank() == 0:
+    if not same_layout and not (c.finetune or c.no_load_rng or model_only) and rank() == 0:
         warnings.warn(f"checkpoint {path} was saved with TP={saved_layout.get('tp')} PP={saved_layout.get('pp')}; "
                       f"loading into TP={layout['tp']} PP={layout['pp']}: RNG state not restored")
     if load_optim:
         prepare_optimizer_for_load(state.optimizer)
     sd = _state_dict(state, is_loading=True, with_optimizer=load_optim, with_rng=load_rng)
     loaded = load_sharded(sd, path)
-    chunks = [unwrap(m) for m in state.model]
-    if len(chunks) == 1:
-        chunks[0].load_state_dict(loaded["model"], strict=True)
-    else:
-        for i, chunk in enumerate(chunks):
-            chunk.load_state_dict(loaded[f"model{i}"], strict=True)
+    load_model_state(state.model, loaded)
     if load_optim:
         fitted = _same_structure(loaded["optimizer"], sd["optimizer"])
         _adopt_saved_group_schedule(state.optimizer, fitted)
@@ -508,7 +309,7 @@ def _load_checkpoint(root: str, state, cfg: RunConfig, iteration: Optional[int])
         state.scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if load_rng:
         _set_rng_state(loaded["rng_state"])
-    _LOADED_FROM.add(os.path.realpath(path))
+    mark_loaded(path)
     if c.finetune or common.get("model_only"):
         return LoadedCheckpoint(0, 0, 0, path, not same_layout)
     return LoadedCheckpoint(int(common["iteration"]), int(common["consumed_train_samples"]),

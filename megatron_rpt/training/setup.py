@@ -15,7 +15,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from megatron_rpt.config.schema import RunConfig
-from megatron_rpt.config.validation import validate_config, validate_platform
+from megatron_rpt.config.validation import validate_platform
+from megatron_rpt.validate import validate_config
 from megatron_rpt.platform import Platform, setup_platform
 
 

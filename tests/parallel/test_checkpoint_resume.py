@@ -52,7 +52,6 @@ def _save_then_crash(rank, world, argv, ckpt):
     from megatron.core import dist_checkpointing
 
     from megatron_rpt.config import parse_args
-    from megatron_rpt.training import checkpointing
     from megatron_rpt.training.loop import pretrain
 
     real_save = dist_checkpointing.save
@@ -63,7 +62,7 @@ def _save_then_crash(rank, world, argv, ckpt):
             raise KeyboardInterrupt("killed")  # ... but the job dies before publishing it
         return real_save(sd, path, **kw)
 
-    checkpointing.dist_checkpointing.save = crashing_save
+    dist_checkpointing.save = crashing_save  # the module object checkpoint.sharded calls
     try:
         pretrain(parse_args(argv + ["--save", ckpt, "--save-interval", "2"]))
     except KeyboardInterrupt:
@@ -82,7 +81,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path):
 
 def _load_expect_error(rank, world, argv):
     from megatron_rpt.config import parse_args
-    from megatron_rpt.training.checkpointing import CheckpointError
+    from megatron_rpt.checkpoint.layout import CheckpointError
     from megatron_rpt.training.loop import pretrain
     try:
         pretrain(parse_args(argv))
@@ -186,7 +185,7 @@ def test_keep_last_keeps_the_checkpoint_resumed_from(tmp_path):
 def test_prune_checkpoints_rules(tmp_path):
     """The retention rule itself (no ranks): complete = final name + .metadata; never the saved one, a
     loaded one or a later iteration; a doomed folder never stays under its checkpoint name."""
-    from megatron_rpt.training import checkpointing as ck
+    from megatron_rpt.checkpoint import layout as ck
 
     for it in (1, 2, 3, 5, 7):
         (tmp_path / f"iter_{it:07d}").mkdir()

@@ -55,7 +55,8 @@ def _check(rank, world, arch, folder):
     from megatron.core import parallel_state as ps
 
     from megatron_rpt import distributed as dist
-    from megatron_rpt.config import parse_args, validate_config
+    from megatron_rpt.config import parse_args
+    from megatron_rpt.validate import validate_config
     from megatron_rpt.convert.hf_config import model_flags_from_hf, shape_from_hf
     from megatron_rpt.convert.mapping import expand, family_rules, merge_tp, to_hf, to_megatron
     from megatron_rpt.models.gpt import build_model_chunks, padded_vocab_size

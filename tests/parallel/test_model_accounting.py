@@ -2,7 +2,8 @@
 
 import pytest
 
-from megatron_rpt.config import parse_args, validate_config
+from megatron_rpt.config import parse_args
+from megatron_rpt.validate import validate_config
 from megatron_rpt.models.flops import count_parameters, peak_tflops_for_device, training_flops_per_token
 from megatron_rpt.models.gpt import padded_vocab_size
 from tests.dist_harness import run_ranks

@@ -170,7 +170,8 @@ def _initial_experts(rank, world, argv, disable=()):
     from megatron.core import parallel_state as ps
 
     from megatron_rpt import distributed as dist
-    from megatron_rpt.config import parse_args, validate_config
+    from megatron_rpt.config import parse_args
+    from megatron_rpt.validate import validate_config
     from megatron_rpt.models.gpt import build_model_chunks
     from megatron_rpt.platform import setup_platform
 

@@ -19,7 +19,8 @@ PROMPTS = [[5, 1, 4, 3, 2, 0, 6], [1, 2], [6, 1, 2, 3]]   # ids < 7: valid in ev
 
 
 def _job(extra):
-    from megatron_rpt.config import parse_rpt_args, validate_config
+    from megatron_rpt.config import parse_rpt_args
+    from megatron_rpt.validate import validate_config
     from megatron_rpt.training.setup import setup_job
     cfg = parse_rpt_args(ARGS + list(extra))
     return setup_job(cfg, validate=lambda c, w: validate_config(c, w, pretraining_data=False), check_data=False)

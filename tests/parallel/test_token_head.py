@@ -36,7 +36,8 @@ def _compare_setting(rank, world, argv, settings, fp64):
     from megatron.core.transformer.module import Float16Module
 
     from megatron_rpt import distributed as dist
-    from megatron_rpt.config import parse_args, validate_config
+    from megatron_rpt.config import parse_args
+    from megatron_rpt.validate import validate_config
     from megatron_rpt.loss import STAT_NAMES, generalized_vocab_parallel_loss
     from megatron_rpt.models.gpt import build_model_chunks, padded_vocab_size, token_head, transformer_config
     from megatron_rpt.platform import setup_platform

@@ -1,6 +1,6 @@
 """A real one-node SLURM cluster (Debian's slurmctld + slurmd, loopback only) for the tests.
 
-Recipe and pitfalls: ../shared/notes/local-slurm.md. Everything lives under one folder of the test
+The recipe and its pitfalls are in this module's comments. Everything lives under one folder of the test
 session (config, state, spool, logs, pid files); ports are picked free; auth/none (no munge). The
 node advertises 8 CPUs on a 2-core machine (`SlurmdParameters=config_overrides`) so that 4-task
 steps are scheduled. `stop()` shuts the daemons down and kills whatever is left, so nothing keeps

@@ -3,7 +3,8 @@ and return the problems it reports."""
 
 import pytest
 
-from megatron_rpt.config import ConfigError, parse_args, validate_config
+from megatron_rpt.config import ConfigError, parse_args
+from megatron_rpt.validate import validate_config
 
 
 def config_checkers(base: list):

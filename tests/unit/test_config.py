@@ -2,7 +2,9 @@
 
 import pytest
 
-from megatron_rpt.config import ConfigError, get_preset, parse_args, parse_blend, parse_split, validate_config
+from megatron_rpt.config import ConfigError, get_preset, parse_args
+from megatron_rpt.data.blend import parse_blend, parse_split
+from megatron_rpt.validate import validate_config
 from tests.assets import cl100k_path
 
 BASE = ["--lr", "1e-3", "--train-iters", "10", "--mock-data", "--vocab-size", "512"]

@@ -10,7 +10,8 @@ import dataclasses
 import pytest
 import torch
 
-from megatron_rpt.config import ConfigError, parse_args, validate_config
+from megatron_rpt.config import ConfigError, parse_args
+from megatron_rpt.validate import validate_config
 from megatron_rpt.config.validation import validate_platform
 from megatron_rpt.platform import Platform
 from megatron_rpt.training.context_parallel import split_for_context_parallel
@@ -318,7 +319,7 @@ def test_setup_job_refuses_cp_on_cpu_before_any_process_group(monkeypatch):
 
 def test_rpt_embedded_engine_refuses_context_parallel():
     from megatron_rpt.config import parse_rpt_args
-    from megatron_rpt.config.validation import validate_rpt_config
+    from megatron_rpt.validate import validate_rpt_config
 
     argv = BASE + ["--rpt-data", "tasks.jsonl", "--rpt-max-response-length", "64", "--rpt-contexts-per-step", "4",
                    "--rpt-group-size", "4", "--context-parallel-size", "2"]

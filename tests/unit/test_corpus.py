@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from megatron_rpt.data.corpus import CorpusError, build_demo_corpus
+from megatron_rpt.demo_assets.corpus import CorpusError, build_demo_corpus
 
 needs_apt = pytest.mark.skipif(shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None,
                                reason="apt-get/dpkg-deb not available (not a Debian/Ubuntu machine)")
@@ -49,7 +49,7 @@ def test_unknown_source(tmp_path):
 
 
 def test_empty_apt_lists_without_root_say_what_to_run(tmp_path, monkeypatch):
-    import megatron_rpt.data.corpus as corpus_mod
+    import megatron_rpt.demo_assets.corpus as corpus_mod
     monkeypatch.setattr(corpus_mod, "_apt_lists_empty", lambda: True)
     monkeypatch.setattr(corpus_mod.os, "geteuid", lambda: 1000)
     monkeypatch.setattr(corpus_mod.shutil, "which", lambda name: f"/usr/bin/{name}")

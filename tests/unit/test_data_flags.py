@@ -16,7 +16,9 @@ import shutil
 import numpy as np
 import pytest
 
-from megatron_rpt.config import ConfigError, parse_args, parse_blend, validate_config
+from megatron_rpt.config import ConfigError, parse_args
+from megatron_rpt.data.blend import parse_blend
+from megatron_rpt.validate import validate_config
 from tests.dist_harness import run_ranks
 
 EOD = 40

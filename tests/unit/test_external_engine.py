@@ -394,13 +394,13 @@ def test_restart_protocol(env):
     try:
         engine.load_folder(env["b"])
         _assert_serves(engine, env["ref"], env["b"])
-        first = engine._server
+        first = engine.server.proc
         engine.load_folder(env["a"])
         assert first.poll() is not None                     # the old server was stopped
         _assert_serves(engine, env["ref"], env["a"])
     finally:
         engine.close()
-    assert first.poll() is not None and engine._server is None
+    assert first.poll() is not None and engine.server.proc is None
     bad = OpenAICompatibleEngine(f"http://127.0.0.1:{port}", reload="restart", startup_timeout=30,
                                  restart_command=[sys.executable, "-c", "import sys; sys.exit('no model at {model_path}')"],
                                  sync_dir=str(env["root"] / "restart"))

@@ -8,7 +8,8 @@ import dataclasses
 
 import pytest
 
-from megatron_rpt.config import ConfigError, parse_args, validate_config
+from megatron_rpt.config import ConfigError, parse_args
+from megatron_rpt.validate import validate_config
 from tests.unit.config_checks import config_checkers
 from megatron_rpt.config.schema import FP8Config
 from megatron_rpt.config.validation import sequence_length_multiple, validate_platform
@@ -196,7 +197,7 @@ def test_fusions_follow_the_platform():
 
 def test_rpt_rollout_batches_fit_fp8():
     from megatron_rpt.config import parse_rpt_args
-    from megatron_rpt.config.validation import validate_rpt_config
+    from megatron_rpt.validate import validate_rpt_config
 
     argv = BASE[:-1] + ["--rpt-data", "tasks.jsonl", "--seq-length", "128", "--rpt-max-response-length", "64",
                         "--rpt-contexts-per-step", "4", "--rpt-group-size", "4", "--micro-batch-size", "4"]

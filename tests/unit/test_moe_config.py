@@ -3,7 +3,8 @@ TransformerConfig / layer-spec wiring they produce."""
 
 import pytest
 
-from megatron_rpt.config import ConfigError, parse_args, validate_config
+from megatron_rpt.config import ConfigError, parse_args
+from megatron_rpt.validate import validate_config
 from tests.unit.config_checks import config_checkers
 
 BASE = ["--model-preset", "tiny-moe", "--lr", "1e-3", "--train-iters", "10", "--mock-data", "--vocab-size", "512"]

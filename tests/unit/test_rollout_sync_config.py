@@ -10,8 +10,9 @@ protocol; --ckpt-keep-last must be >= 1 and needs --save; --rpt-mini-batches, --
 
 import pytest
 
-from megatron_rpt.config import ConfigError, parse_args, parse_rpt_args, validate_config
-from megatron_rpt.config.validation import validate_rpt_config
+from megatron_rpt.config import ConfigError, parse_args, parse_rpt_args
+from megatron_rpt.validate import validate_config
+from megatron_rpt.validate import validate_rpt_config
 
 BASE = ["--model-preset", "tiny", "--lr", "1e-3", "--train-iters", "10", "--vocab-size", "512",
         "--tokenizer-type", "NullTokenizer", "--seq-length", "128"]

@@ -6,7 +6,7 @@ import pytest
 
 from megatron_rpt.rpt.prompts import V0_TEMPLATE, PromptError, build_prompt, load_template
 
-# methods.md part B, copied by hand (placeholder {prompt_content} there, {context} here).
+# The paper's v0 template (docs/methods.md part B), copied by hand (placeholder {prompt_content} there, {context} here).
 V0_EXPECTED = (
     r"Complete the given text under '### Context' by predicting the next token, and wrap it in '\boxed{}'. Please "
     r"reason step by step to find the most probable next token as the final answer, and enclose it in \boxed{} "

@@ -2,7 +2,7 @@
 
 `MRPT_FAULT_INJECT=POINT@ITERATION[@RANK]` makes the process of RANK (default 0) kill itself with
 SIGKILL, the way a node failure or the OOM killer would, when it reaches POINT while saving the
-checkpoint of ITERATION. Points, in the order of a save (`training/checkpointing.save_checkpoint`):
+checkpoint of ITERATION. Points, in the order of a save (`checkpoint/sharded.save_sharded`):
 
 - `save-begin`: the temporary folder exists, nothing is written yet;
 - `save-written`: every rank has written its files, the folder still has its temporary name;

@@ -1,0 +1,183 @@
+"""Sharded checkpoint I/O (Megatron-Core dist_checkpointing, torch_dist) with atomic publication.
+
+A checkpoint is written to `iter_XXXXXXX.tmp`, renamed to its final name only after every rank
+finished writing, and only then does the tracker file (itself written atomically) point at it. A
+crash at any point leaves the previous checkpoint as "latest" (`faults.py` kills a rank at each of
+these points in the crash-safety tests).
+
+Common state (Megatron-LM's names where it has them): `iteration`, `run_config` (also as
+run_config.json next to the shards, readable without torch), `parallel_layout` (tp/pp/dp/vp at save
+time), `checkpoint_version`, `model_only`, plus what the writer adds (training: consumed samples).
+The model is stored under `model` (one chunk) or `model0..N` (virtual pipeline stages), with keys
+free of DDP/Float16Module prefixes, as Megatron-LM does.
+
+What goes into a training checkpoint (optimizer, scheduler, RNG) and when to save is the training
+loop's business (`training/checkpointing.py`); this module is what training, RPT and conversion share.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Optional
+
+import torch
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+from packaging.version import Version
+
+from megatron_rpt.checkpoint.faults import fault_point
+from megatron_rpt.checkpoint.layout import (
+    RUN_CONFIG, TRACKER, CheckpointError, checkpoint_path, mark_loaded, publish_folder, read_tracker, write_tracker)
+from megatron_rpt.config.schema import RunConfig
+from megatron_rpt.models.gpt import unwrap
+from megatron_rpt.platform import get_platform
+
+CHECKPOINT_VERSION = 1
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def parallel_layout() -> dict:
+    return {
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "dp": parallel_state.get_data_parallel_world_size(),
+        "vp": parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+    }
+
+
+def model_state_dict(model_chunks) -> dict:
+    """The sharded state dict of the model chunks under their checkpoint keys."""
+    chunks = [unwrap(m) for m in model_chunks]  # keys without DDP/Float16Module prefixes (as Megatron-LM)
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def load_model_state(model_chunks, loaded: dict) -> None:
+    """Copy a loaded `model_state_dict` into the chunks (strict: every key present, none extra)."""
+    chunks = [unwrap(m) for m in model_chunks]
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(loaded["model"], strict=True)
+    else:
+        for i, chunk in enumerate(chunks):
+            chunk.load_state_dict(loaded[f"model{i}"], strict=True)
+
+
+def save_sharded(root: str, iteration: int, sharded_state_dict: dict, cfg: RunConfig, *, model_only: bool,
+                 common: Optional[dict] = None, fully_parallel: bool = True, sharded_strategy=None) -> str:
+    """Write `sharded_state_dict` (+ the common state) as iteration `iteration` under `root`,
+    atomically (module docstring); collective over every rank. Returns the final folder.
+
+    `sharded_strategy`: a torch_dist save strategy other than Megatron-Core's default (the
+    converter's tensor-at-a-time `convert.streaming.LazySaveStrategy`). `fully_parallel`: spread
+    the writing of replicated shards over the data-parallel ranks."""
+    final = checkpoint_path(root, iteration)
+    tmp = final + ".tmp"
+    if rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted save
+        os.makedirs(tmp)
+    fault_point("save-begin", iteration, rank())
+    barrier()
+    sd = dict(sharded_state_dict)
+    sd.update(common or {})
+    sd.update(iteration=iteration, run_config=cfg.to_dict(), parallel_layout=parallel_layout(),
+              checkpoint_version=CHECKPOINT_VERSION, model_only=model_only)
+    strategy = sharded_strategy or get_default_save_sharded_strategy()
+    if fully_parallel and parallel_state.get_data_parallel_world_size() > 1:
+        strategy = FullyParallelSaveStrategyWrapper(
+            strategy, parallel_state.get_data_parallel_group(with_context_parallel=True))
+    dist_checkpointing.save(sd, tmp, sharded_strategy=strategy)
+    barrier()
+    if rank() == 0:
+        with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
+            json.dump({"iteration": iteration, "run_config": cfg.to_dict(), "parallel_layout": parallel_layout()},
+                      f, indent=2, default=str)
+        fault_point("save-written", iteration, 0)
+        publish_folder(tmp, final)  # re-saving an iteration keeps the old one until the new is in place
+        fault_point("save-published", iteration, 0)
+        write_tracker(root, iteration)
+    barrier()
+    return final
+
+
+def open_checkpoint(root: str, iteration: Optional[int] = None) -> Optional[tuple[str, dict]]:
+    """(folder, common state) of the latest (or `iteration`) checkpoint under `root`; None if there
+    is none. Errors name what is missing or unreadable."""
+    if iteration is None:
+        iteration = read_tracker(root)
+        if iteration is None:
+            if os.path.isdir(root) and any(n.startswith("iter_") for n in os.listdir(root)):
+                raise CheckpointError(f"--load {root}: no {TRACKER} but iteration folders exist; "
+                                      f"pass --ckpt-step N to pick one")
+            return None
+    path = checkpoint_path(root, iteration)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"--load {root}: checkpoint folder {path} for iteration {iteration} not found")
+    old_reader = Version(get_platform().megatron_core_version) < Version("0.17")
+    if old_reader and not os.path.isfile(os.path.join(path, "common.pt")):
+        # megatron-core >= 0.17 keeps the common state inside the .distcp files; 0.16 cannot read it.
+        if any(n.endswith(".distcp") for n in os.listdir(path)):
+            raise CheckpointError(f"--load {root}: {path} was saved by megatron-core >= 0.17 (no common.pt); "
+                                  f"load it with megatron-core >= 0.17 (Python >= 3.12)")
+    check_files(path)
+    try:
+        common = dist_checkpointing.load_common_state_dict(path)
+    except Exception as e:  # noqa: BLE001 - any failure here means an unreadable checkpoint
+        raise CheckpointError(f"--load {root}: cannot read checkpoint {path}: {e}") from e
+    return path, common
+
+
+def check_files(path: str) -> None:
+    """Every data file the checkpoint's DCP metadata refers to exists and is long enough (a file
+    removed or truncated after the save is named here instead of failing deep inside a load)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        raise CheckpointError(f"{path}: .metadata is missing (not a torch_dist checkpoint, or incomplete)")
+    try:
+        storage = FileSystemReader(path).read_metadata().storage_data
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}/.metadata is unreadable: {type(e).__name__}: {e}") from e
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{path}: data file {name} is missing (the checkpoint is incomplete)")
+        if os.path.getsize(file) < size:
+            raise CheckpointError(f"{path}: data file {name} has {os.path.getsize(file)} bytes, the metadata "
+                                  f"needs {size} (truncated)")
+
+
+def load_sharded(sharded_state_dict: dict, path: str, *, partial: bool = False) -> dict:
+    """`dist_checkpointing.load` of a checkpoint, failures as one CheckpointError. `partial`: the
+    state dict holds only some entries (e.g. some layers of a layer-stacked tensor), so Megatron-Core's
+    check that the requested shards cover every tensor whole is skipped."""
+    try:
+        return dist_checkpointing.load(sharded_state_dict, path, validate_access_integrity=not partial)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"loading {path} failed: {type(e).__name__}: {e}") from e
+
+
+def load_weights(root: str, model_chunks, *, iteration: Optional[int] = None) -> Optional[str]:
+    """Only the model's weights of the latest (or `iteration`) checkpoint under `root` into the chunks
+    (any checkpoint: full or model-only); returns the folder, None if there is no checkpoint."""
+    opened = open_checkpoint(root, iteration)
+    if opened is None:
+        return None
+    path, _ = opened
+    load_model_state(model_chunks, load_sharded(model_state_dict(model_chunks), path))
+    mark_loaded(path)
+    return path
