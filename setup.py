@@ -8,7 +8,9 @@ setup(
     packages=find_packages(include=["megatron_rpt", "megatron_rpt.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "megatron-core>=0.16.1",
+        # Upper bound: the CPU layer's patches are checked against these versions only
+        # (megatron_rpt/platform/compat/registry.py CHECKED; installing it outside fails).
+        "megatron-core>=0.16.1,<0.20",
         "torch>=2.6",
         "numpy",
         "packaging",

@@ -454,7 +454,7 @@ def _rank_job(rank: int, world: int, port: int, spec: dict) -> dict:
     plat = setup_platform(force_cpu=spec["device"] == "cpu")
     torch = _torch()
     if spec["device"] == "cpu":
-        from megatron_rpt.platform.cpu_compat import ensure_device_mode
+        from megatron_rpt.platform.compat.device_mode import ensure_device_mode
 
         ensure_device_mode()
         torch.set_num_threads(spec["threads"])

@@ -12,12 +12,14 @@ from megatron_rpt.config import ConfigError, parse_args
 
 
 def run_job(job: Callable, cfg, errors: tuple = ()) -> int:
-    """Run `job(cfg)` as an entry point: configuration, checkpoint and `errors` exceptions are one
-    `error: ...` line and exit code 2 (no traceback); the process group is always torn down."""
+    """Run `job(cfg)` as an entry point: configuration, checkpoint, megatron-core version and `errors`
+    exceptions are one `error: ...` line and exit code 2 (no traceback); the process group is always
+    torn down."""
     from megatron_rpt.checkpoint.layout import CheckpointError
+    from megatron_rpt.platform.compat.registry import MegatronCoreVersionError
     try:
         job(cfg)
-    except (ConfigError, CheckpointError, *errors) as e:
+    except (ConfigError, CheckpointError, MegatronCoreVersionError, *errors) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:

@@ -45,8 +45,9 @@ def warm_up() -> None:
     global _WARM
     if _WARM:
         return
-    from megatron_rpt.platform import quiet_optional_backend_warnings, setup_platform
-    quiet_optional_backend_warnings()   # Megatron-Core's "no Apex/TE" notices fire at import
+    from megatron_rpt.platform import setup_platform
+    from megatron_rpt.platform.messages import quiet_megatron_core_backend_warnings
+    quiet_megatron_core_backend_warnings()   # Megatron-Core's "no Apex/TE" notices fire at import
     setup_platform(force_cpu=True)
     import megatron_rpt.convert.checkpoint  # noqa: F401
     import megatron_rpt.inference.external  # noqa: F401

@@ -42,7 +42,7 @@ def _worker(rank: int, world_size: int, port: int, timeout: float, fn: Callable,
             LOCAL_WORLD_SIZE=str(world_size),
         )
         torch.set_num_threads(1)  # N ranks share 2 cores; oversubscription costs more than it gives
-        from megatron_rpt.platform.cpu_compat import ensure_device_mode
+        from megatron_rpt.platform.compat.device_mode import ensure_device_mode
 
         ensure_device_mode()
         torch.distributed.init_process_group(

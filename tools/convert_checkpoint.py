@@ -54,8 +54,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from megatron_rpt.convert.checkpoint import ConversionError, export_hf, import_hf
     from megatron_rpt.checkpoint.layout import CheckpointError
-    from megatron_rpt.platform import quiet_optional_backend_warnings
-    quiet_optional_backend_warnings()
     try:
         if args.command == "import":
             layout = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,

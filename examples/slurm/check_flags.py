@@ -48,8 +48,6 @@ def main(argv: list[str] | None = None) -> int:
                     "(default: Qwen's 151,643 BPE ranks)")
     a = ap.parse_args(argv)
 
-    from megatron_rpt.platform import quiet_optional_backend_warnings
-    quiet_optional_backend_warnings()
     from megatron_rpt.config import ConfigError, data_parallel_size, parse_args, parse_rpt_args
     from megatron_rpt.validate import validate_config, validate_rpt_config
     from megatron_rpt.models.flops import count_parameters, training_flops_per_token

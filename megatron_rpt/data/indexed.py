@@ -57,8 +57,6 @@ def open_index(prefix: str, where: str = "input"):
     FileNotFoundError for a missing file, ValueError for an unreadable .idx or a .bin whose size
     does not match it (truncated, or from another run)."""
     from megatron_rpt.data.validate import check_prefix
-    from megatron_rpt.platform import quiet_optional_backend_warnings
-    quiet_optional_backend_warnings()
     from megatron.core.datasets.indexed_dataset import IndexedDataset
     for ext in (".bin", ".idx"):
         if not os.path.isfile(prefix + ext):

@@ -34,8 +34,6 @@ class _Index:
     """What the checks need from one prefix's .idx (read by Megatron-Core's `_IndexReader`)."""
 
     def __init__(self, prefix: str):
-        from megatron_rpt.platform import quiet_optional_backend_warnings
-        quiet_optional_backend_warnings()
         from megatron.core.datasets.indexed_dataset import _IndexReader
         reader = _IndexReader(prefix + ".idx", False)
         self.dtype = np.dtype(reader.dtype)

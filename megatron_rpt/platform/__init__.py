@@ -2,32 +2,30 @@
 
 `setup_platform()` is called once at start-up (entry points, test harness) before any model is
 built. It picks CUDA + NCCL when a GPU is usable, otherwise CPU + gloo, and on CPU installs the
-Megatron-Core compatibility layer (`megatron_rpt.platform.cpu_compat`). Everything CPU-specific
-lives in this package; the rest of the code asks `get_platform()` instead of testing for CUDA.
+Megatron-Core compatibility layer (`megatron_rpt.platform.compat`), and prints one line saying what
+the process runs on. Everything CPU-specific lives in this package; the rest of the code asks
+`get_platform()` instead of testing for CUDA. Megatron-Core's "Transformer Engine / Apex not
+installed" warnings are silenced when `megatron_rpt` is imported (`messages.py`).
+
+This module does not import torch at import time (the data tools import the package through
+`megatron_rpt/__init__.py`). See docs/megatron-core-on-cpu.md.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-__all__ = ["Platform", "GPUInfo", "setup_platform", "get_platform", "detect_transformer_engine", "detect_apex",
-           "quiet_optional_backend_warnings"]
+__all__ = ["Platform", "GPUInfo", "setup_platform", "get_platform", "detect_transformer_engine", "detect_apex"]
 
-
-def quiet_optional_backend_warnings() -> None:
-    """Silence Megatron-Core's import-time "Apex / Transformer Engine not installed" warnings.
-
-    Importing any megatron.core module runs its package __init__, which warns about missing GPU
-    extras: irrelevant to the data tools (which only read and write files) and noise in every run.
-    """
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed", category=UserWarning)
-
-# Failures seen when importing partially installed GPU packages (see notes/gpu-and-dependencies.md):
+# Failures seen when importing partially installed GPU packages (docs/megatron-core-on-cpu.md, GPU-side dependencies):
 # a TE core wheel without cuDNN raises RuntimeError / OSError, not ImportError.
 _IMPORT_FAILURES = (ImportError, OSError, RuntimeError)
 
@@ -57,6 +55,8 @@ class Platform:
 
     def device(self, local_rank: int = 0) -> torch.device:
         """The torch device of a rank with this local rank."""
+        import torch
+
         if self.device_type == "cuda":
             return torch.device("cuda", local_rank)
         return torch.device("cpu")
@@ -65,6 +65,8 @@ class Platform:
         """Name and compute capability of a rank's CUDA device (None on CPU, or when that device is not
         visible: distributed.init_distributed reports it). Asked when needed: choosing the platform must
         not touch a device (it runs before ranks pick theirs)."""
+        import torch
+
         if self.device_type != "cuda" or local_rank >= torch.cuda.device_count():
             return None
         props = torch.cuda.get_device_properties(local_rank)
@@ -82,6 +84,31 @@ class Platform:
             return None
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         return max(1, cores // max(1, local_world_size))
+
+    def describe(self) -> str:
+        """What this process runs on, for the start-up line: device, backend, megatron-core, and which
+        optional GPU backends are used (and why not)."""
+        te = ("True (Transformer Engine layer specs)" if self.transformer_engine
+              else f"False ({_why_unused('transformer_engine', self.device_type)}; local layer specs)")
+        apex = "True" if self.apex else f"False ({_why_unused('apex', self.device_type)})"
+        return (f"{self.device_type}, {self.backend}, megatron-core {self.megatron_core_version}, "
+                f"transformer engine: {te}, apex: {apex}")
+
+
+def _why_unused(module: str, device_type: str) -> str:
+    try:
+        installed = importlib.util.find_spec(module) is not None
+    except (ValueError, *_IMPORT_FAILURES):
+        installed = False
+    if not installed:
+        return "not installed"
+    return "does not import" if device_type == "cuda" else "needs CUDA"
+
+
+def _rank_zero() -> bool:
+    """Global rank 0 from the launcher's environment (no process group exists yet)."""
+    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+    return rank.strip() == "0"
 
 
 _PLATFORM: Platform | None = None
@@ -147,7 +174,9 @@ def setup_platform(force_cpu: bool = False) -> Platform:
     CUDA + NCCL when `torch.cuda.is_available()` and not `force_cpu`; else CPU + gloo with the
     Megatron-Core CPU compatibility layer installed. Safe to call before or after
     `megatron.core` is imported. Raises RuntimeError when asked for CPU after CUDA was chosen
-    (the CPU layer would redirect CUDA calls of a process that already uses the GPU).
+    (the CPU layer would redirect CUDA calls of a process that already uses the GPU), and
+    `compat.registry.MegatronCoreVersionError` when megatron-core is outside the checked range.
+    The first call prints one line on global rank 0: "> platform: " + `Platform.describe()`.
     """
     global _PLATFORM
     if _PLATFORM is not None:
@@ -157,14 +186,16 @@ def setup_platform(force_cpu: bool = False) -> Platform:
             )
         return _PLATFORM
 
-    from megatron_rpt.platform import cpu_compat
+    import torch
+
+    from megatron_rpt.platform.compat import registry
 
     cuda = torch.cuda.is_available() and not force_cpu
     if cuda:
         # Upstream bugs of the torch-optimizer fallback hit GPU runs without Apex/TE too.
-        cpu_compat.install_upstream_fixes()
+        registry.install_upstream_fixes()
     else:
-        cpu_compat.install_cpu_compat()
+        registry.install_cpu_compat()
     _PLATFORM = Platform(
         device_type="cuda" if cuda else "cpu",
         backend="nccl" if cuda else "gloo",
@@ -174,6 +205,8 @@ def setup_platform(force_cpu: bool = False) -> Platform:
         batch_p2p_comm=cuda,
         wgrad_accumulation_fusion=cuda and _importable("fused_weight_gradient_mlp_cuda"),
     )
+    if _rank_zero():
+        print(f"> platform: {_PLATFORM.describe()}", flush=True)
     return _PLATFORM
 
 

@@ -385,8 +385,6 @@ class MegatronProxy:
     kind = "megatron"
 
     def __init__(self, load: str, iteration: Optional[int] = None, dtype: str = "fp32"):
-        from megatron_rpt.platform import quiet_optional_backend_warnings
-        quiet_optional_backend_warnings()   # before megatron.core is imported: its warnings fire at import
         with warnings.catch_warnings():
             # torch DCP / ShardedTensor deprecation notices raised inside Megatron-Core's loader
             warnings.simplefilter("ignore", FutureWarning)
@@ -399,8 +397,6 @@ class MegatronProxy:
         from megatron_rpt.convert.checkpoint import _single_process_model
         from megatron_rpt.data.tokenizers import tokenizer_from_config
         from megatron_rpt.models.gpt import model_vocab_size, padded_vocab_size
-        from megatron_rpt.platform import quiet_optional_backend_warnings
-        quiet_optional_backend_warnings()
         try:
             it, _, cfg = read_run_config(load, iteration, "--proxy-load", "--proxy-ckpt-step")
         except CheckpointError as e:

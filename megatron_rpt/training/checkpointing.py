@@ -75,7 +75,7 @@ def _rng_sharded_object(state: Optional[dict]) -> ShardedObject:
 
 
 def prepare_optimizer_for_load(optimizer) -> None:
-    """Give a fresh distributed optimizer Adam states to load into (W1 in the CPU notes).
+    """Give a fresh distributed optimizer Adam states to load into (W1 in docs/megatron-core-on-cpu.md).
 
     `DistributedOptimizer.state_dict()` (distrib_optimizer.py, 0.16.1 ~l.642) asserts one shared
     `step` over param states, and a freshly built torch-AdamW-backed optimizer (no Apex/TE, on CPU

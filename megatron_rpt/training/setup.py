@@ -80,8 +80,6 @@ def setup_job(cfg: RunConfig, *, validate: Optional[Callable[[RunConfig, int], A
     params = count_parameters(m, vocab)
     flops_per_token = training_flops_per_token(m, vocab)
     dist.print_rank_0(
-        f"> platform: {platform.device_type}/{platform.backend}, transformer engine: {platform.transformer_engine}, "
-        f"megatron-core {platform.megatron_core_version}\n"
         f"> world size {env.world_size} (launcher {env.launcher}): TP={p.tensor_model_parallel_size} "
         f"PP={p.pipeline_model_parallel_size} DP={parallel_state.get_data_parallel_world_size()}"
         f"{' VPP=' + str(vp) if vp else ''}\n"

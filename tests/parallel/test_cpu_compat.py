@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from megatron_rpt.platform import cpu_compat, setup_platform
+from megatron_rpt.platform import setup_platform
 
 setup_platform(force_cpu=True)  # before megatron.core is imported, as the entry points do
 
@@ -31,7 +31,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, model_par
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 from megatron.core import dist_checkpointing  # noqa: E402
 
-from megatron_rpt.platform.cpu_compat import uninstall_patches  # noqa: E402
+from megatron_rpt.platform.compat.registry import installed_patches, uninstall_patches  # noqa: E402
 from megatron_rpt.training.checkpointing import prepare_optimizer_for_load  # noqa: E402
 from tests.dist_harness import RankError, run_ranks  # noqa: E402
 
@@ -257,7 +257,7 @@ def test_p4_interleaved_pipeline_matches_pp1_only_without_batched_p2p() -> None:
     _assert_close(grads, ref_grads, EXACT)
     assert res[1][0] == pytest.approx(ref_losses, abs=EXACT)  # losses live on the last stage
 
-    # Upstream behaviour on gloo (notes: silent bug 1): with batch_isend_irecv the previous and
+    # Upstream behaviour on gloo (docs/megatron-core-on-cpu.md, settings): with batch_isend_irecv the previous and
     # next stage are the same peer, gloo matches in posting order and the messages cross.
     # Depending on timing the crossed messages give wrong numbers or a gloo size-mismatch error.
     try:
@@ -323,7 +323,7 @@ def test_p5_p6_p13_moe_alltoall_ep2_equals_ep1() -> None:
     assert min(v.abs().sum().item() for v in experts.values()) > 0  # every expert got tokens
     _assert_close({**experts, **dense}, ref_grads, EXACT)
     needed = [("P5", "CUDA|cuda"), ("P6", "incompatible function arguments")]
-    if "P13" in cpu_compat.installed_patches():  # megatron-core < 0.17 only (0.19 defines te_general_gemm = None)
+    if "P13" in installed_patches():  # megatron-core < 0.17 only (0.19 defines te_general_gemm = None)
         needed.append(("P13", "te_general_gemm"))
     for pid, pattern in needed:
         with pytest.raises(RankError, match=pattern):
@@ -494,3 +494,35 @@ def test_p9_p10_w1_distributed_optimizer_resume_is_exact(tmp_path: Any) -> None:
         run_ranks(_resume_worker, 2, str(tmp_path / "p9"), "resume", ("P9",))
     with pytest.raises(RankError, match="assert"):
         run_ranks(_resume_worker, 2, str(tmp_path / "w1"), "resume", ("W1",))
+
+
+# --------------------------------------------------------------------------------------------
+# P14: dist-checkpoint's results-queue Manager starts with fork, not spawn (speed)
+# --------------------------------------------------------------------------------------------
+
+
+def _results_queue_worker(rank: int, world: int, undo: tuple[str, ...]) -> tuple[str, str, list[str]]:
+    import multiprocessing as mp
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    uninstall_patches(undo)
+    # 0.16.x: `_get_write_results_queue()`; 0.19.x: `get_write_results_queue(mp_mode="spawn")`.
+    name = "get_write_results_queue" if hasattr(fa, "get_write_results_queue") else "_get_write_results_queue"
+    fa._results_queue = None
+    before = set(mp.active_children())
+    queue = getattr(fa, name)()
+    queue.put("x")
+    started = [type(p).__name__ for p in mp.active_children() if p not in before]
+    return getattr(fa, name).__qualname__, queue.get(timeout=30), started
+
+
+def test_p14_checkpoint_results_queue_manager_is_forked() -> None:
+    """Upstream starts the Manager with spawn: a fresh interpreter that re-imports the main module,
+    4-13 s per rank at a training run's first save on 2 cores; P14 forks it (~0.05 s)."""
+    ((qualname, item, started),) = run_ranks(_results_queue_worker, 1, ())
+    assert "_p14_" in qualname and item == "x"
+    assert started == ["ForkProcess"]
+    ((qualname, item, started),) = run_ranks(_results_queue_worker, 1, ("P14",))
+    assert "_p14_" not in qualname and item == "x"
+    assert started == ["SpawnProcess"]

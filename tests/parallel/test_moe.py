@@ -3,7 +3,7 @@ bias follows Megatron's update rule, MoE checkpoints reshard across EP / expert 
 
 Every run is the real `pretrain()` on mock data in forked ranks (tiny-moe shrunk to 2 layers, hidden
 64, sequence 32, fp32). EP=2 initialises the experts differently from EP=1 (each EP rank draws its
-local experts from its own expert-parallel RNG stream, as on GPU; cpu_compat P15), so every layout starts from
+local experts from its own expert-parallel RNG stream, as on GPU; CPU layer patch P15), so every layout starts from
 one common set of weights: the model of a 1-iteration EP=1 run loaded with --finetune (weights only,
 iteration 0, fresh optimizer and schedule). Iteration 1 therefore already compares the layouts.
 
@@ -177,7 +177,7 @@ def _initial_experts(rank, world, argv, disable=()):
 
     platform = setup_platform(force_cpu=True)
     if disable:
-        from megatron_rpt.platform.cpu_compat import uninstall_patches
+        from megatron_rpt.platform.compat.registry import uninstall_patches
         uninstall_patches(set(disable))
     cfg = validate_config(parse_args(argv), world)
     dist.init_distributed(backend="gloo", device_type="cpu",
@@ -192,7 +192,7 @@ def _initial_experts(rank, world, argv, disable=()):
 
 
 def test_expert_parallel_initialises_distinct_experts():
-    """CPU initialisation draws experts from the expert-parallel RNG stream (cpu_compat P15), as on GPU;
+    """CPU initialisation draws experts from the expert-parallel RNG stream (CPU layer patch P15), as on GPU;
     without P15 every EP rank's experts are copies of rank 0's."""
     ranks = run_ranks(_initial_experts, 2, BASE + EP2)
     experts = {**ranks[0], **ranks[1]}
@@ -268,7 +268,7 @@ def test_tensor_parallel_2_expert_parallel_2(start, reference):
 
 def test_tensor_parallel_2_expert_parallel_2_alltoall_expert_tp_2(start, reference):
     """The alltoall dispatcher all-gathers / reduce-scatters uneven token counts over the expert-TP
-    group; gloo needs cpu_compat P16 for that (without it: 'ProcessGroupGloo::allgather: invalid
+    group; gloo needs CPU layer patch P16 for that (without it: 'ProcessGroupGloo::allgather: invalid
     tensor size', see test_p16_is_what_makes_uneven_gathers_work)."""
     out = run(4, EP2 + TP2_SP + from_start(start))
     assert_close(out[0]["losses"], reference[0]["losses"])
@@ -279,7 +279,7 @@ def _uneven_gather(rank, world, disable=()):
     from megatron_rpt.platform import setup_platform
     setup_platform(force_cpu=True)
     if disable:
-        from megatron_rpt.platform.cpu_compat import uninstall_patches
+        from megatron_rpt.platform.compat.registry import uninstall_patches
         uninstall_patches(set(disable))
     from megatron.core.tensor_parallel import mappings
     group = torch.distributed.group.WORLD

@@ -16,9 +16,11 @@ from typing import Any
 
 import pytest
 import torch
+from packaging.version import Version
 
 import megatron_rpt.platform as platform_mod
-from megatron_rpt.platform import cpu_compat, get_platform, setup_platform
+from megatron_rpt.platform import get_platform, setup_platform
+from megatron_rpt.platform.compat import cuda_stubs, device_mode, registry
 from tests.dist_harness import RankError, run_ranks
 
 
@@ -104,26 +106,78 @@ def test_unrelated_apex_package_warns_and_is_not_apex(monkeypatch: pytest.Monkey
 
 def test_patch_set_for_installed_megatron_core() -> None:
     setup_platform(force_cpu=True)
-    applied = cpu_compat.installed_patches()
+    applied = registry.installed_patches()
     # 0.16.x: no triton import (P1 off), te_general_gemm NameError (P13 on). 0.19.x: P13 off (fixed
     # upstream), P1 on only where triton is not installed.
-    version = cpu_compat._mcore_version()
-    assert ("P1" in applied) == cpu_compat._p1_applies(version)
-    assert ("P13" in applied) == (version < cpu_compat.Version("0.17"))
+    version = registry._mcore_version()
+    assert ("P1" in applied) == cuda_stubs._p1_applies(version)
+    assert ("P13" in applied) == (version < Version("0.17"))
     for pid in ("P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "P14", "P15", "P16"):
         assert pid in applied
-    assert cpu_compat.install_cpu_compat() == applied  # idempotent
+    assert registry.install_cpu_compat() == applied  # idempotent
     with pytest.raises(ValueError, match="unknown patch"):
-        cpu_compat.install_cpu_compat(exclude={"P99"})
-    for patch in cpu_compat._PATCHES:  # every patch documents its upstream site
+        registry.install_cpu_compat(exclude={"P99"})
+    for patch in registry._PATCHES:  # every patch documents its upstream site
         assert patch.apply.__doc__ and ".py" in patch.apply.__doc__, patch.id
 
 
+def test_every_patch_states_its_checked_range() -> None:
+    """Each patch's docstring states the megatron-core range it was checked against, and whether it
+    also runs on GPU; the installed megatron-core is inside every range."""
+    for patch in registry._PATCHES:
+        doc = patch.apply.__doc__ or ""
+        assert f"megatron-core {patch.checked}" in doc, patch.id
+        assert ("Runs on GPU too" in doc) == (not patch.cpu_only), patch.id
+        assert ("CPU only" in doc) == patch.cpu_only, patch.id
+        assert patch.checked_for(registry._mcore_version()), patch.id
+    assert {p.id for p in registry._PATCHES if not p.cpu_only} == {"P9", "P10", "P13"}
+
+
+@pytest.mark.parametrize("fake", ["0.20.0", "0.20.0rc1", "0.15.2", "0"])
+def test_megatron_core_outside_checked_range_fails_at_install(monkeypatch: pytest.MonkeyPatch, fake: str) -> None:
+    """Outside a patch's checked range the installation fails with one error naming the version, the
+    patch ids, the range and the way out, and applies nothing (no torch work: safe in this process)."""
+    before = registry.installed_patches()
+    monkeypatch.setattr(registry, "_mcore_version", lambda: Version(fake))
+    with pytest.raises(registry.MegatronCoreVersionError) as err:
+        registry.install_cpu_compat(exclude={"P14"})
+    msg = str(err.value)
+    installed = "megatron-core is not installed" if fake == "0" else f"megatron-core {fake} is installed"
+    assert msg.startswith(installed), msg
+    ids = ", ".join(pid for pid in registry.PATCH_IDS if pid != "P14")  # P1 and P13 too: their ranges are checked
+    assert f"({ids}: megatron-core >=0.16,<0.20)" in msg, msg
+    assert "pip install 'megatron-core>=0.16,<0.20'" in msg and "0.16.1, 0.19.2" in msg
+    with pytest.raises(registry.MegatronCoreVersionError, match=r"\(P9, P10, P13: megatron-core "
+                                                                r">=0\.16,<0\.20\)\. Install"):
+        registry.install_upstream_fixes()   # what CUDA runs install
+    assert registry.installed_patches() == before
+
+
+def _reinstall_at(rank: int, world: int, fake: str) -> tuple:
+    """In a forked worker: undo every patch, then install again as megatron-core `fake`."""
+    registry.uninstall_patches(set(registry.PATCH_IDS))
+    undone = (registry.installed_patches(), torch.cuda.current_device is not None and
+              getattr(torch.cuda.current_device, "__module__", "") == "torch.cuda")
+    registry._mcore_version = lambda: Version(fake)   # this worker only
+    applied = registry.install_cpu_compat()
+    return undone, applied, torch.cuda.current_device(), registry.install_upstream_fixes() == applied
+
+
+@pytest.mark.parametrize("fake", ["0.16.5", "0.19.9"])
+def test_megatron_core_inside_checked_range_applies(fake: str) -> None:
+    (undone, applied, device, upstream_idempotent), = run_ranks(_reinstall_at, 1, fake)
+    assert undone == ([], True)
+    expected = [pid for pid in registry.PATCH_IDS if pid not in ("P1", "P13")]
+    expected += ["P1"] * cuda_stubs._p1_applies(Version(fake)) + ["P13"] * (Version(fake) < Version("0.17"))
+    assert sorted(applied) == sorted(expected)
+    assert device == "cpu" and upstream_idempotent
+
+
 def _device_mode_probe(rank: int, world: int) -> dict:
-    seen: dict[str, Any] = {"fork": cpu_compat.device_mode_active()}
+    seen: dict[str, Any] = {"fork": device_mode.device_mode_active()}
 
     def in_thread() -> None:
-        seen["thread"] = cpu_compat.device_mode_active()
+        seen["thread"] = device_mode.device_mode_active()
         seen["thread_tensor"] = torch.zeros(2, device="cuda").device.type
 
     t = threading.Thread(target=in_thread)
@@ -172,7 +226,7 @@ def test_device_mode_in_forked_workers_and_threads() -> None:
 
 
 def _uninstall_probe(rank: int, world: int) -> tuple[str, bool]:
-    cpu_compat.uninstall_patches({"P8", "P3"})
+    registry.uninstall_patches({"P8", "P3"})
     x = torch.ones(1)
     try:
         x.cuda()
@@ -237,14 +291,14 @@ def _triton_stub_probe(rank: int, world: int, folder: str) -> tuple:
     sys.meta_path.insert(0, _NoTriton())
     import torch.utils._triton as tt
     tt.has_triton_package.cache_clear()
-    real = cpu_compat._p1_applies
+    real = cuda_stubs._p1_applies
     try:
         import triton  # noqa: F401
         failed = False
     except ImportError:
         failed = True
     sys.path.insert(0, folder)
-    cpu_compat._p1_triton_stub(target="fake_paged_stash")
+    cuda_stubs._p1_triton_stub(target="fake_paged_stash")
     import fake_paged_stash
 
     try:
@@ -263,7 +317,7 @@ def _triton_stub_probe(rank: int, world: int, folder: str) -> tuple:
     except ImportError:
         hidden = True
 
-    return (failed, fake_paged_stash.kernel.__name__, launched, real(cpu_compat.Version("0.16.1")),
+    return (failed, fake_paged_stash.kernel.__name__, launched, real(Version("0.16.1")),
             tt.has_triton_package(), visible_after, hidden)
 
 
@@ -316,15 +370,16 @@ def test_setup_after_megatron_import_patches_bound_names(tmp_path: Any) -> None:
 import megatron.core.transformer.moe.token_dispatcher as td
 import megatron.core.transformer.moe.moe_utils as mu
 import megatron.core.tensor_parallel.random as rnd
-from megatron_rpt.platform import cpu_compat
-applied = cpu_compat.install_cpu_compat(exclude={"P13"})
+from packaging.version import Version
+from megatron_rpt.platform.compat import registry
+applied = registry.install_cpu_compat(exclude={"P13"})
 assert "P13" not in applied and "P6" in applied, applied
 assert td.maybe_move_tensor_to_cpu is mu.maybe_move_tensor_to_cpu
 assert "_p6_" in td.maybe_move_tensor_to_cpu.__qualname__
-assert cpu_compat._mcore_version() >= cpu_compat.Version("0.17") or not hasattr(mu, "te_general_gemm")
+assert registry._mcore_version() >= Version("0.17") or not hasattr(mu, "te_general_gemm")
 import torch
 assert rnd._get_cuda_rng_state().equal(torch.get_rng_state())
-print("OK", cpu_compat.install_cpu_compat())
+print("OK", registry.install_cpu_compat())
 """
     import os
 
@@ -333,7 +388,7 @@ print("OK", cpu_compat.install_cpu_compat())
         [sys.executable, "-W", "ignore", "-c", script], cwd=root, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    if cpu_compat._mcore_version() < cpu_compat.Version("0.17"):  # P13 applies to 0.16.x only
+    if registry._mcore_version() < Version("0.17"):  # P13 applies to 0.16.x only
         assert "P13" in out.stdout  # a later call without exclude installs it
 
 
@@ -349,3 +404,75 @@ def test_cpu_threads_share_the_node():
     assert cpu.cpu_threads(2, environ={"OMP_NUM_THREADS": "3"}) is None
     gpu = Platform("cuda", "nccl", False, False, "0.16.1", True)
     assert gpu.cpu_threads(8, environ={}) is None
+
+
+def test_only_megatron_cores_backend_warnings_are_silenced() -> None:
+    """The filter (installed when megatron_rpt is imported) drops exactly Megatron-Core's known
+    "TE / Apex not installed" messages from Megatron-Core modules; any other warning still shows."""
+    import warnings
+
+    from megatron_rpt.platform import messages
+
+    def warn(message: str, module: str) -> None:
+        warnings.warn_explicit(message, UserWarning, "x.py", 1, module=module, registry={})
+
+    with warnings.catch_warnings(record=True) as seen:   # restores the filters on exit
+        warnings.simplefilter("always")
+        messages.quiet_megatron_core_backend_warnings()
+        messages.quiet_megatron_core_backend_warnings()   # idempotent
+        ours = [f for f in warnings.filters if getattr(f[3], "pattern", f[3]) == messages._MODULES]
+        assert len(ours) == len(messages.MEGATRON_CORE_BACKEND_WARNINGS) == 4
+        for message in messages.MEGATRON_CORE_BACKEND_WARNINGS:
+            warn(message, "megatron.core.optimizer")
+            warn(message, "megatron.core.distributed.fsdp.src.megatron_fsdp.mixed_precision")
+        warn(messages.MEGATRON_CORE_BACKEND_WARNINGS[0], "my_package")          # not from Megatron-Core
+        warn("Apex is not installed. Falling back to Torch Norm (and more)", "megatron.core.models.backends")
+        warn("something else", "megatron.core.optimizer")
+    assert [(str(w.message), w.category) for w in seen] == [
+        (messages.MEGATRON_CORE_BACKEND_WARNINGS[0], UserWarning),
+        ("Apex is not installed. Falling back to Torch Norm (and more)", UserWarning),
+        ("something else", UserWarning)]
+
+
+def test_platform_line_describes_the_backends(monkeypatch: pytest.MonkeyPatch) -> None:
+    from megatron_rpt.platform import Platform
+
+    monkeypatch.setattr(platform_mod, "_why_unused", lambda module, device_type: f"why {module}")
+    cpu = Platform("cpu", "gloo", False, False, "0.16.1", False)
+    assert cpu.describe() == ("cpu, gloo, megatron-core 0.16.1, transformer engine: False (why transformer_engine; "
+                              "local layer specs), apex: False (why apex)")
+    gpu = Platform("cuda", "nccl", True, True, "0.19.2", True)
+    # tests/gpu/test_te_fp8.py looks for "transformer engine: True" in a run's output
+    assert gpu.describe() == "cuda, nccl, megatron-core 0.19.2, transformer engine: True (Transformer Engine " \
+                             "layer specs), apex: True"
+
+
+@pytest.mark.slow   # fresh interpreters
+def test_tools_print_no_backend_warnings_and_entry_points_one_platform_line() -> None:
+    """A tool that only imports Megatron-Core (count_params) prints none of its "Transformer Engine
+    and Apex are not installed" warnings; an entry point prints them neither, and one platform line
+    (here from pretraining's cheapest exit: a configuration error after the platform is chosen)."""
+    import os
+    import re
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "SLURM_PROCID")}
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, *argv], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        for text in ("Transformer Engine and Apex are not installed", "Apex is not installed", "Warning"):
+            assert text not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+        return proc
+
+    count = run("tools/count_params.py", "--model-preset", "tiny")
+    assert count.returncode == 0 and "total parameters" in count.stdout, count.stderr[-3000:]
+    assert "> platform:" not in count.stdout + count.stderr   # it chooses no platform
+
+    pre = run("-m", "megatron_rpt.pretrain", "--use-cpu", "--model-preset", "tiny", "--mock-data",
+              "--tokenizer-type", "NullTokenizer", "--vocab-size", "255", "--tensor-model-parallel-size", "2")
+    assert pre.returncode == 2 and "world size 1 is not divisible" in pre.stderr, pre.stderr[-3000:]
+    lines = [x for x in (pre.stdout + pre.stderr).splitlines() if "platform:" in x]
+    assert len(lines) == 1, lines
+    assert re.fullmatch(r"> platform: cpu, gloo, megatron-core 0\.\d+\.\S+, transformer engine: False "
+                        r"\((not installed|needs CUDA); local layer specs\), apex: False \(.+\)", lines[0]), lines

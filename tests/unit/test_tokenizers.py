@@ -233,8 +233,8 @@ def _megatron_json_vocab(tmp_path):
 
 @pytest.mark.parametrize("pattern", ["v1", "v2"])
 def test_tiktokenizer_ids_equal_megatron_core(tmp_path, pattern):
-    from megatron_rpt.platform import quiet_optional_backend_warnings
-    quiet_optional_backend_warnings()
+    from megatron_rpt.platform.messages import quiet_megatron_core_backend_warnings
+    quiet_megatron_core_backend_warnings()
     from megatron.core.tokenizers.text.libraries.tiktoken_tokenizer import TikTokenTokenizer
     path, n = _megatron_json_vocab(tmp_path)
     ref = TikTokenTokenizer(str(path), pattern=pattern, vocab_size=1000 + 30000)
