@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_rpt.data.tokenizers import build_tokenizer, train_byte_level_bpe, train_sentencepiece
+from megatron_rpt.data.tokenizers import build_tokenizer
+from megatron_rpt.data.tokenizers.training import train_byte_level_bpe, train_sentencepiece
 from megatron_rpt.rpt.tasks import (SPLITS, Task, TaskError, _candidates, heldout_indices, load_tasks, plan_windows,
                                     splits_for, top_k_entropy)
 from tests.assets import cl100k_path

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from megatron_rpt.data.tokenizers import TokenizerError, build_tokenizer, train_byte_level_bpe, train_sentencepiece
+from megatron_rpt.data.tokenizers import TokenizerError, build_tokenizer
+from megatron_rpt.data.tokenizers.training import train_byte_level_bpe, train_sentencepiece
 from tests.assets import cl100k_path
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
@@ -118,7 +119,7 @@ def test_corrupt_sentencepiece_model(tmp_path):
 
 
 def test_training_sample_is_uniform_bounded_and_deterministic():
-    from megatron_rpt.data.tokenizers import sample_lines
+    from megatron_rpt.data.tokenizers.training import sample_lines
     lines = [f"line {i}" for i in range(10_000)]
     a, b = sample_lines(iter(lines), 500, seed=0), sample_lines(iter(lines), 500, seed=0)
     assert a == b and len(a) == 500 and len(set(a)) == 500
@@ -130,7 +131,7 @@ def test_training_sample_is_uniform_bounded_and_deterministic():
 
 
 def test_long_lines_are_cut_not_dropped():
-    from megatron_rpt.data.tokenizers import _training_lines
+    from megatron_rpt.data.tokenizers.training import _training_lines
     para = " ".join(f"Sentence number {i} ends here." for i in range(400))  # ~11 KB, one line
     pieces = list(_training_lines([para + "\n\n" + "short\n" + "x" * 5000], max_chars=2000))
     assert all(0 < len(p) <= 2000 for p in pieces)
@@ -151,7 +152,7 @@ def test_training_is_deterministic_and_uses_long_paragraphs(tmp_path):
 
 def test_iter_texts_jsonl_and_plain(tmp_path):
     import gzip
-    from megatron_rpt.data.tokenizers import iter_texts
+    from megatron_rpt.data.tokenizers.training import iter_texts
     (tmp_path / "a.jsonl").write_text('{"text": "one", "t": "x"}\n\n{"text": "two", "t": "y"}\n')
     with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
         f.write('{"text": "three", "t": "z"}\n')
