@@ -15,9 +15,9 @@ import argparse
 import sys
 import time
 
-from megatron_rpt.data.preprocess import expand_inputs
+from megatron_rpt.data.jsonl import expand_inputs, iter_texts
 from megatron_rpt.data.tokenizers import TokenizerError
-from megatron_rpt.data.tokenizers.training import iter_texts, train_byte_level_bpe, train_sentencepiece
+from megatron_rpt.data.tokenizers.training import train_byte_level_bpe, train_sentencepiece
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,8 +30,6 @@ of scored positions go through the output layer, so full [batch, seq, vocab] log
 from __future__ import annotations
 
 import dataclasses
-import glob
-import gzip
 import json
 import math
 import os
@@ -45,6 +43,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from megatron_rpt.data.jsonl import expand_inputs, iter_lines, iter_records, parse_line
 from megatron_rpt.fileio import write_json
 
 SPLITS: tuple[tuple[str, float], ...] = (("easy", 0.5), ("medium", 1.0), ("hard", 1.5))
@@ -139,20 +138,17 @@ def _check_record(obj) -> Task:
 
 def load_tasks(path: str | os.PathLike) -> list[Task]:
     """Every task of a PREFIX_{train,heldout}.jsonl file, each record validated; a malformed one is
-    one TaskError naming file:line (blank lines are skipped)."""
+    one TaskError naming file:line (blank lines are skipped; lines as `data.jsonl` reads them)."""
     tasks = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                tasks.append(_check_record(json.loads(raw.decode("utf-8"))))
-            except UnicodeDecodeError:
-                raise TaskError(f"{path}:{lineno}: not valid UTF-8") from None
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            except ValueError as e:
-                raise TaskError(f"{path}:{lineno}: malformed task record: {e}") from None
+    for lineno, raw in iter_lines(os.fspath(path)):
+        try:
+            obj = parse_line(raw)
+        except ValueError as e:
+            raise TaskError(f"{path}:{lineno}: {e}") from None
+        try:
+            tasks.append(_check_record(obj))
+        except ValueError as e:
+            raise TaskError(f"{path}:{lineno}: malformed task record: {e}") from None
     return tasks
 
 
@@ -166,54 +162,28 @@ class Document:
     text: str
 
 
-def expand_inputs(patterns: Sequence[str]) -> list[str]:
-    """--input files and globs, each glob sorted; an entry matching nothing is an error."""
-    files: list[str] = []
-    for p in patterns:
-        matches = sorted(glob.glob(p)) if glob.has_magic(p) else ([p] if os.path.isfile(p) else [])
-        if not matches:
-            raise TaskError(f"--input {p}: no such file")
-        files += [m for m in matches if m not in files]
-    return files
-
-
 def _labels(files: Sequence[str]) -> list[str]:
     names = [os.path.basename(f) for f in files]
     return names if len(set(names)) == len(names) else list(files)
 
 
 def iter_documents(files: Sequence[str], key: str = "text", doc_id_key: Optional[str] = None) -> Iterator[Document]:
-    """The documents of jsonl (.jsonl/.json, optionally .gz) files: non-blank lines, `key` a string.
-    doc_id: `doc_id_key`'s value (unique), else "<file name>:<line>"."""
+    """The documents of jsonl files (read by `data.jsonl.iter_records`: a bad line is one error
+    naming file:line). doc_id: `doc_id_key`'s value (unique), else "<file name>:<line>"."""
     seen: set[str] = set()
-    index = 0
-    for path, label in zip(files, _labels(files)):
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    obj = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError:
-                    raise TaskError(f"{where}: not valid UTF-8") from None
-                except json.JSONDecodeError as e:
-                    raise TaskError(f"{where}: malformed JSON ({e.msg})") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get(key), str):
-                    raise TaskError(f"{where}: missing or non-string key {key!r} (--json-keys)")
-                if doc_id_key is not None:
-                    value = obj.get(doc_id_key)
-                    if not isinstance(value, (str, int)) or isinstance(value, bool) or str(value) == "":
-                        raise TaskError(f"{where}: missing or empty --doc-id-key {doc_id_key!r}")
-                    doc_id = str(value)
-                    if doc_id in seen:
-                        raise TaskError(f"{where}: duplicate document id {doc_id!r} (--doc-id-key {doc_id_key})")
-                    seen.add(doc_id)
-                else:
-                    doc_id = f"{label}:{lineno}"
-                yield Document(index, doc_id, where, obj[key])
-                index += 1
+    labels = dict(zip(files, _labels(files)))
+    for index, record in enumerate(iter_records(files, [key])):
+        if doc_id_key is not None:
+            value = record.obj.get(doc_id_key)
+            if not isinstance(value, (str, int)) or isinstance(value, bool) or str(value) == "":
+                raise TaskError(f"{record.where}: missing or empty --doc-id-key {doc_id_key!r}")
+            doc_id = str(value)
+            if doc_id in seen:
+                raise TaskError(f"{record.where}: duplicate document id {doc_id!r} (--doc-id-key {doc_id_key})")
+            seen.add(doc_id)
+        else:
+            doc_id = f"{labels[record.path]}:{record.line}"
+        yield Document(index, doc_id, record.where, record.texts[0])
 
 
 def document_tokens(tokenizer, doc: Document) -> tuple[list[int], list[bytes], bytes]:

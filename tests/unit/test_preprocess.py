@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_rpt.data.preprocess import BadInputError, preprocess
+from megatron_rpt.data.jsonl import BadInputError
+from megatron_rpt.data.preprocess import preprocess
 from megatron_rpt.data.tokenizers import build_tokenizer
 from megatron_rpt.data.tokenizers.training import train_sentencepiece
 

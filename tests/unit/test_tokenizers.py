@@ -150,20 +150,6 @@ def test_training_is_deterministic_and_uses_long_paragraphs(tmp_path):
     assert any(ref.is_byte(i) for i in ref.encode("J"))  # control: a character never seen
 
 
-def test_iter_texts_jsonl_and_plain(tmp_path):
-    import gzip
-    from megatron_rpt.data.tokenizers.training import iter_texts
-    (tmp_path / "a.jsonl").write_text('{"text": "one", "t": "x"}\n\n{"text": "two", "t": "y"}\n')
-    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
-        f.write('{"text": "three", "t": "z"}\n')
-    (tmp_path / "c.txt").write_text("plain 1\nplain 2\n")
-    files = [str(tmp_path / n) for n in ("a.jsonl", "b.jsonl.gz", "c.txt")]
-    assert list(iter_texts(files)) == ["one", "two", "three", "plain 1\n", "plain 2\n"]
-    assert list(iter_texts(files[:1], ["text", "t"])) == ["one", "x", "two", "y"]
-    with pytest.raises(ValueError, match=r"a.jsonl:1: missing or non-string key 'body'"):
-        list(iter_texts(files[:1], ["body"]))
-
-
 # ---------------------------------------------------------------- GPT-2 files on tiktoken
 
 def _gpt2_package_files():

@@ -1,15 +1,14 @@
 """Tokenizer training (tools/train_tokenizer.py): sentencepiece and byte-level BPE, their input
-lines (`_training_lines`, `sample_lines`, `iter_texts`) and the special tokens they define."""
+lines (`_training_lines`, `sample_lines`) and the special tokens they define. Their input texts
+come from `data.jsonl.iter_texts`."""
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 import random
 import re
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 from megatron_rpt.data.tokenizers.base import TokenizerError
 
@@ -65,31 +64,6 @@ def sample_lines(lines: Iterable[str], max_lines: int, seed: int = 0) -> list[st
             if j < max_lines:
                 reservoir[j] = (i, line)
     return [line for _, line in sorted(reservoir)]
-
-
-def iter_texts(files: Sequence[str], json_keys: Sequence[str] = ("text",)) -> Iterator[str]:
-    """Texts of jsonl files (.jsonl/.json[.gz]: the json_keys of each line) or plain text files.
-
-    Raises ValueError naming `file:line` for a malformed jsonl line.
-    """
-    for path in files:
-        is_json = path.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz"))
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            if not is_json:
-                yield from f
-                continue
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-                for key in json_keys:
-                    if not isinstance(obj, dict) or not isinstance(obj.get(key), str):
-                        raise ValueError(f"{path}:{lineno}: missing or non-string key {key!r}")
-                    yield obj[key]
 
 
 def train_sentencepiece(texts: Iterable[str], output_prefix: str, *, vocab_size: int, model_type: str = "bpe",
