@@ -15,8 +15,9 @@ import pytest
 
 from megatron_rpt.data.tokenizers import build_tokenizer
 from megatron_rpt.data.tokenizers.training import train_byte_level_bpe, train_sentencepiece
-from megatron_rpt.rpt.tasks import (SPLITS, Task, TaskError, _candidates, heldout_indices, load_tasks, plan_windows,
-                                    splits_for, top_k_entropy)
+from megatron_rpt.rpt.tasks import (SPLITS, Task, TaskError, heldout_indices, load_tasks, plan_windows, splits_for,
+                                    top_k_entropy)
+from megatron_rpt.rpt.tasks.windows import _candidates
 from tests.assets import cl100k_path
 
 ROOT = Path(__file__).resolve().parents[2]
