@@ -9,7 +9,8 @@ Behaviour: megatron_rpt.data.preprocess.
 import argparse
 import sys
 
-from megatron_rpt.data.preprocess import BadInputError, preprocess
+from megatron_rpt.data.jsonl import BadInputError
+from megatron_rpt.data.preprocess import preprocess
 from megatron_rpt.data.tokenizers import TokenizerError, add_tokenizer_arguments, tokenizer_kwargs_from_args
 
 

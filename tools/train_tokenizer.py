@@ -6,7 +6,7 @@ loadable with --tokenizer-type SentencePieceTokenizer --tokenizer-model PREFIX.m
 --library huggingface: writes the folder PREFIX/ (vocab.json, merges.txt, tokenizer.json) with
 <|endoftext|> (eod) and <|pad|>, loadable as GPT2BPETokenizer (--vocab-file/--merge-file) or
 HuggingFaceTokenizer (--tokenizer-model PREFIX).
-Library code: megatron_rpt.data.tokenizers.train_sentencepiece / train_byte_level_bpe.
+Library code: megatron_rpt.data.tokenizers.training (train_sentencepiece / train_byte_level_bpe).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import argparse
 import sys
 import time
 
-from megatron_rpt.data.preprocess import expand_inputs
-from megatron_rpt.data.tokenizers import TokenizerError, iter_texts, train_byte_level_bpe, train_sentencepiece
+from megatron_rpt.data.jsonl import expand_inputs, iter_texts
+from megatron_rpt.data.tokenizers import TokenizerError
+from megatron_rpt.data.tokenizers.training import train_byte_level_bpe, train_sentencepiece
 
 
 def main(argv: list[str] | None = None) -> int:

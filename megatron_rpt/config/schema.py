@@ -11,7 +11,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from megatron_rpt.data.tokenizers import TOKENIZER_TYPES
+# Megatron-LM's --tokenizer-type names this project builds (data.tokenizers.factory builds each).
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "TikTokenizer",
+                   "NullTokenizer")
 
 
 def arg(default: Any = dataclasses.MISSING, *, flag: str | None = None, help: str = "",

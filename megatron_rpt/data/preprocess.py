@@ -5,9 +5,10 @@ Pipeline (why it is fast and bounded):
   a line boundary. A chunk travels to a worker process as one bytes object and comes back as one
   numpy array of token ids plus lengths, so inter-process traffic is two buffers per chunk, not
   a pickled Python list per document (Megatron-LM's tool ships every line and every id list).
-- Workers parse JSON with orjson (falling back to the standard library for what orjson rejects
-  but `json` accepts, so accepted input is the same as Megatron-LM's) and tokenize a whole chunk
-  with the tokenizer library's batch call.
+- Workers check each line with the shared reader's `data.jsonl.parse_line` and `texts_of` (orjson,
+  falling back to the standard library for what orjson rejects but `json` accepts, so accepted
+  input is the same as Megatron-LM's) and tokenize a whole chunk with the tokenizer library's
+  batch call.
 - At most `2 * workers + 1` chunks per partition are in flight: memory is bounded by that window
   whatever the input size. The index is spooled to disk by `IndexedWriter`, never held in lists
   (Megatron-Core's builder keeps every sequence length in a Python list). Workers import only the
@@ -18,18 +19,17 @@ Pipeline (why it is fast and bounded):
   through the one worker pool; their outputs are concatenated at the end.
 
 Bad lines (malformed JSON, not an object, missing key, non-string value, empty document, invalid
-UTF-8, text the tokenizer rejects) stop the run with `file:line: reason`, or are skipped and
-counted with `skip_bad_lines`. Outputs are `{prefix}_{key}_{document|sentence}.bin/.idx`, written
+UTF-8: `data.jsonl`'s reasons, the same in every tool; or text the tokenizer rejects) stop the run
+with `file:line: reason`, or are skipped and counted with `skip_bad_lines`. Inputs are expanded
+and .gz files read as `data.jsonl` says (a corrupt .gz is one error naming it). Outputs are `{prefix}_{key}_{document|sentence}.bin/.idx`, written
 under temporary names and published only when complete.
 """
 
 from __future__ import annotations
 
 import functools
-import glob
 import gzip
 import itertools
-import json
 import os
 import threading
 import time
@@ -43,11 +43,8 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from megatron_rpt.data.indexed import IndexedWriter, cast_tokens, token_dtype
+from megatron_rpt.data.jsonl import BadInputError, expand_inputs, gzip_errors, parse_line, texts_of
 from megatron_rpt.data.tokenizers import build_tokenizer
-
-
-class BadInputError(ValueError):
-    """A malformed input line; the message starts with file:line."""
 
 
 @dataclass
@@ -62,17 +59,6 @@ class PreprocessStats:
 
 
 MAX_EXAMPLES = 5
-
-
-def expand_inputs(inputs: Sequence[str]) -> list[str]:
-    """Files and globs -> sorted existing files; a clear error for a pattern that matches nothing."""
-    files: list[str] = []
-    for pattern in inputs:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not matches or not all(os.path.isfile(m) for m in matches):
-            raise FileNotFoundError(f"--input: {pattern} matches no file")
-        files.extend(matches)
-    return files
 
 
 # --------------------------------------------------------------------------- input ranges
@@ -146,8 +132,7 @@ def _read_chunks(segment: Segment, chunk_bytes: int) -> Iterator[tuple[int, byte
 
     Consumed bytes are compressed bytes for .gz (what the progress bar's total counts).
     """
-    raw = open(segment.path, "rb")
-    try:
+    with gzip_errors(segment.path), open(segment.path, "rb") as raw:
         raw.seek(segment.start)
         stream = gzip.GzipFile(fileobj=raw, mode="rb") if segment.path.endswith(".gz") else raw
         line, position = 0, raw.tell()
@@ -163,8 +148,6 @@ def _read_chunks(segment: Segment, chunk_bytes: int) -> Iterator[tuple[int, byte
             consumed, position = raw.tell() - position, raw.tell()
             yield line, data, consumed
             line += data.count(b"\n")
-    finally:
-        raw.close()
 
 
 # --------------------------------------------------------------------------- workers
@@ -202,23 +185,6 @@ def _init_worker(options: EncodeOptions) -> None:
     _STATE.update(options=options, tokenizer=tokenizer, splitter=splitter, dtype=token_dtype(tokenizer.vocab_size))
 
 
-def _parse(raw: bytes):
-    """-> (object, None) or (None, reason)."""
-    import orjson
-    try:
-        return orjson.loads(raw), None
-    except orjson.JSONDecodeError:
-        pass
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return None, f"invalid UTF-8 at byte {e.start}"
-    try:  # what orjson rejects but json accepts (NaN, integers beyond 64 bits, lone surrogates)
-        return json.loads(line), None
-    except json.JSONDecodeError as e:
-        return None, f"malformed JSON ({e.msg} at column {e.colno})"
-
-
 def _tokenize_all(texts: list[str]) -> list:
     """Ids per text; a text the tokenizer rejects gets its error message instead of ids."""
     tokenizer = _STATE["tokenizer"]
@@ -242,23 +208,12 @@ def encode_chunk(data: bytes) -> ChunkResult:
     for i, raw in enumerate(data.split(b"\n")):
         if not raw.strip():
             continue
-        obj, reason = _parse(raw)
-        if reason is None and not isinstance(obj, dict):
-            reason = f"expected a JSON object, got {type(obj).__name__}"
-        if reason is None:
-            for key in opts.json_keys:
-                if key not in obj:
-                    reason = f"missing key {key!r}"
-                elif not isinstance(obj[key], str):
-                    reason = f"key {key!r} is {type(obj[key]).__name__}, not a string"
-                elif not obj[key].strip():
-                    reason = f"key {key!r} is an empty document"
-                if reason:
-                    break
-        if reason:
-            bad.append((i, reason))
-        else:
-            rows.append((i, {k: obj[k] for k in opts.json_keys}))
+        try:
+            texts = texts_of(parse_line(raw), opts.json_keys)
+        except ValueError as e:
+            bad.append((i, str(e)))
+            continue
+        rows.append((i, dict(zip(opts.json_keys, texts))))
 
     # Tokenize key by key; a row whose text is rejected for any key is dropped for all keys, so
     # every output has the same documents.

@@ -40,7 +40,8 @@ EXACT = 1e-10
 
 MAKE = """
 import sys, torch, transformers
-from megatron_rpt.data.tokenizers import iter_texts, train_byte_level_bpe
+from megatron_rpt.data.jsonl import iter_texts
+from megatron_rpt.data.tokenizers.training import train_byte_level_bpe
 out, corpus = sys.argv[1], sys.argv[2]
 train_byte_level_bpe(list(iter_texts([corpus])), out, vocab_size=320)
 tok = transformers.AutoTokenizer.from_pretrained(out)
@@ -371,7 +372,7 @@ def test_bad_input_is_one_clear_error(w, tmp_path):
     proc = run(sys.executable, "tools/build_rpt_data.py", "--input", bad, "--tokenizer-type", "HuggingFaceTokenizer",
                "--tokenizer-model", w["hf"], "--proxy-hf-dir", w["hf"], "--output-prefix", tmp_path / "o",
                check=False)
-    assert proc.returncode == 2 and f"{bad}:2: missing or non-string key 'text'" in proc.stderr
+    assert proc.returncode == 2 and f"{bad}:2: missing key 'text'" in proc.stderr
     proc = run(sys.executable, "tools/build_rpt_data.py", "--input", tmp_path / "nothing*.jsonl", "--tokenizer-type",
                "HuggingFaceTokenizer", "--tokenizer-model", w["hf"], "--proxy-hf-dir", w["hf"], "--output-prefix",
                tmp_path / "o", check=False)
@@ -394,7 +395,8 @@ def test_tokenizer_problems_are_one_clear_error(w, tmp_path):
     assert proc.returncode == 2 and f"{upper}:1: the HuggingFaceTokenizer's tokens do not reproduce" in proc.stderr
     assert "first difference at byte 0" in proc.stderr
     # A policy tokenizer with another vocabulary than the proxy's.
-    from megatron_rpt.data.tokenizers import iter_texts, train_byte_level_bpe
+    from megatron_rpt.data.jsonl import iter_texts
+    from megatron_rpt.data.tokenizers.training import train_byte_level_bpe
     other = train_byte_level_bpe(list(iter_texts([w["corpus"]]))[::-1], str(tmp_path / "other"), vocab_size=300)
     proc = run(sys.executable, "tools/build_rpt_data.py", "--input", w["corpus"], "--tokenizer-type",
                "HuggingFaceTokenizer", "--tokenizer-model", other, "--proxy-hf-dir", w["hf"], "--output-prefix",

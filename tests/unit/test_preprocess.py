@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_rpt.data.preprocess import BadInputError, preprocess
-from megatron_rpt.data.tokenizers import build_tokenizer, train_sentencepiece
+from megatron_rpt.data.jsonl import BadInputError
+from megatron_rpt.data.preprocess import preprocess
+from megatron_rpt.data.tokenizers import build_tokenizer
+from megatron_rpt.data.tokenizers.training import train_sentencepiece
 
 DOCS = [f"Document {i}: " + "It is a truth universally acknowledged. " * (1 + i % 7) + "Ünïcode ☃." for i in range(300)]
 

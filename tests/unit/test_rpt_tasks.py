@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from megatron_rpt.data.tokenizers import build_tokenizer, train_byte_level_bpe, train_sentencepiece
-from megatron_rpt.rpt.tasks import (SPLITS, Task, TaskError, _candidates, heldout_indices, load_tasks, plan_windows,
-                                    splits_for, top_k_entropy)
+from megatron_rpt.data.tokenizers import build_tokenizer
+from megatron_rpt.data.tokenizers.training import train_byte_level_bpe, train_sentencepiece
+from megatron_rpt.rpt.tasks import (SPLITS, Task, TaskError, heldout_indices, load_tasks, plan_windows, splits_for,
+                                    top_k_entropy)
+from megatron_rpt.rpt.tasks.windows import _candidates
 from tests.assets import cl100k_path
+from tests.dist_harness import forked
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXTS = ["It is a truth universally acknowledged, that a single man in possession of a good fortune.",
@@ -143,6 +146,7 @@ def test_token_bytes_smollm2_tokenizer(tmp_path):
 
 # ----------------------------------------------------------------------------- entropy, windows, boundaries
 
+@forked   # torch math: never in the pytest process (tests/dist_harness.forked)
 def test_top_k_entropy_against_float64_hand_computation():
     import torch
     g = torch.Generator().manual_seed(0)

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from megatron_rpt.data.tokenizers import TokenizerError, build_tokenizer, train_byte_level_bpe, train_sentencepiece
+from megatron_rpt.data.tokenizers import TokenizerError, build_tokenizer
+from megatron_rpt.data.tokenizers.training import train_byte_level_bpe, train_sentencepiece
 from tests.assets import cl100k_path
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
@@ -118,7 +119,7 @@ def test_corrupt_sentencepiece_model(tmp_path):
 
 
 def test_training_sample_is_uniform_bounded_and_deterministic():
-    from megatron_rpt.data.tokenizers import sample_lines
+    from megatron_rpt.data.tokenizers.training import sample_lines
     lines = [f"line {i}" for i in range(10_000)]
     a, b = sample_lines(iter(lines), 500, seed=0), sample_lines(iter(lines), 500, seed=0)
     assert a == b and len(a) == 500 and len(set(a)) == 500
@@ -130,7 +131,7 @@ def test_training_sample_is_uniform_bounded_and_deterministic():
 
 
 def test_long_lines_are_cut_not_dropped():
-    from megatron_rpt.data.tokenizers import _training_lines
+    from megatron_rpt.data.tokenizers.training import _training_lines
     para = " ".join(f"Sentence number {i} ends here." for i in range(400))  # ~11 KB, one line
     pieces = list(_training_lines([para + "\n\n" + "short\n" + "x" * 5000], max_chars=2000))
     assert all(0 < len(p) <= 2000 for p in pieces)
@@ -147,20 +148,6 @@ def test_training_is_deterministic_and_uses_long_paragraphs(tmp_path):
     # "Z" occurs only in the long paragraph: a piece of its own, not byte fallback, so it was used.
     assert not any(ref.is_byte(i) for i in ref.encode("Zyxwvut"))
     assert any(ref.is_byte(i) for i in ref.encode("J"))  # control: a character never seen
-
-
-def test_iter_texts_jsonl_and_plain(tmp_path):
-    import gzip
-    from megatron_rpt.data.tokenizers import iter_texts
-    (tmp_path / "a.jsonl").write_text('{"text": "one", "t": "x"}\n\n{"text": "two", "t": "y"}\n')
-    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
-        f.write('{"text": "three", "t": "z"}\n')
-    (tmp_path / "c.txt").write_text("plain 1\nplain 2\n")
-    files = [str(tmp_path / n) for n in ("a.jsonl", "b.jsonl.gz", "c.txt")]
-    assert list(iter_texts(files)) == ["one", "two", "three", "plain 1\n", "plain 2\n"]
-    assert list(iter_texts(files[:1], ["text", "t"])) == ["one", "x", "two", "y"]
-    with pytest.raises(ValueError, match=r"a.jsonl:1: missing or non-string key 'body'"):
-        list(iter_texts(files[:1], ["body"]))
 
 
 # ---------------------------------------------------------------- GPT-2 files on tiktoken
@@ -345,3 +332,15 @@ def test_hf_tokenizer_tiktoken_cannot_reproduce_keeps_the_reference(tmp_path):
     assert ours._fast is None
     texts = [TEXT] + SAMPLES + ["ﬁ ligature Ⅻ ①"]
     assert ours.tokenize_batch(texts) == [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+
+
+def test_every_flag_choice_is_built():
+    """config.schema.TOKENIZER_TYPES (the --tokenizer-type choices) and the factory agree: each name
+    reaches its builder (which asks for its files), none is 'unknown'."""
+    from megatron_rpt.config.schema import TOKENIZER_TYPES
+    for name in TOKENIZER_TYPES:
+        with pytest.raises(TokenizerError) as e:
+            build_tokenizer(name)
+        assert str(e.value).startswith(f"{name} needs --"), e.value   # its builder, asking for its files
+    with pytest.raises(TokenizerError, match="unknown 'Nope'"):
+        build_tokenizer("Nope")
