@@ -51,6 +51,8 @@ import time
 from pathlib import Path
 
 import machine  # benchmarks/machine.py
+from megatron_rpt.config.arguments import model_flags_argv
+from megatron_rpt.config.presets import QWEN3_FAMILY
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -76,7 +78,7 @@ DTYPE_FLAGS = {"fp32": [], "bf16": ["--bf16"]}
 
 def _argv(spec: dict) -> list:
     m = spec["model"]
-    argv = ["--num-layers", str(m["layers"]), "--hidden-size", str(m["hidden"]), "--ffn-hidden-size", str(m["ffn"]),
+    argv = [*model_flags_argv(QWEN3_FAMILY), "--num-layers", str(m["layers"]), "--hidden-size", str(m["hidden"]), "--ffn-hidden-size", str(m["ffn"]),
             "--num-attention-heads", str(m["heads"]), "--num-query-groups", str(m["heads"]),
             "--seq-length", str(spec["seq_length"]), "--max-position-embeddings", str(spec["seq_length"]),
             "--micro-batch-size", str(spec["micro_batch"]), "--global-batch-size", str(spec["micro_batch"]),

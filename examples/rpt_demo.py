@@ -40,7 +40,8 @@ def main(argv=None) -> int:
     py = sys.executable
     t0 = time.perf_counter()
 
-    from megatron_rpt.convert.hf_config import model_flags_argv, model_flags_from_hf
+    from megatron_rpt.config.arguments import model_flags_argv
+    from megatron_rpt.convert.hf_config import model_flags_from_hf
     from megatron_rpt.demo_assets.models import smollm2_hf_folder
     from megatron_rpt.demo_assets.corpus import math_corpus
 

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
             layout = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                       args.expert_model_parallel_size)
             r = import_hf(args.hf_dir, args.save, force=args.force, progress=not args.no_progress, layout=layout)
-            from megatron_rpt.convert.hf_config import model_flags_argv
+            from megatron_rpt.config.arguments import model_flags_argv
             flags = model_flags_argv(r["flags"])
             print(f"imported {r['architecture']} -> {r['path']}")
             print("the run configuration is recorded in the checkpoint; train from it with e.g.\n  mrpt-pretrain --load "

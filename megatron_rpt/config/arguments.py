@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from megatron_rpt.config.presets import get_preset, preset_names
-from megatron_rpt.config.schema import PRETRAIN_SECTIONS, SECTIONS, RunConfig
+from megatron_rpt.config.schema import PRETRAIN_SECTIONS, SECTIONS, ModelConfig, RunConfig
 
 _GROUP_TITLES = {
     "model": "network size", "parallel": "distributed", "optimizer": "optimizer and learning rate",
@@ -95,3 +95,25 @@ def parse_rpt_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
     parser = build_parser(prog="mrpt-rpt", sections=SECTIONS,
                           description="Reinforcement Pre-Training with GRPO on Megatron-Core (megatron-rpt).")
     return config_from_namespace(parser.parse_args(argv))
+
+
+def model_flags_argv(flags: dict[str, Any]) -> list[str]:
+    """ModelConfig fields (e.g. `convert.hf_config.model_flags_from_hf`'s, or a preset's family) as
+    command-line flags of mrpt-pretrain / mrpt-rpt: a boolean equal to its default is left out, a False
+    one whose default is True becomes its negative flag (e.g. --disable-bias-linear)."""
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    argv: list[str] = []
+    for name, value in flags.items():
+        meta = fields[name].metadata
+        flag = meta.get("flag") or "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            if value != fields[name].default:
+                if value:
+                    argv.append(flag)
+                elif meta.get("negative"):
+                    argv.append(meta["negative"])
+                else:
+                    raise ValueError(f"{name}=False has no command-line flag")
+        else:
+            argv += [flag, str(value)]
+    return argv

@@ -1,11 +1,17 @@
 """Model presets (`--model-preset NAME`): Qwen3-style shapes from the loss paper plus a CPU `tiny`.
 
-A preset fills model-shape fields; any flag given explicitly on the command line wins.
+A preset fills the model's architecture and shape fields (the Qwen3 family: SwiGLU, RMSNorm with
+epsilon 1e-6, no biases, RoPE, grouped-query attention, QK-norm, no dropout); any flag given
+explicitly on the command line wins.
 Shapes of dense-1b / dense-4b and the MoE presets follow "Diversity or Precision?" (arXiv 2512.22955),
 head dim 128; tiny / tiny-moe train on CPU.
 """
 
 from __future__ import annotations
+
+QWEN3_FAMILY = dict(swiglu=True, normalization="RMSNorm", norm_epsilon=1e-6, add_bias_linear=False,
+                   position_embedding_type="rope", group_query_attention=True, qk_layernorm=True,
+                   attention_dropout=0.0, hidden_dropout=0.0)
 
 _MOE = dict(untie_embeddings_and_output_weights=True, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
             moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_router_dtype="fp32",
@@ -45,7 +51,7 @@ def preset_names() -> list[str]:
 def get_preset(name: str) -> dict:
     """The model fields of preset `name`; a clear error lists the known ones."""
     try:
-        return dict(PRESETS[name])
+        return {**QWEN3_FAMILY, **PRESETS[name]}
     except KeyError:
         raise ValueError(f"--model-preset: unknown preset {name!r}; known presets: "
                          f"{', '.join(preset_names())}") from None

@@ -28,15 +28,32 @@ def arg(default: Any = dataclasses.MISSING, *, flag: str | None = None, help: st
 
 @dataclass
 class ModelConfig:
-    """Qwen3-style decoder shape (RMSNorm, SwiGLU, RoPE, GQA, QK-norm, no biases)."""
+    """The decoder's shape and architecture, with Megatron-LM's flags and defaults (a flag that is
+    absent means what it means to pretrain_gpt.py: GeLU MLP, LayerNorm, biases, learned absolute
+    positions, dropout 0.1). The presets set the Qwen3-style family (SwiGLU, RMSNorm, no biases,
+    RoPE, grouped-query attention, QK-norm, no dropout)."""
 
     num_layers: Optional[int] = arg(None, help="Number of transformer layers.")
     hidden_size: Optional[int] = arg(None, help="Transformer hidden size.")
-    ffn_hidden_size: Optional[int] = arg(None, help="FFN hidden size (per SwiGLU branch).")
+    ffn_hidden_size: Optional[int] = arg(None, help="FFN hidden size (per branch with --swiglu); default "
+                                         "4 x hidden, or with --swiglu 8/3 x hidden rounded down to a multiple "
+                                         "of 64, as Megatron-LM.")
     num_attention_heads: Optional[int] = arg(None, help="Number of attention heads.")
-    num_query_groups: Optional[int] = arg(None, help="Key/value heads for grouped-query attention "
-                                          "(default: = heads, i.e. multi-head attention).")
+    group_query_attention: bool = arg(False, help="Grouped-query attention with --num-query-groups key/value heads.")
+    num_query_groups: Optional[int] = arg(None, help="Key/value heads with --group-query-attention "
+                                          "(without it: multi-head attention).")
     kv_channels: Optional[int] = arg(None, help="Head dimension (default hidden/heads).")
+    swiglu: bool = arg(False, help="SwiGLU MLP (gated, SiLU) instead of the default GeLU MLP.")
+    normalization: str = arg("LayerNorm", choices=("LayerNorm", "RMSNorm"), help="Normalization layers.")
+    apply_layernorm_1p: bool = arg(False, help="Zero-centred norm weights: the norm multiplies by (1 + weight).")
+    add_bias_linear: bool = arg(True, negative="--disable-bias-linear",
+                                help="Biases in the linear layers (the default, as Megatron-LM); "
+                                     "--disable-bias-linear removes them.")
+    add_qkv_bias: bool = arg(False, help="Biases on the query/key/value projection only (Qwen2); implied "
+                                         "by biases on all linear layers.")
+    position_embedding_type: str = arg("learned_absolute", choices=("learned_absolute", "rope", "none"),
+                                       help="Position embedding.")
+    rotary_percent: float = arg(1.0, help="Fraction of each head's dimensions that RoPE rotates.")
     seq_length: Optional[int] = arg(None, help="Training sequence length.")
     max_position_embeddings: Optional[int] = arg(None, help="Maximum positions (default seq length).")
     vocab_size: Optional[int] = arg(None, help="Vocabulary size of the NullTokenizer, or the TikTokenizer's "
@@ -45,16 +62,20 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = arg(128, help="Pad the vocabulary to a multiple of this "
                                             "times the tensor-parallel size.")
     rotary_base: float = arg(10000.0, help="RoPE base (theta).")
-    norm_epsilon: float = arg(1e-6, help="RMSNorm epsilon.")
-    qk_layernorm: bool = arg(True, flag="--qk-layernorm", negative="--no-qk-layernorm",
-                             help="RMSNorm on queries and keys (Qwen3).")
+    norm_epsilon: float = arg(1e-5, help="Epsilon of the normalization layers.")
+    qk_layernorm: bool = arg(False, flag="--qk-layernorm", negative="--no-qk-layernorm",
+                             help="Normalization of queries and keys per head (Qwen3).")
     untie_embeddings_and_output_weights: bool = arg(False, help="Separate output layer weights.")
     init_method_std: float = arg(0.02, help="Std of the normal weight initialisation.")
-    attention_dropout: float = arg(0.0, help="Attention dropout.")
-    hidden_dropout: float = arg(0.0, help="Hidden dropout.")
-    # Mixture of experts (Megatron-LM flag names; every layer is an MoE layer when --num-experts is set).
+    attention_dropout: float = arg(0.1, help="Attention dropout.")
+    hidden_dropout: float = arg(0.1, help="Hidden dropout.")
+    # Mixture of experts (Megatron-LM flag names).
     num_experts: Optional[int] = arg(None, help="Routed experts per MoE layer (MoE when set).")
+    moe_layer_freq: str = arg("1", help="Which layers are MoE layers: N (every N-th layer, starting with the "
+                              "first) or a Python list pattern of 0/1 per layer such as \"[1,0]*4\" (Megatron-LM).")
     moe_ffn_hidden_size: Optional[int] = arg(None, help="FFN hidden size of each expert (default --ffn-hidden-size).")
+    moe_shared_expert_intermediate_size: Optional[int] = arg(None, help="FFN hidden size of the shared expert(s) "
+                                                             "every token also passes through (none when unset).")
     moe_router_topk: int = arg(2, help="Experts each token is routed to.")
     moe_router_score_function: str = arg("softmax", choices=("softmax", "sigmoid"),
                                          help="Router score function (sigmoid for expert-bias balancing).")
@@ -70,6 +91,25 @@ class ModelConfig:
     moe_token_dispatcher_type: str = arg("alltoall", choices=("allgather", "alltoall"),
                                          help="How tokens reach experts across expert-parallel ranks.")
     moe_grouped_gemm: bool = arg(False, help="Grouped GEMM for the local experts (Transformer Engine, CUDA).")
+
+    def describe(self) -> str:
+        """One line of the architecture the flags select (the start-up banner, --dry-run)."""
+        mlp = f"{'SwiGLU' if self.swiglu else 'GeLU'} MLP {self.ffn_hidden_size}"
+        if self.num_experts:
+            mlp += (f", MoE {self.num_experts} experts x {self.moe_ffn_hidden_size or self.ffn_hidden_size} "
+                    f"top-{self.moe_router_topk} (layer freq {self.moe_layer_freq})")
+            if self.moe_shared_expert_intermediate_size:
+                mlp += f" + shared {self.moe_shared_expert_intermediate_size}"
+        norm = f"{self.normalization}{'-1p' if self.apply_layernorm_1p else ''} eps {self.norm_epsilon:g}"
+        bias = "biases" if self.add_bias_linear else ("Q/K/V biases" if self.add_qkv_bias else "no biases")
+        pos = self.position_embedding_type
+        if pos == "rope":
+            pos += f" {self.rotary_percent:.0%} base {self.rotary_base:g}"
+        kv = self.num_query_groups if self.group_query_attention else self.num_attention_heads
+        attention = f"{self.num_attention_heads} heads / {kv} kv x {self.kv_channels}"
+        return ", ".join([mlp, norm, bias, pos, attention] + (["QK-norm"] if self.qk_layernorm else [])
+                         + [f"dropout {self.attention_dropout:g}/{self.hidden_dropout:g}",
+                            "untied output" if self.untie_embeddings_and_output_weights else "tied output"])
 
 
 @dataclass
@@ -146,6 +186,8 @@ class TrainingConfig:
     # models.gpt.transformer_config); the unfused paths compute the same values.
     bias_swiglu_fusion: bool = arg(True, flag="--bias-swiglu-fusion", negative="--no-bias-swiglu-fusion",
                                    help="Fused SwiGLU (CUDA).")
+    bias_gelu_fusion: bool = arg(True, flag="--bias-gelu-fusion", negative="--no-bias-gelu-fusion",
+                                 help="Fused bias + GeLU (CUDA; needs the linear layers' biases).")
     apply_rope_fusion: bool = arg(True, flag="--rope-fusion", negative="--no-rope-fusion",
                                   help="Transformer Engine's fused RoPE (CUDA with TE).")
     gradient_accumulation_fusion: bool = arg(True, flag="--gradient-accumulation-fusion",
@@ -366,11 +408,19 @@ class RunConfig:
             sub = _SECTIONS.get(f.name)
             if sub is not None:
                 known = {sf.name for sf in dataclasses.fields(sub)}
+                if f.name == "model" and "swiglu" not in value:
+                    value = {**LEGACY_ARCHITECTURE, **value}
                 kwargs[f.name] = sub(**{k: v for k, v in value.items() if k in known})
             else:
                 kwargs[f.name] = value
         return cls(**kwargs)
 
+
+# Run configurations recorded before the architecture flags existed (checkpoints' run_config.json)
+# describe the one architecture the model code then built: SwiGLU, RMSNorm, no biases, RoPE, and the
+# given --num-query-groups.
+LEGACY_ARCHITECTURE = dict(swiglu=True, normalization="RMSNorm", add_bias_linear=False,
+                           position_embedding_type="rope", group_query_attention=True)
 
 _SECTIONS = {
     "model": ModelConfig, "parallel": ParallelConfig, "optimizer": OptimizerConfig,

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
+from typing import Optional
 
 from megatron_rpt.config.schema import RunConfig
 
@@ -26,8 +28,13 @@ class ConfigError(ValueError):
 def _complete_defaults(cfg: RunConfig, world_size: int) -> None:
     """Derived values Megatron-LM also derives (filled in place, only where unset)."""
     m, p, t, o = cfg.model, cfg.parallel, cfg.training, cfg.optimizer
-    if m.num_query_groups is None:
+    if m.group_query_attention and m.num_query_groups is None:
+        m.num_query_groups = 1   # Megatron-LM's default of --num-query-groups
+    elif not m.group_query_attention and m.num_query_groups is None:
         m.num_query_groups = m.num_attention_heads
+    if m.ffn_hidden_size is None and m.hidden_size:
+        # Megatron-LM: 4h, or with SwiGLU 2/3 of that (two input projections) rounded down to 64.
+        m.ffn_hidden_size = int(4 * m.hidden_size * 2 / 3 / 64) * 64 if m.swiglu else 4 * m.hidden_size
     if m.kv_channels is None and m.hidden_size and m.num_attention_heads:
         m.kv_channels = m.hidden_size // m.num_attention_heads
     if m.max_position_embeddings is None:
@@ -47,6 +54,33 @@ def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
     p = cfg.parallel
     return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size
                           * p.context_parallel_size)
+
+
+_PATTERN = re.compile(r"[\[\]0-9,*+() ]+")
+
+
+def moe_layer_pattern(m) -> Optional[list[int]]:
+    """--moe-layer-freq as one 0/1 per layer (1: MoE layer), Megatron-LM's meaning: N -> every N-th
+    layer from the first; "[1,0]*4" -> that list. None for a dense model; ValueError names the flag."""
+    if not m.num_experts:
+        return None
+    text = str(m.moe_layer_freq).strip()
+    if text.isdigit():
+        n = int(text)
+        if n < 1:
+            raise ValueError(f"--moe-layer-freq {text} must be >= 1")
+        return [1 if i % n == 0 else 0 for i in range(m.num_layers or 0)]
+    if not _PATTERN.fullmatch(text):
+        raise ValueError(f"--moe-layer-freq {text!r}: expected N or a list pattern such as \"[1,0]*4\"")
+    try:
+        pattern = eval(text, {"__builtins__": {}}, {})  # noqa: S307 - digits, brackets, , * + only
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"--moe-layer-freq {text!r} is not a list pattern: {e}") from None
+    if not isinstance(pattern, list) or any(x not in (0, 1) for x in pattern):
+        raise ValueError(f"--moe-layer-freq {text!r} must give a list of 0/1")
+    if m.num_layers is not None and len(pattern) != m.num_layers:
+        raise ValueError(f"--moe-layer-freq {text!r} gives {len(pattern)} layers, --num-layers is {m.num_layers}")
+    return pattern
 
 
 def fp8_row_multiple(cfg: RunConfig) -> int:
@@ -162,6 +196,42 @@ def _check_moe(cfg: RunConfig, world_size: int) -> list[str]:
     return problems
 
 
+def _check_architecture(cfg: RunConfig) -> list[str]:
+    """The architecture flags among themselves (Megatron-LM's checks, plus what it would accept and
+    then build differently)."""
+    m, out = cfg.model, []
+    if not 0.0 < m.rotary_percent <= 1.0:
+        out.append(f"--rotary-percent must be in (0, 1] (got {m.rotary_percent})")
+    elif m.position_embedding_type == "rope" and m.kv_channels and int(m.kv_channels * m.rotary_percent) % 2:
+        out.append(f"--rotary-percent {m.rotary_percent} of head dimension {m.kv_channels} rotates "
+                   f"{int(m.kv_channels * m.rotary_percent)} dimensions; RoPE rotates pairs (an even number)")
+    for flag, value in (("--attention-dropout", m.attention_dropout), ("--hidden-dropout", m.hidden_dropout)):
+        if not 0.0 <= value < 1.0:
+            out.append(f"{flag} must be in [0, 1) (got {value})")
+    if not m.norm_epsilon > 0:
+        out.append(f"--norm-epsilon must be > 0 (got {m.norm_epsilon})")
+    if m.seq_length and m.max_position_embeddings and m.max_position_embeddings < m.seq_length:
+        out.append(f"--max-position-embeddings {m.max_position_embeddings} < --seq-length {m.seq_length} "
+                   "(Megatron-LM requires max positions >= sequence length)")
+    try:
+        moe_layer_pattern(m)
+    except ValueError as e:
+        out.append(str(e))
+    if str(m.moe_layer_freq).strip() != "1" and not m.num_experts:
+        out.append(f"--moe-layer-freq {m.moe_layer_freq} needs --num-experts (a dense model has no MoE layers)")
+    shared = m.moe_shared_expert_intermediate_size
+    if shared is not None:
+        if not m.num_experts:
+            out.append("--moe-shared-expert-intermediate-size needs --num-experts")
+        if shared < 1 or shared % cfg.parallel.tensor_model_parallel_size:
+            out.append(f"--moe-shared-expert-intermediate-size {shared} must be >= 1 and divisible by "
+                       f"--tensor-model-parallel-size {cfg.parallel.tensor_model_parallel_size}")
+    if m.num_experts and m.add_bias_linear and m.moe_grouped_gemm:
+        out.append("--moe-grouped-gemm has no biases: add --disable-bias-linear (Megatron-Core's grouped experts "
+                   "refuse linear biases)")
+    return out
+
+
 def check_config(cfg: RunConfig, world_size: int) -> list[str]:
     """Fill derived defaults; one message per problem of the flags among themselves and against the
     world size (the loss's and the data's flags are checked by their packages: `megatron_rpt.validate`)."""
@@ -175,7 +245,6 @@ def check_config(cfg: RunConfig, world_size: int) -> list[str]:
                             else f"{flag} is required")
 
     for flag, value in (("--num-layers", m.num_layers), ("--hidden-size", m.hidden_size),
-                        ("--ffn-hidden-size", m.ffn_hidden_size),
                         ("--num-attention-heads", m.num_attention_heads), ("--seq-length", m.seq_length),
                         ("--lr", o.lr), ("--train-iters", t.train_iters)):
         need(value, flag)
@@ -188,6 +257,7 @@ def check_config(cfg: RunConfig, world_size: int) -> list[str]:
             problems.append(f"{flag} must be >= 1 (got {value})")
     if problems and any("must be >= 1" in x for x in problems):
         raise ConfigError(problems)
+    problems.extend(_check_architecture(cfg))
     if t.exit_duration_in_mins is not None and not t.exit_duration_in_mins > 0:
         problems.append(f"--exit-duration-in-mins must be > 0 (got {t.exit_duration_in_mins})")
     if t.exit_interval is not None and t.exit_interval < 1:
@@ -215,6 +285,10 @@ def check_config(cfg: RunConfig, world_size: int) -> list[str]:
             if m.num_query_groups % tp:
                 problems.append(f"--num-query-groups {m.num_query_groups} is not divisible by "
                                 f"--tensor-model-parallel-size {tp}")
+        if not m.group_query_attention and m.num_query_groups != m.num_attention_heads:
+            problems.append(f"--num-query-groups {m.num_query_groups} without --group-query-attention: Megatron-LM "
+                            "ignores it and builds multi-head attention; add --group-query-attention (or drop "
+                            "--num-query-groups)")
         if m.kv_channels is None and m.hidden_size and m.hidden_size % m.num_attention_heads:
             problems.append(f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
                             f"{m.num_attention_heads}; set --kv-channels")
@@ -317,6 +391,11 @@ def validate_platform(cfg: RunConfig, platform, gpu=None) -> None:
         problems.append(f"--context-parallel-size {cp} needs Transformer Engine's attention (TEDotProductAttention; "
                         f"Megatron-Core's local attention has no context parallelism); this platform has none "
                         f"({where}): use --context-parallel-size 1")
+    if cfg.model.apply_layernorm_1p and not (platform.transformer_engine or platform.apex):
+        # Megatron-Core's torch norm (WrappedTorchNorm, the local spec without Apex) asserts
+        # layernorm_zero_centered_gamma is off; TE's and Apex's norms have it.
+        problems.append("--apply-layernorm-1p needs Transformer Engine or Apex norms (Megatron-Core's torch norm "
+                        f"has no zero-centred weights); this {platform.device_type} run has neither")
     f = cfg.fp8
     if f.fp8_format:
         flag = f"--fp8-format {f.fp8_format}"
@@ -355,6 +434,12 @@ def check_rpt_config(cfg: RunConfig, world_size: int, *, check_files: bool = Tru
         problems.append(f"--rpt-data: {r.rpt_data} not found")
     if r.rpt_eval_data is not None and check_files and not os.path.isfile(r.rpt_eval_data):
         problems.append(f"--rpt-eval-data: {r.rpt_eval_data} not found")
+    if m.attention_dropout or m.hidden_dropout:
+        # The rollouts, the old-policy recompute and the update must score one policy; with dropout every
+        # forward is a different random sub-network, so the first ratio is not 1 and the clip acts on noise.
+        problems.append(f"--attention-dropout {m.attention_dropout:g} / --hidden-dropout {m.hidden_dropout:g}: GRPO "
+                        "needs the same policy in rollouts, old-policy log-probs and the update; pass "
+                        "--attention-dropout 0 --hidden-dropout 0 (Megatron-LM's defaults are 0.1)")
     if r.rpt_contexts_per_step < 1:
         problems.append(f"--rpt-contexts-per-step must be >= 1 (got {r.rpt_contexts_per_step})")
     if r.rpt_group_size < 2:
@@ -461,6 +546,6 @@ def check_rpt_config(cfg: RunConfig, world_size: int, *, check_files: bool = Tru
     return problems
 
 
-_SHAPE_FLAGS = {"--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads", "--seq-length"}
+_SHAPE_FLAGS = {"--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length"}
 
 

@@ -33,6 +33,7 @@ import torch
 from megatron_rpt.checkpoint.layout import publish_folder, read_run_config
 from megatron_rpt.convert.hf_config import architecture, model_flags_from_hf, shape_from_hf
 from megatron_rpt.convert.mapping import Shape, expand, family_rules, hf_names, to_hf, to_megatron
+from megatron_rpt.models.flops import kv_groups
 
 SHARD_BYTES = 2 * 10**9   # --max-shard-size default (2GB)
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -229,10 +230,11 @@ def _bar(total: int, desc: str, enabled: bool):
 def _hf_config(cfg, arch: str, vocab_size: int, dtype: str) -> dict:
     m = cfg.model
     config = {
-        "architectures": [arch], "model_type": {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3",
-                                                "Qwen3MoeForCausalLM": "qwen3_moe"}[arch],
+        "architectures": [arch], "model_type": {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                                                "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe",
+                                                "MixtralForCausalLM": "mixtral"}[arch],
         "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size, "num_hidden_layers": m.num_layers,
-        "num_attention_heads": m.num_attention_heads, "num_key_value_heads": m.num_query_groups or m.num_attention_heads,
+        "num_attention_heads": m.num_attention_heads, "num_key_value_heads": kv_groups(m),
         "head_dim": m.kv_channels or m.hidden_size // m.num_attention_heads, "vocab_size": vocab_size,
         "max_position_embeddings": m.max_position_embeddings or m.seq_length, "rms_norm_eps": m.norm_epsilon,
         "rope_theta": m.rotary_base, "rope_parameters": {"rope_theta": m.rotary_base, "rope_type": "default"},
@@ -244,18 +246,39 @@ def _hf_config(cfg, arch: str, vocab_size: int, dtype: str) -> dict:
         config.update(num_experts=m.num_experts, num_experts_per_tok=m.moe_router_topk,
                       moe_intermediate_size=m.moe_ffn_hidden_size or m.ffn_hidden_size, norm_topk_prob=True,
                       decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=m.moe_aux_loss_coeff)
+    if arch == "MixtralForCausalLM":   # intermediate_size is each expert's
+        config.update(num_local_experts=m.num_experts, num_experts_per_tok=m.moe_router_topk,
+                      intermediate_size=m.moe_ffn_hidden_size or m.ffn_hidden_size, sliding_window=None,
+                      router_aux_loss_coef=m.moe_aux_loss_coeff, router_jitter_noise=0.0)
+    if arch == "Qwen2ForCausalLM":
+        config.pop("attention_bias")   # Qwen2 always has Q/K/V biases (no such field)
+        config.update(use_sliding_window=False, sliding_window=None)
     return config
 
 
 def _export_architecture(cfg) -> str:
     m = cfg.model
+    # What every exported family shares; anything else has no Hugging Face architecture here.
+    family = {"--swiglu": m.swiglu, "--normalization RMSNorm": m.normalization == "RMSNorm",
+              "--disable-bias-linear": not m.add_bias_linear, "--position-embedding-type rope":
+              m.position_embedding_type == "rope", "--rotary-percent 1.0": m.rotary_percent == 1.0,
+              "no --apply-layernorm-1p": not m.apply_layernorm_1p,
+              "no --moe-shared-expert-intermediate-size": not m.moe_shared_expert_intermediate_size,
+              "--moe-layer-freq 1": str(m.moe_layer_freq).strip() == "1"}
+    missing = [flag for flag, ok in family.items() if not ok]
+    if missing:
+        raise ConversionError("no Hugging Face architecture to export this model to: the exported families "
+                              "(Llama, Qwen2, Qwen3, Qwen3-MoE, Mixtral) need " + ", ".join(missing))
+    if m.add_qkv_bias and (m.qk_layernorm or m.num_experts):
+        raise ConversionError("Q/K/V biases are exported as Qwen2, which has no QK-norm and no experts; "
+                              "no Hugging Face architecture has this combination here")
     if m.num_experts:
         if m.moe_router_score_function != "softmax" or m.moe_router_enable_expert_bias:
-            raise ConversionError("this MoE uses a sigmoid router with a per-expert bias, which Qwen3MoeForCausalLM "
+            raise ConversionError("this MoE uses a sigmoid router with a per-expert bias, which Qwen3-MoE and Mixtral "
                                   "cannot represent (softmax top-k only); no Hugging Face architecture to export to")
-        if not m.qk_layernorm:
-            raise ConversionError("MoE without QK-norm has no Hugging Face architecture here (Qwen3-MoE has QK-norm)")
-        return "Qwen3MoeForCausalLM"
+        return "Qwen3MoeForCausalLM" if m.qk_layernorm else "MixtralForCausalLM"
+    if m.add_qkv_bias:
+        return "Qwen2ForCausalLM"
     return "Qwen3ForCausalLM" if m.qk_layernorm else "LlamaForCausalLM"
 
 

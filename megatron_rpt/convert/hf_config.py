@@ -37,8 +37,9 @@ def model_flags_from_hf(c: dict) -> dict[str, Any]:
     arch = architecture(c)
     for key in ("attention_bias", "mlp_bias"):
         if c.get(key):
-            raise ValueError(f"config.json: {key}=true is not supported (the Megatron model has no biases)")
-    if c.get("use_sliding_window") or (arch == "LlamaForCausalLM" and c.get("sliding_window")):
+            raise ValueError(f"config.json: {key}=true is not supported (the Megatron model has biases on Q/K/V "
+                             "only for Qwen2, none elsewhere)")
+    if c.get("use_sliding_window") or (arch in ("LlamaForCausalLM", "MixtralForCausalLM") and c.get("sliding_window")):
         raise ValueError("config.json: sliding-window attention is not supported")
     if c.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json: hidden_act {c.get('hidden_act')!r} is not supported (SwiGLU with silu only)")
@@ -48,8 +49,12 @@ def model_flags_from_hf(c: dict) -> dict[str, Any]:
         num_attention_heads=heads, num_query_groups=c.get("num_key_value_heads") or heads,
         kv_channels=c.get("head_dim") or c["hidden_size"] // heads,
         max_position_embeddings=c["max_position_embeddings"], rotary_base=_rope_theta(c),
-        norm_epsilon=float(c["rms_norm_eps"]), qk_layernorm=arch != "LlamaForCausalLM",
-        untie_embeddings_and_output_weights=not c.get("tie_word_embeddings", False))
+        norm_epsilon=float(c["rms_norm_eps"]), qk_layernorm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+        add_qkv_bias=arch == "Qwen2ForCausalLM",
+        untie_embeddings_and_output_weights=not c.get("tie_word_embeddings", False),
+        # The families' architecture, stated (Megatron-LM's defaults are a GeLU/LayerNorm GPT):
+        swiglu=True, normalization="RMSNorm", add_bias_linear=False, position_embedding_type="rope",
+        group_query_attention=True, attention_dropout=0.0, hidden_dropout=0.0)
     if arch == "Qwen3MoeForCausalLM":
         if c.get("mlp_only_layers") or c.get("decoder_sparse_step", 1) != 1:
             raise ValueError("config.json: dense layers inside a Qwen3-MoE model (mlp_only_layers / "
@@ -62,6 +67,15 @@ def model_flags_from_hf(c: dict) -> dict[str, Any]:
                      moe_router_score_function="softmax", moe_router_load_balancing_type="aux_loss",
                      moe_aux_loss_coeff=float(c.get("router_aux_loss_coef", 0.0)), moe_router_dtype="fp32",
                      moe_router_enable_expert_bias=False)
+    if arch == "MixtralForCausalLM":
+        if c.get("router_jitter_noise"):
+            raise ValueError("config.json: router_jitter_noise is not supported (Megatron's router has no jitter)")
+        # Mixtral's intermediate_size is each expert's; its router renormalises the top-k (softmax over them).
+        flags.update(num_experts=c["num_local_experts"], moe_ffn_hidden_size=c["intermediate_size"],
+                     moe_router_topk=c["num_experts_per_tok"], moe_router_score_function="softmax",
+                     moe_router_load_balancing_type="aux_loss",
+                     moe_aux_loss_coeff=float(c.get("router_aux_loss_coef", 0.0)), moe_router_dtype="fp32",
+                     moe_router_enable_expert_bias=False)
     return flags
 
 
@@ -72,27 +86,3 @@ def shape_from_hf(c: dict, padded_vocab_size: Optional[int] = None) -> Shape:
                  head_dim=f["kv_channels"], vocab_size=c["vocab_size"],
                  padded_vocab_size=padded_vocab_size or c["vocab_size"],
                  tied=not f["untie_embeddings_and_output_weights"], num_experts=f.get("num_experts") or 0)
-
-
-def model_flags_argv(flags: dict[str, Any]) -> list[str]:
-    """`model_flags_from_hf` output as command-line flags of mrpt-pretrain / mrpt-rpt: a False
-    boolean whose default is True becomes its negative flag (e.g. --no-qk-layernorm)."""
-    import dataclasses
-
-    from megatron_rpt.config.schema import ModelConfig
-    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
-    argv: list[str] = []
-    for name, value in flags.items():
-        meta = fields[name].metadata
-        flag = meta.get("flag") or "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            if value != fields[name].default:
-                if value:
-                    argv.append(flag)
-                elif meta.get("negative"):
-                    argv.append(meta["negative"])
-                else:
-                    raise ValueError(f"{name}=False has no command-line flag")
-        else:
-            argv += [flag, str(value)]
-    return argv

@@ -8,14 +8,17 @@ and how the Megatron side is split over tensor-parallel ranks:
 - `vocab`: embedding / output layer; Megatron pads the vocabulary (zero rows) and splits rows.
 - `column` / `row`: a linear layer split along dim 0 / dim 1.
 - `qkv`: Megatron's fused QKV, grouped per query group as [q heads of the group, k, v]
-  (GQA interleave) from HF's separate q/k/v projections; split over TP by query groups.
+  (GQA interleave) from HF's separate q/k/v projections (weights, or biases: Qwen2); split over TP
+  by query groups.
 - `gated`: Megatron's fc1 = [gate; up] from HF's gate_proj and up_proj; each TP rank holds
   [gate shard; up shard].
 
 `to_megatron` builds one Megatron tensor (a TP shard) from the HF tensors it needs and
 `to_hf` inverts it from the full (TP-merged) Megatron tensor, one parameter at a time, so a
-converter streams tensor by tensor. Families: Llama (LlamaForCausalLM), Qwen3 (Qwen3ForCausalLM:
-Llama + QK-norm), Qwen3-MoE (Qwen3MoeForCausalLM: routed experts, softmax router).
+converter streams tensor by tensor. Families: Llama (LlamaForCausalLM), Qwen2 (Qwen2ForCausalLM:
+Llama + Q/K/V biases; the DeepSeek-R1-Distill-Qwen models), Qwen3 (Qwen3ForCausalLM: Llama + QK-norm),
+Qwen3-MoE (Qwen3MoeForCausalLM: routed experts, softmax router, QK-norm), Mixtral
+(MixtralForCausalLM: routed experts w1/w3/w2, softmax router).
 """
 
 from __future__ import annotations
@@ -64,6 +67,11 @@ _ATTENTION = (
     Rule("decoder.layers.{L}.pre_mlp_layernorm.weight", ("model.layers.{L}.post_attention_layernorm.weight",),
          "replicated"),
 )
+_QKV_BIAS = (
+    Rule("decoder.layers.{L}.self_attention.linear_qkv.bias",
+         ("model.layers.{L}.self_attn.q_proj.bias", "model.layers.{L}.self_attn.k_proj.bias",
+          "model.layers.{L}.self_attn.v_proj.bias"), "qkv"),
+)
 _QK_NORM = (
     Rule("decoder.layers.{L}.self_attention.q_layernorm.weight", ("model.layers.{L}.self_attn.q_norm.weight",),
          "replicated"),
@@ -83,6 +91,14 @@ _MOE_MLP = (
     Rule("decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc2.weight",
          ("model.layers.{L}.mlp.experts.{E}.down_proj.weight",), "row", per_expert=True),
 )
+_MIXTRAL_MOE = (
+    Rule("decoder.layers.{L}.mlp.router.weight", ("model.layers.{L}.block_sparse_moe.gate.weight",), "replicated"),
+    Rule("decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc1.weight",
+         ("model.layers.{L}.block_sparse_moe.experts.{E}.w1.weight",
+          "model.layers.{L}.block_sparse_moe.experts.{E}.w3.weight"), "gated", per_expert=True),
+    Rule("decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc2.weight",
+         ("model.layers.{L}.block_sparse_moe.experts.{E}.w2.weight",), "row", per_expert=True),
+)
 _OUTER = (
     Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"),
     Rule("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated"),
@@ -91,8 +107,10 @@ _OUTPUT = Rule("output_layer.weight", ("lm_head.weight",), "vocab")
 
 FAMILIES: dict[str, tuple[Rule, ...]] = {
     "LlamaForCausalLM": _OUTER + _ATTENTION + _DENSE_MLP,
+    "Qwen2ForCausalLM": _OUTER + _ATTENTION + _QKV_BIAS + _DENSE_MLP,
     "Qwen3ForCausalLM": _OUTER + _ATTENTION + _QK_NORM + _DENSE_MLP,
     "Qwen3MoeForCausalLM": _OUTER + _ATTENTION + _QK_NORM + _MOE_MLP,
+    "MixtralForCausalLM": _OUTER + _ATTENTION + _MIXTRAL_MOE,
 }
 
 
@@ -146,12 +164,12 @@ def to_megatron(rule: Rule, hf: list[torch.Tensor], shape: Shape, tp_rank: int =
     if k == "gated":
         gate, up = hf
         return torch.cat([_split(gate, 0, tp_rank, tp_size, name), _split(up, 0, tp_rank, tp_size, name)], dim=0)
-    # qkv: [groups, (heads/groups) q + k + v, d, h] then split by groups
+    # qkv: [groups, (heads/groups) q + k + v, d (, h)] then split by groups; a bias has no h
     q, key, v = hf
-    g, d, h = shape.num_query_groups, shape.head_dim, q.shape[1]
+    g, d, rest = shape.num_query_groups, shape.head_dim, tuple(q.shape[1:])
     per = shape.num_attention_heads // g
-    fused = torch.cat([q.reshape(g, per * d, h), key.reshape(g, d, h), v.reshape(g, d, h)], dim=1)
-    return _split(fused, 0, tp_rank, tp_size, name).reshape(-1, h)
+    fused = torch.cat([q.reshape(g, per * d, *rest), key.reshape(g, d, *rest), v.reshape(g, d, *rest)], dim=1)
+    return _split(fused, 0, tp_rank, tp_size, name).reshape(-1, *rest)
 
 
 def merge_tp(rule: Rule, shards: list[torch.Tensor], shape: Shape) -> torch.Tensor:
@@ -180,11 +198,11 @@ def to_hf(rule: Rule, full: torch.Tensor, shape: Shape) -> list[torch.Tensor]:
         return [gate.clone(), up.clone()]
     g, d = shape.num_query_groups, shape.head_dim
     per = shape.num_attention_heads // g
-    h = full.shape[1]
-    grouped = full.reshape(g, (per + 2) * d, h)
-    q = grouped[:, : per * d].reshape(-1, h)
-    key = grouped[:, per * d: (per + 1) * d].reshape(-1, h)
-    v = grouped[:, (per + 1) * d:].reshape(-1, h)
+    rest = tuple(full.shape[1:])   # (h,) for a weight, () for a bias
+    grouped = full.reshape(g, (per + 2) * d, *rest)
+    q = grouped[:, : per * d].reshape(-1, *rest)
+    key = grouped[:, per * d: (per + 1) * d].reshape(-1, *rest)
+    v = grouped[:, (per + 1) * d:].reshape(-1, *rest)
     return [q.clone(), key.clone(), v.clone()]
 
 

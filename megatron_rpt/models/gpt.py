@@ -1,8 +1,12 @@
-"""Qwen3-style GPT built from Megatron-Core's GPTModel: TransformerConfig, layer spec, model chunks.
+"""The GPT built from Megatron-Core's GPTModel: TransformerConfig, layer spec, model chunks.
 
-RMSNorm, SwiGLU, RoPE, grouped-query attention, QK-norm, no biases, tied or untied embeddings.
-Transformer Engine specs are used when the platform has TE on CUDA, Megatron-Core's local specs
-otherwise (the same modules the CPU path tests).
+The architecture follows Megatron-LM's flags as pretrain_gpt.py maps them (`transformer_config`,
+`build_model_chunks`): MLP GeLU or SwiGLU, LayerNorm or RMSNorm (optionally zero-centred),
+biases on all linear layers / on Q,K,V only / none, learned absolute positions, RoPE (partial with
+--rotary-percent) or none, multi-head or grouped-query attention, optional QK-norm, dense or MoE
+layers (--moe-layer-freq, shared experts), tied or untied embeddings. Transformer Engine specs are
+used when the platform has TE on CUDA, Megatron-Core's local specs otherwise (the same modules the
+CPU path tests).
 
 The per-token head: training and RPT pass labels into the model, as Megatron-LM does, and the
 model computes a per-token function of its vocab-parallel logits right where the output layer
@@ -27,9 +31,9 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
-from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_rpt.config.schema import RunConfig
+from megatron_rpt.config.validation import moe_layer_pattern
 from megatron_rpt.platform import Platform
 
 
@@ -111,14 +115,17 @@ def transformer_config(cfg: RunConfig, platform: Platform) -> TransformerConfig:
         hidden_size=m.hidden_size,
         ffn_hidden_size=m.ffn_hidden_size,
         num_attention_heads=m.num_attention_heads,
-        num_query_groups=m.num_query_groups,
+        # As Megatron-LM: without --group-query-attention, multi-head attention.
+        num_query_groups=m.num_query_groups if m.group_query_attention else None,
         kv_channels=m.kv_channels,
-        normalization="RMSNorm",
+        normalization=m.normalization,
         layernorm_epsilon=m.norm_epsilon,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
+        layernorm_zero_centered_gamma=m.apply_layernorm_1p,
+        gated_linear_unit=m.swiglu,
+        activation_func=F.silu if m.swiglu else F.gelu,
+        add_bias_linear=m.add_bias_linear,
+        # Megatron-LM keeps the two in sync: biases on every linear layer include Q/K/V's.
+        add_qkv_bias=m.add_qkv_bias or m.add_bias_linear,
         qk_layernorm=m.qk_layernorm,
         attention_dropout=m.attention_dropout,
         hidden_dropout=m.hidden_dropout,
@@ -152,10 +159,12 @@ def fusion_config(cfg: RunConfig, platform: Platform) -> dict:
     Masked-softmax and persistent-layer-norm fusions only concern the local (non-TE) layers, which
     run on CPU or on CUDA without TE, and stay off.
     """
-    t, cuda = cfg.training, platform.device_type == "cuda"
+    t, m, cuda = cfg.training, cfg.model, platform.device_type == "cuda"
+    # As Megatron-LM: the SwiGLU or the GeLU fusion by the activation; bias + GeLU needs the bias.
+    activation = t.bias_swiglu_fusion if m.swiglu else (t.bias_gelu_fusion and m.add_bias_linear)
     return dict(
-        bias_activation_fusion=cuda and t.bias_swiglu_fusion,
-        apply_rope_fusion=platform.transformer_engine and t.apply_rope_fusion,
+        bias_activation_fusion=cuda and activation,
+        apply_rope_fusion=platform.transformer_engine and t.apply_rope_fusion and m.position_embedding_type == "rope",
         gradient_accumulation_fusion=platform.wgrad_accumulation_fusion and t.gradient_accumulation_fusion,
         bias_dropout_fusion=cuda,
         masked_softmax_fusion=False,
@@ -195,6 +204,8 @@ def moe_config(cfg: RunConfig) -> dict:
     return dict(
         num_moe_experts=m.num_experts,
         moe_ffn_hidden_size=m.moe_ffn_hidden_size or m.ffn_hidden_size,
+        moe_layer_freq=moe_layer_pattern(m),
+        moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
         moe_router_topk=m.moe_router_topk,
         moe_router_score_function=m.moe_router_score_function,
         moe_router_load_balancing_type=m.moe_router_load_balancing_type,
@@ -210,17 +221,25 @@ def moe_config(cfg: RunConfig) -> dict:
     )
 
 
-def layer_spec(cfg: RunConfig, platform: Platform) -> ModuleSpec:
-    """Transformer Engine layers on CUDA with TE, Megatron-Core's local ones otherwise (dense or MoE)."""
+def layer_spec(cfg: RunConfig, platform: Platform, config: TransformerConfig | None = None,
+               vp_stage: Optional[int] = None, pp_rank: Optional[int] = None):
+    """Transformer Engine layers on CUDA with TE, Megatron-Core's local ones otherwise. Dense: one layer
+    spec for every layer. MoE: Megatron-Core's decoder block spec (as pretrain_gpt.py builds it), which
+    makes the layers --moe-layer-freq selects MoE layers and the others dense, for one pipeline stage
+    (`pp_rank`, default this rank's; `vp_stage`: its virtual stage)."""
     m = cfg.model
-    moe = dict(num_experts=m.num_experts, moe_grouped_gemm=m.moe_grouped_gemm) if m.num_experts else {}
-    if platform.transformer_engine:
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=m.qk_layernorm, **moe)
-    if m.moe_grouped_gemm:
+    if m.moe_grouped_gemm and not platform.transformer_engine:
         raise ValueError("--moe-grouped-gemm needs Transformer Engine on CUDA (this platform has none); "
                          "drop the flag to use the sequential experts")
-    return get_gpt_layer_local_spec(qk_layernorm=m.qk_layernorm, normalization="RMSNorm", **moe)
+    if m.num_experts:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+        return get_gpt_decoder_block_spec(config or transformer_config(cfg, platform),
+                                          use_transformer_engine=platform.transformer_engine,
+                                          normalization=m.normalization, vp_stage=vp_stage, pp_rank=pp_rank)
+    if platform.transformer_engine:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=m.qk_layernorm)
+    return get_gpt_layer_local_spec(qk_layernorm=m.qk_layernorm, normalization=m.normalization)
 
 
 def build_model_chunks(cfg: RunConfig, platform: Platform, vocab_size: int, device: torch.device,
@@ -230,11 +249,11 @@ def build_model_chunks(cfg: RunConfig, platform: Platform, vocab_size: int, devi
     `vocab_size` is the padded vocabulary size (see `padded_vocab_size`).
     """
     config = config or transformer_config(cfg, platform)
-    spec = layer_spec(cfg, platform)
     vp = num_virtual_stages(cfg)
     chunks = []
     for stage in range(vp or 1):
         vp_stage = stage if vp else None
+        spec = layer_spec(cfg, platform, config, vp_stage)
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
         model = TokenHeadGPTModel(
@@ -246,7 +265,8 @@ def build_model_chunks(cfg: RunConfig, platform: Platform, vocab_size: int, devi
             post_process=post,
             parallel_output=True,
             share_embeddings_and_output_weights=not cfg.model.untie_embeddings_and_output_weights,
-            position_embedding_type="rope",
+            position_embedding_type=cfg.model.position_embedding_type,
+            rotary_percent=cfg.model.rotary_percent,
             rotary_base=int(cfg.model.rotary_base),
             vp_stage=vp_stage,
         )

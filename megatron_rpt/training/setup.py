@@ -88,6 +88,7 @@ def setup_job(cfg: RunConfig, *, validate: Optional[Callable[[RunConfig, int], A
         f"{params.total / 1e6:.2f}M ({params.non_embedding / 1e6:.2f}M non-embedding"
         + (f"; active {params.active / 1e6:.2f}M, {params.active_non_embedding / 1e6:.2f}M non-embedding"
            if params.active != params.total else "") + "); "
-        f"{flops_per_token / 1e9:.3f} GFLOP per trained token")
+        f"{flops_per_token / 1e9:.3f} GFLOP per trained token\n"
+        f"> architecture: {m.describe()}")
     return Job(platform=platform, env=env, device=device, tokenizer=tokenizer, vocab_size=vocab, state=state,
                flops_per_token=flops_per_token)

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.cli import run_python
+from megatron_rpt.config.arguments import model_flags_argv
+from megatron_rpt.config.presets import QWEN3_FAMILY
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
@@ -24,6 +26,8 @@ import sys, torch, transformers
 arch, out, tied = sys.argv[1], sys.argv[2], sys.argv[3] == "tied"
 cls = getattr(transformers, arch)
 moe = dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True) if "Moe" in arch else {}
+if arch == "MixtralForCausalLM":
+    moe = dict(num_local_experts=4, num_experts_per_tok=2)
 config = getattr(transformers, cls.config_class.__name__)(
     architectures=[arch], hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=16, vocab_size=200, max_position_embeddings=64, rms_norm_eps=1e-6,
@@ -34,6 +38,8 @@ with torch.no_grad():
     for name, p in model.named_parameters():
         if "norm" in name:
             p.uniform_(0.5, 1.5)
+        elif name.endswith(".bias"):
+            p.normal_(0.0, 0.5)
 model.save_pretrained(out)
 """
 
@@ -69,7 +75,7 @@ def compare(a, b) -> dict:
 
 
 @pytest.mark.parametrize("arch,tied", [("LlamaForCausalLM", "untied"), ("Qwen3ForCausalLM", "tied"),
-                                       ("Qwen3MoeForCausalLM", "untied")])
+                                       ("Qwen3MoeForCausalLM", "untied"), ("Qwen2ForCausalLM", "tied")])
 def test_round_trip_is_bit_exact_and_transformers_loads_it(tmp_path, arch, tied):
     hf, ckpt, out = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "out"
     run(sys.executable, "-c", MAKE, arch, hf, tied)
@@ -96,7 +102,7 @@ def test_imported_checkpoint_trains_at_tp2_or_pp2_and_exports_identically(tmp_pa
     convert("import", "--hf-dir", hf, "--save", ckpt)
     proc = run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
                "megatron_rpt.pretrain",
-               "--load", ckpt, "--save", run_dir, "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "96",
+               "--load", ckpt, "--save", run_dir, *model_flags_argv(QWEN3_FAMILY), "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "96",
                "--num-attention-heads", "4", "--num-query-groups", "2", "--kv-channels", "16",
                "--max-position-embeddings", "64", "--seq-length", "16", "--norm-epsilon", "1e-6",
                "--untie-embeddings-and-output-weights", "--mock-data", "--tokenizer-type", "NullTokenizer",

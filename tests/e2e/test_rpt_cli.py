@@ -6,10 +6,12 @@ import sys
 from pathlib import Path
 
 from tests.cli import run_python
+from megatron_rpt.config.arguments import model_flags_argv
+from megatron_rpt.config.presets import QWEN3_FAMILY
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
-MODEL = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
+MODEL = [*model_flags_argv(QWEN3_FAMILY), "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4", "--num-query-groups", "4",
          "--seq-length", "64", "--tokenizer-type", "NullTokenizer", "--vocab-size", "255", "--lr", "1e-3",
          "--train-iters", "2"]
 

@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from megatron_rpt.config.arguments import model_flags_argv
+from megatron_rpt.config.presets import QWEN3_FAMILY
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,7 +40,7 @@ def _hopper() -> bool:
 pytestmark = pytest.mark.skipif(not _cuda_te(), reason="needs CUDA and Transformer Engine")
 
 # A small model whose GEMM shapes satisfy TE's FP8 rule (multiples of 16); mock data are learnable.
-MODEL = ["--num-layers", "4", "--hidden-size", "512", "--ffn-hidden-size", "1536", "--num-attention-heads", "8",
+MODEL = [*model_flags_argv(QWEN3_FAMILY), "--num-layers", "4", "--hidden-size", "512", "--ffn-hidden-size", "1536", "--num-attention-heads", "8",
          "--num-query-groups", "4", "--kv-channels", "64", "--seq-length", "256", "--max-position-embeddings", "256",
          "--vocab-size", "4096"]
 TRAIN = ["--mock-data", "--micro-batch-size", "4", "--global-batch-size", "16", "--lr", "1e-3", "--min-lr", "1e-4",

@@ -1,8 +1,8 @@
 """HF <-> Megatron mapping: a random transformers model's weights, mapped into the Megatron model at
 TP=1 and TP=2, give transformers' logits; mapped back they are bit-exact.
 
-Models are small random Llama / Qwen3 / Qwen3-MoE configs created in the workers (no downloads),
-fp32, norms randomised so that a swapped norm would show. Tolerance on logits: 2e-4 absolute
+Models are small random Llama / Qwen2 / Qwen3 / Qwen3-MoE / Mixtral configs created in the workers (no
+downloads), fp32, norms and biases randomised so that a swapped norm or bias would show. Tolerance on logits: 2e-4 absolute
 (fp32 sums in a different order; a wrong mapping is off by > 1e-1).
 """
 
@@ -17,6 +17,13 @@ HF_CONFIGS = {
     "LlamaForCausalLM": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, head_dim=16, vocab_size=200, max_position_embeddings=64,
                              rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "Qwen2ForCausalLM": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=200, max_position_embeddings=64,
+                             rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "MixtralForCausalLM": dict(hidden_size=64, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                               vocab_size=200, max_position_embeddings=64, rms_norm_eps=1e-6,
+                               tie_word_embeddings=False),
     "Qwen3ForCausalLM": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, head_dim=16, vocab_size=200, max_position_embeddings=64,
                              rms_norm_eps=1e-6, tie_word_embeddings=True),
@@ -38,6 +45,8 @@ def _hf_model(arch):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):   # transformers initialises biases to zero
+                p.normal_(0.0, 0.5)
     return model
 
 
@@ -115,8 +124,9 @@ def _check(rank, world, arch, folder):
     return diff, exact, float(ref.abs().mean())
 
 
-@pytest.mark.parametrize("arch", list(HF_CONFIGS))
-@pytest.mark.parametrize("world", [1, 2])
+# Qwen2 and Mixtral at TP=2 only (the split and the logits in one run; keeps the suite's time).
+@pytest.mark.parametrize("arch,world", [(arch, world) for arch in HF_CONFIGS for world in (1, 2)
+                                        if world == 2 or arch not in ("Qwen2ForCausalLM", "MixtralForCausalLM")])
 def test_hf_weights_in_megatron_give_transformers_logits(arch, world, tmp_path):
     run_ranks(_save_hf, 1, arch, str(tmp_path))
     for diff, exact, scale in run_ranks(_check, world, arch, str(tmp_path), timeout=240):
@@ -147,13 +157,20 @@ def test_mapping_refuses_what_it_cannot_reproduce():
 @pytest.mark.parametrize("arch", list(HF_CONFIGS))
 def test_printed_model_flags_rebuild_the_imported_model(arch):
     """The flags `convert_checkpoint.py import` prints (model_flags_argv) parse back to exactly the
-    model fields the import recorded, booleans included (Llama: --no-qk-layernorm)."""
+    model fields the import recorded, booleans included (Megatron-LM's defaults are a GeLU/LayerNorm GPT
+    with biases, so the family flags are printed; Qwen3: --qk-layernorm, Qwen2: --add-qkv-bias)."""
     from megatron_rpt.config import parse_args
-    from megatron_rpt.convert.hf_config import model_flags_argv, model_flags_from_hf
+    from megatron_rpt.config.arguments import model_flags_argv
+    from megatron_rpt.convert.hf_config import model_flags_from_hf
     config = dict(HF_CONFIGS[arch], architectures=[arch], hidden_act="silu",
                   rope_parameters={"rope_theta": 1e4, "rope_type": "default"})
     flags = model_flags_from_hf(config)
     model = parse_args(model_flags_argv(flags)).model
     for name, value in flags.items():
         assert getattr(model, name) == value, (name, getattr(model, name), value)
-    assert ("--no-qk-layernorm" in model_flags_argv(flags)) == (arch == "LlamaForCausalLM")
+    argv = model_flags_argv(flags)
+    assert ("--qk-layernorm" in argv) == ("Qwen3" in arch) and "--no-qk-layernorm" not in argv
+    assert ("--add-qkv-bias" in argv) == (arch == "Qwen2ForCausalLM")
+    assert {"--swiglu", "--disable-bias-linear", "--group-query-attention"} <= set(argv)
+    assert argv[argv.index("--normalization") + 1] == "RMSNorm"
+    assert argv[argv.index("--position-embedding-type") + 1] == "rope"

@@ -9,7 +9,7 @@ from megatron_rpt.models.gpt import padded_vocab_size
 from tests.dist_harness import run_ranks
 
 SHAPE = ["--num-layers", "2", "--hidden-size", "96", "--ffn-hidden-size", "160", "--num-attention-heads", "6",
-         "--num-query-groups", "2", "--kv-channels", "24", "--seq-length", "16", "--lr", "1e-3",
+         "--group-query-attention", "--num-query-groups", "2", "--kv-channels", "24", "--seq-length", "16", "--lr", "1e-3",
          "--train-iters", "1", "--mock-data", "--vocab-size", "1000"]
 
 
@@ -122,11 +122,13 @@ def test_padded_vocab_size():
     assert padded_vocab_size(151936, 128, 8) == 152576
 
 
-def test_flops_per_token_by_hand():
-    cfg = parse_args(SHAPE)
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
+def test_flops_per_token_by_hand(mlp):
+    cfg = parse_args(SHAPE + (["--swiglu"] if mlp == "swiglu" else []))
     m = cfg.model
     h, d, heads, groups, f, layers, s, v = 96, 24, 6, 2, 160, 2, 16, 1024
-    matmul = layers * (h * (heads * d + 2 * groups * d) + heads * d * h + 3 * h * f)
+    mlp_weights = (3 if mlp == "swiglu" else 2) * h * f   # gated: two input projections
+    matmul = layers * (h * (heads * d + 2 * groups * d) + heads * d * h + mlp_weights)
     expected = 3 * (2 * matmul + 4 * layers * heads * d * s + 2 * h * v)
     assert training_flops_per_token(m, v) == expected
     # attention grows with sequence length, the rest does not

@@ -10,8 +10,10 @@ the samples; the KV-cache engine leaves the model in training mode.
 import pytest
 
 from tests.dist_harness import run_ranks
+from megatron_rpt.config.arguments import model_flags_argv
+from megatron_rpt.config.presets import QWEN3_FAMILY
 
-ARGS = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
+ARGS = [*model_flags_argv(QWEN3_FAMILY), "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
         "--num-query-groups", "2", "--seq-length", "48", "--max-position-embeddings", "48",
         "--tokenizer-type", "NullTokenizer", "--vocab-size", "255", "--lr", "1e-3", "--train-iters", "1",
         "--micro-batch-size", "1", "--seed", "7", "--init-method-std", "0.3"]

@@ -14,6 +14,8 @@ import os
 
 import pytest
 
+from megatron_rpt.config.arguments import model_flags_argv
+from megatron_rpt.config.presets import QWEN3_FAMILY
 from tests.dist_harness import run_ranks
 
 ANSWERS = ["A", "B", "C", "D"]
@@ -42,7 +44,8 @@ def task_files(tmp_path_factory):
 
 
 def _args(root, extra=()):
-    return ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
+    return [*model_flags_argv(QWEN3_FAMILY), "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
+            "--num-query-groups", "4",
             "--seq-length", "8", "--max-position-embeddings", "8", "--make-vocab-size-divisible-by", "1",
             "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(root / "tokenizer.json"),
             "--rpt-data", str(root / "tasks_train.jsonl"), "--rpt-prompt-template", str(root / "template.txt"),

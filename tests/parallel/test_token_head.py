@@ -18,8 +18,10 @@ from functools import partial
 import pytest
 
 from tests.dist_harness import run_ranks
+from megatron_rpt.config.arguments import model_flags_argv
+from megatron_rpt.config.presets import QWEN3_FAMILY
 
-ARGV = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "96", "--num-attention-heads", "4",
+ARGV = [*model_flags_argv(QWEN3_FAMILY), "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "96", "--num-attention-heads", "4",
         "--num-query-groups", "2", "--kv-channels", "16", "--seq-length", "12", "--max-position-embeddings", "12",
         "--lr", "1e-3", "--train-iters", "1", "--mock-data", "--vocab-size", "250"]
 SETTINGS = {"ce": dict(), "beta": dict(beta=-0.25), "topk": dict(beta=-0.25, lambda_high=0.1, lambda_low=-0.1,

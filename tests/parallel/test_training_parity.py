@@ -11,10 +11,12 @@ import os
 import pytest
 
 from tests.dist_harness import run_ranks
+from megatron_rpt.config.arguments import model_flags_argv
+from megatron_rpt.config.presets import QWEN3_FAMILY
 
 RTOL = 2e-5
 
-BASE = ["--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
+BASE = [*model_flags_argv(QWEN3_FAMILY), "--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
         "--num-query-groups", "2", "--seq-length", "32", "--max-position-embeddings", "32",
         "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "255",  # +eod = 256: same padding at TP1/TP2
         "--lr", "3e-3", "--lr-warmup-iters", "1", "--train-iters", "4", "--micro-batch-size", "2",

@@ -110,9 +110,14 @@ def test_missing_data_and_tokenizer_files(tmp_path):
 
 def test_required_and_misc_errors():
     p = problems(["--hidden-size", "64"])
-    for flag in ("--num-layers", "--ffn-hidden-size", "--num-attention-heads", "--seq-length", "--lr",
+    for flag in ("--num-layers", "--num-attention-heads", "--seq-length", "--lr",
                  "--train-iters", "--data-path"):
         assert any(x.startswith(flag + " is required") for x in p), flag
+    # --ffn-hidden-size has Megatron-LM's default: 4h, or 8h/3 rounded down to a multiple of 64 with SwiGLU
+    assert not any(x.startswith("--ffn-hidden-size") for x in p)
+    shape = ["--num-layers", "2", "--hidden-size", "1000", "--num-attention-heads", "8", "--seq-length", "8"] + BASE
+    assert validate_config(parse_args(shape), 1).model.ffn_hidden_size == 4000
+    assert validate_config(parse_args(shape + ["--swiglu"]), 1).model.ffn_hidden_size == 2624  # int(2666.7/64)*64
     p = problems(["--model-preset", "tiny", "--bf16", "--fp16", "--lr-decay-style", "WSD",
                   "--save-interval", "5", "--recompute-granularity", "full", "--min-lr", "1"] + BASE)
     joined = "\n".join(p)
@@ -196,3 +201,35 @@ def test_warmup_must_be_shorter_than_decay():
         validate_config(parse_args(base + ["--train-iters", "2", "--lr-warmup-iters", "2"]), 1)
     validate_config(parse_args(base + ["--train-iters", "3", "--lr-warmup-iters", "2"]), 1)
     validate_config(parse_args(base + ["--train-iters", "1", "--lr-warmup-iters", "0"]), 1)
+
+
+def test_run_configs_saved_before_the_architecture_flags_keep_their_model():
+    """A checkpoint's run_config.json from before the flags existed describes the Qwen3-style model the code
+    then built; a current one is read as written."""
+    from megatron_rpt.config.schema import RunConfig
+    legacy = RunConfig.from_dict({"model": {"num_layers": 2, "hidden_size": 64, "num_query_groups": 2,
+                                            "qk_layernorm": False, "norm_epsilon": 1e-6}})
+    m = legacy.model
+    assert (m.swiglu, m.normalization, m.add_bias_linear, m.position_embedding_type, m.group_query_attention) == \
+        (True, "RMSNorm", False, "rope", True)
+    assert (m.num_query_groups, m.qk_layernorm, m.norm_epsilon) == (2, False, 1e-6)   # recorded values stay
+    current = parse_args(["--num-layers", "2"])
+    again = RunConfig.from_dict(current.to_dict()).model
+    assert (again.swiglu, again.normalization, again.add_bias_linear) == (False, "LayerNorm", True)
+
+
+def test_export_refuses_architectures_without_a_hugging_face_family():
+    from megatron_rpt.convert.checkpoint import ConversionError, _export_architecture
+    gpt = parse_args(["--num-layers", "2"])
+    with pytest.raises(ConversionError) as e:
+        _export_architecture(gpt)
+    for flag in ("--swiglu", "--normalization RMSNorm", "--disable-bias-linear", "--position-embedding-type rope"):
+        assert flag in str(e.value)
+    family = ["--model-preset", "tiny"]
+    assert _export_architecture(parse_args(family)) == "Qwen3ForCausalLM"
+    assert _export_architecture(parse_args(family + ["--no-qk-layernorm"])) == "LlamaForCausalLM"
+    assert _export_architecture(parse_args(family + ["--no-qk-layernorm", "--add-qkv-bias"])) == "Qwen2ForCausalLM"
+    with pytest.raises(ConversionError, match="exported as Qwen2, which has no QK-norm"):
+        _export_architecture(parse_args(family + ["--add-qkv-bias"]))
+    with pytest.raises(ConversionError, match="--rotary-percent 1.0"):
+        _export_architecture(parse_args(family + ["--rotary-percent", "0.5"]))

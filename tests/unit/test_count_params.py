@@ -8,10 +8,13 @@ from pathlib import Path
 import pytest
 
 from megatron_rpt.config import parse_args
+from megatron_rpt.config.arguments import model_flags_argv
+from megatron_rpt.config.presets import QWEN3_FAMILY
 from megatron_rpt.models.flops import count_parameters, training_flops_per_token
 
 ROOT = Path(__file__).resolve().parents[2]
-MOE = ["--num-layers", "3", "--hidden-size", "64", "--ffn-hidden-size", "96", "--num-attention-heads", "4",
+# The Qwen3 family (SwiGLU, RMSNorm, QK-norm, no biases), whose parameters the formulas below count.
+MOE = [*model_flags_argv(QWEN3_FAMILY), "--num-layers", "3", "--hidden-size", "64", "--ffn-hidden-size", "96", "--num-attention-heads", "4",
        "--num-query-groups", "2", "--kv-channels", "16", "--seq-length", "32", "--num-experts", "10",
        "--moe-ffn-hidden-size", "24", "--moe-router-topk", "3", "--vocab-size", "1000"]
 

@@ -20,6 +20,8 @@ from megatron_rpt.config import ConfigError, parse_args
 from megatron_rpt.data.blend import parse_blend
 from megatron_rpt.validate import validate_config
 from tests.dist_harness import run_ranks
+from megatron_rpt.config.arguments import model_flags_argv
+from megatron_rpt.config.presets import QWEN3_FAMILY
 
 EOD = 40
 RANGES = {"A": 0, "B": 10, "C": 20, "D": 30}
@@ -45,7 +47,7 @@ def data(tmp_path_factory) -> str:
 
 
 def argv(*data_flags: str, train_iters: int = 50, eval_interval: int = 0) -> list[str]:
-    return ["--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64", "--num-attention-heads", "2",
+    return [*model_flags_argv(QWEN3_FAMILY), "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64", "--num-attention-heads", "2", "--num-query-groups", "2",
             "--seq-length", "16", "--lr", "1e-3", "--train-iters", str(train_iters), "--global-batch-size", "20",
             "--tokenizer-type", "NullTokenizer", "--vocab-size", "40", "--eval-interval", str(eval_interval),
             "--eval-iters", "2", *data_flags]

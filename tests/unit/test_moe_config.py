@@ -107,8 +107,8 @@ def test_transformer_config_and_layer_spec():
     assert mc["moe_token_dispatcher_type"] == "allgather" and mc["moe_router_dtype"] == "fp32"
     assert (mc["expert_model_parallel_size"], mc["expert_tensor_parallel_size"]) == (2, 2)  # ETP defaults to TP
     platform = setup_platform(force_cpu=True)
-    spec = layer_spec(cfg, platform)
-    mlp = spec.submodules.mlp  # a ModuleSpec (megatron-core < 0.17) or a functools.partial builder (0.19)
+    spec = layer_spec(cfg, platform, pp_rank=0)   # MoE: Megatron-Core's decoder block spec, one layer spec per layer
+    mlp = spec.layer_specs[0].submodules.mlp  # a ModuleSpec (megatron-core < 0.17) or a functools.partial builder (0.19)
     assert "MoELayer" in getattr(mlp, "module", getattr(mlp, "func", None)).__name__
     dense = parse_args(["--model-preset", "tiny"])
     assert moe_config(dense) == {}

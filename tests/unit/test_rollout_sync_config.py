@@ -92,3 +92,11 @@ def test_update_flags_bad_values_are_named():
         assert len(problems) == 1 and problems[0].startswith("--rpt-tis-cap must be a finite number > 0"), bad
     problems = rpt_problems(["--rpt-tis-cap", "2.0", "--rpt-use-rollout-logprobs"])
     assert len(problems) == 1 and "there is no recompute" in problems[0]
+
+
+def test_dropout_is_refused_for_grpo():
+    """Megatron-LM's default dropout (0.1) would make every forward a different policy."""
+    assert rpt_problems([]) == []   # the preset has no dropout
+    problems = rpt_problems(["--hidden-dropout", "0.1"])
+    assert len(problems) == 1 and "--hidden-dropout 0.1" in problems[0] and "--attention-dropout 0 " in problems[0]
+    assert len(rpt_problems(["--attention-dropout", "0.05"])) == 1
