@@ -304,6 +304,19 @@ def resolve_dist_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
                    env.get("SLURM_JOB_ID") or None)
 
 
+def launch_world_size(environ: Optional[Mapping[str, str]] = None) -> tuple[int, str]:
+    """(world size, where it came from) as a launch would see it, without joining any job: WORLD_SIZE
+    (torchrun), else SLURM_NTASKS (srun in an allocation), else 1. For checks on a login node."""
+    env = os.environ if environ is None else environ
+    for name, launcher in (("WORLD_SIZE", "torchrun"), ("SLURM_NTASKS", "slurm")):
+        if env.get(name):
+            value = _int(env, name)
+            if value < 1:
+                raise ValueError(f"environment variable {name}={value}: expected a world size >= 1")
+            return value, f"{launcher} ({name}={value})"
+    return 1, "single process (no WORLD_SIZE or SLURM_NTASKS)"
+
+
 # ---------------------------------------------------------------------------------------------
 # Process groups
 # ---------------------------------------------------------------------------------------------

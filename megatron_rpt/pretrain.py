@@ -30,6 +30,9 @@ def run_job(job: Callable, cfg, errors: tuple = ()) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = parse_args(argv)
+    if cfg.training.dry_run:
+        from megatron_rpt.training.dry_run import dry_run
+        return run_job(dry_run, cfg)
     from megatron_rpt.training.loop import pretrain
     return run_job(pretrain, cfg)
 

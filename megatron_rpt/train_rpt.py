@@ -19,6 +19,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_rpt.rpt.loop import rpt_train
     from megatron_rpt.rpt.prompts import PromptError
     from megatron_rpt.rpt.tasks import TaskError
+    if cfg.training.dry_run:
+        from functools import partial
+
+        from megatron_rpt.training.dry_run import dry_run
+        from megatron_rpt.validate import validate_rpt_config
+        return run_job(partial(dry_run, validate=validate_rpt_config), cfg)
     return run_job(rpt_train, cfg, (RolloutError, TaskError, PromptError))
 
 

@@ -182,6 +182,9 @@ class TrainingConfig:
                                          "after more than N consecutive ones (0: stop at the first).")
     exit_signal_handler: bool = arg(False, help="Save and exit cleanly on SIGTERM or SIGUSR1 (SLURM preemption, --signal=USR1@T).")
     use_cpu: bool = arg(False, flag="--use-cpu", help="Force the CPU/gloo platform even when CUDA is present.")
+    dry_run: bool = arg(False, help="Check every flag and the data/tokenizer files, print the resolved model, layout, "
+                        "parameter counts and a per-GPU memory estimate, and exit without starting a process "
+                        "group (the world size comes from the launcher's environment: WORLD_SIZE or SLURM_NTASKS).")
     # Fused kernels (Megatron-LM's --no-* flags). Each applies only where its kernel exists (see
     # models.gpt.transformer_config); the unfused paths compute the same values.
     bias_swiglu_fusion: bool = arg(True, flag="--bias-swiglu-fusion", negative="--no-bias-swiglu-fusion",

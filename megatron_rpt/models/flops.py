@@ -41,11 +41,12 @@ class ParamCount:
         return self.total
 
 
-def _norm(m: ModelConfig, width: int) -> int:
+def norm_params(m: ModelConfig, width: int) -> int:
+    """Parameters of one normalization layer of `width`."""
     return width * (2 if m.normalization == "LayerNorm" else 1)   # LayerNorm: weight and bias
 
 
-def _mlp(m: ModelConfig, ffn: int) -> tuple[int, int]:
+def mlp_params(m: ModelConfig, ffn: int) -> tuple[int, int]:
     """(weights, biases) of one MLP of hidden width `ffn`: fc1 (two branches with SwiGLU) and fc2."""
     h, branches = m.hidden_size, 2 if m.swiglu else 1
     weights = h * ffn * branches + ffn * h
@@ -60,7 +61,7 @@ def kv_groups(m: ModelConfig) -> int:
     return m.num_attention_heads
 
 
-def _layer_params(m: ModelConfig, moe: bool) -> dict[str, int]:
+def layer_params(m: ModelConfig, moe: bool) -> dict[str, int]:
     """Parameter groups of one layer. "matmul"/"matmul_active": the GEMM weights (all / those one
     token uses: router, top-k and shared experts); "other": biases and norms."""
     h, d = m.hidden_size, m.kv_channels or m.hidden_size // m.num_attention_heads
@@ -68,25 +69,25 @@ def _layer_params(m: ModelConfig, moe: bool) -> dict[str, int]:
     qkv_out = heads * d + 2 * groups * d
     attention = h * qkv_out + heads * d * h
     other = (qkv_out if (m.add_qkv_bias or m.add_bias_linear) else 0) + (h if m.add_bias_linear else 0)
-    other += 2 * _norm(m, h) + (2 * _norm(m, d) if m.qk_layernorm else 0)
+    other += 2 * norm_params(m, h) + (2 * norm_params(m, d) if m.qk_layernorm else 0)
     if moe:
-        expert_w, expert_b = _mlp(m, m.moe_ffn_hidden_size or m.ffn_hidden_size)
+        expert_w, expert_b = mlp_params(m, m.moe_ffn_hidden_size or m.ffn_hidden_size)
         router = h * m.num_experts
-        shared_w, shared_b = _mlp(m, m.moe_shared_expert_intermediate_size) \
+        shared_w, shared_b = mlp_params(m, m.moe_shared_expert_intermediate_size) \
             if m.moe_shared_expert_intermediate_size else (0, 0)
         router_b = m.num_experts if m.add_bias_linear else 0   # Megatron-Core's router takes the linear biases
         return {"matmul": attention + m.num_experts * expert_w + router + shared_w,
                 "matmul_active": attention + m.moe_router_topk * expert_w + router + shared_w,
                 "other": other + m.num_experts * expert_b + shared_b + router_b,
                 "other_active": other + m.moe_router_topk * expert_b + shared_b + router_b}
-    mlp_w, mlp_b = _mlp(m, m.ffn_hidden_size)
+    mlp_w, mlp_b = mlp_params(m, m.ffn_hidden_size)
     return {"matmul": attention + mlp_w, "matmul_active": attention + mlp_w,
             "other": other + mlp_b, "other_active": other + mlp_b}
 
 
 def _layers(m: ModelConfig) -> list[dict[str, int]]:
     pattern = moe_layer_pattern(m) or [0] * m.num_layers
-    return [_layer_params(m, bool(is_moe)) for is_moe in pattern]
+    return [layer_params(m, bool(is_moe)) for is_moe in pattern]
 
 
 def count_parameters(m: ModelConfig, padded_vocab_size: int) -> ParamCount:
@@ -95,7 +96,7 @@ def count_parameters(m: ModelConfig, padded_vocab_size: int) -> ParamCount:
     if m.position_embedding_type == "learned_absolute":
         embedding += (m.max_position_embeddings or m.seq_length) * m.hidden_size
     output = 0 if not m.untie_embeddings_and_output_weights else padded_vocab_size * m.hidden_size
-    final_norm = _norm(m, m.hidden_size)
+    final_norm = norm_params(m, m.hidden_size)
     non_embedding = sum(x["matmul"] + x["other"] for x in layers) + final_norm
     active_non_embedding = sum(x["matmul_active"] + x["other_active"] for x in layers) + final_norm
     return ParamCount(total=non_embedding + embedding + output, embedding=embedding + output,
