@@ -28,8 +28,19 @@ def run_job(job: Callable, cfg, errors: tuple = ()) -> int:
     return 0
 
 
+def parse_or_exit(parse: Callable, argv: Optional[Sequence[str]]):
+    """The parsed command line, or None after printing every flag problem as one error."""
+    try:
+        return parse(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    cfg = parse_args(argv)
+    cfg = parse_or_exit(parse_args, argv)
+    if cfg is None:
+        return 2
     if cfg.training.dry_run:
         from megatron_rpt.training.dry_run import dry_run
         return run_job(dry_run, cfg)

@@ -13,9 +13,11 @@ from megatron_rpt.config import parse_rpt_args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    cfg = parse_rpt_args(argv)
+    from megatron_rpt.pretrain import parse_or_exit, run_job
+    cfg = parse_or_exit(parse_rpt_args, argv)
+    if cfg is None:
+        return 2
     from megatron_rpt.inference.base import RolloutError
-    from megatron_rpt.pretrain import run_job
     from megatron_rpt.rpt.loop import rpt_train
     from megatron_rpt.rpt.prompts import PromptError
     from megatron_rpt.rpt.tasks import TaskError

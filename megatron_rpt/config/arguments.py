@@ -84,17 +84,34 @@ def config_from_namespace(ns: argparse.Namespace) -> RunConfig:
     return RunConfig(model_preset=preset, **sections)
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> RunConfig:
+    """Our flags into a RunConfig; Megatron-LM flags we do not carry are classified
+    (`config.megatron_lm`): ignored ones print one line each (on the launch's first rank), refused and
+    unknown ones are all reported in one ConfigError."""
+    import os
+
+    from megatron_rpt.config.megatron_lm import classify
+    from megatron_rpt.config.validation import ConfigError
+    ns, extra = parser.parse_known_args(argv)
+    notices, problems = classify(extra)
+    if problems:
+        raise ConfigError(problems)
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        for line in notices:
+            print(line, flush=True)
+    return config_from_namespace(ns)
+
+
 def parse_args(argv: Optional[Sequence[str]] = None, extra_args_provider=None) -> RunConfig:
     """Parse the pretraining command line (unvalidated: see `megatron_rpt.validate.validate_config`)."""
-    parser = build_parser(extra_args_provider)
-    return config_from_namespace(parser.parse_args(argv))
+    return _parse(build_parser(extra_args_provider), argv)
 
 
 def parse_rpt_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
     """Parse the `mrpt-rpt` command line: every pretraining flag plus the RPT/GRPO group."""
     parser = build_parser(prog="mrpt-rpt", sections=SECTIONS,
                           description="Reinforcement Pre-Training with GRPO on Megatron-Core (megatron-rpt).")
-    return config_from_namespace(parser.parse_args(argv))
+    return _parse(parser, argv)
 
 
 def model_flags_argv(flags: dict[str, Any]) -> list[str]:

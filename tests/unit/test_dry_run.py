@@ -119,3 +119,47 @@ def test_rpt_dry_run_applies_rpt_checks(capsys, tmp_path):
     with pytest.raises(ConfigError, match="--hidden-dropout 0.1"):
         dry_run(parse_rpt_args(argv + ["--hidden-dropout", "0.1", "--dry-run"]), environ={"WORLD_SIZE": "2"},
                 validate=partial(validate_rpt_config))
+
+
+# The rest of the Llama-3 8B script's flags: Megatron-LM flags megatron-rpt does not carry.
+LLAMA3_8B_REST = ["--use-mcore-models", "--attention-backend", "fused", "--train-samples", "1953125000",
+                  "--lr-decay-samples", "1949218748", "--lr-warmup-samples", "3906252", "--decoupled-lr", "5.0e-4",
+                  "--decoupled-min-lr", "4.5e-5", "--grad-reduce-in-bf16", "--cross-entropy-loss-fusion",
+                  "--manual-gc", "--empty-unused-memory-level", "1", "--no-create-attention-mask-in-dataloader",
+                  "--no-mmap-bin-files", "--num-workers", "1", "--log-throughput", "--profile",
+                  "--profile-step-start", "4", "--profile-step-end", "6", "--ckpt-format", "torch_dist"]
+
+
+def test_megatron_lm_flags_we_do_not_carry_are_reported_together(capsys):
+    """The whole Llama-3 script: every flag that would change the run without support is refused, all in one
+    error; the others are accepted with one line each saying why they change nothing here."""
+    with pytest.raises(ConfigError) as e:
+        parse_args(LLAMA3_8B + LLAMA3_8B_REST)
+    refused = [p.split(" is not supported")[0] for p in e.value.problems]
+    assert refused == ["--train-samples", "--lr-decay-samples", "--lr-warmup-samples", "--decoupled-lr",
+                       "--decoupled-min-lr"]
+    assert "give the schedule in iterations" in e.value.problems[0]
+    keep = [x for x in LLAMA3_8B_REST[LLAMA3_8B_REST.index("--grad-reduce-in-bf16"):]]
+    out = _run(LLAMA3_8B + ["--use-mcore-models", "--attention-backend", "fused"] + keep, 8, capsys)
+    ignored = [x.split(" ignored:")[0] for x in out.splitlines() if " ignored: " in x]
+    assert ignored == ["> --use-mcore-models", "> --attention-backend fused", "> --grad-reduce-in-bf16",
+                       "> --cross-entropy-loss-fusion", "> --manual-gc", "> --empty-unused-memory-level 1",
+                       "> --no-create-attention-mask-in-dataloader", "> --no-mmap-bin-files", "> --num-workers 1",
+                       "> --profile", "> --profile-step-start 4", "> --profile-step-end 6",
+                       "> --ckpt-format torch_dist"]
+    assert abs(_billions(out) - 8.031) < 0.002, out
+
+
+def test_unknown_flags_and_refused_values():
+    with pytest.raises(ConfigError) as e:
+        parse_args(["--model-preset", "tiny", "--num-layerz", "2", "--ckpt-format", "torch", "--foo", "--use-legacy-models",
+                    "stray"])
+    assert e.value.problems == [
+        "unknown flag --num-layerz (did you mean --num-layers?)",
+        "--ckpt-format torch is not supported: checkpoints are torch_dist (Megatron-Core dist_checkpointing)",
+        "unknown flag --foo",
+        "--use-legacy-models is not supported: megatron-rpt builds Megatron-Core models only",
+        "unexpected argument 'stray' (a value without a flag?)"]
+    # values of our own flags keep argparse's checks (a wrong type is still an error)
+    with pytest.raises(SystemExit):
+        parse_args(["--num-layers", "two"])

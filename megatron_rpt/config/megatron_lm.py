@@ -1,0 +1,128 @@
+"""Megatron-LM flags that megatron-rpt does not carry as configuration fields, each with what a launch
+line containing it gets: accepted with one printed line saying why it changes nothing here
+(`IGNORED`), or refused with the reason and what to use instead (`REFUSED`). Flags in neither table
+and not ours are unknown. `config.arguments` collects every such flag of a command line and reports
+all refusals and unknown flags together in one ConfigError, so a Megatron-LM script is fixed in one
+pass instead of one argparse error at a time.
+
+Each entry: flag -> (number of values it takes, reason). A flag taking one value consumes the next
+token unless that starts with "--"; `VALUES` restricts the accepted values of an ignored flag.
+"""
+
+from __future__ import annotations
+
+_NOT_YET = "not implemented in megatron-rpt yet"
+
+IGNORED: dict[str, tuple[int, str]] = {
+    "--use-mcore-models": (0, "megatron-rpt always builds Megatron-Core models"),
+    "--attention-backend": (1, "the attention kernel follows the platform: Transformer Engine's fused/flash "
+                               "attention on CUDA with TE, Megatron-Core's local attention elsewhere"),
+    "--use-flash-attn": (0, "the attention kernel follows the platform (Transformer Engine's flash attention "
+                            "on CUDA with TE)"),
+    "--no-masked-softmax-fusion": (0, "the masked-softmax fusion is always off here (local layers); TE's "
+                                      "attention has its own kernels"),
+    "--no-position-embedding": (0, "deprecated in Megatron-LM; --position-embedding-type decides"),
+    "--use-checkpoint-opt_param-scheduler": (0, "a resumed run already takes the learning-rate schedule from "
+                                                "the checkpoint"),
+    "--cross-entropy-loss-fusion": (0, "the loss is megatron-rpt's vocab-parallel loss (--loss-function), "
+                                       "fused on CUDA by its own kernels"),
+    "--grad-reduce-in-bf16": (0, f"{_NOT_YET}: gradients are reduced in fp32 (more precise, twice the bytes)"),
+    "--manual-gc": (0, f"{_NOT_YET}: Python's garbage collector runs as usual"),
+    "--manual-gc-interval": (1, f"{_NOT_YET} (see --manual-gc)"),
+    "--empty-unused-memory-level": (1, f"{_NOT_YET}: PyTorch's cached memory is not emptied between steps"),
+    "--tp-comm-overlap": (0, f"{_NOT_YET}: tensor-parallel communication is not overlapped with GEMMs"),
+    "--overlap-p2p-comm": (0, f"{_NOT_YET}: pipeline sends/receives are not overlapped"),
+    "--no-create-attention-mask-in-dataloader": (0, "the data loader builds attention masks only where the "
+                                                    "attention needs one (local attention, without Transformer "
+                                                    "Engine)"),
+    "--no-mmap-bin-files": (0, f"{_NOT_YET}: .bin files are memory-mapped"),
+    "--num-workers": (1, f"{_NOT_YET}: every rank reads its samples in the training process"),
+    "--ckpt-format": (1, "checkpoints are torch_dist (Megatron-Core dist_checkpointing)"),
+    "--async-save": (0, f"{_NOT_YET}: checkpoints are saved synchronously"),
+    "--profile": (0, f"{_NOT_YET}: no profiler trace is written"),
+    "--profile-step-start": (1, f"{_NOT_YET} (see --profile)"),
+    "--profile-step-end": (1, f"{_NOT_YET} (see --profile)"),
+    "--profile-ranks": ("+", f"{_NOT_YET} (see --profile)"),
+    "--timing-log-level": (1, f"{_NOT_YET}: the log line reports iteration time only"),
+    "--log-timers-to-tensorboard": (0, f"{_NOT_YET} (see --timing-log-level)"),
+    "--log-params-norm": (0, f"{_NOT_YET}: the gradient norm is logged, not the parameter norm"),
+    "--log-num-zeros-in-grad": (0, _NOT_YET),
+    "--log-validation-ppl-to-tensorboard": (0, f"{_NOT_YET}: validation loss is logged"),
+    "--wandb-project": (1, f"{_NOT_YET}: the same scalars go to TensorBoard (--tensorboard-dir)"),
+    "--wandb-exp-name": (1, f"{_NOT_YET} (see --wandb-project)"),
+    "--wandb-save-dir": (1, f"{_NOT_YET} (see --wandb-project)"),
+    "--wandb-entity": (1, f"{_NOT_YET} (see --wandb-project)"),
+}
+# Ignored flags whose other values would change the run: those values are refused.
+VALUES: dict[str, tuple[str, ...]] = {"--ckpt-format": ("torch_dist",)}
+
+_SCHEDULE = ("samples-based schedules are not implemented yet; give the schedule in iterations "
+             "(--train-iters, --lr-warmup-iters, --lr-decay-iters, --lr-wsd-decay-iters)")
+REFUSED: dict[str, tuple[int, str]] = {
+    "--train-samples": (1, _SCHEDULE),
+    "--lr-decay-samples": (1, _SCHEDULE),
+    "--lr-warmup-samples": (1, _SCHEDULE),
+    "--lr-warmup-fraction": (1, _SCHEDULE),
+    "--lr-wsd-decay-samples": (1, _SCHEDULE),
+    "--rampup-batch-size": ("+", "batch-size ramp-up is not implemented yet; train with a fixed --global-batch-size"),
+    "--step-batch-size-schedule": (1, "batch-size schedules are not implemented yet; train with a fixed "
+                                      "--global-batch-size"),
+    "--decoupled-lr": (1, "a separate learning rate for the embedding and output layer is not implemented yet "
+                          "(they would train at --lr)"),
+    "--decoupled-min-lr": (1, "see --decoupled-lr"),
+    "--override-opt-param-scheduler": (0, "a resumed run takes the learning-rate schedule from the checkpoint; "
+                                          "overriding it with the command line is not implemented yet"),
+    "--use-legacy-models": (0, "megatron-rpt builds Megatron-Core models only"),
+    "--use-torch-fsdp2": (0, "FSDP is not supported; use --use-distributed-optimizer (ZeRO-1)"),
+    "--use-megatron-fsdp": (0, "FSDP is not supported; use --use-distributed-optimizer (ZeRO-1)"),
+    "--squared-relu": (0, "the MLP activation is GeLU or SwiGLU (--swiglu)"),
+    "--quick-geglu": (0, "the MLP activation is GeLU or SwiGLU (--swiglu)"),
+    "--openai-gelu": (0, "the MLP activation is GeLU or SwiGLU (--swiglu)"),
+    "--multi-latent-attention": (0, "multi-latent attention (DeepSeek) is not supported"),
+}
+
+
+def classify(extra: list[str]) -> tuple[list[str], list[str]]:
+    """(notices, problems) for the tokens argparse did not recognise: one notice per ignored flag, one
+    problem per refused or unknown flag or stray value."""
+    from difflib import get_close_matches
+
+    notices, problems = [], []
+    i = 0
+    while i < len(extra):
+        token = extra[i]
+        flag, _, inline = token.partition("=")
+        i += 1
+        if not flag.startswith("--"):
+            problems.append(f"unexpected argument {token!r} (a value without a flag?)")
+            continue
+        entry = IGNORED.get(flag) or REFUSED.get(flag)
+        values: list[str] = [inline] if inline else []
+        if entry is None and not inline:   # an unknown flag: the tokens up to the next flag are its values
+            while i < len(extra) and not extra[i].startswith("--"):
+                values.append(extra[i])
+                i += 1
+        elif entry is not None and not inline:
+            arity = entry[0]
+            while i < len(extra) and not extra[i].startswith("--") and (arity == "+" or len(values) < arity):
+                values.append(extra[i])
+                i += 1
+        if flag in REFUSED:
+            problems.append(f"{flag} is not supported: {REFUSED[flag][1]}")
+        elif flag in IGNORED:
+            allowed = VALUES.get(flag)
+            if allowed and values and values[0] not in allowed:
+                problems.append(f"{flag} {values[0]} is not supported: {IGNORED[flag][1]}")
+            else:
+                notices.append(f"> {flag}{' ' + ' '.join(values) if values else ''} ignored: {IGNORED[flag][1]}")
+        else:
+            known = get_close_matches(flag, list(_known_flags()), n=1)
+            problems.append(f"unknown flag {flag}" + (f" (did you mean {known[0]}?)" if known else ""))
+    return notices, problems
+
+
+def _known_flags() -> list[str]:
+    from megatron_rpt.config.arguments import build_parser
+    from megatron_rpt.config.schema import SECTIONS
+    parser = build_parser(sections=SECTIONS)
+    return [o for a in parser._actions for o in a.option_strings] + list(IGNORED) + list(REFUSED)
