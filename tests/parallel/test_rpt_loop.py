@@ -43,10 +43,12 @@ def task_files(tmp_path_factory):
     return root
 
 
-def _args(root, extra=()):
-    return [*model_flags_argv(QWEN3_FAMILY), "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
-            "--num-query-groups", "4",
-            "--seq-length", "8", "--max-position-embeddings", "8", "--make-vocab-size-divisible-by", "1",
+QWEN3_TINY = [*model_flags_argv(QWEN3_FAMILY), "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
+              "--num-attention-heads", "4", "--num-query-groups", "4", "--max-position-embeddings", "8"]
+
+
+def _args(root, extra=(), model=QWEN3_TINY):
+    return [*model, "--seq-length", "8", "--make-vocab-size-divisible-by", "1",
             "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(root / "tokenizer.json"),
             "--rpt-data", str(root / "tasks_train.jsonl"), "--rpt-prompt-template", str(root / "template.txt"),
             "--rpt-contexts-per-step", "8", "--rpt-group-size", "8", "--rpt-max-response-length", "1",
@@ -193,3 +195,43 @@ def test_pipeline_parallel_embedded_engine_is_refused_on_cpu(task_files):
         run_ranks(_run, 2, _args(task_files, ["--train-iters", "1", "--pipeline-model-parallel-size", "2"]),
                   timeout=300)
 
+
+def _save_qwen2(rank, world, folder, vocab):
+    """A small random Qwen2 (Q/K/V biases randomised: transformers initialises them to zero) as an HF folder."""
+    import torch
+    import transformers
+    config = transformers.Qwen2Config(architectures=["Qwen2ForCausalLM"], hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      vocab_size=vocab, max_position_embeddings=64, rms_norm_eps=1e-6,
+                                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+    model.save_pretrained(folder)
+    return model.config.to_dict()
+
+
+def test_rpt_starts_from_an_imported_qwen2_checkpoint(task_files, tmp_path):
+    """The RPT paper's base family: a Qwen2 model imported with tools/convert_checkpoint.py is the start of an
+    RPT run with the flags the import printed (Q/K/V biases, no QK-norm); the first update's ratio is 1."""
+    import os
+    import sys
+
+    from megatron_rpt.convert.hf_config import model_flags_from_hf
+    from tests.cli import ROOT, run_python
+    hf, ckpt = tmp_path / "hf", tmp_path / "ckpt"
+    config = run_ranks(_save_qwen2, 1, str(hf), len(WORDS))[0]
+    proc = run_python([sys.executable, "tools/convert_checkpoint.py", "import", "--hf-dir", str(hf), "--save", str(ckpt),
+                       "--no-progress"], env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+    assert proc.returncode == 0 and "imported Qwen2ForCausalLM" in proc.stdout, proc.stdout + proc.stderr
+    model = model_flags_argv(model_flags_from_hf(config))
+    assert "--add-qkv-bias" in model and "--qk-layernorm" not in model
+    out = run_ranks(_run, 1, _args(task_files, ["--train-iters", "2", "--load", str(ckpt)], model=model),
+                    timeout=300)[0]
+    assert out["resumed_from"] == str(ckpt / "iter_0000000")     # the imported weights, from iteration 0
+    assert sorted(out["metrics"]) == [1, 2]
+    first = out["metrics"][1]
+    assert first["ratio"] == 1.0 and first["max_abs_logp_diff"] < 1e-4
