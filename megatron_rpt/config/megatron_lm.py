@@ -87,7 +87,7 @@ def classify(extra: list[str]) -> tuple[list[str], list[str]]:
     problem per refused or unknown flag or stray value."""
     from difflib import get_close_matches
 
-    notices, problems = [], []
+    notices, problems, known = [], [], None
     i = 0
     while i < len(extra):
         token = extra[i]
@@ -98,15 +98,11 @@ def classify(extra: list[str]) -> tuple[list[str], list[str]]:
             continue
         entry = IGNORED.get(flag) or REFUSED.get(flag)
         values: list[str] = [inline] if inline else []
-        if entry is None and not inline:   # an unknown flag: the tokens up to the next flag are its values
-            while i < len(extra) and not extra[i].startswith("--"):
-                values.append(extra[i])
-                i += 1
-        elif entry is not None and not inline:
-            arity = entry[0]
-            while i < len(extra) and not extra[i].startswith("--") and (arity == "+" or len(values) < arity):
-                values.append(extra[i])
-                i += 1
+        arity = entry[0] if entry else "+"   # an unknown flag: the tokens up to the next flag are its values
+        while (not inline and i < len(extra) and not extra[i].startswith("--")
+               and (arity == "+" or len(values) < arity)):
+            values.append(extra[i])
+            i += 1
         if flag in REFUSED:
             problems.append(f"{flag} is not supported: {REFUSED[flag][1]}")
         elif flag in IGNORED:
@@ -116,8 +112,9 @@ def classify(extra: list[str]) -> tuple[list[str], list[str]]:
             else:
                 notices.append(f"> {flag}{' ' + ' '.join(values) if values else ''} ignored: {IGNORED[flag][1]}")
         else:
-            known = get_close_matches(flag, list(_known_flags()), n=1)
-            problems.append(f"unknown flag {flag}" + (f" (did you mean {known[0]}?)" if known else ""))
+            known = known if known is not None else _known_flags()
+            close = get_close_matches(flag, known, n=1)
+            problems.append(f"unknown flag {flag}" + (f" (did you mean {close[0]}?)" if close else ""))
     return notices, problems
 
 

@@ -374,7 +374,7 @@ def check_config(cfg: RunConfig, world_size: int) -> list[str]:
 
 # Minimum CUDA compute capability of each FP8 recipe (TE: FP8 tensor cores from Ada/Hopper; the
 # 1x128/128x128 block scaling on Hopper; MXFP8's hardware block scales from Blackwell).
-_FP8_MIN_CAPABILITY = {"delayed": (8, 9), "tensorwise": (8, 9), "blockwise": (9, 0), "mxfp8": (10, 0)}
+FP8_MIN_CAPABILITY = {"delayed": (8, 9), "tensorwise": (8, 9), "blockwise": (9, 0), "mxfp8": (10, 0)}
 
 
 def validate_platform(cfg: RunConfig, platform, gpu=None) -> None:
@@ -406,7 +406,7 @@ def validate_platform(cfg: RunConfig, platform, gpu=None) -> None:
             problems.append(f"{flag} needs Transformer Engine, which does not import here "
                             "(pip install transformer-engine[pytorch]; see python -c 'import transformer_engine.pytorch')")
         else:
-            need = _FP8_MIN_CAPABILITY[f.fp8_recipe]
+            need = FP8_MIN_CAPABILITY[f.fp8_recipe]
             if gpu is not None and tuple(gpu.capability) < need:
                 problems.append(f"{flag} --fp8-recipe {f.fp8_recipe} needs compute capability >= "
                                 f"{need[0]}.{need[1]}; {gpu.name} has {gpu.capability[0]}.{gpu.capability[1]}")

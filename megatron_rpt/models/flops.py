@@ -63,7 +63,8 @@ def kv_groups(m: ModelConfig) -> int:
 
 def layer_params(m: ModelConfig, moe: bool) -> dict[str, int]:
     """Parameter groups of one layer. "matmul"/"matmul_active": the GEMM weights (all / those one
-    token uses: router, top-k and shared experts); "other": biases and norms."""
+    token uses: router, top-k and shared experts); "other": biases and norms; "experts": the routed
+    experts' weights and biases (part of "matmul" + "other"; split over expert parallelism)."""
     h, d = m.hidden_size, m.kv_channels or m.hidden_size // m.num_attention_heads
     heads, groups = m.num_attention_heads, kv_groups(m)
     qkv_out = heads * d + 2 * groups * d
@@ -79,10 +80,11 @@ def layer_params(m: ModelConfig, moe: bool) -> dict[str, int]:
         return {"matmul": attention + m.num_experts * expert_w + router + shared_w,
                 "matmul_active": attention + m.moe_router_topk * expert_w + router + shared_w,
                 "other": other + m.num_experts * expert_b + shared_b + router_b,
-                "other_active": other + m.moe_router_topk * expert_b + shared_b + router_b}
+                "other_active": other + m.moe_router_topk * expert_b + shared_b + router_b,
+                "experts": m.num_experts * (expert_w + expert_b)}
     mlp_w, mlp_b = mlp_params(m, m.ffn_hidden_size)
     return {"matmul": attention + mlp_w, "matmul_active": attention + mlp_w,
-            "other": other + mlp_b, "other_active": other + mlp_b}
+            "other": other + mlp_b, "other_active": other + mlp_b, "experts": 0}
 
 
 def _layers(m: ModelConfig) -> list[dict[str, int]]:

@@ -88,6 +88,12 @@ def model_vocab_size(tokenizer_vocab_size: int, cfg: RunConfig) -> int:
     return max(tokenizer_vocab_size, cfg.model.vocab_size or 0)
 
 
+def run_vocab_size(tokenizer_vocab_size: int, cfg: RunConfig) -> int:
+    """The vocabulary a run allocates: `model_vocab_size` padded for its tensor-parallel size."""
+    return padded_vocab_size(model_vocab_size(tokenizer_vocab_size, cfg), cfg.model.make_vocab_size_divisible_by,
+                             cfg.parallel.tensor_model_parallel_size)
+
+
 def num_virtual_stages(cfg: RunConfig) -> int | None:
     p = cfg.parallel
     if p.num_layers_per_virtual_pipeline_stage is None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from megatron_rpt.config.schema import RunConfig
 from megatron_rpt.config.validation import moe_layer_pattern
-from megatron_rpt.models.flops import layer_params, mlp_params, norm_params
+from megatron_rpt.models.flops import layer_params, norm_params
 
 GIB = 2 ** 30
 
@@ -59,12 +59,8 @@ def estimate_memory(cfg: RunConfig, padded_vocab_size: int, world_size: int) -> 
         dense = expert = 0
         for is_moe in (pattern[:per_stage] if first else pattern[-per_stage:]):
             x = layer_params(m, bool(is_moe))
-            if is_moe:
-                experts = m.num_experts * sum(mlp_params(m, m.moe_ffn_hidden_size or m.ffn_hidden_size))
-                expert += experts
-                dense += x["matmul"] + x["other"] - experts
-            else:
-                dense += x["matmul"] + x["other"]
+            expert += x["experts"]
+            dense += x["matmul"] + x["other"] - x["experts"]
         if first:
             dense += padded_vocab_size * h
             if m.position_embedding_type == "learned_absolute":

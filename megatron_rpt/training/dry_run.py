@@ -13,8 +13,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from megatron_rpt.config.schema import RunConfig
-
-GIB = 2 ** 30
+from megatron_rpt.config.validation import FP8_MIN_CAPABILITY
 
 
 def launch_requirements(cfg: RunConfig) -> list[str]:
@@ -24,8 +23,8 @@ def launch_requirements(cfg: RunConfig) -> list[str]:
     if not t.use_cpu:
         needs.append("a CUDA GPU per rank (else --use-cpu)")
     if f.fp8_format:
-        capability = {"delayed": "8.9", "tensorwise": "8.9", "blockwise": "9.0", "mxfp8": "10.0"}[f.fp8_recipe]
-        needs.append(f"Transformer Engine and compute capability >= {capability} (--fp8-format {f.fp8_format} "
+        major, minor = FP8_MIN_CAPABILITY[f.fp8_recipe]
+        needs.append(f"Transformer Engine and compute capability >= {major}.{minor} (--fp8-format {f.fp8_format} "
                      f"--fp8-recipe {f.fp8_recipe})")
     if m.moe_grouped_gemm:
         needs.append("Transformer Engine (--moe-grouped-gemm)")
@@ -41,16 +40,15 @@ def dry_run(cfg: RunConfig, validate: Optional[Callable] = None, environ=None) -
     from megatron_rpt.data.tokenizers import tokenizer_from_config
     from megatron_rpt.distributed import launch_world_size
     from megatron_rpt.models.flops import count_parameters, training_flops_per_token
-    from megatron_rpt.models.gpt import model_vocab_size, num_virtual_stages, padded_vocab_size
-    from megatron_rpt.models.memory import estimate_memory
+    from megatron_rpt.models.gpt import num_virtual_stages, run_vocab_size
+    from megatron_rpt.models.memory import GIB, estimate_memory
     from megatron_rpt.validate import validate_config
 
     world, source = launch_world_size(environ)
     (validate or validate_config)(cfg, world)
     m, p, t = cfg.model, cfg.parallel, cfg.training
     tokenizer = tokenizer_from_config(cfg)
-    vocab = padded_vocab_size(model_vocab_size(tokenizer.vocab_size, cfg), m.make_vocab_size_divisible_by,
-                              p.tensor_model_parallel_size)
+    vocab = run_vocab_size(tokenizer.vocab_size, cfg)
     tp, pp, cp, ep = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size,
                       p.expert_model_parallel_size)
     dp = world // (tp * pp * cp)

@@ -43,8 +43,7 @@ def setup_job(cfg: RunConfig, *, validate: Optional[Callable[[RunConfig, int], A
     from megatron_rpt.data.datasets import check_data_vocabulary
     from megatron_rpt.data.tokenizers import tokenizer_from_config
     from megatron_rpt.models.flops import count_parameters, training_flops_per_token
-    from megatron_rpt.models.gpt import (build_model_chunks, model_vocab_size, num_virtual_stages,
-                                         padded_vocab_size, transformer_config)
+    from megatron_rpt.models.gpt import build_model_chunks, num_virtual_stages, run_vocab_size, transformer_config
     from megatron_rpt.training.optimizer import setup_model_and_optimizer
 
     p, m = cfg.parallel, cfg.model
@@ -71,8 +70,7 @@ def setup_job(cfg: RunConfig, *, validate: Optional[Callable[[RunConfig, int], A
     if check_data:
         # Data written with another tokenizer fails here, before the model is built or loaded.
         check_data_vocabulary(cfg, tokenizer)
-    vocab = padded_vocab_size(model_vocab_size(tokenizer.vocab_size, cfg), m.make_vocab_size_divisible_by,
-                              p.tensor_model_parallel_size)
+    vocab = run_vocab_size(tokenizer.vocab_size, cfg)
     config = transformer_config(cfg, platform)
     chunks = build_model_chunks(cfg, platform, vocab, device, config)
     state = setup_model_and_optimizer(chunks, cfg, config)

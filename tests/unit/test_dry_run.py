@@ -163,3 +163,41 @@ def test_unknown_flags_and_refused_values():
     # values of our own flags keep argparse's checks (a wrong type is still an error)
     with pytest.raises(SystemExit):
         parse_args(["--num-layers", "two"])
+
+
+def test_memory_estimate_by_hand():
+    """models/memory.py against its formulas worked by hand: parameters per GPU from the analytic count (TP=1
+    PP=1: the whole model; PP=2: the busier stage), bytes per parameter, activations, logits."""
+    from megatron_rpt.config.arguments import model_flags_argv
+    from megatron_rpt.config.presets import QWEN3_FAMILY
+    from megatron_rpt.models.flops import count_parameters, layer_params, norm_params
+    from megatron_rpt.models.memory import estimate_memory
+    from megatron_rpt.validate import validate_config
+    base = [*model_flags_argv(QWEN3_FAMILY), "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
+            "--group-query-attention", "--num-query-groups", "2", "--seq-length", "32", "--lr", "1e-3",
+            "--train-iters", "1", "--mock-data", "--vocab-size", "256", "--micro-batch-size", "2"]
+    v, s, b, h = 256, 32, 2, 64
+    cfg = validate_config(parse_args(base + ["--bf16", "--use-distributed-optimizer"]), 4)   # DP 4
+    mem = estimate_memory(cfg, v, 4)
+    total = count_parameters(cfg.model, v).total
+    assert (mem.dense_params, mem.expert_params) == (total, 0)
+    assert (mem.weights, mem.gradients, mem.optimizer) == (2 * total, 4 * total, 12 * total / 4)
+    assert mem.activations == 4 * s * b * h * (10 + 24)          # 4 layers, TP 1, no SP
+    assert mem.logits == 4 * s * b * v
+    # PP=2 (fp32, plain optimizer): stage 0 holds 2 layers + embedding, the last 2 layers + norm + a copy of
+    # the tied output layer; global batch 8 = 4 micro-batches, 2 in flight on stage 0.
+    cfg = validate_config(parse_args(base + ["--pipeline-model-parallel-size", "2", "--global-batch-size", "8"]), 2)
+    mem = estimate_memory(cfg, v, 2)
+    layer = layer_params(cfg.model, False)
+    stage = 2 * (layer["matmul"] + layer["other"]) + v * h
+    assert mem.dense_params == stage + norm_params(cfg.model, h)
+    assert (mem.weights, mem.gradients, mem.optimizer) == (4 * mem.dense_params, 4 * mem.dense_params,
+                                                           8 * mem.dense_params)
+    assert mem.activations == 2 * s * b * h * (10 + 24) * 2
+    # MoE with EP=2: the routed experts are split over EP, the rest is not.
+    moe = validate_config(parse_args(base + ["--num-experts", "4", "--moe-ffn-hidden-size", "32",
+                                             "--expert-model-parallel-size", "2"]), 2)
+    mem = estimate_memory(moe, v, 2)
+    experts = 4 * layer_params(moe.model, True)["experts"]
+    assert mem.expert_params == experts // 2
+    assert mem.dense_params + experts == count_parameters(moe.model, v).total
