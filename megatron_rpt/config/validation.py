@@ -391,11 +391,6 @@ def validate_platform(cfg: RunConfig, platform, gpu=None) -> None:
         problems.append(f"--context-parallel-size {cp} needs Transformer Engine's attention (TEDotProductAttention; "
                         f"Megatron-Core's local attention has no context parallelism); this platform has none "
                         f"({where}): use --context-parallel-size 1")
-    if cfg.model.apply_layernorm_1p and not (platform.transformer_engine or platform.apex):
-        # Megatron-Core's torch norm (WrappedTorchNorm, the local spec without Apex) asserts
-        # layernorm_zero_centered_gamma is off; TE's and Apex's norms have it.
-        problems.append("--apply-layernorm-1p needs Transformer Engine or Apex norms (Megatron-Core's torch norm "
-                        f"has no zero-centred weights); this {platform.device_type} run has neither")
     f = cfg.fp8
     if f.fp8_format:
         flag = f"--fp8-format {f.fp8_format}"

@@ -30,8 +30,6 @@ def launch_requirements(cfg: RunConfig) -> list[str]:
         needs.append("Transformer Engine (--moe-grouped-gemm)")
     if p.context_parallel_size > 1:
         needs.append(f"Transformer Engine's attention (--context-parallel-size {p.context_parallel_size})")
-    if m.apply_layernorm_1p:
-        needs.append("Transformer Engine or Apex norms (--apply-layernorm-1p)")
     return needs
 
 

@@ -29,6 +29,8 @@ CASES = {
                      dict(), dict(position_embedding_type="rope", rotary_percent=0.5, rotary_base=500000)),
     "no-positions": (["--position-embedding-type", "none"], dict(), dict(position_embedding_type="none")),
     "qk-norm-kv-channels": (["--qk-layernorm", "--kv-channels", "8"], dict(qk_layernorm=True, kv_channels=8), dict()),
+    "layernorm-1p": (["--apply-layernorm-1p", "--qk-layernorm"],
+                     dict(layernorm_zero_centered_gamma=True, qk_layernorm=True), dict()),
     "untied": (["--untie-embeddings-and-output-weights"], dict(), dict(share_embeddings_and_output_weights=False)),
     "dropout": (["--attention-dropout", "0.0", "--hidden-dropout", "0.25"],
                 dict(attention_dropout=0.0, hidden_dropout=0.25), dict()),
@@ -52,7 +54,7 @@ CASES = {
 HAND_DEFAULTS = dict(num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256, kv_channels=None,
                      num_query_groups=None, normalization="LayerNorm", layernorm_epsilon=1e-5,
                      gated_linear_unit=False, activation_func="gelu", add_bias_linear=True, add_qkv_bias=True,
-                     qk_layernorm=False, attention_dropout=0.1, hidden_dropout=0.1, init_method_std=0.02)
+                     qk_layernorm=False, layernorm_zero_centered_gamma=False, attention_dropout=0.1, hidden_dropout=0.1, init_method_std=0.02)
 MODEL_DEFAULTS = dict(position_embedding_type="learned_absolute", rotary_percent=1.0, rotary_base=10000,
                       share_embeddings_and_output_weights=True)
 
@@ -141,3 +143,66 @@ def test_architecture_flag_errors_are_named():
     assert "--moe-shared-expert-intermediate-size needs --num-experts" in problems(
         ["--moe-shared-expert-intermediate-size", "8"])
     assert "--moe-grouped-gemm has no biases" in problems(["--num-experts", "2", "--moe-grouped-gemm"])
+
+
+def _layernorm_1p(rank, world):
+    import torch
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    from megatron_rpt import distributed as dist
+    from megatron_rpt.config import parse_args
+    from megatron_rpt.models.gpt import build_model_chunks, padded_vocab_size
+    from megatron_rpt.platform import setup_platform
+    from megatron_rpt.validate import validate_config
+
+    platform = setup_platform(force_cpu=True)
+    dist.init_distributed(backend="gloo", device_type="cpu", tensor_model_parallel_size=1,
+                          pipeline_model_parallel_size=1)
+    dist.set_random_seed(0)
+    out = {}
+    tokens = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(16).unsqueeze(0).expand(2, 16)
+    for norm in ("LayerNorm", "RMSNorm"):
+        flags = SHAPE + ["--normalization", norm, "--qk-layernorm", "--hidden-dropout", "0", "--attention-dropout", "0"]
+        models = {}
+        for one_p in (True, False):
+            cfg = validate_config(parse_args(flags + (["--apply-layernorm-1p"] if one_p else [])), 1)
+            vocab = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, 1)
+            torch.manual_seed(0)
+            models[one_p] = build_model_chunks(cfg, platform, vocab, torch.device("cpu"))[0].eval()
+        zc, plain = models[True], models[False]
+        norm_keys = [k for k, v in zc.state_dict().items() if "norm.weight" in k or "layernorm.weight" in k]
+        # every norm (input, pre-MLP, Q/K, final) starts at weight 0, i.e. gamma 1 (TE's zero_centered_gamma)
+        initial = {k: float(zc.state_dict()[k].abs().max()) for k in norm_keys}
+        with torch.no_grad():
+            for k in norm_keys:
+                zc.state_dict()[k].normal_(0, 0.3)
+        state = {k: (v + 1 if k in norm_keys else v) for k, v in zc.state_dict().items()}
+        plain.load_state_dict(state)
+        with torch.no_grad():
+            a = zc(tokens, positions, None)
+            b = plain(tokens, positions, None)
+        out[norm] = (sorted(k.split(".")[-2] for k in norm_keys), initial, float((a - b).abs().max()),
+                     float(a.abs().max()))
+    # composed with the sequence-parallel norm (P7: MoE with TP > 1 on CPU): both apply
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, sequence_parallel=True,
+                               tensor_model_parallel_size=2, layernorm_zero_centered_gamma=True)
+    n = WrappedTorchNorm(config, 8)
+    out["sp"] = (type(n).__name__, all(getattr(p, "sequence_parallel", False) for p in n.parameters()),
+                 config.layernorm_zero_centered_gamma, float(n.weight.abs().max()))
+    return out
+
+
+def test_apply_layernorm_1p_is_the_norm_times_one_plus_weight():
+    """--apply-layernorm-1p on the torch norm (P17): weights start at 0 and a model with norm weights w
+    computes exactly what the plain model computes with weights 1 + w, for LayerNorm and RMSNorm and
+    every norm of the model (input, pre-MLP, Q/K, final)."""
+    out = run_ranks(_layernorm_1p, 1)[0]
+    for norm in ("LayerNorm", "RMSNorm"):
+        names, initial, diff, scale = out[norm]
+        assert set(names) == {"input_layernorm", "pre_mlp_layernorm", "q_layernorm", "k_layernorm",
+                              "final_layernorm"}, names
+        assert all(v == 0.0 for v in initial.values()), initial
+        assert diff == 0.0 and scale > 0, (norm, diff)
+    assert out["sp"] == ("ZeroCentredLayerNorm", True, True, 0.0)

@@ -112,7 +112,7 @@ def test_patch_set_for_installed_megatron_core() -> None:
     version = registry._mcore_version()
     assert ("P1" in applied) == cuda_stubs._p1_applies(version)
     assert ("P13" in applied) == (version < Version("0.17"))
-    for pid in ("P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "P14", "P15", "P16"):
+    for pid in ("P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "P14", "P15", "P16", "P17"):
         assert pid in applied
     assert registry.install_cpu_compat() == applied  # idempotent
     with pytest.raises(ValueError, match="unknown patch"):
@@ -130,7 +130,7 @@ def test_every_patch_states_its_checked_range() -> None:
         assert ("Runs on GPU too" in doc) == (not patch.cpu_only), patch.id
         assert ("CPU only" in doc) == patch.cpu_only, patch.id
         assert patch.checked_for(registry._mcore_version()), patch.id
-    assert {p.id for p in registry._PATCHES if not p.cpu_only} == {"P9", "P10", "P13"}
+    assert {p.id for p in registry._PATCHES if not p.cpu_only} == {"P9", "P10", "P13", "P17"}
 
 
 @pytest.mark.parametrize("fake", ["0.20.0", "0.20.0rc1", "0.15.2", "0"])
@@ -147,7 +147,7 @@ def test_megatron_core_outside_checked_range_fails_at_install(monkeypatch: pytes
     ids = ", ".join(pid for pid in registry.PATCH_IDS if pid != "P14")  # P1 and P13 too: their ranges are checked
     assert f"({ids}: megatron-core >=0.16,<0.20)" in msg, msg
     assert "pip install 'megatron-core>=0.16,<0.20'" in msg and "0.16.1, 0.19.2" in msg
-    with pytest.raises(registry.MegatronCoreVersionError, match=r"\(P9, P10, P13: megatron-core "
+    with pytest.raises(registry.MegatronCoreVersionError, match=r"\(P9, P10, P13, P17: megatron-core "
                                                                 r">=0\.16,<0\.20\)\. Install"):
         registry.install_upstream_fixes()   # what CUDA runs install
     assert registry.installed_patches() == before

@@ -1,7 +1,7 @@
-"""The patch table of the CPU layer and its installation: P1..P16, install/uninstall.
+"""The patch table of the CPU layer and its installation: P1..P17, install/uninstall.
 
 `install_cpu_compat()` applies every patch that the installed megatron-core needs (on CPU);
-`install_upstream_fixes()` only those that fix upstream bugs hitting CUDA runs too (P9, P10, P13).
+`install_upstream_fixes()` only those that fix upstream bugs or gaps hitting CUDA runs too (P9, P10, P13, P17).
 Only `megatron_rpt.platform.setup_platform` calls them. Both are idempotent and return the ids
 applied so far. The patches themselves live in `cuda_stubs.py`, `cpu_fixes.py` and
 `upstream_fixes.py`; how they are applied in `hooks.py` and `device_mode.py`.
@@ -86,6 +86,7 @@ _PATCHES: tuple[_Patch, ...] = (
     _Patch("P14", cpu_fixes._p14_fork_results_queue, True),
     _Patch("P15", cpu_fixes._p15_expert_cpu_init, True),
     _Patch("P16", cpu_fixes._p16_uneven_gather_scatter, True),
+    _Patch("P17", upstream_fixes._p17_zero_centred_torch_norm, False),  # after P7: wraps its __new__
 )
 
 PATCH_IDS: tuple[str, ...] = tuple(p.id for p in _PATCHES)
@@ -139,9 +140,9 @@ def install_cpu_compat(exclude: Collection[str] = ()) -> list[str]:
 
 
 def install_upstream_fixes() -> list[str]:
-    """Apply only the platform-independent fixes (P9, P10, P13): used on CUDA.
+    """Apply only the platform-independent fixes (P9, P10, P13, P17): used on CUDA.
 
-    Raises MegatronCoreVersionError like `install_cpu_compat`, for these three patches' ranges."""
+    Raises MegatronCoreVersionError like `install_cpu_compat`, for these patches' ranges."""
     return _install((p for p in _PATCHES if not p.cpu_only), ())
 
 

@@ -1,9 +1,10 @@
-"""Upstream Megatron-Core bugs that also hit CUDA runs: P9, P10, P13.
+"""Upstream Megatron-Core bugs and gaps that also hit CUDA runs: P9, P10, P13, P17.
 
 Without Apex and Transformer Engine, Megatron-Core falls back to torch.optim.AdamW and to code paths
 that its own GPU runs rarely take. Three of them are broken on any device: the distributed
 optimizer's checkpoint load (P9: KeyError 'step'; P10: one shared Adam `step`, silently wrong after
-a resume) and the MoE router's `te_general_gemm` NameError (P13, 0.16.x). They are the only patches
+a resume) and the MoE router's `te_general_gemm` NameError (P13, 0.16.x). The torch norm also lacks
+the zero-centred weights of --apply-layernorm-1p (P17), which TE's and Apex's norms have. They are the only patches
 `registry.install_upstream_fixes()` applies on CUDA, besides all CPU runs.
 
 Each patch's docstring names its upstream site (file:function in megatron-core) and the versions it
@@ -105,3 +106,60 @@ def _p13_applies(v: Version) -> bool:
     """P13's gate: megatron-core >=0.16,<0.17."""
     return _P13_VERSIONS.contains(v, prereleases=True)
 
+
+
+def _p17_zero_centred_torch_norm() -> None:
+    """P17 (new; a missing feature): `transformer/torch_norm.py:WrappedTorchNorm.__new__`, the norm of
+    Megatron-Core's local layer spec without Apex (any device), asserts `layernorm_zero_centered_gamma`
+    is off, so Megatron-LM's --apply-layernorm-1p fails at model build. Checked against megatron-core
+    >=0.16,<0.20 (0.16.1, 0.19.2). Runs on GPU too (cpu_only=False: `install_upstream_fixes`).
+
+    Builds the torch norm with the flag off and turns it into the zero-centred variant TE's norms
+    implement (`transformer_engine.pytorch.LayerNorm/RMSNorm(zero_centered_gamma=True)`): the weight
+    is initialised to zeros and the output multiplied by (1 + weight). Same parameters and state-dict
+    keys, so checkpoints move between this and TE's layers.
+    """
+
+    class ZeroCentredLayerNorm(torch.nn.LayerNorm):
+        def reset_parameters(self) -> None:
+            super().reset_parameters()
+            if self.weight is not None:
+                torch.nn.init.zeros_(self.weight)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight + 1, self.bias, self.eps)
+
+    class ZeroCentredRMSNorm(torch.nn.RMSNorm):
+        def reset_parameters(self) -> None:
+            super().reset_parameters()
+            if self.weight is not None:
+                torch.nn.init.zeros_(self.weight)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.rms_norm(x, self.normalized_shape, self.weight + 1, self.eps)
+
+    zero_centred = {torch.nn.LayerNorm: ZeroCentredLayerNorm, torch.nn.RMSNorm: ZeroCentredRMSNorm}
+
+    def fix(mod: types.ModuleType) -> None:
+        cls = mod.WrappedTorchNorm
+        previous_new = cls.__new__  # P7's on CPU (sequence parallelism), upstream's elsewhere
+
+        def __new__(klass: type, config: Any, hidden_size: int, eps: float = 1e-5, *args: Any, **kwargs: Any) -> Any:
+            if not getattr(config, "layernorm_zero_centered_gamma", False):
+                return previous_new(klass, config, hidden_size, eps, *args, **kwargs)
+            config.layernorm_zero_centered_gamma = False  # only to pass the assert; restored below
+            try:
+                norm = previous_new(klass, config, hidden_size, eps, *args, **kwargs)
+            finally:
+                config.layernorm_zero_centered_gamma = True
+            target = zero_centred.get(type(norm))
+            if target is None:
+                raise ValueError(f"--apply-layernorm-1p: no zero-centred variant of {type(norm).__name__} "
+                                 f"(normalization {config.normalization!r}); use LayerNorm or RMSNorm")
+            norm.__class__ = target
+            norm.reset_parameters()
+            return norm
+
+        set_attr("P17", cls, "__new__", staticmethod(__new__))
+
+    when_imported("P17", "megatron.core.transformer.torch_norm", fix)
