@@ -344,3 +344,37 @@ def test_every_flag_choice_is_built():
         assert str(e.value).startswith(f"{name} needs --"), e.value   # its builder, asking for its files
     with pytest.raises(TokenizerError, match="unknown 'Nope'"):
         build_tokenizer("Nope")
+
+
+def test_mock_data_with_every_tokenizer_type(tmp_path, spm_model):
+    """--mock-data builds its samples with the run's tokenizer whatever its type (Megatron-Core's mock
+    dataset: ids 1.. modulo the tokenizer's vocabulary, then its end-of-document id), and the run's
+    flags for each type validate, as a Megatron-LM smoke-test script would give them."""
+    from megatron_rpt.config import parse_args
+    from megatron_rpt.data.datasets import build_datasets
+    from megatron_rpt.data.tokenizers import tokenizer_from_config
+    from megatron_rpt.validate import validate_config
+
+    _, vocab, merges = _gpt2_files(tmp_path)
+    bpe = train_byte_level_bpe([TEXT * 20], str(tmp_path / "bpe"), vocab_size=300)
+    files = {"SentencePieceTokenizer": ["--tokenizer-model", str(spm_model)],
+             "HuggingFaceTokenizer": ["--tokenizer-model", str(bpe)],
+             "GPT2BPETokenizer": ["--vocab-file", str(vocab), "--merge-file", str(merges)],
+             "TikTokenizer": ["--tokenizer-model", cl100k_path()],
+             "NullTokenizer": ["--vocab-size", "1000"]}
+    from megatron_rpt.config.schema import TOKENIZER_TYPES
+    assert set(files) == set(TOKENIZER_TYPES)
+    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+            "--lr", "1e-3", "--train-iters", "2", "--eval-iters", "1", "--eval-interval", "2", "--mock-data"]
+    for name, flags in files.items():
+        cfg = validate_config(parse_args(base + ["--tokenizer-type", name] + flags), 1)
+        tok = tokenizer_from_config(cfg)
+        data = build_datasets(cfg, tok)
+        assert data.train is not None and data.valid is not None, name
+        for i in range(4):
+            sample = data.train[i]
+            ids = sample["tokens"].tolist() + [int(sample["labels"][-1])]
+            assert max(ids) < tok.vocab_size and min(ids) >= 0, (name, tok.vocab_size)
+            # documents 1, 2, ... (mod the vocabulary), each closed by the tokenizer's end-of-document id
+            for a, b in zip(ids, ids[1:]):
+                assert b == tok.eod or b == (a + 1) % tok.vocab_size or (a == tok.eod and b == 1), (name, a, b)
