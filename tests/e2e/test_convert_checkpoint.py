@@ -1,7 +1,7 @@
 """tools/convert_checkpoint.py end to end: HF -> Megatron -> HF is bit-exact, transformers loads the
 export with the original logits, an imported checkpoint trains at TP=2 and exports identically.
 
-Random Llama (untied) and Qwen3 (tied) models are created by transformers in child processes (forked by tests/cli.py) and saved
+Random Llama, Qwen3-MoE, Mixtral (untied) and Qwen3, Qwen2 (tied) models are created by transformers in child processes (forked by tests/cli.py) and saved
 with save_pretrained (no downloads). Every tool runs as users run it.
 """
 
@@ -75,7 +75,8 @@ def compare(a, b) -> dict:
 
 
 @pytest.mark.parametrize("arch,tied", [("LlamaForCausalLM", "untied"), ("Qwen3ForCausalLM", "tied"),
-                                       ("Qwen3MoeForCausalLM", "untied"), ("Qwen2ForCausalLM", "tied")])
+                                       ("Qwen3MoeForCausalLM", "untied"), ("Qwen2ForCausalLM", "tied"),
+                                       ("MixtralForCausalLM", "untied")])
 def test_round_trip_is_bit_exact_and_transformers_loads_it(tmp_path, arch, tied):
     hf, ckpt, out = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "out"
     run(sys.executable, "-c", MAKE, arch, hf, tied)
