@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 # Megatron-LM's --tokenizer-type names this project builds (data.tokenizers.factory builds each).
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "TikTokenizer",
-                   "NullTokenizer")
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "Llama2Tokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer",
+                   "TikTokenizer", "NullTokenizer")
 
 
 def arg(default: Any = dataclasses.MISSING, *, flag: str | None = None, help: str = "",

@@ -226,7 +226,7 @@ def check_data_config(cfg, check_files: bool, pretraining_data: bool = True) -> 
         problems.append("--tokenizer-type is required")
     if d.tokenizer_type is None and d.mock_data and cfg.model.vocab_size is None:
         problems.append("--mock-data without --tokenizer-type needs --vocab-size")
-    if d.tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer", "TikTokenizer") and \
+    if d.tokenizer_type in ("SentencePieceTokenizer", "Llama2Tokenizer", "HuggingFaceTokenizer", "TikTokenizer") and \
             d.tokenizer_model is None:
         problems.append(f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
     if d.tokenizer_type == "GPT2BPETokenizer" and (d.vocab_file is None or d.merge_file is None):

@@ -358,6 +358,7 @@ def test_mock_data_with_every_tokenizer_type(tmp_path, spm_model):
     _, vocab, merges = _gpt2_files(tmp_path)
     bpe = train_byte_level_bpe([TEXT * 20], str(tmp_path / "bpe"), vocab_size=300)
     files = {"SentencePieceTokenizer": ["--tokenizer-model", str(spm_model)],
+             "Llama2Tokenizer": ["--tokenizer-model", str(spm_model)],
              "HuggingFaceTokenizer": ["--tokenizer-model", str(bpe)],
              "GPT2BPETokenizer": ["--vocab-file", str(vocab), "--merge-file", str(merges)],
              "TikTokenizer": ["--tokenizer-model", cl100k_path()],
@@ -378,3 +379,26 @@ def test_mock_data_with_every_tokenizer_type(tmp_path, spm_model):
             # documents 1, 2, ... (mod the vocabulary), each closed by the tokenizer's end-of-document id
             for a, b in zip(ids, ids[1:]):
                 assert b == tok.eod or b == (a + 1) % tok.vocab_size or (a == tok.eod and b == 1), (name, a, b)
+
+
+def test_llama2_tokenizer_is_the_model_with_eos_as_end_of_document(tmp_path):
+    """Llama2Tokenizer (Megatron-LM's name for Llama-2 / Mixtral tokenizer.model): sentencepiece's ids as
+    they are (no BOS added) and </s> closing documents, where SentencePieceTokenizer prefers <eod>."""
+    import io
+
+    import sentencepiece as spm
+    buf = io.BytesIO()   # a Llama-style model (<s>, </s>) that also has an <eod> piece
+    spm.SentencePieceTrainer.train(sentence_iterator=iter((TEXT * 20).splitlines()), model_writer=buf,
+                                   vocab_size=50, user_defined_symbols=["<eod>"], minloglevel=2)
+    model = tmp_path / "tokenizer.model"
+    model.write_bytes(buf.getvalue())
+    ref = spm.SentencePieceProcessor(model_file=str(model))
+    llama = build_tokenizer("Llama2Tokenizer", tokenizer_model=str(model))
+    plain = build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(model))
+    assert ref.id_to_piece(ref.eos_id()) == "</s>" and llama.eod == ref.eos_id()
+    assert plain.eod == ref.piece_to_id("<eod>") != llama.eod
+    assert llama.vocab_size == plain.vocab_size == ref.get_piece_size()
+    for text in [TEXT] + SAMPLES:
+        assert llama.tokenize(text) == plain.tokenize(text) == ref.encode(text)
+    with pytest.raises(TokenizerError, match="Llama2Tokenizer needs --tokenizer-model"):
+        build_tokenizer("Llama2Tokenizer")

@@ -32,8 +32,9 @@ def build_tokenizer(tokenizer_type: str, *, tokenizer_model: Optional[str] = Non
         return TikTokenizer(_require_file(tokenizer_model, "--tokenizer-model", tokenizer_type),
                             pattern=tiktoken_pattern, num_special_tokens=tiktoken_num_special_tokens,
                             special_tokens=tiktoken_special_tokens, vocab_size=vocab_size)
-    if tokenizer_type == "SentencePieceTokenizer":
-        return SentencePieceTokenizer(_require_file(tokenizer_model, "--tokenizer-model", tokenizer_type))
+    if tokenizer_type in ("SentencePieceTokenizer", "Llama2Tokenizer"):
+        return SentencePieceTokenizer(_require_file(tokenizer_model, "--tokenizer-model", tokenizer_type),
+                                      eod_is_eos=tokenizer_type == "Llama2Tokenizer")
     if tokenizer_type == "HuggingFaceTokenizer":
         return HuggingFaceTokenizer(_require_file(tokenizer_model, "--tokenizer-model", tokenizer_type))
     if tokenizer_type == "GPT2BPETokenizer":

@@ -1,4 +1,10 @@
-"""--tokenizer-type SentencePieceTokenizer: a sentencepiece .model file."""
+"""--tokenizer-type SentencePieceTokenizer / Llama2Tokenizer: a sentencepiece .model file used as is.
+
+SentencePieceTokenizer ends documents with the model's <eod> piece when it has one (models trained by
+tools/train_tokenizer.py), else its eos id. Llama2Tokenizer (Megatron-LM's name for Llama-2's and
+Mixtral's tokenizer.model) always ends them with eos (</s>). Neither adds a BOS id to a document:
+Megatron-LM's current tokenizer library does not either (its legacy Llama2Tokenizer prepended <s>).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from megatron_rpt.data.tokenizers.training import SPM_SPECIALS
 
 
 class SentencePieceTokenizer(Tokenizer):
-    def __init__(self, model_file: str):
+    def __init__(self, model_file: str, eod_is_eos: bool = False):
         import sentencepiece as spm
         super().__init__(model=os.path.abspath(model_file))
         try:
@@ -19,12 +25,13 @@ class SentencePieceTokenizer(Tokenizer):
         except (OSError, RuntimeError) as e:
             raise TokenizerError(f"--tokenizer-model: {model_file} is not a sentencepiece model ({e})") from None
         self.vocab_size = self._sp.get_piece_size()
-        eod = self._sp.piece_to_id(SPM_SPECIALS["eod"])
+        eod = -1 if eod_is_eos else self._sp.piece_to_id(SPM_SPECIALS["eod"])
         if eod == self._sp.unk_id() or eod < 0:
             eod = self._sp.eos_id()
         if eod < 0:
-            raise TokenizerError(f"--tokenizer-model: {model_file} has neither an {SPM_SPECIALS['eod']} piece "
-                                 "nor an eos id; train it with tools/train_tokenizer.py")
+            raise TokenizerError(f"--tokenizer-model: {model_file} has " + ("no eos id (Llama2Tokenizer ends documents "
+                                 "with it)" if eod_is_eos else f"neither an {SPM_SPECIALS['eod']} piece nor an eos id")
+                                 + "; train it with tools/train_tokenizer.py")
         self.eod = eod
         self.pad = self._sp.pad_id() if self._sp.pad_id() >= 0 else -1
         self.bos = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
