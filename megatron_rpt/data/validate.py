@@ -223,7 +223,9 @@ def check_data_config(cfg, check_files: bool, pretraining_data: bool = True) -> 
         if d.data_cache_path is not None:
             problems.extend(_writable_dir_problems(d.data_cache_path, "--data-cache-path"))
     if d.tokenizer_type is None and not d.mock_data:
-        problems.append("--tokenizer-type is required")
+        # Megatron-LM's GPT-3 175B example gives the GPT-2 files without a type (and fails the same way)
+        hint = " (--vocab-file and --merge-file: --tokenizer-type GPT2BPETokenizer)" if d.vocab_file and d.merge_file else ""
+        problems.append(f"--tokenizer-type is required{hint}")
     if d.tokenizer_type is None and d.mock_data and cfg.model.vocab_size is None:
         problems.append("--mock-data without --tokenizer-type needs --vocab-size")
     if d.tokenizer_type in ("SentencePieceTokenizer", "Llama2Tokenizer", "HuggingFaceTokenizer", "TikTokenizer") and \

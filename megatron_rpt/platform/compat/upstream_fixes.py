@@ -111,8 +111,9 @@ def _p13_applies(v: Version) -> bool:
 def _p17_zero_centred_torch_norm() -> None:
     """P17 (new; a missing feature): `transformer/torch_norm.py:WrappedTorchNorm.__new__`, the norm of
     Megatron-Core's local layer spec without Apex (any device), asserts `layernorm_zero_centered_gamma`
-    is off, so Megatron-LM's --apply-layernorm-1p fails at model build. Checked against megatron-core
-    >=0.16,<0.20 (0.16.1, 0.19.2). Runs on GPU too (cpu_only=False: `install_upstream_fixes`).
+    is off, so Megatron-LM's --apply-layernorm-1p fails at model build.
+    Checked against megatron-core >=0.16,<0.20 (0.16.1, 0.19.2). Runs on GPU too (cpu_only=False:
+    `install_upstream_fixes`).
 
     Builds the torch norm with the flag off and turns it into the zero-centred variant TE's norms
     implement (`transformer_engine.pytorch.LayerNorm/RMSNorm(zero_centered_gamma=True)`): the weight
