@@ -146,6 +146,38 @@ def test_tensorboard_wandb_timers_and_stdout(tmp_path, monkeypatch):
         assert wandb_values[tag] == pytest.approx(tb_values[tag], rel=1e-6), tag
 
 
+def _sharded_main_params_norm(rank, world, argv):
+    from megatron_rpt.config import parse_args
+    from megatron_rpt.models.gpt import unwrap
+    from megatron_rpt.training.params_norm import params_l2_norm
+    from megatron_rpt.training.setup import setup_job
+
+    job = setup_job(parse_args(argv))
+    params = list(unwrap(job.state.model[0]).parameters())
+    before = params_l2_norm(job.state.model, bf16=True, device=job.device)
+    shards = [p.main_param for p in params if getattr(p, "main_param", None) is not None]
+    for shard in shards:
+        shard.fill_(1.0)
+    return {"before": before, "after": params_l2_norm(job.state.model, bf16=True, device=job.device),
+            "reference": sum(float((p.data.double() ** 2).sum()) for p in params) ** 0.5,
+            "elements": sum(p.numel() for p in params), "shard_elements": sum(s.numel() for s in shards),
+            "all_sharded": all(getattr(p, "main_param_sharded", False) for p in params)}
+
+
+def test_params_norm_measures_sharded_fp32_main_params():
+    """--bf16 with the distributed optimizer (DP=2): Megatron-LM measures the fp32 main parameters,
+    which each DP rank holds a shard of. At start they are the bf16 weights exactly (float64 norm of
+    the model, fp32 sums); set to 1.0 everywhere, the norm must be sqrt(#parameters): every element
+    counted once over the shards, none from the bf16 copies."""
+    out = run_ranks(_sharded_main_params_norm, 2, BASE + ["--bf16", "--use-distributed-optimizer"])
+    assert all(o["all_sharded"] for o in out)
+    assert 0 < out[0]["shard_elements"] < out[0]["elements"]
+    assert out[0]["shard_elements"] + out[1]["shard_elements"] == out[0]["elements"]
+    for o in out:
+        assert o["before"] == pytest.approx(o["reference"], rel=1e-6)
+        assert o["after"] == pytest.approx(o["elements"] ** 0.5, rel=1e-6)
+
+
 def test_throughput_arithmetic():
     log = MetricsLogger(log_interval=1, writer=None, tensorboard=False, tensorboard_log_interval=1, train_iters=10,
                         global_batch_size=8, seq_length=1024, flops_per_token=6e9, world_size=4, peak_tflops=100.0,
@@ -160,7 +192,7 @@ def test_skipped_and_nan_iterations_are_counted_not_averaged():
     log = MetricsLogger(log_interval=3, writer=None, tensorboard=False, tensorboard_log_interval=1, train_iters=10,
                         global_batch_size=1, seq_length=1, flops_per_token=1.0, world_size=1, peak_tflops=None,
                         device_type="cpu", is_logging_rank=False)
-    log.record(1, StepResult(2.0, 1, 1.0, 0, True, 1e-3), 1)
+    log.record(1, StepResult(2.0, 1, 1.0, None, True, 1e-3), 1)
     log.record(2, StepResult(float("nan"), 1, None, None, True, 1e-3), 2)
     line = log.record(3, StepResult(9.0, 1, None, None, False, 1e-3), 3)
     assert "lm loss: 2.000000E+00" in line
@@ -173,9 +205,9 @@ def test_parse_log_line_reads_back_what_record_prints():
                         global_batch_size=16, seq_length=4096, flops_per_token=1.1e10, world_size=1, peak_tflops=989.4,
                         device_type="cpu", is_logging_rank=False)
     import time
-    log.record(1, StepResult(3.5, 1, 0.75, 0, True, 2e-4), 16)
+    log.record(1, StepResult(3.5, 1, 0.75, None, True, 2e-4), 16)
     time.sleep(0.05)
-    line = log.record(2, StepResult(3.25, 1, 0.5, 0, True, 3e-4), 32)
+    line = log.record(2, StepResult(3.25, 1, 0.5, None, True, 3e-4), 32)
     got = parse_log_line(line)
     ms = got["ms_per_iter"]
     assert ms >= 25.0
