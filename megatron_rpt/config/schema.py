@@ -289,7 +289,7 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    """Stdout and TensorBoard logging."""
+    """Stdout, TensorBoard and W&B logging, timers."""
 
     log_interval: int = arg(10, help="Log every N iterations.")
     tensorboard_dir: Optional[str] = arg(None, help="TensorBoard event directory.")
@@ -300,6 +300,33 @@ class LoggingConfig:
                            help="Log peak memory.")
     peak_tflops: Optional[float] = arg(None, help="Device peak TFLOP/s used for MFU "
                                        "(default: known GPUs' dense bf16 peak; CPU: none).")
+    # Megatron-LM's observability flags (training.timers, training.params_norm, training.sinks).
+    timing_log_level: int = arg(0, choices=(0, 1, 2),
+                                help="Megatron-Core timers after each interval line (Megatron-LM's levels): 0 none "
+                                "(the save-checkpoint time only); 1 once-per-iteration parts (forward-backward, "
+                                "all-grads-sync, params-all-gather, optimizer and its parts); 2 also per micro-batch "
+                                "ones (batch-generator, forward-compute, backward-compute, pipeline sends/receives). "
+                                "Averaged over the interval's iterations (Megatron-LM divides by --log-interval).")
+    timing_log_option: str = arg("minmax", choices=("max", "minmax", "all"),
+                                 help="How timers are reported across ranks: max, (min, max) or every rank.")
+    log_timers_to_tensorboard: bool = arg(False, help="Write the timers (max over ranks, seconds per iteration, "
+                                          "'<name>-time') and 'iteration-time' to TensorBoard/W&B every log interval.")
+    barrier_with_L1_time: bool = arg(True, flag="--barrier-with-level-1-timing",
+                                     negative="--no-barrier-with-level-1-timing",
+                                     help="Barrier before level-1 timers start (Megatron-LM's default; the positive "
+                                     "flag is megatron-rpt's, Megatron-LM has only the negative one).")
+    log_params_norm: bool = arg(False, help="Log the L2 norm of the parameters (each counted once over TP/PP/EP "
+                                "replicas; the fp32 main parameters with bf16), computed on logged iterations.")
+    log_num_zeros_in_grad: bool = arg(False, help="Log the number of zeros in the gradients (Megatron-Core's "
+                                      "optimizer counts them every step).")
+    log_validation_ppl_to_tensorboard: bool = arg(False, help="Also write the validation perplexity "
+                                                  "('lm loss validation ppl') to TensorBoard/W&B.")
+    wandb_project: Optional[str] = arg(None, help="Weights & Biases project: the TensorBoard scalars also go to "
+                                       "W&B, from global rank 0 (needs the wandb package; offline with "
+                                       "WANDB_MODE=offline). Empty: off.")
+    wandb_exp_name: Optional[str] = arg(None, help="W&B run name (default: W&B's own).")
+    wandb_save_dir: Optional[str] = arg(None, help="Local folder of the W&B run files (default SAVE/wandb).")
+    wandb_entity: Optional[str] = arg(None, help="W&B entity (team or user).")
 
 
 @dataclass

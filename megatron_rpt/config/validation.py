@@ -232,6 +232,24 @@ def _check_architecture(cfg: RunConfig) -> list[str]:
     return out
 
 
+def _check_wandb(cfg: RunConfig) -> list[str]:
+    """--wandb-project needs the wandb package (asked without importing it) and a local folder for the
+    run's files: --wandb-save-dir, or SAVE/wandb as in Megatron-LM (which fails later without --save)."""
+    lg = cfg.logging
+    if not lg.wandb_project:
+        return []
+    from importlib.util import find_spec
+
+    problems = []
+    if find_spec("wandb") is None:
+        problems.append(f"--wandb-project {lg.wandb_project}: the wandb package is not installed (pip install wandb, "
+                        "or megatron-rpt[wandb]); drop --wandb-project to log to stdout/TensorBoard only")
+    if not lg.wandb_save_dir and not cfg.checkpoint.save:
+        problems.append("--wandb-project needs --wandb-save-dir DIR or --save DIR (the W&B run files go to "
+                        "--wandb-save-dir, default SAVE/wandb)")
+    return problems
+
+
 def check_config(cfg: RunConfig, world_size: int) -> list[str]:
     """Fill derived defaults; one message per problem of the flags among themselves and against the
     world size (the loss's and the data's flags are checked by their packages: `megatron_rpt.validate`)."""
@@ -367,6 +385,7 @@ def check_config(cfg: RunConfig, world_size: int) -> list[str]:
             problems.append("--ckpt-keep-last needs --save DIR")
     if cfg.logging.log_interval < 1:
         problems.append(f"--log-interval must be >= 1 (got {cfg.logging.log_interval})")
+    problems.extend(_check_wandb(cfg))
     problems.extend(_check_moe(cfg, world_size))
     problems.extend(_check_fp8(cfg))
     return problems
@@ -423,6 +442,9 @@ def check_rpt_config(cfg: RunConfig, world_size: int, *, check_files: bool = Tru
     t.global_batch_size = sequences
     # Token-level mean over the whole global batch (DAPO's token-mean), whatever the micro-batching.
     t.calculate_per_token_loss = True
+    if cfg.logging.log_validation_ppl_to_tensorboard:
+        problems.append("--log-validation-ppl-to-tensorboard: RPT's evaluation measures next-token accuracy on "
+                        "held-out tasks, it has no validation loss; drop the flag")
     if r.rpt_data is None:
         problems.append("--rpt-data is required (tasks from tools/build_rpt_data.py)")
     elif check_files and not os.path.isfile(r.rpt_data):

@@ -63,7 +63,10 @@ from megatron_rpt.rpt.tasks import load_tasks
 from megatron_rpt.training.context_parallel import split_for_this_cp_rank
 from megatron_rpt.training.driver import SignalFlag, TrainingDriver
 from megatron_rpt.training.setup import setup_job
-from megatron_rpt.training.step import grads_are_finite, reduce_from_last_stage
+from megatron_rpt.training.params_norm import params_l2_norm
+from megatron_rpt.training.sinks import writes_scalars
+from megatron_rpt.training.step import grads_are_finite, optimizer_step, reduce_from_last_stage
+from megatron_rpt.training.timers import TimerReport
 
 # Per-micro-batch sums reduced over the batch (order of the packed report tensor).
 _SUMS = ("loss", "tokens", "entropy", "ratio", "clipped", "kl", "approx_kl", "abs_logp_diff", "mismatch_kl",
@@ -332,6 +335,8 @@ class _RPTJob:
             self.reference = build_reference(cfg, job)
             dist.print_rank_0(f"> KL reference policy: {r.rpt_ref_load} (beta {r.grpo_kl_beta})")
         self.engine = build_engine(cfg, job)
+        self.timers = TimerReport(job.state.config.timers, cfg.logging)
+        self.last_printed = driver.iteration          # the start iteration: timers cover what follows
 
     def close(self) -> None:
         self.engine.close()
@@ -418,7 +423,7 @@ class _RPTJob:
                     self._schedule(self.reference, LogProbForwardStep(self.device, self.job.vocab_size,
                                                                      r.rpt_temperature, "ref_log_probs"),
                                    batches, length, forward_only=True)
-        sums, peak, grad_norms = dict.fromkeys(_SUMS, 0.0), 0.0, []
+        sums, peak, grad_norms, zeros = dict.fromkeys(_SUMS, 0.0), 0.0, [], []
         for i, (batches, length) in enumerate(plan):
             for chunk in self.state.model:
                 chunk.zero_grad_buffer()
@@ -433,11 +438,15 @@ class _RPTJob:
                 dist.print_rank_0(f"> iteration {self.driver.iteration + 1}, mini-batch {i + 1}: NaN/inf gradients; "
                                   "update skipped")
                 continue
-            updated, grad_norm, _ = self.state.optimizer.step()
+            updated, grad_norm, num_zeros = optimizer_step(self.state)
             if updated:
                 self.state.scheduler.step(increment=t.global_batch_size // len(parts))
                 grad_norms.append(float(grad_norm))
-        return {**_summarise(sums, peak), "updates": len(grad_norms)}, grad_norms
+                if num_zeros is not None:
+                    zeros.append(float(num_zeros))
+        # --log-num-zeros-in-grad: the mean over the updates taken, like the grad norm
+        return ({**_summarise(sums, peak), "updates": len(grad_norms),
+                 "num_zeros": sum(zeros) / len(zeros) if zeros else None}, grad_norms)
 
     def step(self, iteration: int) -> None:
         r, t = self.cfg.rpt, self.cfg.training
@@ -488,16 +497,28 @@ class _RPTJob:
             "time_rollout_s": t_rollout, "time_train_s": t_train,
             "prompts_truncated": self.truncated,   # so far, on this rank (contexts cut to fit --seq-length)
         }
+        if self.cfg.logging.log_params_norm and self._logged(iteration):   # collective, same steps everywhere
+            metrics["params_norm"] = params_l2_norm(self.state.model, bf16=t.bf16, device=self.device)
         self.result.metrics[iteration] = metrics
         self._log(iteration, metrics, report)
         if not math.isfinite(report["policy_loss"]):
             raise FloatingPointError(f"iteration {iteration}: policy loss is {report['policy_loss']}")
 
+    def _printed(self, iteration: int) -> bool:
+        return iteration % self.cfg.logging.log_interval == 0 or iteration == self.cfg.training.train_iters
+
+    def _logged(self, iteration: int) -> bool:
+        """Printed or written to the sinks (configuration only: the same on every rank)."""
+        return self._printed(iteration) or (writes_scalars(self.cfg)
+                                            and iteration % self.cfg.logging.tensorboard_log_interval == 0)
+
     def _log(self, iteration: int, metrics: dict, report: dict) -> None:
         r, t, g = self.cfg.rpt, self.cfg.training, metrics["grad_norm"]
         if iteration % self.cfg.logging.tensorboard_log_interval == 0:
             self.driver.scalars("rpt", metrics, iteration)
-        if iteration % self.cfg.logging.log_interval == 0 or iteration == t.train_iters:
+        if self._printed(iteration):
+            extra = "".join(f"{label}: {metrics[key]:{fmt}} | " for key, label, fmt in (
+                ("num_zeros", "num zeros", ".1f"), ("params_norm", "params norm", ".3f")) if metrics.get(key) is not None)
             dist.print_rank_0(
                 f" iteration {iteration:8d}/{t.train_iters:8d} | consumed contexts: {self.driver.consumed_train} | "
                 f"reward: {metrics['reward']:.4f} | pass@{r.rpt_group_size}: {metrics[f'pass@{r.rpt_group_size}']:.4f} | "
@@ -506,10 +527,15 @@ class _RPTJob:
                 f"clip frac: {report['clip_fraction']:.4f} | ratio: {report['ratio']:.5f} | "
                 f"|logp-engine| max: {report['max_abs_logp_diff']:.2e} | mismatch kl: {report['mismatch_kl']:.2e} | "
                 + (f"tis weight: {report['tis_weight']:.4f} | " if r.rpt_tis_cap is not None else "")
-                + f"lr: {metrics['lr']:.3e} | grad norm: {'-' if g is None else f'{g:.4f}'} | "
-                f"updates: {report['updates']} | "
+                + f"lr: {metrics['lr']:.3e} | grad norm: {'-' if g is None else f'{g:.4f}'} | " + extra
+                + f"updates: {report['updates']} | "
                 f"rollout: {metrics['time_rollout_s']:.1f} s ({metrics['rollout_tokens_per_s']:.1f} tok/s) | "
                 f"train: {metrics['time_train_s']:.1f} s ({metrics['train_tokens_per_s']:.1f} tok/s)")
+            # Megatron-Core's timers of the interval (collective: every rank prints at the same iterations)
+            block = self.timers.report(iteration, iteration - self.last_printed, self.driver.writer)
+            self.last_printed = iteration
+            if block:
+                dist.print_rank_0(block)
 
 
 def rpt_train(cfg: RunConfig) -> RPTResult:

@@ -3,8 +3,9 @@
 `TrainingDriver` owns what every training job does around its step: resuming from --load (iteration
 and consumed-sample counters), the iteration loop up to --train-iters, evaluation and checkpoint
 cadence (--eval-interval, --save-interval, a final save), stopping between iterations on a
-preemption signal, --exit-duration-in-mins or --exit-interval (`ExitWatch`), and the job's one
-TensorBoard writer (rank 0, --tensorboard-dir; `scalars`). The job supplies its step (one
+preemption signal, --exit-duration-in-mins or --exit-interval (`ExitWatch`), the save-checkpoint
+timer, and the job's one scalar sink (`training.sinks`: TensorBoard and/or W&B on rank 0; `scalars`).
+The job supplies its step (one
 iteration's work and its stdout line) and its evaluation as callables; the driver never looks at
 what a step computes.
 """
@@ -19,6 +20,8 @@ import torch
 
 from megatron_rpt import distributed as dist
 from megatron_rpt.config.schema import RunConfig
+from megatron_rpt.training.sinks import open_sinks
+from megatron_rpt.training.timers import log_save_time
 
 
 class SignalFlag:
@@ -81,10 +84,8 @@ class TrainingDriver:
         self.resumed_from: Optional[str] = None
         self.saved: list = []
         self.exit_reason = "train_iters"
-        self.writer = None          # the job's TensorBoard writer: rank 0 only, with --tensorboard-dir
-        if cfg.logging.tensorboard_dir and torch.distributed.get_rank() == 0:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=cfg.logging.tensorboard_dir, max_queue=100)
+        # The job's scalar sinks (TensorBoard and/or W&B, training.sinks): rank 0 only, None without either.
+        self.writer = open_sinks(cfg, torch.distributed.get_rank())
 
     def scalars(self, prefix: str, values: dict, iteration: int) -> None:
         """Every int/float of `values` (bools and None left out) as `prefix/name` at `iteration`."""
@@ -126,12 +127,13 @@ class TrainingDriver:
         ckpt = self.cfg.checkpoint
         if ckpt.save:
             t0 = time.perf_counter()
-            path = save_checkpoint(ckpt.save, iteration, self.state, self.cfg,
-                                   consumed_train_samples=self.consumed_train,
-                                   consumed_valid_samples=self.consumed_valid,
-                                   fully_parallel=ckpt.ckpt_fully_parallel_save)
-            self.saved.append(path)
-            dist.print_rank_0(f"> saved checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
+            with log_save_time(self.state.config.timers):
+                path = save_checkpoint(ckpt.save, iteration, self.state, self.cfg,
+                                       consumed_train_samples=self.consumed_train,
+                                       consumed_valid_samples=self.consumed_valid,
+                                       fully_parallel=ckpt.ckpt_fully_parallel_save)
+                self.saved.append(path)
+                dist.print_rank_0(f"> saved checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
 
     def run(self, step: Callable[[int], None], *, evaluate: Optional[Callable[[int], None]] = None,
             eval_at_start: bool = False, eval_at_end: bool = False) -> int:

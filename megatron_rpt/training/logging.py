@@ -1,8 +1,13 @@
-"""Training metrics: one Megatron-style line per log interval on stdout, scalars to TensorBoard.
+"""Training metrics: one Megatron-style line per log interval on stdout, scalars to the job's sinks
+(TensorBoard and/or W&B, `training.sinks`), and with --timing-log-level Megatron-Core's timer block
+after the line (`training.timers`).
 
 Throughput is measured over the whole interval (wall time / iterations); TFLOP/s per device uses
 `models.flops.training_flops_per_token`, and MFU divides by the device's dense peak (unknown on
-CPU unless --peak-tflops is given, then MFU is not printed).
+CPU unless --peak-tflops is given, then MFU is not printed). Megatron-LM's optional fields keep its
+labels and tags: 'num zeros' / 'num-zeros' (--log-num-zeros-in-grad, the iteration's count),
+'params norm' / 'params-norm' (--log-params-norm), 'iteration-time' and '<timer>-time'
+(--log-timers-to-tensorboard), 'lm loss validation ppl' (--log-validation-ppl-to-tensorboard).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ def _format_stats(stats: dict) -> str:
 # Fields of the interval line (`MetricsLogger.record`) that `parse_log_line` reads back, by label.
 _LINE_FIELDS = {"consumed samples": "consumed_samples", "elapsed time per iteration (ms)": "ms_per_iter",
                 "learning rate": "lr", "global batch size": "global_batch_size", "lm loss": "loss",
-                "grad norm": "grad_norm", "tokens/s": "tokens_per_s", "TFLOP/s/device": "tflops_per_device",
+                "grad norm": "grad_norm", "num zeros": "num_zeros", "params norm": "params_norm", "tokens/s": "tokens_per_s", "TFLOP/s/device": "tflops_per_device",
                 "MFU": "mfu", "peak mem (GiB)": "peak_mem_gib", "number of skipped iterations": "skipped",
                 "number of nan iterations": "nan_iterations"}
 
@@ -71,7 +76,8 @@ class MetricsLogger:
     def __init__(self, *, log_interval: int, writer, tensorboard: bool, tensorboard_log_interval: int,
                  train_iters: int, global_batch_size: int, seq_length: int, flops_per_token: float,
                  world_size: int, peak_tflops: Optional[float], device_type: str, is_logging_rank: bool,
-                 log_throughput: bool = True, log_memory: bool = True):
+                 log_throughput: bool = True, log_memory: bool = True, timers=None,
+                 log_validation_ppl: bool = False):
         self.log_interval = log_interval
         self.tb_interval = tensorboard_log_interval
         self.train_iters = train_iters
@@ -83,10 +89,12 @@ class MetricsLogger:
         self.device_type = device_type
         self.is_logging_rank = is_logging_rank
         self.log_throughput, self.log_memory = log_throughput, log_memory
-        # The job's TensorBoard writer (the training driver's; None off rank 0). `tensorboard`: whether
-        # the run writes TensorBoard at all, the same on every rank (see wants_stats).
+        # The job's scalar sinks (the training driver's; None off rank 0). `tensorboard`: whether the
+        # run writes scalars at all (TensorBoard or W&B), the same on every rank (see wants_stats).
         self.writer = writer
         self.tensorboard = tensorboard
+        self.timers = timers            # training.timers.TimerReport (collective at interval ends) or None
+        self.log_validation_ppl = log_validation_ppl
         self._reset(time.perf_counter())
         self.last_line: Optional[str] = None
 
@@ -131,6 +139,10 @@ class MetricsLogger:
             self.scalar("learning-rate", result.lr, iteration)
             if result.grad_norm is not None:
                 self.scalar("grad-norm", result.grad_norm, iteration)
+            if result.num_zeros is not None:
+                self.scalar("num-zeros", result.num_zeros, iteration)
+            if result.params_norm is not None:
+                self.scalar("params-norm", result.params_norm, iteration)
             self.scalar("consumed-samples", consumed_samples, iteration)
             for name, value in (result.stats or {}).items():
                 self.scalar(f"distribution/{name}", value, iteration)
@@ -153,6 +165,10 @@ class MetricsLogger:
                  f"lm loss: {avg_loss:.6E}"]
         if result.grad_norm is not None:
             parts.append(f"grad norm: {result.grad_norm:.3f}")
+        if result.num_zeros is not None:
+            parts.append(f"num zeros: {result.num_zeros:.1f}")
+        if result.params_norm is not None:
+            parts.append(f"params norm: {result.params_norm:.3f}")
         if result.stats:
             parts.append(_format_stats(result.stats))
         if result.moe and format_moe(result.moe):
@@ -179,6 +195,12 @@ class MetricsLogger:
         self.last_line = line
         if self.is_logging_rank:
             print(line, flush=True)
+        if self.timers is not None:
+            if self.timers.to_sinks:
+                self.scalar("iteration-time", elapsed, iteration)
+            block = self.timers.report(iteration, self.n, self.writer)
+            if block and self.is_logging_rank:
+                print(block, flush=True)
         self._reset(now)
         return line
 
@@ -195,4 +217,5 @@ class MetricsLogger:
             print(line, flush=True)
             print("-" * len(line), flush=True)
         self.scalar("lm loss validation", loss, iteration)
-        self.scalar("lm loss validation ppl", ppl, iteration)
+        if self.log_validation_ppl:   # Megatron-LM writes it only with --log-validation-ppl-to-tensorboard
+            self.scalar("lm loss validation ppl", ppl, iteration)

@@ -26,6 +26,8 @@ class PretrainResult:
     distribution: dict = field(default_factory=dict)   # iteration -> loss statistics (logged steps)
     valid_distribution: dict = field(default_factory=dict)
     moe: dict = field(default_factory=dict)            # iteration -> router statistics (MoE, logged steps)
+    params_norms: dict = field(default_factory=dict)   # iteration -> --log-params-norm (logged steps)
+    num_zeros: dict = field(default_factory=dict)      # iteration -> --log-num-zeros-in-grad
     saved: list = field(default_factory=list)          # checkpoint folders written
     resumed_from: Optional[str] = None
     exit_reason: str = "train_iters"                  # or signal / exit_interval / exit_duration
@@ -51,6 +53,9 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
     from megatron_rpt.models.flops import peak_tflops_for_device
     from megatron_rpt.training.logging import MetricsLogger
     from megatron_rpt.training.moe_metrics import RouterMonitor
+    from megatron_rpt.training.params_norm import params_l2_norm
+    from megatron_rpt.training.sinks import writes_scalars
+    from megatron_rpt.training.timers import TimerReport
     from megatron_rpt.training.step import evaluate, make_forward_step, train_step
 
     platform, env, device, tokenizer, state = job.platform, job.env, job.device, job.tokenizer, job.state
@@ -79,12 +84,13 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
     if peak is None and platform.device_type == "cuda":
         peak = peak_tflops_for_device(platform.gpu(env.local_rank).name)
     logger = MetricsLogger(
-        log_interval=cfg.logging.log_interval, writer=driver.writer, tensorboard=bool(cfg.logging.tensorboard_dir),
+        log_interval=cfg.logging.log_interval, writer=driver.writer, tensorboard=writes_scalars(cfg),
         tensorboard_log_interval=cfg.logging.tensorboard_log_interval, train_iters=t.train_iters,
         global_batch_size=t.global_batch_size, seq_length=m.seq_length, flops_per_token=flops_per_token,
         world_size=env.world_size, peak_tflops=peak, device_type=platform.device_type,
         is_logging_rank=env.rank == 0, log_throughput=cfg.logging.log_throughput,
-        log_memory=cfg.logging.log_memory)
+        log_memory=cfg.logging.log_memory, timers=TimerReport(state.config.timers, cfg.logging),
+        log_validation_ppl=cfg.logging.log_validation_ppl_to_tensorboard)
     monitor = RouterMonitor(state.model, m.num_layers, num_micro) if m.num_experts else None
     step_kwargs = dict(num_microbatches=num_micro, seq_length=m.seq_length,
                        micro_batch_size=t.micro_batch_size, device=device)
@@ -107,6 +113,10 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
         step = train_step(state, train_iters, forward_step, global_batch_size=t.global_batch_size,
                           check_finite=not t.fp16, **step_kwargs)
         driver.consumed_train += t.global_batch_size
+        if cfg.logging.log_params_norm and logger.wants_stats(iteration):   # collective, same steps everywhere
+            step.params_norm = result.params_norms[iteration] = params_l2_norm(state.model, bf16=t.bf16, device=device)
+        if step.num_zeros is not None:
+            result.num_zeros[iteration] = step.num_zeros
         result.losses[iteration] = step.loss
         if step.grad_norm is not None:
             result.grad_norms[iteration] = step.grad_norm

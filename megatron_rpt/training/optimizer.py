@@ -74,6 +74,8 @@ def megatron_optimizer_config(cfg: RunConfig) -> MegatronOptimizerConfig:
         params_dtype=params_dtype(cfg),
         use_distributed_optimizer=p.use_distributed_optimizer,
         overlap_param_gather=p.overlap_param_gather,
+        log_num_zeros_in_grad=cfg.logging.log_num_zeros_in_grad,
+        barrier_with_L1_time=cfg.logging.barrier_with_L1_time,
     )
 
 
@@ -103,7 +105,9 @@ def build_scheduler(optimizer, cfg: RunConfig) -> OptimizerParamScheduler:
 def setup_model_and_optimizer(chunks: list, cfg: RunConfig, config: TransformerConfig) -> TrainState:
     """Wrap `chunks`, build optimizer + scheduler, and wire Megatron's schedule hooks into `config`."""
     model = wrap_model(chunks, cfg, config)
-    optimizer = get_megatron_optimizer(megatron_optimizer_config(cfg), model)
+    opt_config = megatron_optimizer_config(cfg)
+    opt_config.timers = config.timers  # the job's one Timers (training.timers), as Megatron-LM sets it
+    optimizer = get_megatron_optimizer(opt_config, model)
     scheduler = build_scheduler(optimizer, cfg)
     # Hooks the forward/backward schedules call (Megatron-LM sets the same ones in training.py).
     config.grad_scale_func = optimizer.scale_loss

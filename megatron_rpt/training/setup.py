@@ -3,7 +3,8 @@
 `setup_job(cfg)` does, in this order: platform (and on CPU the Megatron-Core compatibility layer,
 before any Megatron-Core import), launcher environment, validation (before any process group, so
 a bad launch fails fast with one message), process groups and parallel state, threads, seeds,
-tokenizer, padded vocabulary, model chunks wrapped in DDP, optimizer and scheduler; then it prints
+tokenizer, padded vocabulary, Megatron-Core timers (`training.timers`), model chunks wrapped in DDP,
+optimizer and scheduler; then it prints
 the run banner. What the caller does with the model (pretraining data, RPT rollouts) is its own.
 """
 
@@ -45,6 +46,7 @@ def setup_job(cfg: RunConfig, *, validate: Optional[Callable[[RunConfig, int], A
     from megatron_rpt.models.flops import count_parameters, training_flops_per_token
     from megatron_rpt.models.gpt import build_model_chunks, num_virtual_stages, run_vocab_size, transformer_config
     from megatron_rpt.training.optimizer import setup_model_and_optimizer
+    from megatron_rpt.training.timers import make_timers
 
     p, m = cfg.parallel, cfg.model
     env = dist.resolve_dist_env()
@@ -72,6 +74,9 @@ def setup_job(cfg: RunConfig, *, validate: Optional[Callable[[RunConfig, int], A
         check_data_vocabulary(cfg, tokenizer)
     vocab = run_vocab_size(tokenizer.vocab_size, cfg)
     config = transformer_config(cfg, platform)
+    # Megatron-Core's schedules, grad finalisation and optimizers time themselves on config.timers.
+    config.timers = make_timers(cfg.logging)
+    config.barrier_with_L1_time = cfg.logging.barrier_with_L1_time
     chunks = build_model_chunks(cfg, platform, vocab, device, config)
     state = setup_model_and_optimizer(chunks, cfg, config)
 

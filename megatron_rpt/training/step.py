@@ -24,6 +24,7 @@ from megatron_rpt.loss import STAT_NAMES, LossFn
 from megatron_rpt.models.gpt import token_head
 from megatron_rpt.training.context_parallel import (context_parallel_size_and_rank, loss_terms_for_schedule,
                                                     split_for_context_parallel)
+from megatron_rpt.training.timers import timed
 
 
 @dataclass
@@ -31,12 +32,13 @@ class StepResult:
     loss: float                 # token-weighted mean LM loss over the global batch
     num_tokens: int             # loss tokens in the global batch
     grad_norm: Optional[float]
-    num_zeros: Optional[int]
+    num_zeros: Optional[float]     # zeros in the gradients (--log-num-zeros-in-grad; Megatron-Core's count)
     update_successful: bool
     lr: float
     nonfinite: bool = False        # NaN/inf gradients: the update was skipped (see grads_are_finite)
     stats: Optional[dict] = None   # token means of the loss's distribution statistics (logged steps)
     moe: Optional[dict] = None     # router statistics (MoE, logged steps; see training/moe_metrics.py)
+    params_norm: Optional[float] = None  # L2 norm of the parameters (--log-params-norm, logged steps)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -82,10 +84,11 @@ class ForwardStep:
     def __call__(self, data_iterator: Iterator[dict], model):
         # Every CP rank of a data-parallel rank reads the same micro-batch and keeps its two chunks.
         cp_size, cp_rank = context_parallel_size_and_rank()
-        batch = split_for_context_parallel(_to_device(next(data_iterator), self.device), cp_size, cp_rank)
+        config = get_model_config(model)   # the schedule's own: the same flags and timers
+        with timed(config.timers, "batch-generator", 2):
+            batch = split_for_context_parallel(_to_device(next(data_iterator), self.device), cp_size, cp_rank)
         args = (batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
-        # The schedule reads the same flag from the same config (get_model_config).
-        accounting = dict(per_token_loss=get_model_config(model).calculate_per_token_loss, cp_size=cp_size)
+        accounting = dict(per_token_loss=config.calculate_per_token_loss, cp_size=cp_size)
         if self.loss_fn is None:
             return (model(*args, labels=batch["labels"]),
                     partial(_loss_func, batch["loss_mask"], None, **accounting))
@@ -144,6 +147,15 @@ def grads_are_finite(model_chunks: list, device: torch.device) -> bool:
     return bad.item() == 0
 
 
+def optimizer_step(state) -> tuple:
+    """`state.optimizer.step()` -> (update_successful, grad_norm, num_zeros_in_grad) under Megatron-LM's
+    level-1 'optimizer' timer (num_zeros is None unless --log-num-zeros-in-grad)."""
+    with timed(state.config.timers, "optimizer", 1, barrier=state.config.barrier_with_L1_time):
+        updated, grad_norm, num_zeros = state.optimizer.step()
+    # Megatron-Core's mixed-precision optimizers return 0, not None, when zeros are not counted.
+    return updated, grad_norm, num_zeros if state.optimizer.config.log_num_zeros_in_grad else None
+
+
 def train_step(state, data_iterators: list, forward_step, *, num_microbatches: int, seq_length: int,
                micro_batch_size: int, global_batch_size: int, device: torch.device,
                check_finite: bool = True) -> StepResult:
@@ -173,7 +185,7 @@ def train_step(state, data_iterators: list, forward_step, *, num_microbatches: i
     if nonfinite:
         update_successful, grad_norm, num_zeros = False, None, None
     else:
-        update_successful, grad_norm, num_zeros = state.optimizer.step()
+        update_successful, grad_norm, num_zeros = optimizer_step(state)
     if update_successful:
         state.scheduler.step(increment=global_batch_size)
     loss, tokens, stats = _reduce_losses(losses, device)
@@ -191,6 +203,8 @@ def evaluate(state, data_iterators: list, forward_step, *, eval_iters: int, num_
     for chunk in state.model:
         chunk.eval()
     collect, forward_step.collect_stats = forward_step.collect_stats, True
+    # Evaluation is not timed (Megatron-LM unsets config.timers in evaluate(), too).
+    timers, state.config.timers = state.config.timers, None
     iterators = data_iterators[0] if len(data_iterators) == 1 else data_iterators
     losses = []
     try:
@@ -201,6 +215,7 @@ def evaluate(state, data_iterators: list, forward_step, *, eval_iters: int, num_
                 micro_batch_size=micro_batch_size, forward_only=True))
     finally:
         forward_step.collect_stats = collect
+        state.config.timers = timers
         for chunk in state.model:
             chunk.train()
     return _reduce_losses(losses, device)

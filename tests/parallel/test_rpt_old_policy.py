@@ -87,19 +87,55 @@ def test_truncated_importance_sampling_weights(task_files):  # noqa: F811
     assert out[1]["grad_norm"] != plain[1]["grad_norm"]
 
 
-def test_bf16_first_ratio_is_exactly_one(task_files, tmp_path):  # noqa: F811
-    tb = tmp_path / "tb"
-    out = run_ranks(_run, 1, _args(task_files, ["--train-iters", "2", "--bf16", "--tensorboard-dir", str(tb)]),
-                    timeout=300)[0]
+def _run_captured(rank, world, argv):
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        metrics = _run(rank, world, argv)
+    return {"metrics": metrics, "stdout": buf.getvalue()}
+
+
+def test_bf16_first_ratio_is_exactly_one(task_files, tmp_path, monkeypatch):  # noqa: F811
+    """Also mrpt-rpt's logging: TensorBoard and an offline W&B run get the same scalars (one sink),
+    with --log-params-norm / --log-num-zeros-in-grad among them, and the timers follow the line."""
+    from megatron_rpt.training.timers import parse_timer_block
+    from tests.wandb_records import history
+
+    tb, wandb_dir = tmp_path / "tb", tmp_path / "wandb"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    run = run_ranks(_run_captured, 1, _args(task_files, [
+        "--train-iters", "2", "--bf16", "--tensorboard-dir", str(tb), "--wandb-project", "mrpt-test",
+        "--wandb-save-dir", str(wandb_dir), "--log-params-norm", "--log-num-zeros-in-grad",
+        "--timing-log-level", "1", "--log-interval", "1"]), timeout=300)[0]
+    out = run["metrics"]
     assert out[1]["ratio"] == 1.0 and out[1]["clip_fraction"] == 0.0
     assert out[1]["train_tokens"] == 64
     # the driver's TensorBoard writer has every logged metric, at every iteration
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(tb))
     acc.Reload()
-    for key in ("ratio", "mismatch_kl", "max_abs_logp_diff", "updates", "reward"):
+    for key in ("ratio", "mismatch_kl", "max_abs_logp_diff", "updates", "reward", "params_norm", "num_zeros"):
         assert {e.step: e.value for e in acc.Scalars(f"rpt/{key}")} == pytest.approx(
             {it: float(out[it][key]) for it in (1, 2)}, rel=1e-6), key
+    assert out[2]["params_norm"] > 0 and out[2]["num_zeros"] >= 0
+    tb_values = {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+    wandb_values: dict = {}
+    for step, row in history(str(wandb_dir)).items():
+        for key, value in row.items():
+            wandb_values.setdefault(key, {})[step] = value
+    assert set(wandb_values) == set(tb_values)
+    for tag, values in tb_values.items():
+        assert wandb_values[tag] == pytest.approx(values, rel=1e-6), tag
+    lines = run["stdout"].splitlines()
+    interval = [i for i, x in enumerate(lines) if x.startswith(" iteration")]
+    assert len(interval) == 2
+    for i in interval:
+        assert f"params norm: {out[int(lines[i].split('/')[0].split()[-1])]['params_norm']:.3f} |" in lines[i]
+        block = parse_timer_block("\n".join(lines[i + 1:]))
+        assert {"forward-backward", "all-grads-sync", "optimizer"} <= set(block), block
 
 
 # ---- --rpt-mini-batches against a reference loop ------------------------------------------------
