@@ -23,6 +23,8 @@ class PretrainResult:
     start_iteration: int
     losses: dict = field(default_factory=dict)         # iteration -> lm loss
     grad_norms: dict = field(default_factory=dict)
+    lrs: dict = field(default_factory=dict)            # iteration -> learning rate after its step
+    batch_sizes: dict = field(default_factory=dict)    # iteration -> global batch (--rampup-batch-size)
     valid_losses: dict = field(default_factory=dict)   # iteration -> validation loss
     distribution: dict = field(default_factory=dict)   # iteration -> loss statistics (logged steps)
     valid_distribution: dict = field(default_factory=dict)
@@ -115,6 +117,7 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
                           **{**step_kwargs, "num_microbatches": micro})
         driver.consumed_train += batch
         result.losses[iteration] = step.loss
+        result.lrs[iteration], result.batch_sizes[iteration] = step.lr, batch
         if step.grad_norm is not None:
             result.grad_norms[iteration] = step.grad_norm
         if step.stats:
