@@ -41,7 +41,8 @@ RAMP = _without(BASE, "--train-iters", "--lr-warmup-iters") + [
 
 
 def test_rampup_run_and_resume_mid_ramp(tmp_path):
-    straight = run_ranks(_pretrain_lrs, 2, RAMP, timeout=240)
+    ckpt = str(tmp_path / "ckpt")
+    straight = run_ranks(_pretrain_lrs, 2, RAMP + ["--save", ckpt, "--save-interval", "2"], timeout=240)
     assert straight[0] == straight[1]   # every rank took the same batches and learning rates
     out = straight[0]
     # by hand: consumed 0, 4, 8, 12 -> batch 4 (12 is not > 12 samples: int(12 / 12) = 1 increment -> 8)
@@ -58,10 +59,8 @@ def test_rampup_run_and_resume_mid_ramp(tmp_path):
         consumed += b
         assert out["lrs"][i + 1] == pytest.approx(_cosine(consumed, 3e-3, 0.0, 4, 48), rel=1e-12, abs=1e-15)
     assert out["consumed"] == consumed == 44
-    ckpt = str(tmp_path / "ckpt")
-    first = run_ranks(_pretrain_lrs, 2, RAMP + ["--save", ckpt, "--exit-interval", "2"], timeout=240)[0]
-    assert sorted(first["losses"]) == [1, 2]
-    resumed = run_ranks(_pretrain_lrs, 2, RAMP + ["--load", ckpt], timeout=240)
+    # resume at iteration 2 (8 samples consumed, mid-ramp): the same batches, learning rates and losses
+    resumed = run_ranks(_pretrain_lrs, 2, RAMP + ["--load", ckpt, "--ckpt-step", "2"], timeout=240)
     assert resumed[0] == resumed[1]
     for key in ("losses", "lrs", "batch_sizes"):
         assert resumed[0][key] == {k: v for k, v in out[key].items() if k > 2}, key
