@@ -9,7 +9,7 @@ import math
 import pytest
 
 from tests.dist_harness import run_ranks
-from tests.parallel.test_training_parity import BASE, _pretrain
+from tests.parallel.test_training_parity import BASE
 
 
 def _cosine(step, max_lr, min_lr, warmup, decay):

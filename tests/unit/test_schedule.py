@@ -9,7 +9,7 @@ import math
 import pytest
 
 from megatron_rpt.config import ConfigError, parse_args, parse_rpt_args
-from megatron_rpt.config.schedule import (global_batch_size_at, iterations_for_samples, lr_schedule, rampup,
+from megatron_rpt.config.schedule import (global_batch_size_at, lr_schedule, rampup,
                                           samples_after)
 from megatron_rpt.validate import validate_config, validate_rpt_config
 from tests.unit.config_checks import config_checkers
