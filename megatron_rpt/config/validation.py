@@ -14,6 +14,7 @@ import re
 import warnings
 from typing import Optional
 
+from megatron_rpt.config.schedule import iterations_for_samples, lr_schedule, rampup
 from megatron_rpt.config.schema import RunConfig
 
 
@@ -99,8 +100,12 @@ def _check_schedule(cfg: RunConfig, dp: Optional[int]) -> list[str]:
                 problems.append(f"--rampup-batch-size {start} {incr} {samples}: every global batch of the ramp must be "
                                 f"divisible by --micro-batch-size {t.micro_batch_size} x data-parallel size {dp} "
                                 "(START and INCR multiples of it)")
+            elif dp is not None and cfg.parallel.num_layers_per_virtual_pipeline_stage is not None and any(
+                    (n // (t.micro_batch_size * dp)) % cfg.parallel.pipeline_model_parallel_size for n in (start, incr)):
+                problems.append(f"--rampup-batch-size {start} {incr} {samples}: the interleaved schedule needs every "
+                                "step's micro-batch count divisible by --pipeline-model-parallel-size "
+                                f"{cfg.parallel.pipeline_model_parallel_size} (START and INCR / (micro batch x DP))")
     if gbs is not None and (not ramp or ramp_cfg):
-        from megatron_rpt.config.schedule import iterations_for_samples, rampup
         iterations = iterations_for_samples(t.train_samples, gbs, rampup(cfg))
         if t.train_iters is not None and t.train_iters != iterations:   # (equal: resolved here before)
             problems.append("--train-iters and --train-samples are exclusive (iteration- or sample-based training, "
@@ -114,8 +119,7 @@ def _check_schedule(cfg: RunConfig, dp: Optional[int]) -> list[str]:
 
 def _check_lr_schedule(cfg: RunConfig) -> list[str]:
     """What Megatron-Core's OptimizerParamScheduler asserts (as messages naming the flags), on the schedule
-    in samples (`config.schedule.lr_schedule`)."""
-    from megatron_rpt.config.schedule import lr_schedule
+    in samples (`config.schedule.lr_schedule`), and the --decoupled-lr and resume-mode flags."""
     o, t = cfg.optimizer, cfg.training
     if t.global_batch_size is None or t.train_iters is None:
         return []

@@ -118,6 +118,9 @@ def test_mixing_and_ramp_up_errors():
     assert "every global batch of the ramp must be divisible by --micro-batch-size 2 x data-parallel size 2" in \
         one_problem(["--train-samples", "100", "--global-batch-size", "16", "--micro-batch-size", "2",
                      "--rampup-batch-size", "4", "6", "8"], world_size=2)
+    assert "the interleaved schedule needs every step's micro-batch count divisible by" in one_problem(
+        ["--train-samples", "100", "--global-batch-size", "8", "--rampup-batch-size", "2", "3", "8",
+         "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"], world_size=2)
     assert one_problem(["--train-samples", "4", "--global-batch-size", "8"]) == (
         "--train-samples 4 is less than one global batch (8)")
     assert "--lr-warmup-samples: a warmup of 100 samples must be shorter than the decay (100 samples" in one_problem(
