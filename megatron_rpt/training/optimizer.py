@@ -155,7 +155,7 @@ def check_resumed_schedule(state, saved_optimizer: dict, saved_scheduler: dict, 
     problems = []
     current = {group_role(g): g for g in param_groups(state.optimizer)}
     saved = {group_role(g): g for g in saved_param_groups(saved_optimizer)}
-    if {k[3] for k in current} != {k[3] for k in saved}:
+    if saved and {k[3] for k in current} != {k[3] for k in saved}:
         on = any(k[3] for k in current)
         problems.append(f"--decoupled-lr is {'given' if on else 'not given'} but the checkpoint {path} was saved "
                         f"{'without' if on else 'with'} it: the optimizer's parameter groups differ; resume with "
