@@ -30,8 +30,9 @@ from megatron_rpt.checkpoint.layout import CheckpointError, checkpoint_path, mar
 from megatron_rpt.checkpoint.sharded import (
     load_model_state, load_sharded, model_state_dict, open_checkpoint, parallel_layout, rank, save_sharded)
 from megatron_rpt.config.schema import RunConfig
-from megatron_rpt.training.optimizer import (LEGACY_GROUP_KEYS, check_resumed_schedule, group_rates, group_role,
-                                             load_scheduler_state, param_groups, saved_param_groups)
+from megatron_rpt.training.optimizer import (LEGACY_GROUP_KEYS, check_resumed_schedule, check_same_param_groups,
+                                             group_rates, group_role, load_scheduler_state, param_groups,
+                                             saved_param_groups)
 
 # Megatron-Core's default optimizer sharding (fully_sharded_model_space) cannot be saved by the
 # torch-optimizer fallback used without Apex/TE; fully_reshardable can, and reshards on load.
@@ -277,6 +278,7 @@ def _load_checkpoint(root: str, state, cfg: RunConfig, iteration: Optional[int])
         warnings.warn(f"checkpoint {path} was saved with TP={saved_layout.get('tp')} PP={saved_layout.get('pp')}; "
                       f"loading into TP={layout['tp']} PP={layout['pp']}: RNG state not restored")
     if load_optim:
+        check_same_param_groups(common.get("run_config"), cfg, path)
         prepare_optimizer_for_load(state.optimizer)
     sd = _state_dict(state, is_loading=True, with_optimizer=load_optim, with_rng=load_rng)
     loaded = load_sharded(sd, path)

@@ -144,34 +144,41 @@ _RESUME_FLAGS = ("pass --override-opt-param-scheduler to train with the command 
                  "the checkpoint's step count) or --use-checkpoint-opt_param-scheduler to keep the checkpoint's")
 
 
+def check_same_param_groups(saved_run_config: dict, cfg: RunConfig, path: str) -> None:
+    """Before a resume reads the optimizer: turning --decoupled-lr on or off changes the optimizer's param
+    groups, which Megatron-Core cannot load (dist_checkpointing fails merging lists of different lengths)."""
+    from megatron_rpt.config.validation import ConfigError
+    saved = (saved_run_config or {}).get("optimizer", {})
+    on = cfg.optimizer.decoupled_lr is not None
+    if "decoupled_lr" in saved and (saved["decoupled_lr"] is not None) != on:
+        raise ConfigError([f"--decoupled-lr is {'given' if on else 'not given'} but the checkpoint {path} was saved "
+                           f"{'without' if on else 'with'} it: the optimizer's parameter groups differ; resume with "
+                           "the same setting, or with --no-load-optim (weights only, fresh optimizer)"])
+
+
 def check_resumed_schedule(state, saved_optimizer: dict, saved_scheduler: dict, cfg: RunConfig, path: str) -> None:
     """Before a resume loads anything: without --override-opt-param-scheduler or
     --use-checkpoint-opt_param-scheduler, a schedule setting that differs from the checkpoint's is one
     ConfigError naming each (Megatron-Core's scheduler would assert on the first, without the flags' names);
-    the --decoupled-lr groups' rates are compared too. Turning --decoupled-lr on or off changes the
-    optimizer's param groups, which no mode can load."""
+    the --decoupled-lr groups' rates are compared too."""
     from megatron_rpt.config.validation import ConfigError
     o = cfg.optimizer
+    if o.override_opt_param_scheduler or o.use_checkpoint_opt_param_scheduler:
+        return
     problems = []
-    current = {group_role(g): g for g in param_groups(state.optimizer)}
+    ours = state.scheduler.state_dict()
+    for key, flag in _SCHEDULER_SETTINGS.items():
+        if key in saved_scheduler and saved_scheduler[key] != ours[key]:
+            problems.append(f"resuming from {path}: {flag} is {ours[key]} on the command line but "
+                            f"{saved_scheduler[key]} in the checkpoint; {_RESUME_FLAGS}")
     saved = {group_role(g): g for g in saved_param_groups(saved_optimizer)}
-    if saved and {k[3] for k in current} != {k[3] for k in saved}:
-        on = any(k[3] for k in current)
-        problems.append(f"--decoupled-lr is {'given' if on else 'not given'} but the checkpoint {path} was saved "
-                        f"{'without' if on else 'with'} it: the optimizer's parameter groups differ; resume with "
-                        "the same setting, or with --no-load-optim (weights only, fresh optimizer)")
-    elif not (o.override_opt_param_scheduler or o.use_checkpoint_opt_param_scheduler):
-        ours = state.scheduler.state_dict()
-        for key, flag in _SCHEDULER_SETTINGS.items():
-            if key in saved_scheduler and saved_scheduler[key] != ours[key]:
-                problems.append(f"resuming from {path}: {flag} is {ours[key]} on the command line but "
-                                f"{saved_scheduler[key]} in the checkpoint; {_RESUME_FLAGS}")
-        for role, group in current.items():
-            for key, flag in (("max_lr", "--decoupled-lr"), ("min_lr", "--decoupled-min-lr")):
-                if role[3] and role in saved and saved[role].get(key) != group.get(key):
-                    problem = (f"resuming from {path}: {flag} is {group.get(key)} on the command line but "
-                               f"{saved[role].get(key)} in the checkpoint; {_RESUME_FLAGS}")
-                    problems += [problem] if problem not in problems else []
+    for group in param_groups(state.optimizer):
+        role = group_role(group)
+        for key, flag in (("max_lr", "--decoupled-lr"), ("min_lr", "--decoupled-min-lr")):
+            if role[3] and role in saved and saved[role].get(key) != group.get(key):
+                problem = (f"resuming from {path}: {flag} is {group.get(key)} on the command line but "
+                           f"{saved[role].get(key)} in the checkpoint; {_RESUME_FLAGS}")
+                problems += [problem] if problem not in problems else []
     if problems:
         raise ConfigError(problems)
 

@@ -113,6 +113,12 @@ def test_decoupled_lr_and_the_three_resume_modes(tmp_path):
         f"resuming from {ckpt}/iter_0000002: --lr is 0.006 on the command line but 0.003",
         f"resuming from {ckpt}/iter_0000002: --decoupled-lr is 0.02 on the command line but 0.01"]
     assert all("--override-opt-param-scheduler" in p and "--use-checkpoint-opt_param-scheduler" in p for p in error)
+    # dropping --decoupled-lr changes the optimizer's param groups: refused in every mode
+    error = run_ranks(_pretrain_lrs, 1, _without(resume, "--decoupled-lr", "--decoupled-min-lr")
+                      + ["--override-opt-param-scheduler"], timeout=240)[0]["error"]
+    assert error == [f"--decoupled-lr is not given but the checkpoint {ckpt}/iter_0000002 was saved with it: the "
+                     "optimizer's parameter groups differ; resume with the same setting, or with --no-load-optim "
+                     "(weights only, fresh optimizer)"]
     # the checkpoint's schedule (the old behaviour, now asked for): step 3 = 24 samples at the saved rates
     kept = run_ranks(_pretrain_lrs, 1, changed + ["--use-checkpoint-opt_param-scheduler"], timeout=240)[0]
     assert kept["groups"] == [(False, pytest.approx(_cosine(24, 3e-3, 1e-4, 8, 32), rel=1e-12), 3e-3, 1e-4),
