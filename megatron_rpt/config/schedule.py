@@ -13,7 +13,7 @@ Megatron-LM replaced it by --step-batch-size-schedule in April 2026):
 - sample-based: steps are the sample flags; decay defaults to --train-samples; --train-iters is
   train samples // global batch, or with ramp-up the iterations of Megatron-LM's loop (ramp-up phase
   while consumed <= ramp-up samples and <= train samples, then whole global batches; the last partial
-  one is dropped);
+  one is dropped, while the ramp-up phase's last step may end past --train-samples, both as Megatron-LM);
 - --lr-warmup-fraction: warmup = fraction x decay steps.
 """
 
