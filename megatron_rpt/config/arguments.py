@@ -52,15 +52,17 @@ def build_parser(extra_args_provider=None, *, prog: str = "mrpt-pretrain",
             flag = meta.get("flag") or "--" + f.name.replace("_", "-")
             dest = _dest(section, f.name)
             tp = _scalar_type(f.type)
+            flags = (flag, *meta.get("aliases", ()))
             if tp is bool:
-                group.add_argument(flag, dest=dest, action="store_true", help=meta.get("help"))
+                group.add_argument(*flags, dest=dest, action="store_true", help=meta.get("help"))
                 if meta.get("negative"):
                     group.add_argument(meta["negative"], dest=dest, action="store_false",
                                        help=f"Disable {flag}.")
             elif meta.get("nargs"):
-                group.add_argument(flag, dest=dest, nargs=meta["nargs"], help=meta.get("help"))
+                group.add_argument(*flags, dest=dest, nargs=meta["nargs"], type=meta.get("type"),
+                                   help=meta.get("help"))
             else:
-                group.add_argument(flag, dest=dest, type=tp if tp in (int, float) else str,
+                group.add_argument(*flags, dest=dest, type=tp if tp in (int, float) else str,
                                    choices=meta.get("choices"), help=meta.get("help"))
     if extra_args_provider is not None:
         extra_args_provider(parser)

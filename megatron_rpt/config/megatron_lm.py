@@ -22,11 +22,8 @@ IGNORED: dict[str, tuple[int, str]] = {
     "--no-masked-softmax-fusion": (0, "the masked-softmax fusion is always off here (local layers); TE's "
                                       "attention has its own kernels"),
     "--no-position-embedding": (0, "deprecated in Megatron-LM; --position-embedding-type decides"),
-    "--use-checkpoint-opt_param-scheduler": (0, "a resumed run already takes the learning-rate schedule from "
-                                                "the checkpoint"),
     "--cross-entropy-loss-fusion": (0, "the loss is megatron-rpt's vocab-parallel loss (--loss-function), "
                                        "fused on CUDA by its own kernels"),
-    "--grad-reduce-in-bf16": (0, f"{_NOT_YET}: gradients are reduced in fp32 (more precise, twice the bytes)"),
     "--manual-gc": (0, f"{_NOT_YET}: Python's garbage collector runs as usual"),
     "--manual-gc-interval": (1, f"{_NOT_YET} (see --manual-gc)"),
     "--empty-unused-memory-level": (1, f"{_NOT_YET}: PyTorch's cached memory is not emptied between steps"),
@@ -47,22 +44,9 @@ IGNORED: dict[str, tuple[int, str]] = {
 # Ignored flags whose other values would change the run: those values are refused.
 VALUES: dict[str, tuple[str, ...]] = {"--ckpt-format": ("torch_dist",)}
 
-_SCHEDULE = ("samples-based schedules are not implemented yet; give the schedule in iterations "
-             "(--train-iters, --lr-warmup-iters, --lr-decay-iters, --lr-wsd-decay-iters)")
 REFUSED: dict[str, tuple[int, str]] = {
-    "--train-samples": (1, _SCHEDULE),
-    "--lr-decay-samples": (1, _SCHEDULE),
-    "--lr-warmup-samples": (1, _SCHEDULE),
-    "--lr-warmup-fraction": (1, _SCHEDULE),
-    "--lr-wsd-decay-samples": (1, _SCHEDULE),
-    "--rampup-batch-size": ("+", "batch-size ramp-up is not implemented yet; train with a fixed --global-batch-size"),
-    "--step-batch-size-schedule": (1, "batch-size schedules are not implemented yet; train with a fixed "
-                                      "--global-batch-size"),
-    "--decoupled-lr": (1, "a separate learning rate for the embedding and output layer is not implemented yet "
-                          "(they would train at --lr)"),
-    "--decoupled-min-lr": (1, "see --decoupled-lr"),
-    "--override-opt-param-scheduler": (0, "a resumed run takes the learning-rate schedule from the checkpoint; "
-                                          "overriding it with the command line is not implemented yet"),
+    "--step-batch-size-schedule": (1, "step batch-size schedules are not implemented yet; use --rampup-batch-size "
+                                      "START INCR SAMPLES or a fixed --global-batch-size"),
     "--use-legacy-models": (0, "megatron-rpt builds Megatron-Core models only"),
     "--use-torch-fsdp2": (0, "FSDP is not supported; use --use-distributed-optimizer (ZeRO-1)"),
     "--use-megatron-fsdp": (0, "FSDP is not supported; use --use-distributed-optimizer (ZeRO-1)"),

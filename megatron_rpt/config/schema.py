@@ -17,10 +17,12 @@ TOKENIZER_TYPES = ("SentencePieceTokenizer", "Llama2Tokenizer", "HuggingFaceToke
 
 
 def arg(default: Any = dataclasses.MISSING, *, flag: str | None = None, help: str = "",
-        choices: tuple | None = None, nargs: str | None = None, negative: str | None = None,
-        default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with its CLI metadata (flag name defaults to --field-name)."""
-    meta = {"flag": flag, "help": help, "choices": choices, "nargs": nargs, "negative": negative}
+        choices: tuple | None = None, nargs: str | int | None = None, negative: str | None = None,
+        default_factory: Any = dataclasses.MISSING, aliases: tuple = (), type: Any = None) -> Any:
+    """A dataclass field with its CLI metadata (flag name defaults to --field-name; `aliases`: other
+    spellings Megatron-LM accepts; `type`: the element type of an `nargs` flag, default str)."""
+    meta = {"flag": flag, "help": help, "choices": choices, "nargs": nargs, "negative": negative,
+            "aliases": aliases, "type": type}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -141,9 +143,16 @@ class OptimizerConfig:
     lr_decay_style: str = arg("cosine", choices=("constant", "linear", "cosine", "inverse-square-root", "WSD"),
                               help="Learning-rate decay style.")
     lr_warmup_iters: int = arg(0, help="Linear warmup iterations.")
+    lr_warmup_samples: int = arg(0, help="Linear warmup samples (sample-based training, --train-samples).")
+    lr_warmup_fraction: Optional[float] = arg(None, help="Warmup as a fraction of the decay steps (--lr-decay-iters "
+                                              "or --lr-decay-samples); instead of --lr-warmup-iters/-samples.")
     lr_warmup_init: float = arg(0.0, help="Learning rate at the start of warmup.")
     lr_decay_iters: Optional[int] = arg(None, help="Decay iterations (default: --train-iters).")
+    lr_decay_samples: Optional[int] = arg(None, help="Decay samples (sample-based training; default: "
+                                          "--train-samples).")
     lr_wsd_decay_iters: Optional[int] = arg(None, help="WSD: iterations of the final decay phase.")
+    lr_wsd_decay_samples: Optional[int] = arg(None, help="WSD: samples of the final decay phase (sample-based "
+                                              "training).")
     lr_wsd_decay_style: str = arg("exponential", choices=("exponential", "linear", "cosine", "minus_sqrt"),
                                   help="WSD: shape of the decay phase.")
     weight_decay: float = arg(0.01, help="AdamW weight decay.")
@@ -152,6 +161,19 @@ class OptimizerConfig:
     adam_beta2: float = arg(0.999, help="Adam beta2.")
     adam_eps: float = arg(1e-8, help="Adam epsilon.")
     sgd_momentum: float = arg(0.9, help="SGD momentum.")
+    decoupled_lr: Optional[float] = arg(None, help="Separate peak learning rate for the input embedding and the "
+                                        "output layer (Megatron-Core's is_embedding_or_output_parameter groups); "
+                                        "same schedule shape as --lr.")
+    decoupled_min_lr: Optional[float] = arg(None, help="Minimum learning rate of the --decoupled-lr parameters "
+                                            "(default --min-lr).")
+    override_opt_param_scheduler: bool = arg(False, aliases=("--override-opt_param-scheduler",),
+                                             help="On resume, take the schedule (learning rates, warmup, decay "
+                                             "steps and style, weight decay) from the command line, continuing "
+                                             "from the checkpoint's step count.")
+    use_checkpoint_opt_param_scheduler: bool = arg(False, aliases=("--use-checkpoint-opt_param-scheduler",),
+                                                   help="On resume, take the schedule from the checkpoint and "
+                                                   "ignore the command line's. Without either flag a resume whose "
+                                                   "schedule differs from the checkpoint's is an error.")
 
 
 @dataclass
@@ -161,8 +183,17 @@ class TrainingConfig:
     micro_batch_size: int = arg(1, help="Sequences per micro-batch per data-parallel rank.")
     global_batch_size: Optional[int] = arg(None, help="Sequences per optimizer step "
                                            "(default micro batch x data-parallel size).")
-    train_iters: Optional[int] = arg(None, help="Optimizer steps to train.")
+    train_iters: Optional[int] = arg(None, help="Optimizer steps to train (or --train-samples).")
+    train_samples: Optional[int] = arg(None, help="Samples to train, instead of --train-iters: the iterations are "
+                                       "derived (train samples // global batch, or with --rampup-batch-size the "
+                                       "iterations that consume them) and the schedule flags are in samples.")
+    rampup_batch_size: Optional[list] = arg(None, nargs=3, type=int,
+                                            help="START INCR SAMPLES: start with global batch START and grow it by "
+                                            "INCR every SAMPLES / ((--global-batch-size - START) / INCR) samples "
+                                            "(Megatron-Core 0.16's ramp-up; needs --train-samples).")
     bf16: bool = arg(False, help="bf16 mixed precision (GPU).")
+    grad_reduce_in_bf16: bool = arg(False, help="With --bf16: accumulate and reduce gradients in bf16 instead of "
+                                    "fp32 (half the bytes, less precise).")
     fp16: bool = arg(False, help="fp16 mixed precision with loss scaling (GPU).")
     calculate_per_token_loss: bool = arg(False, help="Average the loss over all tokens of the "
                                          "global batch instead of per micro-batch.")

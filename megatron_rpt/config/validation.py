@@ -14,6 +14,7 @@ import re
 import warnings
 from typing import Optional
 
+from megatron_rpt.config.schedule import iterations_for_samples, lr_schedule, rampup
 from megatron_rpt.config.schema import RunConfig
 
 
@@ -27,7 +28,7 @@ class ConfigError(ValueError):
 
 def _complete_defaults(cfg: RunConfig, world_size: int) -> None:
     """Derived values Megatron-LM also derives (filled in place, only where unset)."""
-    m, p, t, o = cfg.model, cfg.parallel, cfg.training, cfg.optimizer
+    m, p, t = cfg.model, cfg.parallel, cfg.training
     if m.group_query_attention and m.num_query_groups is None:
         m.num_query_groups = 1   # Megatron-LM's default of --num-query-groups
     elif not m.group_query_attention and m.num_query_groups is None:
@@ -43,11 +44,120 @@ def _complete_defaults(cfg: RunConfig, world_size: int) -> None:
     dp = world_size // model_parallel if model_parallel and world_size % model_parallel == 0 else None
     if t.global_batch_size is None and dp:
         t.global_batch_size = t.micro_batch_size * dp
-    if o.lr_decay_iters is None:
-        o.lr_decay_iters = t.train_iters
     if p.sequence_parallel and p.tensor_model_parallel_size == 1:
         warnings.warn("--sequence-parallel has no effect with --tensor-model-parallel-size 1; disabled")
         p.sequence_parallel = False
+
+
+def _check_schedule(cfg: RunConfig, dp: Optional[int]) -> list[str]:
+    """Iteration- vs sample-based schedule flags (exclusive, as in Megatron-LM), --rampup-batch-size, and the
+    resolution of --train-iters from --train-samples (once, here; `config.schedule` has the rules). Filled
+    in place: --lr-decay-iters (default --train-iters) or --train-iters; idempotent, so a configuration
+    may be validated twice."""
+    t, o = cfg.training, cfg.optimizer
+    problems: list[str] = []
+    iteration_flags = [f for f, given in (("--lr-decay-iters", o.lr_decay_iters is not None),
+                                          ("--lr-warmup-iters", o.lr_warmup_iters != 0),
+                                          ("--lr-wsd-decay-iters", o.lr_wsd_decay_iters is not None)) if given]
+    sample_flags = [f for f, given in (("--lr-decay-samples", o.lr_decay_samples is not None),
+                                       ("--lr-warmup-samples", o.lr_warmup_samples != 0),
+                                       ("--lr-wsd-decay-samples", o.lr_wsd_decay_samples is not None)) if given]
+    warmups = [f for f in ("--lr-warmup-iters", "--lr-warmup-samples") if f in iteration_flags + sample_flags]
+    if o.lr_warmup_fraction is not None:
+        if warmups:
+            problems.append(f"--lr-warmup-fraction and {warmups[0]} are exclusive (one warmup, as in Megatron-LM)")
+        if not 0.0 <= o.lr_warmup_fraction < 1.0:
+            problems.append(f"--lr-warmup-fraction must be in [0, 1) (got {o.lr_warmup_fraction})")
+    ramp = t.rampup_batch_size
+    if t.train_samples is None:
+        for flag in sample_flags:
+            problems.append(f"{flag} is for sample-based training (--train-samples); with --train-iters give "
+                            f"{flag.replace('-samples', '-iters')}")
+        if ramp:
+            problems.append("--rampup-batch-size needs sample-based training (--train-samples instead of "
+                            "--train-iters), as in Megatron-LM")
+        if o.lr_decay_iters is None:
+            o.lr_decay_iters = t.train_iters
+        return problems
+    for flag in iteration_flags:
+        problems.append(f"{flag} is for iteration-based training; with --train-samples give "
+                        f"{flag.replace('-iters', '-samples')}")
+    if t.train_samples < 1:
+        return problems + [f"--train-samples must be >= 1 (got {t.train_samples})"]
+    gbs, ramp_cfg = t.global_batch_size, None
+    if ramp:
+        if len(ramp) != 3:
+            return problems + [f"--rampup-batch-size takes START INCR SAMPLES (got {ramp})"]
+        start, incr, samples = (int(x) for x in ramp)
+        if start < 1 or incr < 1 or samples < 0:
+            problems.append(f"--rampup-batch-size {start} {incr} {samples}: START and INCR must be >= 1, SAMPLES >= 0")
+        elif gbs is not None and (start >= gbs or (gbs - start) % incr):
+            problems.append(f"--rampup-batch-size {start} {incr} {samples}: START must be below --global-batch-size "
+                            f"{gbs} and the difference a multiple of INCR")
+        else:
+            ramp_cfg = ramp
+            if dp is not None and (start % (t.micro_batch_size * dp) or incr % (t.micro_batch_size * dp)):
+                problems.append(f"--rampup-batch-size {start} {incr} {samples}: every global batch of the ramp must be "
+                                f"divisible by --micro-batch-size {t.micro_batch_size} x data-parallel size {dp} "
+                                "(START and INCR multiples of it)")
+            elif dp is not None and cfg.parallel.num_layers_per_virtual_pipeline_stage is not None and any(
+                    (n // (t.micro_batch_size * dp)) % cfg.parallel.pipeline_model_parallel_size for n in (start, incr)):
+                problems.append(f"--rampup-batch-size {start} {incr} {samples}: the interleaved schedule needs every "
+                                "step's micro-batch count divisible by --pipeline-model-parallel-size "
+                                f"{cfg.parallel.pipeline_model_parallel_size} (START and INCR / (micro batch x DP))")
+    if gbs is not None and (not ramp or ramp_cfg):
+        iterations = iterations_for_samples(t.train_samples, gbs, rampup(cfg))
+        if t.train_iters is not None and t.train_iters != iterations:   # (equal: resolved here before)
+            problems.append("--train-iters and --train-samples are exclusive (iteration- or sample-based training, "
+                            "as in Megatron-LM)")
+        elif iterations < 1:
+            problems.append(f"--train-samples {t.train_samples} is less than one global batch ({gbs})")
+        else:
+            t.train_iters = iterations
+    return problems
+
+
+def _check_lr_schedule(cfg: RunConfig) -> list[str]:
+    """What Megatron-Core's OptimizerParamScheduler asserts (as messages naming the flags), on the schedule
+    in samples (`config.schedule.lr_schedule`), and the --decoupled-lr and resume-mode flags."""
+    o, t = cfg.optimizer, cfg.training
+    if t.global_batch_size is None or t.train_iters is None:
+        return []
+    unit = "samples" if t.train_samples is not None else "iters"
+    sched = lr_schedule(cfg)
+    problems: list[str] = []
+    if sched.decay < 1:
+        problems.append(f"--lr-decay-{unit} must be >= 1 (default --train-{unit})")
+    elif sched.warmup > 0 and sched.warmup >= sched.decay:
+        # Megatron-Core's scheduler asserts warmup < decay (a bare AssertionError otherwise).
+        if unit == "iters" and o.lr_warmup_fraction is None:
+            problems.append(f"--lr-warmup-iters {o.lr_warmup_iters} must be smaller than the decay iterations "
+                            f"{o.lr_decay_iters} (--lr-decay-iters, default --train-iters)")
+        else:
+            warmup = "--lr-warmup-fraction" if o.lr_warmup_fraction is not None else "--lr-warmup-samples"
+            problems.append(f"{warmup}: a warmup of {sched.warmup:g} samples must be shorter than the decay "
+                            f"({sched.decay} samples, --lr-decay-{unit})")
+    if o.lr_decay_style == "WSD":
+        if sched.wsd_decay is None:
+            problems.append(f"--lr-decay-style WSD needs --lr-wsd-decay-{unit}")
+        elif sched.wsd_decay > sched.decay - sched.warmup:
+            if unit == "iters" and o.lr_warmup_fraction is None:
+                problems.append(f"--lr-wsd-decay-iters {o.lr_wsd_decay_iters} is longer than the "
+                                f"post-warmup schedule ({o.lr_decay_iters - o.lr_warmup_iters} iterations)")
+            else:
+                problems.append(f"--lr-wsd-decay-{unit}: the WSD decay ({sched.wsd_decay} samples) is longer than "
+                                f"the post-warmup schedule ({sched.decay - sched.warmup:g} samples)")
+    if o.decoupled_min_lr is not None and o.decoupled_lr is None:
+        problems.append("--decoupled-min-lr needs --decoupled-lr")
+    if o.decoupled_lr is not None:
+        low = o.min_lr if o.decoupled_min_lr is None else o.decoupled_min_lr
+        if low < 0 or o.decoupled_lr < low:
+            problems.append(f"--decoupled-lr {o.decoupled_lr} must be >= its minimum ({low}, --decoupled-min-lr, "
+                            "default --min-lr) >= 0")
+    if o.override_opt_param_scheduler and o.use_checkpoint_opt_param_scheduler:
+        problems.append("--override-opt-param-scheduler and --use-checkpoint-opt_param-scheduler are exclusive "
+                        "(the command line's schedule or the checkpoint's)")
+    return problems
 
 
 def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
@@ -264,8 +374,10 @@ def check_config(cfg: RunConfig, world_size: int) -> list[str]:
 
     for flag, value in (("--num-layers", m.num_layers), ("--hidden-size", m.hidden_size),
                         ("--num-attention-heads", m.num_attention_heads), ("--seq-length", m.seq_length),
-                        ("--lr", o.lr), ("--train-iters", t.train_iters)):
+                        ("--lr", o.lr)):
         need(value, flag)
+    if t.train_iters is None and t.train_samples is None:
+        problems.append("--train-iters is required (or --train-samples)")
 
     for flag, value in (("--tensor-model-parallel-size", p.tensor_model_parallel_size),
                         ("--pipeline-model-parallel-size", p.pipeline_model_parallel_size),
@@ -291,6 +403,7 @@ def check_config(cfg: RunConfig, world_size: int) -> list[str]:
             f"--pipeline-model-parallel-size {pp} x --context-parallel-size {cp} = {mp}; "
             f"launch a multiple of {mp} processes (torchrun --nproc-per-node / srun -n)")
     dp = world_size // mp if world_size % mp == 0 else None
+    problems.extend(_check_schedule(cfg, dp))
 
     if m.num_attention_heads is not None:
         if m.num_attention_heads % tp:
@@ -357,16 +470,12 @@ def check_config(cfg: RunConfig, world_size: int) -> list[str]:
         problems.append("--lr and --min-lr must be >= 0")
     if o.lr is not None and o.min_lr > o.lr:
         problems.append(f"--min-lr {o.min_lr} exceeds --lr {o.lr}")
-    if t.train_iters is not None and o.lr_warmup_iters > 0 and o.lr_warmup_iters >= (o.lr_decay_iters or t.train_iters):
-        # Megatron-Core's scheduler asserts warmup < decay (a bare AssertionError otherwise).
-        problems.append(f"--lr-warmup-iters {o.lr_warmup_iters} must be smaller than the decay iterations "
-                        f"{o.lr_decay_iters or t.train_iters} (--lr-decay-iters, default --train-iters)")
-    if o.lr_decay_style == "WSD":
-        if o.lr_wsd_decay_iters is None:
-            problems.append("--lr-decay-style WSD needs --lr-wsd-decay-iters")
-        elif o.lr_decay_iters is not None and o.lr_wsd_decay_iters > o.lr_decay_iters - o.lr_warmup_iters:
-            problems.append(f"--lr-wsd-decay-iters {o.lr_wsd_decay_iters} is longer than the "
-                            f"post-warmup schedule ({o.lr_decay_iters - o.lr_warmup_iters} iterations)")
+    problems.extend(_check_lr_schedule(cfg))
+    if t.grad_reduce_in_bf16 and not t.bf16:
+        # Megatron-LM: the flag only turns off fp32 accumulation/reduction under --bf16; fp32 and fp16 runs
+        # keep their gradient dtype, so accepting it there would promise what does not happen.
+        problems.append("--grad-reduce-in-bf16 needs --bf16 (gradients are reduced in the parameters' dtype "
+                        "otherwise; fp32 runs reduce in fp32)")
     if not (0.0 <= o.adam_beta1 < 1.0 and 0.0 <= o.adam_beta2 < 1.0):
         problems.append("--adam-beta1/--adam-beta2 must be in [0, 1)")
     if o.clip_grad < 0:
@@ -440,6 +549,9 @@ def check_rpt_config(cfg: RunConfig, world_size: int, *, check_files: bool = Tru
                         f"{r.rpt_contexts_per_step} x --rpt-group-size {r.rpt_group_size} = {sequences}; "
                         "leave it unset (RPT derives it)")
     t.global_batch_size = sequences
+    if t.rampup_batch_size:
+        problems.append("--rampup-batch-size is not supported by mrpt-rpt: every step takes --rpt-contexts-per-step "
+                        "x --rpt-group-size sequences (train with a fixed batch)")
     # Token-level mean over the whole global batch (DAPO's token-mean), whatever the micro-batching.
     t.calculate_per_token_loss = True
     if cfg.logging.log_validation_ppl_to_tensorboard:

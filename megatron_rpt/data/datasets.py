@@ -17,6 +17,7 @@ import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
+from megatron_rpt.config.schedule import samples_after
 from megatron_rpt.config.schema import RunConfig
 from megatron_rpt.config.validation import ConfigError
 from megatron_rpt.data.blend import data_prefixes, parse_blend, parse_split
@@ -33,7 +34,7 @@ class SplitDatasets:
 def split_sample_counts(cfg: RunConfig) -> list[int]:
     """Samples each split must provide for the whole run (as Megatron-LM computes them)."""
     t = cfg.training
-    train = t.train_iters * t.global_batch_size
+    train = samples_after(cfg, t.train_iters)   # train_iters x global batch, less under --rampup-batch-size
     evals = (t.train_iters // t.eval_interval + 1) * t.eval_iters if t.eval_interval else 0
     return [train, evals * t.global_batch_size, t.eval_iters * t.global_batch_size]
 

@@ -5,7 +5,7 @@ process group or device exists. An estimate, stated with its formulas:
   embedding (first stage) and an untied output layer (last stage). Dense parameters are split over
   TP, expert parameters over EP x expert-TP.
 - Bytes per parameter (Megatron-Core's DDP and optimizer as this project configures them): weights 2
-  (bf16/fp16) or 4; gradients 4 (fp32 main grads: `grad_reduce_in_fp32`); optimizer 12 with mixed
+  (bf16/fp16) or 4; gradients 4 (fp32 main grads: `grad_reduce_in_fp32`; 2 with --grad-reduce-in-bf16); optimizer 12 with mixed
   precision (fp32 master + Adam m, v) or 8 in fp32 (4 for SGD with momentum + master); with
   --use-distributed-optimizer the optimizer part is divided by the data-parallel size (dense: DP x
   CP, experts: expert data parallel).
@@ -75,7 +75,7 @@ def estimate_memory(cfg: RunConfig, padded_vocab_size: int, world_size: int) -> 
     dense, expert = max(stages, key=lambda x: x[0] + x[1])
     mixed = t.bf16 or t.fp16
     weights = (2 if mixed else 4) * (dense + expert)
-    gradients = 4 * (dense + expert)
+    gradients = (2 if cfg.training.grad_reduce_in_bf16 else 4) * (dense + expert)
     opt_bytes = (12 if mixed else 8) if cfg.optimizer.optimizer == "adam" else (8 if mixed else 4)
     dp = max(world_size // (tp * pp * cp), 1)
     expert_dp = max(world_size // (ep * etp * pp), 1)

@@ -30,6 +30,9 @@ from megatron_rpt.checkpoint.layout import CheckpointError, checkpoint_path, mar
 from megatron_rpt.checkpoint.sharded import (
     load_model_state, load_sharded, model_state_dict, open_checkpoint, parallel_layout, rank, save_sharded)
 from megatron_rpt.config.schema import RunConfig
+from megatron_rpt.training.optimizer import (LEGACY_GROUP_KEYS, check_resumed_schedule, check_same_param_groups,
+                                             group_rates, group_role, load_scheduler_state, param_groups,
+                                             saved_param_groups)
 
 # Megatron-Core's default optimizer sharding (fully_sharded_model_space) cannot be saved by the
 # torch-optimizer fallback used without Apex/TE; fully_reshardable can, and reshards on load.
@@ -142,50 +145,27 @@ def save_weights(root: str, iteration: int, state, cfg: RunConfig) -> str:
     return final
 
 
-# megatron-core 0.16's `param_group_identifier_keys` (optimizer/optimizer.py): how a saved param group
-# is matched to the current one on load.
-_LEGACY_GROUP_KEYS = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
-
-
 def _adopt_saved_group_schedule(optimizer, loaded_optimizer_state) -> None:
-    """Keep resuming with another --lr/--min-lr/--weight-decay working on megatron-core >= 0.19.
+    """Let megatron-core >= 0.19 find the saved param groups when --lr/--min-lr/--decoupled-lr changed.
 
     0.19 matches saved param groups to the current ones also by max_lr, min_lr, start_wd, end_wd
     (and optimizer): `param_group_identifier_keys` in optimizer/optimizer.py, so a changed value fails
     the load ("Could not find parameter group with key ..."; a KeyError in
-    DistributedOptimizer.load_state_dict). 0.16 matched by the four keys above and the saved group,
-    with its saved max_lr/min_lr, replaced the current one (like the scheduler, which takes the
-    checkpoint's values: use_checkpoint_opt_param_scheduler). Same here: the current groups take the
-    saved values of the extra keys before loading, so the groups match and the result is 0.16's.
+    DistributedOptimizer.load_state_dict). 0.16 matched by the four `LEGACY_GROUP_KEYS` (`group_role`) and
+    the saved group, with its saved max_lr/min_lr, replaced the current one. Same here: the current groups
+    take the saved values of the extra keys before loading, so the groups match and the result is 0.16's;
+    with --override-opt-param-scheduler the command line's rates come back after the load
+    (`training.optimizer.load_scheduler_state`).
     """
     try:
         from megatron.core.optimizer.optimizer import param_group_identifier_keys
     except ImportError:
         return
-    extra = [k for k in param_group_identifier_keys if k not in _LEGACY_GROUP_KEYS]
-    if not extra:
-        return
-
-    def legacy(group):
-        return tuple(group.get(k, group.get(f"pre_{k}")) for k in _LEGACY_GROUP_KEYS)
-
-    current = {}
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        for group in getattr(getattr(opt, "optimizer", None), "param_groups", []):
-            current.setdefault(legacy(group), []).append(group)
-
-    def walk(d):
-        if isinstance(d, dict):
-            for key, value in d.items():
-                if key == "param_groups" and isinstance(value, list):
-                    for saved in value:
-                        if isinstance(saved, dict):
-                            for group in current.get(legacy(saved), []):
-                                group.update({k: saved[k] for k in extra if k in saved})
-                else:
-                    walk(value)
-
-    walk(loaded_optimizer_state)
+    extra = [k for k in param_group_identifier_keys if k not in LEGACY_GROUP_KEYS]
+    saved = {group_role(g): g for g in saved_param_groups(loaded_optimizer_state)}
+    for group in param_groups(optimizer):
+        if extra and group_role(group) in saved:
+            group.update({k: saved[group_role(group)][k] for k in extra if k in saved[group_role(group)]})
 
 
 def _same_structure(loaded, requested):
@@ -298,15 +278,19 @@ def _load_checkpoint(root: str, state, cfg: RunConfig, iteration: Optional[int])
         warnings.warn(f"checkpoint {path} was saved with TP={saved_layout.get('tp')} PP={saved_layout.get('pp')}; "
                       f"loading into TP={layout['tp']} PP={layout['pp']}: RNG state not restored")
     if load_optim:
+        check_same_param_groups(common.get("run_config"), cfg, path)
         prepare_optimizer_for_load(state.optimizer)
     sd = _state_dict(state, is_loading=True, with_optimizer=load_optim, with_rng=load_rng)
     loaded = load_sharded(sd, path)
+    if load_optim:   # a schedule that differs from the checkpoint's fails before anything is loaded
+        check_resumed_schedule(state, loaded["optimizer"], loaded["opt_param_scheduler"], cfg, path)
     load_model_state(state.model, loaded)
     if load_optim:
         fitted = _same_structure(loaded["optimizer"], sd["optimizer"])
+        wanted = group_rates(state.optimizer)   # the command line's, for --override-opt-param-scheduler
         _adopt_saved_group_schedule(state.optimizer, fitted)
         state.optimizer.load_state_dict(fitted)
-        state.scheduler.load_state_dict(loaded["opt_param_scheduler"])
+        load_scheduler_state(state, loaded["opt_param_scheduler"], cfg, wanted)
     if load_rng:
         _set_rng_state(loaded["rng_state"])
     mark_loaded(path)

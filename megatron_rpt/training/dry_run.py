@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+from megatron_rpt.config.schedule import schedule_summary
 from megatron_rpt.config.schema import RunConfig
 from megatron_rpt.config.validation import FP8_MIN_CAPABILITY
 
@@ -67,7 +68,8 @@ def dry_run(cfg: RunConfig, validate: Optional[Callable] = None, environ=None) -
            if params.active != params.total else ""),
         f"> training: global batch {t.global_batch_size} x {m.seq_length} tokens, micro batch "
         f"{t.micro_batch_size}, {t.global_batch_size // (t.micro_batch_size * dp)} micro-batches per step, "
-        f"{t.train_iters} iterations; {training_flops_per_token(m, vocab) / 1e9:.2f} GFLOP per token",
+        f"{t.train_iters} iterations{schedule_summary(cfg)}; {training_flops_per_token(m, vocab) / 1e9:.2f} GFLOP "
+        "per token",
         f"> memory per GPU (estimate, busiest pipeline stage): {mem.total / GIB:.1f} GiB = weights "
         f"{mem.weights / GIB:.2f} + gradients {mem.gradients / GIB:.2f} + optimizer {mem.optimizer / GIB:.2f} "
         f"+ activations {mem.activations / GIB:.2f} + logits {mem.logits / GIB:.2f} "

@@ -101,12 +101,15 @@ class MetricsLogger:
     def _reset(self, now: float) -> None:
         self.t0 = now
         self.n = 0
+        self.samples = 0       # sequences trained in the interval (the global batch can ramp up)
         self.loss_sum = 0.0
         self.skipped = 0
         self.nan_iters = 0
 
-    def throughput(self, seconds_per_iter: float) -> dict:
-        tokens_per_s = self.tokens_per_iter / seconds_per_iter
+    def throughput(self, seconds_per_iter: float, tokens_per_iter: Optional[float] = None) -> dict:
+        """Tokens/s, TFLOP/s per device and MFU of iterations of `tokens_per_iter` tokens (default: the
+        configured global batch)."""
+        tokens_per_s = (self.tokens_per_iter if tokens_per_iter is None else tokens_per_iter) / seconds_per_iter
         tflops_per_device = tokens_per_s * self.flops_per_token / self.world_size / 1e12
         out = {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops_per_device}
         if self.peak_tflops:
@@ -125,8 +128,12 @@ class MetricsLogger:
         return (iteration % self.log_interval == 0 or iteration == self.train_iters
                 or (self.tensorboard and iteration % self.tb_interval == 0))
 
-    def record(self, iteration: int, result, consumed_samples: int) -> Optional[str]:
-        """Account one iteration; returns the printed line at interval ends (rank-local)."""
+    def record(self, iteration: int, result, consumed_samples: int,
+               global_batch_size: Optional[int] = None) -> Optional[str]:
+        """Account one iteration of `global_batch_size` sequences (default the configured one; it differs under
+        --rampup-batch-size); returns the printed line at interval ends (rank-local)."""
+        batch = self.global_batch_size if global_batch_size is None else global_batch_size
+        self.samples += batch
         if not result.update_successful:
             self.skipped += 1
         elif math.isfinite(result.loss):
@@ -144,6 +151,7 @@ class MetricsLogger:
             if result.params_norm is not None:
                 self.scalar("params-norm", result.params_norm, iteration)
             self.scalar("consumed-samples", consumed_samples, iteration)
+            self.scalar("batch-size", batch, iteration)
             for name, value in (result.stats or {}).items():
                 self.scalar(f"distribution/{name}", value, iteration)
             for name, value in (result.moe or {}).items():
@@ -161,7 +169,7 @@ class MetricsLogger:
         parts = [f" iteration {iteration:8d}/{self.train_iters:8d}",
                  f"consumed samples: {consumed_samples:12d}",
                  f"elapsed time per iteration (ms): {elapsed * 1000:.1f}",
-                 f"learning rate: {result.lr:.6E}", f"global batch size: {self.global_batch_size:5d}",
+                 f"learning rate: {result.lr:.6E}", f"global batch size: {batch:5d}",
                  f"lm loss: {avg_loss:.6E}"]
         if result.grad_norm is not None:
             parts.append(f"grad norm: {result.grad_norm:.3f}")
@@ -174,7 +182,7 @@ class MetricsLogger:
         if result.moe and format_moe(result.moe):
             parts.append(format_moe(result.moe))
         if self.log_throughput:
-            tp = self.throughput(elapsed)
+            tp = self.throughput(elapsed, self.samples * self.tokens_per_iter / self.global_batch_size / max(self.n, 1))
             parts.append(f"tokens/s: {tp['tokens_per_s']:.0f}")
             parts.append(f"TFLOP/s/device: {tp['tflops_per_device']:.3f}")
             if "mfu" in tp:

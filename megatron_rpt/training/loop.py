@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron_rpt.config.schedule import global_batch_size_at
 from megatron_rpt.config.schema import RunConfig
 from megatron_rpt.training.driver import SignalFlag, TrainingDriver
 from megatron_rpt.training.setup import setup_job
@@ -22,6 +23,8 @@ class PretrainResult:
     start_iteration: int
     losses: dict = field(default_factory=dict)         # iteration -> lm loss
     grad_norms: dict = field(default_factory=dict)
+    lrs: dict = field(default_factory=dict)            # iteration -> learning rate after its step
+    batch_sizes: dict = field(default_factory=dict)    # iteration -> global batch (--rampup-batch-size)
     valid_losses: dict = field(default_factory=dict)   # iteration -> validation loss
     distribution: dict = field(default_factory=dict)   # iteration -> loss statistics (logged steps)
     valid_distribution: dict = field(default_factory=dict)
@@ -76,7 +79,7 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
     n_chunks = len(state.model)
     train_iters = [MicroBatchIterator(datasets.train, t.micro_batch_size, dp_rank, dp, driver.consumed_train)
                    for _ in range(n_chunks)]
-    num_micro = t.global_batch_size // (t.micro_batch_size * dp)
+    num_micro = t.global_batch_size // (t.micro_batch_size * dp)   # evaluation's, and training's after a ramp-up
     loss_fn = get_loss_function(cfg, tokenizer.vocab_size)
     forward_step = make_forward_step(loss_fn, device)
 
@@ -110,14 +113,21 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
     def train_one(iteration: int) -> None:
         nonlocal consecutive_nonfinite
         forward_step.collect_stats = logger.wants_stats(iteration)
-        step = train_step(state, train_iters, forward_step, global_batch_size=t.global_batch_size,
-                          check_finite=not t.fp16, **step_kwargs)
-        driver.consumed_train += t.global_batch_size
+        # --rampup-batch-size: this step's global batch is a function of the consumed samples only, so every
+        # rank (and a resumed run) takes the same one; the scheduler advances by it.
+        batch = global_batch_size_at(cfg, driver.consumed_train)
+        micro = batch // (t.micro_batch_size * dp)
+        if monitor is not None:
+            monitor.num_microbatches = micro
+        step = train_step(state, train_iters, forward_step, global_batch_size=batch, check_finite=not t.fp16,
+                          **{**step_kwargs, "num_microbatches": micro})
+        driver.consumed_train += batch
         if cfg.logging.log_params_norm and logger.wants_stats(iteration):   # collective, same steps everywhere
             step.params_norm = result.params_norms[iteration] = params_l2_norm(state.model, bf16=t.bf16, device=device)
         if step.num_zeros is not None:
             result.num_zeros[iteration] = step.num_zeros
         result.losses[iteration] = step.loss
+        result.lrs[iteration], result.batch_sizes[iteration] = step.lr, batch
         if step.grad_norm is not None:
             result.grad_norms[iteration] = step.grad_norm
         if step.stats:
@@ -130,7 +140,7 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
                                              if k == "tokens_per_expert" else v) for k, v in step.moe.items()}
             else:
                 monitor.discard()
-        logger.record(iteration, step, driver.consumed_train)
+        logger.record(iteration, step, driver.consumed_train, batch)
         if step.nonfinite:
             result.nonfinite_skipped += 1
             consecutive_nonfinite += 1

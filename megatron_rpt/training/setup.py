@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from megatron_rpt.config.schedule import schedule_summary
 from megatron_rpt.config.schema import RunConfig
 from megatron_rpt.config.validation import validate_platform
 from megatron_rpt.validate import validate_config
@@ -92,6 +93,8 @@ def setup_job(cfg: RunConfig, *, validate: Optional[Callable[[RunConfig, int], A
         + (f"; active {params.active / 1e6:.2f}M, {params.active_non_embedding / 1e6:.2f}M non-embedding"
            if params.active != params.total else "") + "); "
         f"{flops_per_token / 1e9:.3f} GFLOP per trained token\n"
-        f"> architecture: {m.describe()}")
+        f"> architecture: {m.describe()}"
+        + (f"\n> schedule: {cfg.training.train_iters} iterations{schedule_summary(cfg)}"
+           if cfg.training.train_samples is not None else ""))
     return Job(platform=platform, env=env, device=device, tokenizer=tokenizer, vocab_size=vocab, state=state,
                flops_per_token=flops_per_token)

@@ -134,7 +134,8 @@ def test_kl_to_reference_policy(task_files, tmp_path):
     the first update (same weights, same forward), then grows, and changes the update."""
     a = str(tmp_path / "a")
     run_ranks(_run, 1, _args(task_files, ["--train-iters", "3", "--save", a, "--save-interval", "3"]), timeout=300)
-    common = ["--train-iters", "6", "--load", a, "--lr", "0.03"]
+    # a new --lr and length for the resumed run: the command line's schedule (Megatron-LM's flag)
+    common = ["--train-iters", "6", "--load", a, "--lr", "0.03", "--override-opt-param-scheduler"]
     with_kl = run_ranks(_run, 1, _args(task_files, common + ["--grpo-kl-beta", "1.0", "--rpt-ref-load", a]),
                         timeout=300)[0]["metrics"]
     without = run_ranks(_run, 1, _args(task_files, common), timeout=300)[0]["metrics"]

@@ -2,8 +2,8 @@
 examples/llama/train_llama3_8b_h100_fp8.sh, examples/mixtral/train_mixtral_8x7b_distributed.sh and
 examples/gpt3/train_gpt3_175b_distributed.sh (written here as data: their flag values are facts),
 with the world sizes those scripts launch, validate without a process group and count the published
-parameter totals. The scripts' other flags (samples-based schedules, profiling, ...) are not all
-accepted yet; those lines are left out here.
+parameter totals. The Llama-3 script's schedule is sample-based (--train-samples, --lr-*-samples,
+--decoupled-lr); its other flags (profiling, ...) are classified by config/megatron_lm.py.
 """
 
 import pytest
@@ -25,7 +25,9 @@ LLAMA3_8B = ["--num-layers", "32", "--hidden-size", "4096", "--ffn-hidden-size",
              "--sequence-parallel", "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
              "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128256", "--split", "99,1,0",
              "--log-interval", "1", "--eval-iters", "32", "--eval-interval", "100", "--save-interval", "1000",
-             "--distributed-timeout-minutes", "60", "--save", "checkpoints/llama3_8b_fp8", "--train-iters", "1000"]
+             "--distributed-timeout-minutes", "60", "--save", "checkpoints/llama3_8b_fp8", "--train-samples",
+             "1953125000", "--lr-decay-samples", "1949218748", "--lr-warmup-samples", "3906252", "--decoupled-lr",
+             "5.0e-4", "--decoupled-min-lr", "4.5e-5", "--grad-reduce-in-bf16"]
 MIXTRAL_8X7B = ["--disable-bias-linear", "--seq-length", "4096", "--max-position-embeddings", "32768",
                 "--num-layers", "32", "--hidden-size", "4096", "--ffn-hidden-size", "14336", "--num-attention-heads",
                 "32", "--init-method-std", "0.01", "--attention-dropout", "0.0", "--hidden-dropout", "0.0",
@@ -72,6 +74,9 @@ def test_llama3_8b_script(capsys):
     checked = next(x for x in out.splitlines() if x.startswith("> checked at launch:"))
     assert "compute capability >= 8.9 (--fp8-format hybrid" in checked and "--apply-layernorm-1p" not in checked
     assert "sequence parallel off" in out   # TP = 1: turned off with a warning, as Megatron-LM
+    # 1,953,125,000 samples // 128 per step (Megatron-LM's update_train_iters); the LR schedule in samples
+    assert ("15258789 iterations (from --train-samples 1953125000; LR warmup 3906252, decay 1949218748 samples)"
+            in out), out
 
 
 def test_mixtral_8x7b_script(capsys):
@@ -122,32 +127,32 @@ def test_rpt_dry_run_applies_rpt_checks(capsys, tmp_path):
 
 
 # The rest of the Llama-3 8B script's flags: Megatron-LM flags megatron-rpt does not carry.
-LLAMA3_8B_REST = ["--use-mcore-models", "--attention-backend", "fused", "--train-samples", "1953125000",
-                  "--lr-decay-samples", "1949218748", "--lr-warmup-samples", "3906252", "--decoupled-lr", "5.0e-4",
-                  "--decoupled-min-lr", "4.5e-5", "--grad-reduce-in-bf16", "--cross-entropy-loss-fusion",
+LLAMA3_8B_REST = ["--use-mcore-models", "--attention-backend", "fused", "--cross-entropy-loss-fusion",
                   "--manual-gc", "--empty-unused-memory-level", "1", "--no-create-attention-mask-in-dataloader",
                   "--no-mmap-bin-files", "--num-workers", "1", "--log-throughput", "--profile",
                   "--profile-step-start", "4", "--profile-step-end", "6", "--ckpt-format", "torch_dist"]
 
 
 def test_megatron_lm_flags_we_do_not_carry_are_reported_together(capsys):
-    """The whole Llama-3 script: every flag that would change the run without support is refused, all in one
-    error; the others are accepted with one line each saying why they change nothing here."""
-    with pytest.raises(ConfigError) as e:
-        parse_args(LLAMA3_8B + LLAMA3_8B_REST)
-    refused = [p.split(" is not supported")[0] for p in e.value.problems]
-    assert refused == ["--train-samples", "--lr-decay-samples", "--lr-warmup-samples", "--decoupled-lr",
-                       "--decoupled-min-lr"]
-    assert "give the schedule in iterations" in e.value.problems[0]
-    keep = [x for x in LLAMA3_8B_REST[LLAMA3_8B_REST.index("--grad-reduce-in-bf16"):]]
-    out = _run(LLAMA3_8B + ["--use-mcore-models", "--attention-backend", "fused"] + keep, 8, capsys)
+    """The whole Llama-3 script dry-runs: the flags that change nothing here are accepted with one line each
+    saying why; refused ones (and a schedule that mixes iterations and samples) are all in one error."""
+    out = _run(LLAMA3_8B + LLAMA3_8B_REST, 8, capsys)
     ignored = [x.split(" ignored:")[0] for x in out.splitlines() if " ignored: " in x]
-    assert ignored == ["> --use-mcore-models", "> --attention-backend fused", "> --grad-reduce-in-bf16",
-                       "> --cross-entropy-loss-fusion", "> --manual-gc", "> --empty-unused-memory-level 1",
-                       "> --no-create-attention-mask-in-dataloader", "> --no-mmap-bin-files", "> --num-workers 1",
-                       "> --profile", "> --profile-step-start 4", "> --profile-step-end 6",
-                       "> --ckpt-format torch_dist"]
+    assert ignored == ["> --use-mcore-models", "> --attention-backend fused", "> --cross-entropy-loss-fusion",
+                       "> --manual-gc", "> --empty-unused-memory-level 1", "> --no-create-attention-mask-in-dataloader",
+                       "> --no-mmap-bin-files", "> --num-workers 1", "> --profile", "> --profile-step-start 4",
+                       "> --profile-step-end 6", "> --ckpt-format torch_dist"]
     assert abs(_billions(out) - 8.031) < 0.002, out
+    with pytest.raises(ConfigError) as e:
+        parse_args(LLAMA3_8B + ["--use-legacy-models", "--step-batch-size-schedule", "0:128"])
+    assert [p.split(" is not supported")[0] for p in e.value.problems] == ["--use-legacy-models",
+                                                                           "--step-batch-size-schedule"]
+    with pytest.raises(ConfigError) as e:   # Megatron-LM asserts 'expected sample-based training'
+        dry_run(parse_args(LLAMA3_8B + ["--train-iters", "1000", "--lr-warmup-iters", "10", "--dry-run"]),
+                environ={"WORLD_SIZE": "8"})
+    assert e.value.problems == [
+        "--lr-warmup-iters is for iteration-based training; with --train-samples give --lr-warmup-samples",
+        "--train-iters and --train-samples are exclusive (iteration- or sample-based training, as in Megatron-LM)"]
 
 
 def test_unknown_flags_and_refused_values():
