@@ -45,8 +45,6 @@ IGNORED: dict[str, tuple[int, str]] = {
 VALUES: dict[str, tuple[str, ...]] = {"--ckpt-format": ("torch_dist",)}
 
 REFUSED: dict[str, tuple[int, str]] = {
-    "--step-batch-size-schedule": (1, "step batch-size schedules are not implemented yet; use --rampup-batch-size "
-                                      "START INCR SAMPLES or a fixed --global-batch-size"),
     "--use-legacy-models": (0, "megatron-rpt builds Megatron-Core models only"),
     "--use-torch-fsdp2": (0, "FSDP is not supported; use --use-distributed-optimizer (ZeRO-1)"),
     "--use-megatron-fsdp": (0, "FSDP is not supported; use --use-distributed-optimizer (ZeRO-1)"),

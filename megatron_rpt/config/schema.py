@@ -191,6 +191,10 @@ class TrainingConfig:
                                             help="START INCR SAMPLES: start with global batch START and grow it by "
                                             "INCR every SAMPLES / ((--global-batch-size - START) / INCR) samples "
                                             "(Megatron-Core 0.16's ramp-up; needs --train-samples).")
+    step_batch_size_schedule: Optional[str] = arg(None, help="\"THRESHOLD:BATCH ...\" (e.g. \"0:16 2.4B:320 4.8B:624\"): "
+                                                  "the global batch from each threshold of consumed tokens on (K, M, "
+                                                  "B, T suffixes; tokens // --seq-length samples), the last one the "
+                                                  "global batch (as Megatron-LM; a --global-batch-size must equal it).")
     bf16: bool = arg(False, help="bf16 mixed precision (GPU).")
     grad_reduce_in_bf16: bool = arg(False, help="With --bf16: accumulate and reduce gradients in bf16 instead of "
                                     "fp32 (half the bytes, less precise).")

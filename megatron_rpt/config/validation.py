@@ -8,13 +8,15 @@ script in one pass. This package imports no other part of megatron_rpt but the p
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import os
 import re
 import warnings
 from typing import Optional
 
-from megatron_rpt.config.schedule import iterations_for_samples, lr_schedule, rampup
+from megatron_rpt.config.schedule import batch_schedule, iterations_for_samples, lr_schedule, parse_step_schedule
 from megatron_rpt.config.schema import RunConfig
 
 
@@ -42,6 +44,9 @@ def _complete_defaults(cfg: RunConfig, world_size: int) -> None:
         m.max_position_embeddings = m.seq_length
     model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
     dp = world_size // model_parallel if model_parallel and world_size % model_parallel == 0 else None
+    if t.global_batch_size is None and t.step_batch_size_schedule:
+        with contextlib.suppress(ValueError, TypeError):   # a bad schedule is reported by _check_schedule
+            t.global_batch_size = parse_step_schedule(t.step_batch_size_schedule, m.seq_length).final
     if t.global_batch_size is None and dp:
         t.global_batch_size = t.micro_batch_size * dp
     if p.sequence_parallel and p.tensor_model_parallel_size == 1:
@@ -69,6 +74,30 @@ def _check_schedule(cfg: RunConfig, dp: Optional[int]) -> list[str]:
         if not 0.0 <= o.lr_warmup_fraction < 1.0:
             problems.append(f"--lr-warmup-fraction must be in [0, 1) (got {o.lr_warmup_fraction})")
     ramp = t.rampup_batch_size
+    steps = None
+    if t.step_batch_size_schedule:
+        try:
+            steps = parse_step_schedule(t.step_batch_size_schedule, cfg.model.seq_length or 1)
+        except ValueError as e:
+            problems.append(str(e))
+        if ramp:
+            problems.append("--step-batch-size-schedule and --rampup-batch-size are exclusive (one batch schedule)")
+    if steps is not None:
+        flag = f"--step-batch-size-schedule {t.step_batch_size_schedule!r}"
+        if t.global_batch_size != steps.final:
+            # Megatron-LM refuses the two flags together; equal values are accepted here (its GPT-3 example)
+            problems.append(f"{flag} ends at global batch {steps.final} but --global-batch-size is "
+                            f"{t.global_batch_size}; drop --global-batch-size (the schedule's last batch is it)")
+        unit = t.micro_batch_size * dp if dp else None
+        for threshold, batch in steps.steps:
+            if unit and batch % unit:
+                problems.append(f"{flag}: batch {batch} (from sample {threshold}) is not divisible by "
+                                f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp}")
+            elif unit and cfg.parallel.num_layers_per_virtual_pipeline_stage is not None and \
+                    (batch // unit) % cfg.parallel.pipeline_model_parallel_size:
+                problems.append(f"{flag}: batch {batch} gives {batch // unit} micro-batches; the interleaved "
+                                "schedule needs a multiple of --pipeline-model-parallel-size "
+                                f"{cfg.parallel.pipeline_model_parallel_size}")
     if t.train_samples is None:
         for flag in sample_flags:
             problems.append(f"{flag} is for sample-based training (--train-samples); with --train-iters give "
@@ -105,8 +134,8 @@ def _check_schedule(cfg: RunConfig, dp: Optional[int]) -> list[str]:
                 problems.append(f"--rampup-batch-size {start} {incr} {samples}: the interleaved schedule needs every "
                                 "step's micro-batch count divisible by --pipeline-model-parallel-size "
                                 f"{cfg.parallel.pipeline_model_parallel_size} (START and INCR / (micro batch x DP))")
-    if gbs is not None and (not ramp or ramp_cfg):
-        iterations = iterations_for_samples(t.train_samples, gbs, rampup(cfg))
+    if gbs is not None and (not ramp or ramp_cfg) and not (t.step_batch_size_schedule and steps is None):
+        iterations = iterations_for_samples(t.train_samples, gbs, batch_schedule(cfg))
         if t.train_iters is not None and t.train_iters != iterations:   # (equal: resolved here before)
             problems.append("--train-iters and --train-samples are exclusive (iteration- or sample-based training, "
                             "as in Megatron-LM)")
@@ -549,9 +578,11 @@ def check_rpt_config(cfg: RunConfig, world_size: int, *, check_files: bool = Tru
                         f"{r.rpt_contexts_per_step} x --rpt-group-size {r.rpt_group_size} = {sequences}; "
                         "leave it unset (RPT derives it)")
     t.global_batch_size = sequences
-    if t.rampup_batch_size:
-        problems.append("--rampup-batch-size is not supported by mrpt-rpt: every step takes --rpt-contexts-per-step "
-                        "x --rpt-group-size sequences (train with a fixed batch)")
+    for flag, given in (("--rampup-batch-size", t.rampup_batch_size), ("--step-batch-size-schedule",
+                                                                        t.step_batch_size_schedule)):
+        if given:
+            problems.append(f"{flag} is not supported by mrpt-rpt: every step takes --rpt-contexts-per-step "
+                            "x --rpt-group-size sequences (train with a fixed batch)")
     # Token-level mean over the whole global batch (DAPO's token-mean), whatever the micro-batching.
     t.calculate_per_token_loss = True
     if cfg.logging.log_validation_ppl_to_tensorboard:

@@ -144,9 +144,8 @@ def test_megatron_lm_flags_we_do_not_carry_are_reported_together(capsys):
                        "> --profile-step-end 6", "> --ckpt-format torch_dist"]
     assert abs(_billions(out) - 8.031) < 0.002, out
     with pytest.raises(ConfigError) as e:
-        parse_args(LLAMA3_8B + ["--use-legacy-models", "--step-batch-size-schedule", "0:128"])
-    assert [p.split(" is not supported")[0] for p in e.value.problems] == ["--use-legacy-models",
-                                                                           "--step-batch-size-schedule"]
+        parse_args(LLAMA3_8B + ["--use-legacy-models", "--use-torch-fsdp2"])
+    assert [p.split(" is not supported")[0] for p in e.value.problems] == ["--use-legacy-models", "--use-torch-fsdp2"]
     with pytest.raises(ConfigError) as e:   # Megatron-LM asserts 'expected sample-based training'
         dry_run(parse_args(LLAMA3_8B + ["--train-iters", "1000", "--lr-warmup-iters", "10", "--dry-run"]),
                 environ={"WORLD_SIZE": "8"})

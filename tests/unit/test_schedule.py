@@ -162,3 +162,53 @@ def test_decoupled_lr_reaches_megatron_core():
     assert (config.decoupled_lr, config.decoupled_min_lr) == (5e-4, 4.5e-5)
     assert one_problem(["--train-iters", "1", "--min-lr", "1e-4", "--decoupled-lr", "1e-5"]).startswith(
         "--decoupled-lr 1e-05 must be >= its minimum (0.0001")
+
+
+def test_step_batch_size_schedule_follows_megatron_lm():
+    """--step-batch-size-schedule (Megatron-LM's GPT-3 175B example; Megatron-Core 0.19's step calculator):
+    thresholds in tokens (K/M/B/T) over --seq-length, each step's batch from the consumed samples, the last
+    batch the global batch, and Megatron-LM's update_train_iters loop (the last step may pass --train-samples)."""
+    from megatron_rpt.config.schedule import parse_step_schedule
+    gpt3 = parse_step_schedule("0:16 2.4B:320 4.8B:624 7.2B:928 9.6B:1232 12B:1536", 2048)
+    assert gpt3.steps == ((0, 16), (1171875, 320), (2343750, 624), (3515625, 928), (4687500, 1232), (5859375, 1536))
+    sched = "0:8 2K:16,4k:32"   # tokens 0, 2000, 4000 at --seq-length 64 -> samples 0, 31, 62
+    cfg = _cfg(["--train-samples", "200", "--step-batch-size-schedule", sched, "--micro-batch-size", "8",
+                "--seq-length", "64"])
+    assert cfg.training.global_batch_size == 32
+    consumed, sizes = 0, []
+    while consumed < 200:   # Megatron-LM's loop
+        sizes.append(8 if consumed < 31 else 16 if consumed < 62 else 32)
+        consumed += sizes[-1]
+    assert sizes == [8, 8, 8, 8, 16, 16, 32, 32, 32, 32, 32] and consumed == 224
+    assert cfg.training.train_iters == len(sizes)
+    assert [global_batch_size_at(cfg, sum(sizes[:i])) for i in range(len(sizes))] == sizes
+    assert samples_after(cfg, len(sizes)) == 224 and samples_after(cfg, 3) == 24
+    it = _cfg(["--train-iters", "5", "--step-batch-size-schedule", sched, "--seq-length", "64"])   # iteration-based: batches vary too
+    assert it.training.global_batch_size == 32 and samples_after(it, 5) == 8 * 4 + 16
+    assert lr_schedule(it).decay == 5 * 32   # the LR schedule counts the final batch, as Megatron-LM
+    calculator = pytest.importorskip("megatron.core.num_microbatches_calculator")
+    if not hasattr(calculator, "StepBatchsizeNumMicroBatchesCalculator"):
+        pytest.skip("this megatron-core has no step batch-size schedule (before 0.19)")
+    ref = calculator.StepBatchsizeNumMicroBatchesCalculator(8, 1, False, 1, sched, seq_length=64)
+    for i, size in enumerate(sizes):
+        ref.update(sum(sizes[:i]), consistency_check=True)
+        assert (ref.get_current_global_batch_size(), ref.get()) == (size, size // 8)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--train-samples", "99", "--step-batch-size-schedule", "8K:8 100K:16"], "the first threshold must be 0"),
+    (["--train-samples", "99", "--step-batch-size-schedule", "0:8 16"], "entry '16' is not THRESHOLD:BATCH"),
+    (["--train-samples", "99", "--step-batch-size-schedule", "0:8 10:16"], "thresholds must be distinct in samples"),
+    (["--train-samples", "99", "--step-batch-size-schedule", "0:8 1K:16", "--global-batch-size", "32"],
+     "ends at global batch 16 but --global-batch-size is 32"),
+    (["--train-samples", "99", "--step-batch-size-schedule", "0:6 1K:16", "--micro-batch-size", "4"],
+     "batch 6 (from sample 0) is not divisible by --micro-batch-size 4 x data-parallel size 1"),
+    (["--train-samples", "99", "--step-batch-size-schedule", "0:8 1K:16", "--global-batch-size", "16",
+      "--rampup-batch-size", "8", "8", "40"], "--step-batch-size-schedule and --rampup-batch-size are exclusive"),
+])
+def test_step_batch_size_schedule_errors(argv, message):
+    assert any(message in p for p in problems(argv)), problems(argv)
+    with pytest.raises(ConfigError, match="--step-batch-size-schedule is not supported by mrpt-rpt"):
+        validate_rpt_config(parse_rpt_args(["--model-preset", "tiny", "--lr", "1e-3", "--vocab-size", "512",
+                                            "--tokenizer-type", "NullTokenizer", "--rpt-data", "x.jsonl",
+                                            "--train-iters", "2", "--step-batch-size-schedule", "0:8"]), 1)
