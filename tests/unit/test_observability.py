@@ -138,3 +138,22 @@ def test_sinks_give_wandb_what_tensorboard_gets():
     only_tb.add_scalar("x", 1.0, 3)
     only_tb.close()
     assert tb.calls[-3:] == [("x", 1.0, 3), "flush", "close"]
+
+
+def test_timer_blocks_of_each_option_read_back():
+    """Megatron-Core's three --timing-log-option formats (as printed by runs on 0.16.1/0.19.2), read back;
+    the block ends at the first unindented line."""
+    from megatron_rpt.training.timers import parse_timer_block, timer_names
+
+    minmax = ("(min, max) time across ranks (ms):\n"
+              "    forward-backward ...............................: (326.80, 328.10)\n"
+              "    optimizer ......................................: (24.86, 30.17)\n"
+              " validation loss at iteration 2 | lm loss value: 5.2E+00 |")
+    assert parse_timer_block(minmax) == {"forward-backward": (326.8, 328.1), "optimizer": (24.86, 30.17)}
+    most = "max time across ranks (ms):\n    save-checkpoint ................................: 870.10\n"
+    assert parse_timer_block(most) == {"save-checkpoint": 870.1}
+    every = ("times across ranks (ms):\n  forward-backward:\n     rank  0: 335.26\n     rank  1: 336.28\n"
+             "  all-grads-sync:\n     rank  0: 0.23\n     rank  1: 0.49\n> training stopped")
+    assert parse_timer_block(every) == {"forward-backward": {0: 335.26, 1: 336.28}, "all-grads-sync": {0: 0.23, 1: 0.49}}
+    assert timer_names(0) == [] and "forward-backward" in timer_names(1) and "batch-generator" not in timer_names(1)
+    assert timer_names(2)[:len(timer_names(1))] == timer_names(1) and "batch-generator" in timer_names(2)
