@@ -17,7 +17,7 @@ from megatron_rpt.config.schema import PRETRAIN_SECTIONS, SECTIONS, ModelConfig,
 _GROUP_TITLES = {
     "model": "network size", "parallel": "distributed", "optimizer": "optimizer and learning rate",
     "training": "training", "fp8": "FP8 (Transformer Engine, CUDA)", "data": "data and tokenizer", "checkpoint": "checkpointing",
-    "logging": "logging", "loss": "loss", "rpt": "reinforcement pre-training (RPT) and GRPO",
+    "logging": "logging", "loss": "loss", "profiling": "profiling", "rpt": "reinforcement pre-training (RPT) and GRPO",
 }
 
 
@@ -58,7 +58,8 @@ def build_parser(extra_args_provider=None, *, prog: str = "mrpt-pretrain",
                     group.add_argument(meta["negative"], dest=dest, action="store_false",
                                        help=f"Disable {flag}.")
             elif meta.get("nargs"):
-                group.add_argument(flag, dest=dest, nargs=meta["nargs"], help=meta.get("help"))
+                group.add_argument(flag, dest=dest, nargs=meta["nargs"], type=meta.get("item_type") or str,
+                                   help=meta.get("help"))
             else:
                 group.add_argument(flag, dest=dest, type=tp if tp in (int, float) else str,
                                    choices=meta.get("choices"), help=meta.get("help"))

@@ -27,22 +27,13 @@ IGNORED: dict[str, tuple[int, str]] = {
     "--cross-entropy-loss-fusion": (0, "the loss is megatron-rpt's vocab-parallel loss (--loss-function), "
                                        "fused on CUDA by its own kernels"),
     "--grad-reduce-in-bf16": (0, f"{_NOT_YET}: gradients are reduced in fp32 (more precise, twice the bytes)"),
-    "--manual-gc": (0, f"{_NOT_YET}: Python's garbage collector runs as usual"),
-    "--manual-gc-interval": (1, f"{_NOT_YET} (see --manual-gc)"),
-    "--empty-unused-memory-level": (1, f"{_NOT_YET}: PyTorch's cached memory is not emptied between steps"),
     "--tp-comm-overlap": (0, f"{_NOT_YET}: tensor-parallel communication is not overlapped with GEMMs"),
     "--overlap-p2p-comm": (0, f"{_NOT_YET}: pipeline sends/receives are not overlapped"),
     "--no-create-attention-mask-in-dataloader": (0, "the data loader builds attention masks only where the "
                                                     "attention needs one (local attention, without Transformer "
                                                     "Engine)"),
-    "--no-mmap-bin-files": (0, f"{_NOT_YET}: .bin files are memory-mapped"),
-    "--num-workers": (1, f"{_NOT_YET}: every rank reads its samples in the training process"),
     "--ckpt-format": (1, "checkpoints are torch_dist (Megatron-Core dist_checkpointing)"),
     "--async-save": (0, f"{_NOT_YET}: checkpoints are saved synchronously"),
-    "--profile": (0, f"{_NOT_YET}: no profiler trace is written"),
-    "--profile-step-start": (1, f"{_NOT_YET} (see --profile)"),
-    "--profile-step-end": (1, f"{_NOT_YET} (see --profile)"),
-    "--profile-ranks": ("+", f"{_NOT_YET} (see --profile)"),
     "--timing-log-level": (1, f"{_NOT_YET}: the log line reports iteration time only"),
     "--log-timers-to-tensorboard": (0, f"{_NOT_YET} (see --timing-log-level)"),
     "--log-params-norm": (0, f"{_NOT_YET}: the gradient norm is logged, not the parameter norm"),

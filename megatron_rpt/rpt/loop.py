@@ -63,7 +63,7 @@ from megatron_rpt.rpt.tasks import load_tasks
 from megatron_rpt.training.context_parallel import split_for_this_cp_rank
 from megatron_rpt.training.driver import SignalFlag, TrainingDriver
 from megatron_rpt.training.setup import setup_job
-from megatron_rpt.training.step import grads_are_finite, reduce_from_last_stage
+from megatron_rpt.training.step import grads_are_finite, reduce_from_last_stage, release_unused_memory
 
 # Per-micro-batch sums reduced over the batch (order of the packed report tensor).
 _SUMS = ("loss", "tokens", "entropy", "ratio", "clipped", "kl", "approx_kl", "abs_logp_diff", "mismatch_kl",
@@ -425,6 +425,7 @@ class _RPTJob:
             self.state.optimizer.zero_grad()
             part_sums, part_peak = _reduce_report(self._schedule(self.state.model, self.policy_step, batches, length,
                                                                  forward_only=False), self.device)
+            release_unused_memory(t.empty_unused_memory_level, 1)
             sums = {k: sums[k] + part_sums[k] for k in _SUMS}
             peak = max(peak, part_peak)
             if part_sums["tokens"] == 0:
@@ -437,6 +438,7 @@ class _RPTJob:
             if updated:
                 self.state.scheduler.step(increment=t.global_batch_size // len(parts))
                 grad_norms.append(float(grad_norm))
+            release_unused_memory(t.empty_unused_memory_level, 2)
         return {**_summarise(sums, peak), "updates": len(grad_norms)}, grad_norms
 
     def step(self, iteration: int) -> None:
