@@ -57,7 +57,7 @@ class StepProfiler:
         self._prof = None
         self._capturing = False          # nsys: between cudaProfilerStart and Stop
         self._nvtx_ops = None            # emit_nvtx context (--record-shapes)
-        self._iteration_range = None     # the open "iteration N" range
+        self._close_iteration = None     # ends the open "iteration N" range
         if profiling.profile and not profiling.use_pytorch_profiler and not platform.nsys_capture:
             dist.print_rank_0(f"> --profile: no nsys capture on {platform.device_type}; the torch profiler writes "
                               f"{os.path.join(trace_dir(tensorboard_dir), 'rank-R.json.gz')} instead "
@@ -95,8 +95,9 @@ class StepProfiler:
             return
         if self._prof is not None:
             self._prof.step()
-            self._iteration_range = torch.profiler.record_function(f"iteration {iteration}")
-            self._iteration_range.__enter__()
+            scope = torch.profiler.record_function(f"iteration {iteration}")
+            scope.__enter__()
+            self._close_iteration = lambda: scope.__exit__(None, None, None)
         elif iteration in self.window:
             if not self._capturing:
                 torch.cuda.check_error(torch.cuda.cudart().cudaProfilerStart())
@@ -105,7 +106,7 @@ class StepProfiler:
                     self._nvtx_ops = torch.autograd.profiler.emit_nvtx(record_shapes=True)
                     self._nvtx_ops.__enter__()
             torch.cuda.nvtx.range_push(f"iteration {iteration}")
-            self._iteration_range = True
+            self._close_iteration = torch.cuda.nvtx.range_pop
 
     def end(self, iteration: int) -> None:
         if not self.active:
@@ -121,13 +122,9 @@ class StepProfiler:
                 self._stop_capture()
 
     def _close_range(self) -> None:
-        if self._iteration_range is None:
-            return
-        if self._iteration_range is True:
-            torch.cuda.nvtx.range_pop()
-        else:
-            self._iteration_range.__exit__(None, None, None)
-        self._iteration_range = None
+        close, self._close_iteration = self._close_iteration, None
+        if close is not None:
+            close()
 
     def _stop_capture(self) -> None:
         if self._nvtx_ops is not None:
