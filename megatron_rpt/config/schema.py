@@ -276,10 +276,12 @@ class DataConfig:
     tiktoken_special_tokens: list = arg(None, nargs="*", default_factory=list,
                                         help="TikTokenizer special tokens (must include Megatron-LM's <unk> <s> </s> "
                                         "<mask> <pad> <cls> <sep>; default exactly those).")
-    num_workers: int = arg(2, help="DataLoader worker processes reading the pretraining micro-batches of each "
-                           "iterator (training, validation; one per virtual pipeline stage), as Megatron-LM; 0 reads "
-                           "them in the training process. Workers start at the first batch and live for the run; "
-                           "the batches are the same either way. mrpt-rpt reads its tasks without workers.")
+    num_workers: int = arg(0, help="DataLoader worker processes reading the pretraining micro-batches of each "
+                           "iterator (training, validation; one per virtual pipeline stage); 0 reads them in the "
+                           "training process. Workers start at the first batch and live for the run; the batches are "
+                           "the same either way. Megatron-LM's default is 2; ours is 0 because starting workers (a "
+                           "fork of the training process each) costs more than short runs gain (docs/architecture.md). "
+                           "mrpt-rpt reads its tasks without workers.")
     mmap_bin_files: bool = arg(True, flag="--mmap-bin-files", negative="--no-mmap-bin-files",
                                help="Memory-map the .bin token files (--no-mmap-bin-files: read each sample "
                                "with file reads instead; Megatron-Core's mmap_bin_files).")
