@@ -34,6 +34,12 @@ IGNORED: dict[str, tuple[int, str]] = {
                                                     "Engine)"),
     "--ckpt-format": (1, "checkpoints are torch_dist (Megatron-Core dist_checkpointing)"),
     "--async-save": (0, f"{_NOT_YET}: checkpoints are saved synchronously"),
+    "--record-memory-history": (0, f"{_NOT_YET}: no CUDA memory history is recorded (the log line reports "
+                                   "peak memory)"),
+    "--memory-snapshot-path": (1, f"{_NOT_YET} (see --record-memory-history)"),
+    "--nvtx-ranges": (0, f"{_NOT_YET}: --profile on CUDA marks each iteration with an NVTX range; "
+                         "--record-shapes adds one per operator"),
+    "--pytorch-profiler-collect-chakra": (0, f"{_NOT_YET}: the torch profiler writes a Chrome trace only"),
     "--timing-log-level": (1, f"{_NOT_YET}: the log line reports iteration time only"),
     "--log-timers-to-tensorboard": (0, f"{_NOT_YET} (see --timing-log-level)"),
     "--log-params-norm": (0, f"{_NOT_YET}: the gradient norm is logged, not the parameter norm"),
