@@ -17,7 +17,7 @@ from megatron_rpt.config.schema import PRETRAIN_SECTIONS, SECTIONS, ModelConfig,
 _GROUP_TITLES = {
     "model": "network size", "parallel": "distributed", "optimizer": "optimizer and learning rate",
     "training": "training", "fp8": "FP8 (Transformer Engine, CUDA)", "data": "data and tokenizer", "checkpoint": "checkpointing",
-    "logging": "logging", "loss": "loss", "rpt": "reinforcement pre-training (RPT) and GRPO",
+    "logging": "logging", "loss": "loss", "profiling": "profiling", "rpt": "reinforcement pre-training (RPT) and GRPO",
 }
 
 

@@ -24,22 +24,19 @@ IGNORED: dict[str, tuple[int, str]] = {
     "--no-position-embedding": (0, "deprecated in Megatron-LM; --position-embedding-type decides"),
     "--cross-entropy-loss-fusion": (0, "the loss is megatron-rpt's vocab-parallel loss (--loss-function), "
                                        "fused on CUDA by its own kernels"),
-    "--manual-gc": (0, f"{_NOT_YET}: Python's garbage collector runs as usual"),
-    "--manual-gc-interval": (1, f"{_NOT_YET} (see --manual-gc)"),
-    "--empty-unused-memory-level": (1, f"{_NOT_YET}: PyTorch's cached memory is not emptied between steps"),
     "--tp-comm-overlap": (0, f"{_NOT_YET}: tensor-parallel communication is not overlapped with GEMMs"),
     "--overlap-p2p-comm": (0, f"{_NOT_YET}: pipeline sends/receives are not overlapped"),
     "--no-create-attention-mask-in-dataloader": (0, "the data loader builds attention masks only where the "
                                                     "attention needs one (local attention, without Transformer "
                                                     "Engine)"),
-    "--no-mmap-bin-files": (0, f"{_NOT_YET}: .bin files are memory-mapped"),
-    "--num-workers": (1, f"{_NOT_YET}: every rank reads its samples in the training process"),
     "--ckpt-format": (1, "checkpoints are torch_dist (Megatron-Core dist_checkpointing)"),
     "--async-save": (0, f"{_NOT_YET}: checkpoints are saved synchronously"),
-    "--profile": (0, f"{_NOT_YET}: no profiler trace is written"),
-    "--profile-step-start": (1, f"{_NOT_YET} (see --profile)"),
-    "--profile-step-end": (1, f"{_NOT_YET} (see --profile)"),
-    "--profile-ranks": ("+", f"{_NOT_YET} (see --profile)"),
+    "--record-memory-history": (0, f"{_NOT_YET}: no CUDA memory history is recorded (the log line reports "
+                                   "peak memory)"),
+    "--memory-snapshot-path": (1, f"{_NOT_YET} (see --record-memory-history)"),
+    "--nvtx-ranges": (0, f"{_NOT_YET}: --profile on CUDA marks each iteration with an NVTX range; "
+                         "--record-shapes adds one per operator"),
+    "--pytorch-profiler-collect-chakra": (0, f"{_NOT_YET}: the torch profiler writes a Chrome trace only"),
 }
 # Ignored flags whose other values would change the run: those values are refused.
 VALUES: dict[str, tuple[str, ...]] = {"--ckpt-format": ("torch_dist",)}

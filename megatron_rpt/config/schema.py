@@ -216,6 +216,21 @@ class TrainingConfig:
                                          "NaN/inf (bf16/fp32; fp16 has its loss scaler) and stop with an error "
                                          "after more than N consecutive ones (0: stop at the first).")
     exit_signal_handler: bool = arg(False, help="Save and exit cleanly on SIGTERM or SIGUSR1 (SLURM preemption, --signal=USR1@T).")
+    # Host-side run-time controls (Megatron-LM's flags; applied by training.driver / training.step).
+    manual_gc: bool = arg(False, help="Disable Python's automatic garbage collector for the run and collect "
+                          "at fixed points instead (every --manual-gc-interval iterations and around evaluation), "
+                          "the same on every rank, so collection pauses do not stagger the ranks (Megatron-LM). "
+                          "The collector is re-enabled when the run returns.")
+    manual_gc_interval: int = arg(0, help="With --manual-gc: a full collection after every N-th iteration "
+                                  "(0: only around evaluation).")
+    manual_gc_eval: bool = arg(True, flag="--manual-gc-eval", negative="--no-manual-gc-eval",
+                               help="With --manual-gc: a full collection before each evaluation and a "
+                               "young-generation one after it (--no-manual-gc-eval: none).")
+    empty_unused_memory_level: int = arg(0, choices=(0, 1, 2),
+                                         help="Release the CUDA caching allocator's unused blocks "
+                                         "(torch.cuda.empty_cache): 1 after each forward-backward (training and "
+                                         "evaluation), 2 also after each optimizer step; 0 never. No effect on "
+                                         "CPU (no caching allocator; one line says so).")
     use_cpu: bool = arg(False, flag="--use-cpu", help="Force the CPU/gloo platform even when CUDA is present.")
     dry_run: bool = arg(False, help="Check every flag and the data/tokenizer files, print the resolved model, layout, "
                         "parameter counts and a per-GPU memory estimate, and exit without starting a process "
@@ -294,6 +309,15 @@ class DataConfig:
     tiktoken_special_tokens: list = arg(None, nargs="*", default_factory=list,
                                         help="TikTokenizer special tokens (must include Megatron-LM's <unk> <s> </s> "
                                         "<mask> <pad> <cls> <sep>; default exactly those).")
+    num_workers: int = arg(0, help="DataLoader worker processes reading the pretraining micro-batches of each "
+                           "iterator (training, validation; one per virtual pipeline stage); 0 reads them in the "
+                           "training process. Workers start at the first batch and live for the run; the batches are "
+                           "the same either way. Megatron-LM's default is 2; ours is 0 because starting workers (a "
+                           "fork of the training process each) costs more than short runs gain (docs/architecture.md). "
+                           "mrpt-rpt reads its tasks without workers.")
+    mmap_bin_files: bool = arg(True, flag="--mmap-bin-files", negative="--no-mmap-bin-files",
+                               help="Memory-map the .bin token files (--no-mmap-bin-files: read each sample "
+                               "with file reads instead; Megatron-Core's mmap_bin_files).")
     reset_position_ids: bool = arg(False, help="Reset position ids at document ends.")
     reset_attention_mask: bool = arg(False, help="Reset the attention mask at document ends.")
     eod_mask_loss: bool = arg(False, help="Mask the loss at end-of-document tokens.")
@@ -362,6 +386,28 @@ class LoggingConfig:
     wandb_exp_name: Optional[str] = arg(None, help="W&B run name (default: W&B's own).")
     wandb_save_dir: Optional[str] = arg(None, help="Local folder of the W&B run files (default SAVE/wandb).")
     wandb_entity: Optional[str] = arg(None, help="W&B entity (team or user).")
+
+
+@dataclass
+class ProfilingConfig:
+    """Profiler capture of a range of iterations (Megatron-LM's flags; `training.profiling`)."""
+
+    profile: bool = arg(False, help="Profile iterations --profile-step-start + 1 .. --profile-step-end on "
+                        "--profile-ranks. CUDA: a cudaProfilerStart/Stop capture range for nsys (nsys profile "
+                        "--capture-range=cudaProfilerApi), each iteration an NVTX range; with "
+                        "--use-pytorch-profiler, or on CPU (no nsys), a torch profiler Chrome trace "
+                        "TENSORBOARD_DIR/../torch_profile/rank-R.json.gz.")
+    profile_step_start: int = arg(10, help="Start profiling once this many iterations are done.")
+    profile_step_end: int = arg(12, help="Stop profiling after this iteration.")
+    profile_ranks: list = arg(None, nargs="+", type=int, default_factory=list,
+                              help="Global ranks to profile (default: all, as Megatron-LM).")
+    use_pytorch_profiler: bool = arg(False, help="Use the torch profiler (CPU and CUDA activities, a Chrome "
+                                     "trace readable by Perfetto, chrome://tracing and TensorBoard's profile "
+                                     "plugin) instead of an nsys capture range.")
+    pytorch_profiler_collect_shapes: bool = arg(False, help="Torch profiler: record tensor shapes.")
+    pytorch_profiler_collect_callstack: bool = arg(False, help="Torch profiler: record Python call stacks.")
+    record_shapes: bool = arg(False, help="nsys (CUDA): NVTX ranges for every autograd op with their input "
+                              "shapes (torch.autograd.profiler.emit_nvtx) inside the capture range.")
 
 
 @dataclass
@@ -457,6 +503,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
     rpt: RPTConfig = field(default_factory=RPTConfig)
     model_preset: Optional[str] = None
 
@@ -490,7 +537,7 @@ LEGACY_ARCHITECTURE = dict(swiglu=True, normalization="RMSNorm", add_bias_linear
 _SECTIONS = {
     "model": ModelConfig, "parallel": ParallelConfig, "optimizer": OptimizerConfig,
     "training": TrainingConfig, "fp8": FP8Config, "data": DataConfig, "checkpoint": CheckpointConfig,
-    "logging": LoggingConfig, "loss": LossConfig, "rpt": RPTConfig,
+    "logging": LoggingConfig, "loss": LossConfig, "profiling": ProfilingConfig, "rpt": RPTConfig,
 }
 SECTIONS = dict(_SECTIONS)
 # What `mrpt-pretrain` parses (RPT's flags belong to `mrpt-rpt` only).

@@ -526,6 +526,28 @@ def check_config(cfg: RunConfig, world_size: int) -> list[str]:
     problems.extend(_check_wandb(cfg))
     problems.extend(_check_moe(cfg, world_size))
     problems.extend(_check_fp8(cfg))
+    problems.extend(_check_runtime(cfg, world_size))
+    return problems
+
+
+def _check_runtime(cfg: RunConfig, world_size: int) -> list[str]:
+    """Data-loader workers, manual garbage collection and the profiler's iteration range and ranks."""
+    problems: list[str] = []
+    if cfg.data.num_workers < 0:
+        problems.append(f"--num-workers must be >= 0 (got {cfg.data.num_workers})")
+    if cfg.training.manual_gc_interval < 0:
+        problems.append(f"--manual-gc-interval must be >= 0 (got {cfg.training.manual_gc_interval}; 0: collect "
+                        "only around evaluation)")
+    pr = cfg.profiling
+    if pr.profile:
+        if pr.profile_step_start < 0:
+            problems.append(f"--profile-step-start must be >= 0 (got {pr.profile_step_start})")
+        if pr.profile_step_end <= pr.profile_step_start:
+            problems.append(f"--profile-step-end {pr.profile_step_end} must be > --profile-step-start "
+                            f"{pr.profile_step_start} (the profiled iterations are start + 1 .. end)")
+        bad = [r for r in pr.profile_ranks if not 0 <= r < world_size]
+        if bad:
+            problems.append(f"--profile-ranks {' '.join(map(str, bad))}: no such rank (ranks are 0..{world_size - 1})")
     return problems
 
 

@@ -4,8 +4,10 @@ Datasets come from `BlendedMegatronDatasetBuilder`: one blend divided by `--spli
 per split (`--train/valid/test-data-path`, Megatron's `blend_per_split`), index caches in
 `--data-cache-path`. Before building, the token ids are checked against the tokenizer
 (`data.validate`, a bounded sample, on rank 0 only).
-Every rank indexes the memory-mapped dataset itself (no broadcast): indices are a pure function
-of (consumed samples, data-parallel rank), which is what makes resumption exact.
+Every rank indexes the dataset itself (no broadcast): indices are a pure function of (consumed
+samples, data-parallel rank), which is what makes resumption exact. The samples of those indices are
+read by a torch DataLoader, in `--num-workers` worker processes or in the training process; the
+batches are the same either way (the index order is the iterator's, not the workers').
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def gpt_dataset_config(cfg: RunConfig, tokenizer, *, create_attention_mask: bool
         reset_attention_mask=d.reset_attention_mask,
         eod_mask_loss=d.eod_mask_loss,
         create_attention_mask=create_attention_mask,
+        mmap_bin_files=d.mmap_bin_files,
     )
 
 
@@ -131,12 +134,19 @@ class MicroBatchIterator(Iterator[dict]):
 
     Global sample order is 0, 1, 2, ...; each group of micro_batch_size x dp_size consecutive
     samples is one micro-batch step, of which rank r takes slice [r*mbs, (r+1)*mbs).
-    `consumed_samples` counts samples consumed by ALL data-parallel ranks (saved in checkpoints).
+    `consumed_samples` counts samples consumed by ALL data-parallel ranks (saved in checkpoints);
+    it counts the batches handed out, not those the workers have read ahead.
     With `cyclic=True` (validation) indices wrap around the dataset.
+
+    The samples are read and collated by a DataLoader over `_BatchIndices` (Megatron-LM's
+    build_pretraining_data_loader: a batch sampler, `num_workers` processes, pinned memory on a GPU).
+    It starts at the first `next()`, so a rank or split that never reads starts no workers, and it
+    lives until `close()`: a validation iterator kept across evaluations starts its workers once.
     """
 
     def __init__(self, dataset, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 consumed_samples: int = 0, cyclic: bool = False):
+                 consumed_samples: int = 0, cyclic: bool = False, num_workers: int = 0,
+                 pin_memory: bool = False):
         if dataset is None:
             raise ValueError("no dataset for this split (check --split or --train/valid/test-data-path)")
         self.dataset = dataset
@@ -144,13 +154,38 @@ class MicroBatchIterator(Iterator[dict]):
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.consumed_samples = consumed_samples
         self.cyclic = cyclic
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self._batches: Optional[Iterator[dict]] = None
 
     def __next__(self) -> dict:
-        n = len(self.dataset)
-        start = self.consumed_samples + self.dp_rank * self.micro_batch_size
-        indices = range(start, start + self.micro_batch_size)
-        if not self.cyclic and indices[-1] >= n:
-            raise StopIteration(f"dataset exhausted at sample {indices[-1]} of {n}")
-        samples = [self.dataset[i % n] for i in indices]
+        if self._batches is None:
+            loader = torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=_BatchIndices(self, self.consumed_samples),
+                num_workers=self.num_workers, pin_memory=self.pin_memory,
+                collate_fn=torch.utils.data.default_collate)
+            self._batches = iter(loader)
+        batch = next(self._batches)
         self.consumed_samples += self.micro_batch_size * self.dp_size
-        return torch.utils.data.default_collate(samples)
+        return batch
+
+    def close(self) -> None:
+        """Stop the worker processes (a later `next()` starts new ones at `consumed_samples`)."""
+        self._batches = None
+
+
+class _BatchIndices:
+    """The dataset indices of each micro-batch of a `MicroBatchIterator`, from `consumed` on."""
+
+    def __init__(self, it: MicroBatchIterator, consumed: int):
+        self.it, self.consumed = it, consumed
+
+    def __iter__(self):
+        it, n = self.it, len(self.it.dataset)
+        consumed = self.consumed
+        while True:
+            start = consumed + it.dp_rank * it.micro_batch_size
+            indices = range(start, start + it.micro_batch_size)
+            if not it.cyclic and indices[-1] >= n:
+                return
+            yield [i % n for i in indices]
+            consumed += it.micro_batch_size * it.dp_size

@@ -85,6 +85,35 @@ class Platform:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         return max(1, cores // max(1, local_world_size))
 
+    @property
+    def caching_allocator(self) -> bool:
+        """Whether the device keeps freed memory cached for reuse (CUDA's allocator), so that
+        `empty_cache` has something to release. CPU memory goes back to the C allocator at once."""
+        return self.device_type == "cuda"
+
+    def empty_cache(self) -> None:
+        """Release the caching allocator's unused blocks (--empty-unused-memory-level); nothing on CPU."""
+        if self.caching_allocator:
+            import torch
+
+            torch.cuda.empty_cache()
+
+    @property
+    def pin_memory(self) -> bool:
+        """Whether data loaders pin host batches (faster non-blocking copies to a GPU; no GPU: no use)."""
+        return self.device_type == "cuda"
+
+    @property
+    def nsys_capture(self) -> bool:
+        """Whether --profile can open an nsys capture range (cudaProfilerStart/Stop and NVTX: CUDA only)."""
+        return self.device_type == "cuda"
+
+    def profiler_activities(self) -> list:
+        """The torch profiler's activities here: CPU, and CUDA kernels on a GPU."""
+        from torch.profiler import ProfilerActivity
+
+        return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device_type == "cuda" else [])
+
     def describe(self) -> str:
         """What this process runs on, for the start-up line: device, backend, megatron-core, and which
         optional GPU backends are used (and why not)."""

@@ -65,7 +65,8 @@ from megatron_rpt.training.driver import SignalFlag, TrainingDriver
 from megatron_rpt.training.setup import setup_job
 from megatron_rpt.training.params_norm import params_l2_norm
 from megatron_rpt.training.sinks import writes_scalars
-from megatron_rpt.training.step import grads_are_finite, optimizer_step, reduce_from_last_stage
+from megatron_rpt.training.step import grads_are_finite, optimizer_step, reduce_from_last_stage,
+                                       release_unused_memory
 from megatron_rpt.training.timers import TimerReport
 
 # Per-micro-batch sums reduced over the batch (order of the packed report tensor).
@@ -430,6 +431,7 @@ class _RPTJob:
             self.state.optimizer.zero_grad()
             part_sums, part_peak = _reduce_report(self._schedule(self.state.model, self.policy_step, batches, length,
                                                                  forward_only=False), self.device)
+            release_unused_memory(t.empty_unused_memory_level, 1)
             sums = {k: sums[k] + part_sums[k] for k in _SUMS}
             peak = max(peak, part_peak)
             if part_sums["tokens"] == 0:
@@ -444,6 +446,7 @@ class _RPTJob:
                 grad_norms.append(float(grad_norm))
                 if num_zeros is not None:
                     zeros.append(float(num_zeros))
+            release_unused_memory(t.empty_unused_memory_level, 2)
         # --log-num-zeros-in-grad: the mean over the updates taken, like the grad norm
         return ({**_summarise(sums, peak), "updates": len(grad_norms),
                  "num_zeros": sum(zeros) / len(zeros) if zeros else None}, grad_norms)

@@ -4,14 +4,16 @@
 and consumed-sample counters), the iteration loop up to --train-iters, evaluation and checkpoint
 cadence (--eval-interval, --save-interval, a final save), stopping between iterations on a
 preemption signal, --exit-duration-in-mins or --exit-interval (`ExitWatch`), the save-checkpoint
-timer, and the job's one scalar sink (`training.sinks`: TensorBoard and/or W&B on rank 0; `scalars`).
-The job supplies its step (one
-iteration's work and its stdout line) and its evaluation as callables; the driver never looks at
-what a step computes.
+timer, the job's one scalar sink (`training.sinks`: TensorBoard and/or W&B on rank 0; `scalars`), and
+the run-time controls around each iteration: manual garbage collection (`ManualGC`) and the profiler
+(`training.profiling`). The job supplies its step (one iteration's work and its stdout line) and its
+evaluation as callables; the driver never looks at what a step computes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import signal
 import time
 from typing import Callable, Optional
@@ -67,6 +69,38 @@ class ExitWatch:
         if t.exit_interval and iteration % t.exit_interval == 0:
             return "exit_interval"
         return None
+
+
+class ManualGC:
+    """--manual-gc (Megatron-LM's training.train): Python's automatic collector is off for the loop, with
+    one full collection at the start, one after every --manual-gc-interval-th iteration, a full one
+    before each evaluation and a young-generation one after it (unless --no-manual-gc-eval). The
+    points are iteration numbers, the same on every rank, so no rank pauses for a collection while the
+    others wait in a collective. Unlike Megatron-LM (whose process ends with the run), `close()` gives
+    the collector back as it was: pretrain() and rpt_train() are library calls."""
+
+    def __init__(self, training):
+        self.on, self.interval, self.eval = training.manual_gc, training.manual_gc_interval, training.manual_gc_eval
+        self.was_enabled = gc.isenabled()
+        if self.on:
+            gc.disable()
+            gc.collect()
+
+    def after_step(self, iteration: int) -> None:
+        if self.on and self.interval and iteration % self.interval == 0:
+            gc.collect()
+
+    @contextlib.contextmanager
+    def around_eval(self):
+        if self.on and self.eval:
+            gc.collect()
+        yield
+        if self.on and self.eval:
+            gc.collect(generation=0)
+
+    def close(self) -> None:
+        if self.on and self.was_enabled:
+            gc.enable()
 
 
 class TrainingDriver:
@@ -141,27 +175,49 @@ class TrainingDriver:
         + 1) up to --train-iters or an exit; returns the last iteration done. `evaluate(iteration)` runs
         every --eval-interval; `eval_at_start` also before the first iteration of a fresh run,
         `eval_at_end` once after the last (then not twice at an interval that falls on it)."""
+        from megatron_rpt.platform import get_platform
+        from megatron_rpt.training.profiling import StepProfiler
+
         t = self.cfg.training
         every = t.eval_interval if evaluate is not None else 0
         iteration = self.iteration
         last_saved = iteration if self.resumed_from else None
-        if every and eval_at_start and iteration == 0:
-            evaluate(0)
-        while iteration < t.train_iters:
-            step(iteration + 1)
-            iteration = self.iteration = iteration + 1
-            if every and iteration % every == 0 and not (eval_at_end and iteration == t.train_iters):
-                evaluate(iteration)
-            if self.cfg.checkpoint.save_interval and iteration % self.cfg.checkpoint.save_interval == 0:
+        platform = get_platform()
+        if t.empty_unused_memory_level and not platform.caching_allocator:
+            dist.print_rank_0(f"> --empty-unused-memory-level {t.empty_unused_memory_level}: no effect on "
+                              f"{platform.device_type} (no caching allocator to empty)")
+        collector = ManualGC(t)
+        profiler = StepProfiler(self.cfg.profiling, self.cfg.logging.tensorboard_dir, platform, iteration)
+
+        def run_eval(at: int) -> None:
+            with collector.around_eval():
+                evaluate(at)
+
+        try:
+            if every and eval_at_start and iteration == 0:
+                run_eval(0)
+            while iteration < t.train_iters:
+                profiler.begin(iteration + 1)
+                step(iteration + 1)
+                iteration = self.iteration = iteration + 1
+                profiler.end(iteration)
+                collector.after_step(iteration)
+                if every and iteration % every == 0 and not (eval_at_end and iteration == t.train_iters):
+                    run_eval(iteration)
+                if self.cfg.checkpoint.save_interval and iteration % self.cfg.checkpoint.save_interval == 0:
+                    self.save(iteration)
+                    last_saved = iteration
+                reason = self.exit_watch.reason(iteration)
+                if reason is not None:
+                    self.exit_reason = reason
+                    break
+            profiler.close()
+            if self.cfg.checkpoint.save and last_saved != iteration:
                 self.save(iteration)
-                last_saved = iteration
-            reason = self.exit_watch.reason(iteration)
-            if reason is not None:
-                self.exit_reason = reason
-                break
-        if self.cfg.checkpoint.save and last_saved != iteration:
-            self.save(iteration)
-        if every and eval_at_end and self.exit_reason == "train_iters":
-            evaluate(iteration)
+            if every and eval_at_end and self.exit_reason == "train_iters":
+                run_eval(iteration)
+        finally:
+            profiler.close()
+            collector.close()
         dist.print_rank_0(f"> {self.name} stopped at iteration {iteration} ({self.exit_reason})")
         return iteration

@@ -77,8 +77,10 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
     dp_rank = parallel_state.get_data_parallel_rank()
     dp = parallel_state.get_data_parallel_world_size()
     n_chunks = len(state.model)
-    train_iters = [MicroBatchIterator(datasets.train, t.micro_batch_size, dp_rank, dp, driver.consumed_train)
+    loader = dict(num_workers=cfg.data.num_workers, pin_memory=platform.pin_memory)
+    train_iters = [MicroBatchIterator(datasets.train, t.micro_batch_size, dp_rank, dp, driver.consumed_train, **loader)
                    for _ in range(n_chunks)]
+    valid_iters: list = []     # built at the first evaluation and kept (its workers start once)
     num_micro = t.global_batch_size // (t.micro_batch_size * dp)   # evaluation's, and training's after a ramp-up
     loss_fn = get_loss_function(cfg, tokenizer.vocab_size)
     forward_step = make_forward_step(loss_fn, device)
@@ -96,13 +98,15 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
         log_validation_ppl=cfg.logging.log_validation_ppl_to_tensorboard)
     monitor = RouterMonitor(state.model, m.num_layers, num_micro) if m.num_experts else None
     step_kwargs = dict(num_microbatches=num_micro, seq_length=m.seq_length,
-                       micro_batch_size=t.micro_batch_size, device=device)
+                       micro_batch_size=t.micro_batch_size, device=device,
+                       empty_unused_memory_level=t.empty_unused_memory_level)
 
     def run_eval(iteration: int) -> None:
-        iters = [MicroBatchIterator(datasets.valid, t.micro_batch_size, dp_rank, dp, driver.consumed_valid,
-                                    cyclic=True) for _ in range(n_chunks)]
-        loss, tokens, stats = evaluate(state, iters, forward_step, eval_iters=t.eval_iters, **step_kwargs)
-        driver.consumed_valid = iters[0].consumed_samples
+        if not valid_iters:
+            valid_iters.extend(MicroBatchIterator(datasets.valid, t.micro_batch_size, dp_rank, dp, driver.consumed_valid,
+                                                  cyclic=True, **loader) for _ in range(n_chunks))
+        loss, tokens, stats = evaluate(state, valid_iters, forward_step, eval_iters=t.eval_iters, **step_kwargs)
+        driver.consumed_valid = valid_iters[0].consumed_samples
         result.valid_losses[iteration] = loss
         if stats:
             result.valid_distribution[iteration] = stats
@@ -161,6 +165,8 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
     finally:
         result.saved, result.exit_reason = driver.saved, driver.exit_reason
         driver.close()
+        for it in train_iters + valid_iters:
+            it.close()
         if monitor is not None:
             monitor.close()
     return result

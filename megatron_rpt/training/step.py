@@ -156,9 +156,17 @@ def optimizer_step(state) -> tuple:
     return updated, grad_norm, num_zeros if state.optimizer.config.log_num_zeros_in_grad else None
 
 
+def release_unused_memory(level: int, at: int) -> None:
+    """--empty-unused-memory-level: empty the device's allocator cache when `level` >= `at` (1: after each
+    forward-backward, 2: also after each optimizer step, as Megatron-LM's train_step/evaluate)."""
+    if level >= at:
+        from megatron_rpt.platform import get_platform
+        get_platform().empty_cache()
+
+
 def train_step(state, data_iterators: list, forward_step, *, num_microbatches: int, seq_length: int,
                micro_batch_size: int, global_batch_size: int, device: torch.device,
-               check_finite: bool = True) -> StepResult:
+               check_finite: bool = True, empty_unused_memory_level: int = 0) -> StepResult:
     """Zero grads, run the schedule, step the optimizer and (on success) the LR scheduler.
 
     `check_finite` (bf16/fp32): NaN/inf gradients skip the optimizer and scheduler step instead of
@@ -181,6 +189,7 @@ def train_step(state, data_iterators: list, forward_step, *, num_microbatches: i
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
+    release_unused_memory(empty_unused_memory_level, 1)
     nonfinite = check_finite and not grads_are_finite(state.model, device)
     if nonfinite:
         update_successful, grad_norm, num_zeros = False, None, None
@@ -188,6 +197,7 @@ def train_step(state, data_iterators: list, forward_step, *, num_microbatches: i
         update_successful, grad_norm, num_zeros = optimizer_step(state)
     if update_successful:
         state.scheduler.step(increment=global_batch_size)
+    release_unused_memory(empty_unused_memory_level, 2)
     loss, tokens, stats = _reduce_losses(losses, device)
     lr = state.optimizer.param_groups[0]["lr"]
     return StepResult(loss=loss, num_tokens=tokens, grad_norm=None if grad_norm is None else float(grad_norm),
@@ -197,7 +207,8 @@ def train_step(state, data_iterators: list, forward_step, *, num_microbatches: i
 
 @torch.no_grad()
 def evaluate(state, data_iterators: list, forward_step, *, eval_iters: int, num_microbatches: int,
-             seq_length: int, micro_batch_size: int, device: torch.device) -> tuple[float, int, Optional[dict]]:
+             seq_length: int, micro_batch_size: int, device: torch.device,
+             empty_unused_memory_level: int = 0) -> tuple[float, int, Optional[dict]]:
     """Mean LM loss (and distribution statistics, where the loss has them) over `eval_iters` global
     batches of the validation split (forward only)."""
     for chunk in state.model:
@@ -213,6 +224,7 @@ def evaluate(state, data_iterators: list, forward_step, *, eval_iters: int, num_
                 forward_step_func=forward_step, data_iterator=iterators, model=state.model,
                 num_microbatches=num_microbatches, seq_length=seq_length,
                 micro_batch_size=micro_batch_size, forward_only=True))
+            release_unused_memory(empty_unused_memory_level, 1)
     finally:
         forward_step.collect_stats = collect
         state.config.timers = timers

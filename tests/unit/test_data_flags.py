@@ -340,3 +340,73 @@ def test_vocab_mismatch_fails_on_every_rank_before_building(data):
     assert out[0] == out[1] and len(out[0]) == 1
     assert out[0][0].startswith(f"--train-data-path: {b}.bin holds token id 40 (token ")
     assert "but the tokenizer's vocabulary size is 16 (ids 0..15)" in out[0][0]
+
+
+# --- --num-workers and --no-mmap-bin-files ------------------------------------------------------
+
+def _batches(dataset, dp_rank: int, consumed: int, count: int, num_workers: int, cyclic: bool = False):
+    """Up to `count` micro-batches (2 samples, data-parallel size 2) from `consumed` on, and the counter after."""
+    from megatron_rpt.data.datasets import MicroBatchIterator
+    it = MicroBatchIterator(dataset, 2, dp_rank, 2, consumed, cyclic=cyclic, num_workers=num_workers)
+    out = []
+    try:
+        for _ in range(count):
+            out.append(next(it))
+    except StopIteration:
+        pass
+    finally:
+        it.close()
+    return out, it.consumed_samples
+
+
+def _reader_cases(rank, world, cfg):
+    """Batches read in the training process and by two workers, with Megatron-LM's sampler order as the
+    reference: micro-batch k of DP rank r holds samples consumed + 4k + 2r + (0, 1), modulo the length when
+    cyclic; a non-cyclic iterator stops before a batch that would run past the end."""
+    import torch
+    ds = build(cfg)
+    n_train, n_valid = len(ds.train), len(ds.valid)
+    cases = [(ds.train, 1, 60, 4, False),                   # resumed at 60 consumed samples
+             (ds.train, 0, n_train - 9, 5, False),          # runs out after 2 batches
+             (ds.valid, 1, n_valid - 6, 3, True)]           # wraps around
+    for dataset, r, consumed, count, cyclic in cases:
+        n = len(dataset)
+        ref = []
+        for k in range(count):
+            idx = [consumed + 4 * k + 2 * r + j for j in (0, 1)]
+            if not cyclic and idx[-1] >= n:
+                break
+            ref.append(torch.utils.data.default_collate([dataset[i % n] for i in idx]))
+        for workers in (0, 2):
+            got, after = _batches(dataset, r, consumed, count, workers, cyclic)
+            assert len(got) == len(ref) and after == consumed + 4 * len(ref), (workers, consumed, len(got), after)
+            for a, b in zip(got, ref):
+                assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (workers, consumed)
+    return True
+
+
+def test_workers_give_the_in_process_batches(data):
+    """--num-workers 2 against in-process reading (and both against the sampler's index formula): fresh,
+    resumed from a consumed-samples offset, at the end of the training split, and the cyclic validation
+    iterator wrapping around; the consumed counter counts batches handed out, not read ahead."""
+    p = {k: os.path.join(data, k) for k in RANGES}
+    cfg = config("--data-path", "0.3", p["A"], "0.7", p["B"], "--split", "90,10,0", eval_interval=10)
+    assert run_ranks(_reader_cases, 1, cfg) == [True]
+
+
+def _tokens_mmap_or_not(rank, world, cfgs):
+    ds = [build(cfg) for cfg in cfgs]
+    mmap = [d.train.dataset.mmap for d in ds]
+    tokens = [[x.train[i]["tokens"].tolist() for i in range(len(x.train))] for x in ds]
+    return mmap, tokens[0] == tokens[1], len(tokens[0])
+
+
+def test_no_mmap_bin_files_reads_the_same_tokens(data):
+    """--no-mmap-bin-files reaches Megatron-Core's IndexedDataset (file reads instead of a memory map) and
+    every training sample is the same as with the map."""
+    p = {k: os.path.join(data, k) for k in RANGES}
+    cfgs = [config("--data-path", p["A"], "--split", "90,10,0", *extra, train_iters=5)
+            for extra in ([], ["--no-mmap-bin-files"])]
+    assert [c.data.mmap_bin_files for c in cfgs] == [True, False]
+    mmap, same, n = run_ranks(_tokens_mmap_or_not, 1, cfgs)[0]
+    assert mmap == [True, False] and same and n >= 5 * 20
