@@ -65,8 +65,8 @@ from megatron_rpt.training.driver import SignalFlag, TrainingDriver
 from megatron_rpt.training.setup import setup_job
 from megatron_rpt.training.params_norm import params_l2_norm
 from megatron_rpt.training.sinks import writes_scalars
-from megatron_rpt.training.step import grads_are_finite, optimizer_step, reduce_from_last_stage,
-                                       release_unused_memory
+from megatron_rpt.training.step import (grads_are_finite, optimizer_step, reduce_from_last_stage,
+                                       release_unused_memory)
 from megatron_rpt.training.timers import TimerReport
 
 # Per-micro-batch sums reduced over the batch (order of the packed report tensor).
