@@ -38,7 +38,9 @@ IGNORED: dict[str, tuple[int, str]] = {
     "--no-mmap-bin-files": (0, f"{_NOT_YET}: .bin files are memory-mapped"),
     "--num-workers": (1, f"{_NOT_YET}: every rank reads its samples in the training process"),
     "--ckpt-format": (1, "checkpoints are torch_dist (Megatron-Core dist_checkpointing)"),
-    "--async-save": (0, f"{_NOT_YET}: checkpoints are saved synchronously"),
+    "--use-persistent-ckpt-worker": (0, "--async-save forks one writer process per save (Megatron-Core's "
+                                        "temporal caller); a persistent worker is not implemented"),
+    "--async-strategy": (1, "--async-save uses Megatron-Core's own writer (mcore), not nvidia-resiliency-ext's"),
     "--profile": (0, f"{_NOT_YET}: no profiler trace is written"),
     "--profile-step-start": (1, f"{_NOT_YET} (see --profile)"),
     "--profile-step-end": (1, f"{_NOT_YET} (see --profile)"),

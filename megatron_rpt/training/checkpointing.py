@@ -19,7 +19,7 @@ import shutil
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -105,26 +105,34 @@ def _state_dict(state, *, is_loading: bool, with_optimizer: bool, with_rng: bool
 
 def save_checkpoint(root: str, iteration: int, state, cfg: RunConfig, *, consumed_train_samples: int,
                     consumed_valid_samples: int, fully_parallel: bool = True, model_only: bool = False,
-                    keep_last: Optional[int] = None) -> str:
+                    keep_last: Optional[int] = None, async_save: bool = False,
+                    on_published: Optional[Callable[[], None]] = None) -> str:
     """Write iteration `iteration` of the run's state under `root` atomically (`checkpoint.sharded`);
     returns the final directory.
 
     `model_only`: the weights only (no optimizer, scheduler or RNG state), also implied by a state
     without an optimizer. `keep_last`: retention after the save (`checkpoint.layout`); None:
-    `cfg.checkpoint.ckpt_keep_last`.
+    `cfg.checkpoint.ckpt_keep_last`. `async_save`: return once the writer process runs; the folder
+    is published, retention applied and `on_published()` called by `checkpoint.sharded.
+    finalize_async_saves` once every rank's writer is done (synchronous saves call it before returning).
     """
     model_only = model_only or getattr(state, "optimizer", None) is None
     sd = _state_dict(state, is_loading=False, with_optimizer=not model_only, with_rng=not model_only)
-    final = save_sharded(root, iteration, sd, cfg, model_only=model_only, fully_parallel=fully_parallel,
-                         common={"consumed_train_samples": consumed_train_samples,
-                                 "consumed_valid_samples": consumed_valid_samples})
     keep_last = cfg.checkpoint.ckpt_keep_last if keep_last is None else keep_last
-    if keep_last is not None and rank() == 0:   # the save is complete on every rank (save_sharded's barrier)
-        deleted = prune_checkpoints(root, keep_last, iteration)
-        if deleted and not model_only:
-            print(f"> --ckpt-keep-last {keep_last}: deleted {', '.join(os.path.basename(p) for p in deleted)}",
-                  flush=True)
-    return final
+
+    def published() -> None:
+        if keep_last is not None and rank() == 0:   # the save is complete on every rank
+            deleted = prune_checkpoints(root, keep_last, iteration)
+            if deleted and not model_only:
+                print(f"> --ckpt-keep-last {keep_last}: deleted {', '.join(os.path.basename(p) for p in deleted)}",
+                      flush=True)
+        if on_published is not None:
+            on_published()
+
+    return save_sharded(root, iteration, sd, cfg, model_only=model_only, fully_parallel=fully_parallel,
+                        common={"consumed_train_samples": consumed_train_samples,
+                                "consumed_valid_samples": consumed_valid_samples},
+                        async_save=async_save, on_published=published)
 
 
 def save_weights(root: str, iteration: int, state, cfg: RunConfig) -> str:

@@ -2,7 +2,9 @@
 
 `TrainingDriver` owns what every training job does around its step: resuming from --load (iteration
 and consumed-sample counters), the iteration loop up to --train-iters, evaluation and checkpoint
-cadence (--eval-interval, --save-interval, a final save), stopping between iterations on a
+cadence (--eval-interval, --save-interval, a final save; with --async-save the publication of a
+finished background save is checked at the top of every iteration and awaited before the next save
+and before `run` returns), stopping between iterations on a
 preemption signal, --exit-duration-in-mins or --exit-interval (`ExitWatch`), and the job's one
 TensorBoard writer (rank 0, --tensorboard-dir; `scalars`). The job supplies its step (one
 iteration's work and its stdout line) and its evaluation as callables; the driver never looks at
@@ -18,6 +20,8 @@ from typing import Callable, Optional
 import torch
 
 from megatron_rpt import distributed as dist
+from megatron_rpt.checkpoint.layout import checkpoint_path
+from megatron_rpt.checkpoint.sharded import finalize_async_saves, pending_async_saves
 from megatron_rpt.config.schema import RunConfig
 
 
@@ -79,7 +83,8 @@ class TrainingDriver:
         self.iteration = self.start_iteration = 0
         self.consumed_train = self.consumed_valid = 0
         self.resumed_from: Optional[str] = None
-        self.saved: list = []
+        self.saved: list = []       # published checkpoints (async ones once every rank's writer is done)
+        self._pending: list = []    # iterations of async saves not yet published
         self.exit_reason = "train_iters"
         self.writer = None          # the job's TensorBoard writer: rank 0 only, with --tensorboard-dir
         if cfg.logging.tensorboard_dir and torch.distributed.get_rank() == 0:
@@ -120,18 +125,41 @@ class TrainingDriver:
         return loaded
 
     def save(self, iteration: int) -> None:
-        """A full checkpoint (model, optimizer, scheduler, RNG, counters) of `iteration` to --save."""
+        """A full checkpoint (model, optimizer, scheduler, RNG, counters) of `iteration` to --save.
+        With --async-save the writing goes on in the background (published by `finish_saves` or the
+        per-iteration check in `run`); a save still pending is waited for first."""
         from megatron_rpt.training.checkpointing import save_checkpoint
 
         ckpt = self.cfg.checkpoint
-        if ckpt.save:
-            t0 = time.perf_counter()
-            path = save_checkpoint(ckpt.save, iteration, self.state, self.cfg,
-                                   consumed_train_samples=self.consumed_train,
-                                   consumed_valid_samples=self.consumed_valid,
-                                   fully_parallel=ckpt.ckpt_fully_parallel_save)
+        if not ckpt.save:
+            return
+        if ckpt.async_save and pending_async_saves():
+            dist.print_rank_0(f"> waiting for the async save of iteration {self._pending[0]} before saving "
+                              f"iteration {iteration}")
+            self.finish_saves()
+        t0 = time.perf_counter()
+        path = checkpoint_path(ckpt.save, iteration)
+
+        def published() -> None:
             self.saved.append(path)
+            if ckpt.async_save:
+                self._pending.remove(iteration)
+                dist.print_rank_0(f"> saved checkpoint {path} (async, published {time.perf_counter() - t0:.1f} s "
+                                  f"after it was scheduled)")
+
+        if ckpt.async_save:
+            self._pending.append(iteration)
+        save_checkpoint(ckpt.save, iteration, self.state, self.cfg, consumed_train_samples=self.consumed_train,
+                        consumed_valid_samples=self.consumed_valid, fully_parallel=ckpt.ckpt_fully_parallel_save,
+                        async_save=ckpt.async_save, on_published=published)
+        if ckpt.async_save:
+            dist.print_rank_0(f"> scheduled async save of {path} ({time.perf_counter() - t0:.1f} s in the loop)")
+        else:
             dist.print_rank_0(f"> saved checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
+
+    def finish_saves(self) -> None:
+        """Wait for every pending async save and publish it (collective; every exit path calls it)."""
+        finalize_async_saves(blocking=True)
 
     def run(self, step: Callable[[int], None], *, evaluate: Optional[Callable[[int], None]] = None,
             eval_at_start: bool = False, eval_at_end: bool = False) -> int:
@@ -146,6 +174,7 @@ class TrainingDriver:
         if every and eval_at_start and iteration == 0:
             evaluate(0)
         while iteration < t.train_iters:
+            finalize_async_saves(blocking=False)   # publish a finished async save (as Megatron-LM, each iteration)
             step(iteration + 1)
             iteration = self.iteration = iteration + 1
             if every and iteration % every == 0 and not (eval_at_end and iteration == t.train_iters):
@@ -159,6 +188,7 @@ class TrainingDriver:
                 break
         if self.cfg.checkpoint.save and last_saved != iteration:
             self.save(iteration)
+        self.finish_saves()   # the process must not end before the last checkpoint is published
         if every and eval_at_end and self.exit_reason == "train_iters":
             evaluate(iteration)
         dist.print_rank_0(f"> {self.name} stopped at iteration {iteration} ({self.exit_reason})")
