@@ -85,6 +85,10 @@ class TrainingDriver:
         self.resumed_from: Optional[str] = None
         self.saved: list = []       # published checkpoints (async ones once every rank's writer is done)
         self._pending: list = []    # iterations of async saves not yet published
+        # Megatron-LM's `num_floating_point_operations_so_far` in checkpoints: the resumed total plus
+        # flops_per_sample (training FLOPs of one sample; set by the pretraining loop, 0 in RPT) per sample.
+        self.flops_per_sample = 0.0
+        self._flops_at_resume, self._consumed_at_resume = 0.0, 0
         self.exit_reason = "train_iters"
         self.writer = None          # the job's TensorBoard writer: rank 0 only, with --tensorboard-dir
         if cfg.logging.tensorboard_dir and torch.distributed.get_rank() == 0:
@@ -119,6 +123,7 @@ class TrainingDriver:
             return None
         self.iteration = self.start_iteration = loaded.iteration
         self.consumed_train, self.consumed_valid = loaded.consumed_train_samples, loaded.consumed_valid_samples
+        self._flops_at_resume, self._consumed_at_resume = loaded.num_floating_point_operations_so_far, self.consumed_train
         self.resumed_from = loaded.path
         dist.print_rank_0(f"> resumed from {loaded.path} at iteration {loaded.iteration} (consumed {counted} "
                           f"{self.consumed_train}){' [resharded]' if loaded.resharded else ''}")
@@ -151,7 +156,9 @@ class TrainingDriver:
             self._pending.append(iteration)
         save_checkpoint(ckpt.save, iteration, self.state, self.cfg, consumed_train_samples=self.consumed_train,
                         consumed_valid_samples=self.consumed_valid, fully_parallel=ckpt.ckpt_fully_parallel_save,
-                        async_save=ckpt.async_save, on_published=published)
+                        async_save=ckpt.async_save, on_published=published,
+                        num_floating_point_operations_so_far=self._flops_at_resume + self.flops_per_sample * (
+                            self.consumed_train - self._consumed_at_resume))
         if ckpt.async_save:
             dist.print_rank_0(f"> scheduled async save of {path} ({time.perf_counter() - t0:.1f} s in the loop)")
         else:

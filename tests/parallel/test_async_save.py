@@ -23,13 +23,19 @@ def _slow_writer_run(rank, world, argv):
     from megatron_rpt.training import step
     from tests.parallel.test_training_parity import _pretrain
 
-    write = FileSystemWriterAsync.write_preloaded_data_multiproc
+    functions = FileSystemWriterAsync.get_save_function_and_args   # (write, preload, args) of a writer
 
-    def slow_write(*a, **kw):
-        time.sleep(WRITER_DELAY_S)       # in the forked writer: the trainer must not wait for this
-        return write(*a, **kw)
+    def slow(self):
+        write, preload, args = functions(self)
+        if write is None:
+            return write, preload, args
 
-    FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(slow_write)
+        def slow_write(*a, **kw):
+            time.sleep(WRITER_DELAY_S)   # in the forked writer: the trainer must not wait for this
+            return write(*a, **kw)
+        return slow_write, preload, args
+
+    FileSystemWriterAsync.get_save_function_and_args = slow
     save = argv[argv.index("--save") + 1]
     seen, real = {}, step.train_step
 
