@@ -119,36 +119,6 @@ def prepare_optimizer_for_load(optimizer) -> None:
             init()
 
 
-def _restore_adam_step(optimizer, loaded_optimizer_state) -> None:
-    """Give every parameter the saved Adam step after a distributed-optimizer load (W2 below).
-
-    With `dp_reshardable` (Megatron-LM's default layout) `DistributedOptimizer.load_state_dict` sets the
-    saved step (kept in the param groups) and then `load_parameter_state_from_dp_reshardable` ->
-    `_set_main_param_and_optimizer_states` (distrib_optimizer.py, 0.16.1 ~l.936) copies every entry of
-    the per-parameter state, torch AdamW's `step` tensor included, from the loading state dict, which
-    holds the step of the freshly prepared optimizer (1): bias correction restarts. Hits any run
-    without Apex/TE (their fused Adam has no per-parameter step), GPU included. The saved step is the
-    one of the param groups (`DistributedOptimizer.state_dict` writes it there for torch optimizers)."""
-    steps = set()
-
-    def walk(d):
-        if isinstance(d, dict):
-            for key, value in d.items():
-                if key == "param_groups" and isinstance(value, list):
-                    steps.update(g["step"] for g in value if isinstance(g, dict) and "step" in g)
-                else:
-                    walk(value)
-
-    walk(loaded_optimizer_state)
-    if len(steps) != 1:
-        return
-    step = float(steps.pop())
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        for param_state in getattr(getattr(opt, "optimizer", None), "state", {}).values():
-            if torch.is_tensor(param_state.get("step")):
-                param_state["step"].fill_(step)
-
-
 def _state_dict(state, *, is_loading: bool, with_optimizer: bool, with_rng: bool, metadata: dict) -> dict:
     sd = model_state_dict(state.model)
     if with_optimizer:
@@ -400,7 +370,6 @@ def _load_checkpoint(root: str, state, cfg: RunConfig, iteration: Optional[int])
         fitted = _same_structure(loaded["optimizer"], sd["optimizer"])
         _adopt_saved_group_schedule(state.optimizer, fitted)
         state.optimizer.load_state_dict(fitted)
-        _restore_adam_step(state.optimizer, fitted)
         state.scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if load_rng:
         why = _set_rng_state(loaded["rng_state"])
