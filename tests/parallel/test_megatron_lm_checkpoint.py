@@ -119,7 +119,7 @@ def _common_state(rank, world, path):
         "scheduler": sorted(common["opt_param_scheduler"]),
         "flops": common["num_floating_point_operations_so_far"],
         "rng_key": sorted(k for k in keys if k.startswith("rng_state")),
-        "norm_keys": sorted(k for k in keys if "norm" in k and "_extra_state" not in k),
+        "norm_keys": sorted(k for k in keys if k.startswith("decoder.") and "norm" in k and "_extra_state" not in k),
         # Megatron-LM's total: sum over iterations of num_floating_point_operations(args, batch), i.e.
         # samples x seq length x training FLOPs per token at a fixed batch size
         "expected_flops": 24 * 32 * training_flops_per_token(RunConfig.from_dict(common["run_config"]).model, 256),
