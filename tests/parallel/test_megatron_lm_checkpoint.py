@@ -11,7 +11,7 @@ checkpoint's common state is checked field by field against what Megatron-LM's l
 
 import os
 
-from tests.dist_harness import run_ranks
+from tests.dist_harness import forked, run_ranks
 from tests.parallel.test_checkpoint_resume import SIX, run
 
 LAYOUT = ["--use-distributed-optimizer"]
@@ -169,3 +169,37 @@ def test_megatron_lm_checkpoint_resumes_and_finetunes_like_ours(tmp_path):
                                 "decoder.layers.self_attention.k_layernorm.weight",
                                 "decoder.layers.self_attention.linear_qkv.layer_norm_weight",
                                 "decoder.layers.self_attention.q_layernorm.weight"], got["norm_keys"]
+
+
+@forked
+def test_rng_state_layouts():
+    """RNG states restore from Megatron-LM's layout (what we write) and from our older dict layout
+    (checkpoints written before it); CUDA generator states on CPU are refused and change nothing."""
+    import copy
+    import random
+
+    import numpy as np
+    import torch
+    from megatron.core import tensor_parallel
+
+    from megatron_rpt.training.checkpointing import _rng_state, _set_rng_state
+
+    tensor_parallel.get_cuda_rng_tracker().add("test-stream", 7)
+    saved = _rng_state()
+    assert isinstance(saved, list) and sorted(saved[0]) == ["np_rng_state", "random_rng_state",
+                                                           "rng_tracker_states", "torch_rng_state"]
+
+    def draw():
+        with tensor_parallel.get_cuda_rng_tracker().fork("test-stream"):
+            tracked = torch.rand(1).item()
+        return random.random(), float(np.random.rand()), torch.rand(1).item(), tracked
+
+    expected = draw()
+    # (deep copies: Megatron-Core's tracker keeps the dict it is given and replaces its entries)
+    assert _set_rng_state(copy.deepcopy(saved)) is None and draw() == expected
+    old = {"random": saved[0]["random_rng_state"], "numpy": saved[0]["np_rng_state"],
+           "torch": saved[0]["torch_rng_state"], "tracker": saved[0]["rng_tracker_states"]}
+    assert _set_rng_state(copy.deepcopy(old)) is None and draw() == expected
+    cuda_states = [dict(saved[0], rng_tracker_states={"test-stream": torch.zeros(16, dtype=torch.uint8)})]
+    before = random.getstate()
+    assert "another platform" in _set_rng_state(cuda_states) and random.getstate() == before
