@@ -14,9 +14,11 @@ all-reduce, only while a save is pending, so every rank takes the same branch) a
 runs the finalisation on every rank: DCP's `.metadata`, then ours (run_config.json, the rename, the
 tracker, retention). Until then the checkpoint has its `.tmp` name and the previous one is latest.
 
-Common state (Megatron-LM's names where it has them): `iteration`, `run_config` (also as
-run_config.json next to the shards, readable without torch), `parallel_layout` (tp/pp/dp/vp at save
-time), `checkpoint_version`, `model_only`, plus what the writer adds (training: consumed samples).
+Common state (Megatron-LM's names where it has them, docs/megatron-lm-checkpoints.md): `iteration`,
+`checkpoint_version` (Megatron-LM's 3.0), `content_metadata` (how the state dict was built), and
+ours: `run_config` (also as run_config.json next to the shards, readable without torch),
+`parallel_layout` (tp/pp/dp/vp at save time), `model_only`, `mrpt_checkpoint_version`, plus what
+the writer adds (training: `args`, consumed samples, the FLOP total).
 The model is stored under `model` (one chunk) or `model0..N` (virtual pipeline stages), with keys
 free of DDP/Float16Module prefixes, as Megatron-LM does.
 
