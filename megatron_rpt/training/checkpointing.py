@@ -389,7 +389,8 @@ def _load_checkpoint(root: str, state, cfg: RunConfig, iteration: Optional[int])
 
 def _saved_metadata(common: dict, path: str, *, resharding: bool) -> dict:
     """The optimizer layout the checkpoint was saved in (its `content_metadata`, as Megatron-LM's loader
-    reads it); {} for checkpoints without one (ours before it: `fully_reshardable`, no chained prefix).
+    reads it); {} for checkpoints without one: ours before it, written in `_state_dict`'s defaults
+    (`fully_reshardable`, `chained_optim_avoid_prefix`).
     A layout that cannot change TP/PP (Megatron-LM's default `dp_reshardable`) is refused then."""
     from megatron.core.dist_checkpointing import load_content_metadata
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
