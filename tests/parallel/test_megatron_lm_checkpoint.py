@@ -203,3 +203,20 @@ def test_rng_state_layouts():
     cuda_states = [dict(saved[0], rng_tracker_states={"test-stream": torch.zeros(16, dtype=torch.uint8)})]
     before = random.getstate()
     assert "another platform" in _set_rng_state(cuda_states) and random.getstate() == before
+
+
+def test_optimizer_layout_that_cannot_reshard_is_refused():
+    """Megatron-LM's default optimizer layout (`dp_reshardable`) into another TP/PP: one error naming
+    the checkpoint and the ways out; the same layout, or a reshardable one, is read as saved."""
+    import pytest
+
+    from megatron_rpt.checkpoint.layout import CheckpointError
+    from megatron_rpt.training.checkpointing import _saved_metadata
+
+    theirs = {"content_metadata": {"distrib_optim_sharding_type": "dp_reshardable", "chained_optim_avoid_prefix": True}}
+    with pytest.raises(CheckpointError, match=r"CKPT/iter_0000003: .*'dp_reshardable'.*--no-load-optim"):
+        _saved_metadata(theirs, "CKPT/iter_0000003", resharding=True)
+    assert _saved_metadata(theirs, "P", resharding=False) == theirs["content_metadata"]
+    ours = {"content_metadata": {"distrib_optim_sharding_type": "fully_reshardable"}}
+    assert _saved_metadata(ours, "P", resharding=True) == ours["content_metadata"]
+    assert _saved_metadata({}, "P", resharding=True) == {}   # ours before content_metadata
