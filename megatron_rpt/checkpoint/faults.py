@@ -5,7 +5,10 @@ SIGKILL, the way a node failure or the OOM killer would, when it reaches POINT w
 checkpoint of ITERATION. Points, in the order of a save (`checkpoint/sharded.save_sharded`):
 
 - `save-begin`: the temporary folder exists, nothing is written yet;
-- `save-written`: every rank has written its files, the folder still has its temporary name;
+- `save-scheduled` (--async-save only): the writer process was started and writes the shards in the
+  background; the rank dies as it would while training on during an async save;
+- `save-written`: every rank has written its files, the folder still has its temporary name (with
+  --async-save this and the next point are reached in the finalisation, iterations later);
 - `save-published`: the folder has its final name, the tracker file still names the previous one.
 
 Unset (the default) it does nothing.
@@ -16,7 +19,7 @@ from __future__ import annotations
 import os
 import signal
 
-POINTS = ("save-begin", "save-written", "save-published")
+POINTS = ("save-begin", "save-scheduled", "save-written", "save-published")
 ENV = "MRPT_FAULT_INJECT"
 
 

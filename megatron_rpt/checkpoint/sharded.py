@@ -5,9 +5,20 @@ finished writing, and only then does the tracker file (itself written atomically
 crash at any point leaves the previous checkpoint as "latest" (`faults.py` kills a rank at each of
 these points in the crash-safety tests).
 
-Common state (Megatron-LM's names where it has them): `iteration`, `run_config` (also as
-run_config.json next to the shards, readable without torch), `parallel_layout` (tp/pp/dp/vp at save
-time), `checkpoint_version`, `model_only`, plus what the writer adds (training: consumed samples).
+Asynchronous saves (`--async-save`, `async_save=True`): Megatron-Core's `dist_checkpointing.save(...,
+async_sharded_save=True)` plans the save (collective), writes what is not sharded tensor data, and
+returns an `AsyncRequest`; scheduling it on the process's `AsyncCallsQueue` forks a writer process
+(Megatron-Core's `TemporalAsyncCaller`) that writes the shards from the fork's copy-on-write snapshot
+while training goes on. `finalize_async_saves` asks every rank whether its writer is done (one
+all-reduce, only while a save is pending, so every rank takes the same branch) and, once all are,
+runs the finalisation on every rank: DCP's `.metadata`, then ours (run_config.json, the rename, the
+tracker, retention). Until then the checkpoint has its `.tmp` name and the previous one is latest.
+
+Common state (Megatron-LM's names where it has them, docs/megatron-lm-checkpoints.md): `iteration`,
+`checkpoint_version` (Megatron-LM's 3.0), `content_metadata` (how the state dict was built), and
+ours: `run_config` (also as run_config.json next to the shards, readable without torch),
+`parallel_layout` (tp/pp/dp/vp at save time), `model_only`, `mrpt_checkpoint_version`, plus what
+the writer adds (training: `args`, consumed samples, the FLOP total).
 The model is stored under `model` (one chunk) or `model0..N` (virtual pipeline stages), with keys
 free of DDP/Float16Module prefixes, as Megatron-LM does.
 
@@ -17,14 +28,16 @@ loop's business (`training/checkpointing.py`); this module is what training, RPT
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from packaging.version import Version
 
@@ -35,7 +48,11 @@ from megatron_rpt.config.schema import RunConfig
 from megatron_rpt.models.gpt import unwrap
 from megatron_rpt.platform import get_platform
 
-CHECKPOINT_VERSION = 1
+# megatron-rpt's own format version (common state `mrpt_checkpoint_version`; checkpoints before it
+# stored 1 under `checkpoint_version`). `checkpoint_version` itself is Megatron-LM's: 3.0 since its
+# torch_dist checkpoints; its loader reorders the QKV weights of anything below 2.0.
+CHECKPOINT_VERSION = 2
+MEGATRON_LM_CHECKPOINT_VERSION = 3.0
 
 
 def rank() -> int:
@@ -75,13 +92,19 @@ def load_model_state(model_chunks, loaded: dict) -> None:
 
 
 def save_sharded(root: str, iteration: int, sharded_state_dict: dict, cfg: RunConfig, *, model_only: bool,
-                 common: Optional[dict] = None, fully_parallel: bool = True, sharded_strategy=None) -> str:
+                 common: Optional[dict] = None, fully_parallel: bool = True, sharded_strategy=None,
+                 async_save: bool = False, on_published: Optional[Callable[[], None]] = None,
+                 content_metadata: Optional[dict] = None) -> str:
     """Write `sharded_state_dict` (+ the common state) as iteration `iteration` under `root`,
     atomically (module docstring); collective over every rank. Returns the final folder.
 
     `sharded_strategy`: a torch_dist save strategy other than Megatron-Core's default (the
     converter's tensor-at-a-time `convert.streaming.LazySaveStrategy`). `fully_parallel`: spread
-    the writing of replicated shards over the data-parallel ranks."""
+    the writing of replicated shards over the data-parallel ranks. `async_save`: return once the
+    writer process is started; the folder is published by a later `finalize_async_saves`.
+    `on_published()`: called on every rank once the folder is published and the tracker names it
+    (retention). `content_metadata`: Megatron-Core's record of how the state dict was built (the
+    optimizer's sharding type), read back by loaders (`checkpoint_content_metadata`)."""
     final = checkpoint_path(root, iteration)
     tmp = final + ".tmp"
     if rank() == 0:
@@ -93,23 +116,66 @@ def save_sharded(root: str, iteration: int, sharded_state_dict: dict, cfg: RunCo
     sd = dict(sharded_state_dict)
     sd.update(common or {})
     sd.update(iteration=iteration, run_config=cfg.to_dict(), parallel_layout=parallel_layout(),
-              checkpoint_version=CHECKPOINT_VERSION, model_only=model_only)
+              checkpoint_version=MEGATRON_LM_CHECKPOINT_VERSION, mrpt_checkpoint_version=CHECKPOINT_VERSION,
+              model_only=model_only)
     strategy = sharded_strategy or get_default_save_sharded_strategy()
     if fully_parallel and parallel_state.get_data_parallel_world_size() > 1:
         strategy = FullyParallelSaveStrategyWrapper(
             strategy, parallel_state.get_data_parallel_group(with_context_parallel=True))
-    dist_checkpointing.save(sd, tmp, sharded_strategy=strategy)
-    barrier()
-    if rank() == 0:
-        with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
-            json.dump({"iteration": iteration, "run_config": cfg.to_dict(), "parallel_layout": parallel_layout()},
-                      f, indent=2, default=str)
-        fault_point("save-written", iteration, 0)
-        publish_folder(tmp, final)  # re-saving an iteration keeps the old one until the new is in place
-        fault_point("save-published", iteration, 0)
-        write_tracker(root, iteration)
-    barrier()
+
+    def publish() -> None:
+        barrier()                   # every rank's shards (and DCP's .metadata) are complete
+        if rank() == 0:
+            with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
+                json.dump({"iteration": iteration, "run_config": cfg.to_dict(), "parallel_layout": parallel_layout()},
+                          f, indent=2, default=str)
+            fault_point("save-written", iteration, 0)
+            publish_folder(tmp, final)  # re-saving an iteration keeps the old one until the new is in place
+            fault_point("save-published", iteration, 0)
+            write_tracker(root, iteration)
+        if on_published is not None:
+            on_published()
+        barrier()
+
+    kwargs = {"content_metadata": content_metadata} if content_metadata is not None else {}
+    if not async_save:
+        dist_checkpointing.save(sd, tmp, sharded_strategy=strategy, **kwargs)
+        publish()
+        return final
+    if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters:
+        kwargs["async_strategy"] = "mcore"  # >= 0.17 defaults to nvidia-resiliency-ext's writer
+    request = dist_checkpointing.save(sd, tmp, sharded_strategy=strategy, async_sharded_save=True, **kwargs)
+    request.add_finalize_fn(publish)
+    _async_queue().schedule_async_request(request)   # forks the writer: the state is snapshotted here
+    fault_point("save-scheduled", iteration, rank())
     return final
+
+
+_ASYNC_QUEUE: Optional[AsyncCallsQueue] = None
+
+
+def _async_queue() -> AsyncCallsQueue:
+    global _ASYNC_QUEUE
+    if _ASYNC_QUEUE is None:
+        # Temporal (a process forked per save): it inherits the CPU compatibility layer; the
+        # persistent caller spawns a fresh interpreter without it (and calls torch.cuda.set_device).
+        _ASYNC_QUEUE = AsyncCallsQueue(persistent=False)
+    return _ASYNC_QUEUE
+
+
+def pending_async_saves() -> int:
+    """Asynchronous saves scheduled and not finalised yet (the same number on every rank)."""
+    return 0 if _ASYNC_QUEUE is None else _ASYNC_QUEUE.get_num_unfinalized_calls()
+
+
+def finalize_async_saves(blocking: bool) -> int:
+    """Publish the asynchronous saves whose writers are done on every rank (`blocking`: wait for all);
+    returns how many were published. Collective on every rank while a save is pending (one all-reduce
+    per pending save checked), a no-op otherwise. A writer that failed raises here on every rank and
+    its checkpoint stays unpublished."""
+    if not pending_async_saves():
+        return 0
+    return len(_ASYNC_QUEUE.maybe_finalize_async_calls(blocking=blocking))
 
 
 def open_checkpoint(root: str, iteration: Optional[int] = None) -> Optional[tuple[str, dict]]:

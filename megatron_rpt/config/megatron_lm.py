@@ -30,7 +30,9 @@ IGNORED: dict[str, tuple[int, str]] = {
                                                     "attention needs one (local attention, without Transformer "
                                                     "Engine)"),
     "--ckpt-format": (1, "checkpoints are torch_dist (Megatron-Core dist_checkpointing)"),
-    "--async-save": (0, f"{_NOT_YET}: checkpoints are saved synchronously"),
+    "--use-persistent-ckpt-worker": (0, "--async-save forks one writer process per save (Megatron-Core's "
+                                        "temporal caller); a persistent worker is not implemented"),
+    "--async-strategy": (1, "--async-save uses Megatron-Core's own writer (mcore), not nvidia-resiliency-ext's"),
     "--record-memory-history": (0, f"{_NOT_YET}: no CUDA memory history is recorded (the log line reports "
                                    "peak memory)"),
     "--memory-snapshot-path": (1, f"{_NOT_YET} (see --record-memory-history)"),
@@ -93,3 +95,31 @@ def _known_flags() -> list[str]:
     from megatron_rpt.config.schema import SECTIONS
     parser = build_parser(sections=SECTIONS)
     return [o for a in parser._actions for o in a.option_strings] + list(IGNORED) + list(REFUSED)
+
+
+def checkpoint_args(cfg, **derived):
+    """The `args` entry of a checkpoint's common state, as Megatron-LM writes it (an argparse.Namespace
+    of its parsed flags: `generate_state_dict` in megatron/training/checkpointing.py): every field of
+    `cfg` under its dest name (ours are Megatron-LM's dests), with the values Megatron-LM derives at
+    start-up that its loaders read (`derived`: padded_vocab_size, world_size, data_parallel_size,
+    consumed_train_samples, consumed_valid_samples, ...). Megatron-LM's `load_checkpoint` takes
+    the data position from `consumed_*_samples` here and `check_checkpoint_args` compares num_layers,
+    hidden_size, num_attention_heads, add_position_embedding (and with a vocab file
+    max_position_embeddings, make_vocab_size_divisible_by, tokenizer_type); `--use-checkpoint-args`
+    (load_args_from_checkpoint) reads the model's shape, parallel sizes and tokenizer from it."""
+    import argparse
+    import dataclasses
+
+    values = {}
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        if dataclasses.is_dataclass(sub):
+            values.update({f.name: getattr(sub, f.name) for f in dataclasses.fields(sub)})
+    values.update(
+        ckpt_format="torch_dist", use_dist_ckpt=True, skipped_train_samples=0,
+        # Megatron-LM's default; it has the learned embedding follow --position-embedding-type
+        add_position_embedding=True,
+        use_rotary_position_embeddings=values.get("position_embedding_type") == "rope",
+        no_save_optim=False, no_save_rng=False, data_parallel_random_init=False)
+    values.update(derived)
+    return argparse.Namespace(**values)

@@ -340,6 +340,10 @@ class CheckpointConfig:
     ckpt_fully_parallel_save: bool = arg(True, flag="--ckpt-fully-parallel-save",
                                          negative="--no-ckpt-fully-parallel-save",
                                          help="Spread the save over data-parallel ranks.")
+    async_save: bool = arg(False, help="Write checkpoints in the background (Megatron-Core's async "
+                           "dist-checkpointing: a forked writer process per save) while training goes on; "
+                           "a checkpoint becomes the latest only once every rank's writer finished. The next "
+                           "save and the end of the run wait for a pending one (Megatron-LM lets saves queue).")
     ckpt_keep_last: Optional[int] = arg(None, help="Keep only the newest N complete checkpoints in --save: after "
                                         "each successful save, older iter_* folders are deleted (never the one "
                                         "this run resumed from, nor ones newer than the save). megatron-rpt's own "

@@ -19,7 +19,7 @@ import shutil
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -46,35 +46,65 @@ class LoadedCheckpoint:
     consumed_valid_samples: int
     path: str
     resharded: bool
+    num_floating_point_operations_so_far: float = 0   # Megatron-LM's running total (0 in our older ones)
 
 
-def _rng_state() -> dict:
+def _rng_state() -> list:
+    """This rank's RNG states in Megatron-LM's layout (`get_rng_state` in megatron/training/
+    checkpointing.py: a one-element list, one entry per DP rank only with --data-parallel-random-init).
+    `cuda_rng_state` only where CUDA is in use (on CPU the "CUDA" generators are the CPU one, P2)."""
     state = {
-        "random": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+        state["cuda_rng_state"] = torch.cuda.get_rng_state()
+    return [state]
 
 
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["random"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+# The dict megatron-rpt checkpoints before Megatron-LM's layout held, by its keys.
+_OLD_RNG_KEYS = {"random": "random_rng_state", "numpy": "np_rng_state", "torch": "torch_rng_state",
+                 "cuda": "cuda_rng_state", "tracker": "rng_tracker_states"}
 
 
-def _rng_sharded_object(state: Optional[dict]) -> ShardedObject:
+def _set_rng_state(saved) -> Optional[str]:
+    """Restore RNG states saved by `_rng_state` (or by Megatron-LM, or in our older dict layout); None
+    when restored, else why not (nothing is changed then): the tracker's states come from the other
+    platform (a CUDA generator's state is 16 bytes, the CPU one's 5056)."""
+    state = saved[0] if isinstance(saved, list) else {_OLD_RNG_KEYS[k]: v for k, v in saved.items()}
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    current, loaded = tracker.get_states(), state["rng_tracker_states"]
+    if set(current) != set(loaded) or any(torch.as_tensor(loaded[k]).numel() != current[k].numel() for k in current):
+        return "the checkpoint's RNG states were saved on another platform (CUDA vs CPU)"
+    random.setstate(state["random_rng_state"])
+    np.random.set_state(state["np_rng_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    if "cuda_rng_state" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    tracker.set_states(loaded)
+    return None
+
+
+def _rng_sharded_object(state: Optional[list]) -> ShardedObject:
+    """Megatron-LM's `rng_state` entry: one object per (PP, TP) rank, replicated over DP x CP."""
     pp, tp = parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_world_size()
     return ShardedObject(
         "rng_state", state, (pp, tp),
         (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
         replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True))
+
+
+def sharded_state_dict_metadata(distributed_optimizer: bool) -> dict:
+    """How our state dicts are built, as Megatron-LM's `_build_sharded_state_dict_metadata` describes
+    it (less the process group); saved as the checkpoint's `content_metadata`, which Megatron-LM's
+    loader passes back to `sharded_state_dict` so that the optimizer is read in the saved layout."""
+    meta = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    if distributed_optimizer:
+        meta.update(distrib_optim_sharding_type=OPTIMIZER_SHARDING,
+                    distrib_optim_fully_reshardable_mem_efficient=False)
+    return meta
 
 
 def prepare_optimizer_for_load(optimizer) -> None:
@@ -92,14 +122,15 @@ def prepare_optimizer_for_load(optimizer) -> None:
             init()
 
 
-def _state_dict(state, *, is_loading: bool, with_optimizer: bool, with_rng: bool) -> dict:
+def _state_dict(state, *, is_loading: bool, with_optimizer: bool, with_rng: bool, metadata: dict) -> dict:
     sd = model_state_dict(state.model)
     if with_optimizer:
-        # No "chained_N." prefix on tensor states: keys are parameter names only, so a checkpoint
-        # loads whether the parameters sit in one optimizer or in a dense + expert chain (EP changes).
+        # chained_optim_avoid_prefix: no "chained_N." prefix on tensor states: keys are parameter names
+        # only, so a checkpoint loads whether the parameters sit in one optimizer or in a dense + expert
+        # chain (EP changes). The sharding type (`metadata`) is the checkpoint's on load.
         sd["optimizer"] = state.optimizer.sharded_state_dict(
             sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": OPTIMIZER_SHARDING,
-                                                 "chained_optim_avoid_prefix": True})
+                                                 "chained_optim_avoid_prefix": True, **metadata})
         sd["opt_param_scheduler"] = state.scheduler.state_dict()
     if with_rng:
         sd["rng_state"] = _rng_sharded_object(None if is_loading else _rng_state())
@@ -108,26 +139,55 @@ def _state_dict(state, *, is_loading: bool, with_optimizer: bool, with_rng: bool
 
 def save_checkpoint(root: str, iteration: int, state, cfg: RunConfig, *, consumed_train_samples: int,
                     consumed_valid_samples: int, fully_parallel: bool = True, model_only: bool = False,
-                    keep_last: Optional[int] = None) -> str:
+                    keep_last: Optional[int] = None, async_save: bool = False,
+                    on_published: Optional[Callable[[], None]] = None,
+                    num_floating_point_operations_so_far: float = 0) -> str:
     """Write iteration `iteration` of the run's state under `root` atomically (`checkpoint.sharded`);
     returns the final directory.
 
     `model_only`: the weights only (no optimizer, scheduler or RNG state), also implied by a state
     without an optimizer. `keep_last`: retention after the save (`checkpoint.layout`); None:
-    `cfg.checkpoint.ckpt_keep_last`.
+    `cfg.checkpoint.ckpt_keep_last`. `async_save`: return once the writer process runs; the folder
+    is published, retention applied and `on_published()` called by `checkpoint.sharded.
+    finalize_async_saves` once every rank's writer is done (synchronous saves call it before returning).
+    The common state follows Megatron-LM's (`args`, `iteration`, `checkpoint_version`,
+    `opt_param_scheduler`, `rng_state`, `num_floating_point_operations_so_far`, `content_metadata`;
+    docs/megatron-lm-checkpoints.md), plus ours (`run_config`, consumed samples, layout).
     """
     model_only = model_only or getattr(state, "optimizer", None) is None
-    sd = _state_dict(state, is_loading=False, with_optimizer=not model_only, with_rng=not model_only)
-    final = save_sharded(root, iteration, sd, cfg, model_only=model_only, fully_parallel=fully_parallel,
-                         common={"consumed_train_samples": consumed_train_samples,
-                                 "consumed_valid_samples": consumed_valid_samples})
+    metadata = sharded_state_dict_metadata(cfg.parallel.use_distributed_optimizer)
+    sd = _state_dict(state, is_loading=False, with_optimizer=not model_only, with_rng=not model_only,
+                     metadata=metadata)
     keep_last = cfg.checkpoint.ckpt_keep_last if keep_last is None else keep_last
-    if keep_last is not None and rank() == 0:   # the save is complete on every rank (save_sharded's barrier)
-        deleted = prune_checkpoints(root, keep_last, iteration)
-        if deleted and not model_only:
-            print(f"> --ckpt-keep-last {keep_last}: deleted {', '.join(os.path.basename(p) for p in deleted)}",
-                  flush=True)
-    return final
+
+    def published() -> None:
+        if keep_last is not None and rank() == 0:   # the save is complete on every rank
+            deleted = prune_checkpoints(root, keep_last, iteration)
+            if deleted and not model_only:
+                print(f"> --ckpt-keep-last {keep_last}: deleted {', '.join(os.path.basename(p) for p in deleted)}",
+                      flush=True)
+        if on_published is not None:
+            on_published()
+
+    return save_sharded(root, iteration, sd, cfg, model_only=model_only, fully_parallel=fully_parallel,
+                        common={"consumed_train_samples": consumed_train_samples,
+                                "consumed_valid_samples": consumed_valid_samples,
+                                "num_floating_point_operations_so_far": num_floating_point_operations_so_far,
+                                "args": _megatron_lm_args(state, cfg, consumed_train_samples, consumed_valid_samples,
+                                                          model_only)},
+                        async_save=async_save, on_published=published, content_metadata=metadata)
+
+
+def _megatron_lm_args(state, cfg: RunConfig, consumed_train: int, consumed_valid: int, model_only: bool):
+    """Megatron-LM's `args` entry (`config.megatron_lm.checkpoint_args`) with the values it derives."""
+    from megatron_rpt.config.megatron_lm import checkpoint_args
+    from megatron_rpt.models.gpt import unwrap
+
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return checkpoint_args(cfg, padded_vocab_size=unwrap(state.model[0]).vocab_size, world_size=world,
+                           data_parallel_size=parallel_state.get_data_parallel_world_size(),
+                           consumed_train_samples=consumed_train, consumed_valid_samples=consumed_valid,
+                           no_save_optim=model_only, no_save_rng=model_only)
 
 
 def save_weights(root: str, iteration: int, state, cfg: RunConfig) -> str:
@@ -268,19 +328,23 @@ def _load_checkpoint(root: str, state, cfg: RunConfig, iteration: Optional[int])
     if opened is None:
         return None
     path, common = opened
-    saved_layout = common.get("parallel_layout", {})
+    args = common.get("args")   # Megatron-LM's parsed flags (ours since the layout follows its)
+    saved_layout = common.get("parallel_layout") or {
+        "tp": getattr(args, "tensor_model_parallel_size", 1), "pp": getattr(args, "pipeline_model_parallel_size", 1)}
     layout = parallel_layout()
     same_layout = all(saved_layout.get(k) == layout[k] for k in ("tp", "pp"))
-    model_only = bool(common.get("model_only")) or getattr(state, "optimizer", None) is None
+    model_only = bool(common.get("model_only", getattr(args, "no_save_optim", False))) \
+        or getattr(state, "optimizer", None) is None
     load_optim = not (c.finetune or c.no_load_optim or model_only)
-    load_rng = not (c.finetune or c.no_load_rng or model_only) and same_layout
+    load_rng = not (c.finetune or c.no_load_rng or model_only or getattr(args, "no_save_rng", False)) and same_layout
+    metadata = _saved_metadata(common, path, resharding=not same_layout) if load_optim else {}
     if not same_layout and not (c.finetune or c.no_load_rng or model_only) and rank() == 0:
         warnings.warn(f"checkpoint {path} was saved with TP={saved_layout.get('tp')} PP={saved_layout.get('pp')}; "
                       f"loading into TP={layout['tp']} PP={layout['pp']}: RNG state not restored")
     if load_optim:
         check_same_param_groups(common.get("run_config"), cfg, path)
         prepare_optimizer_for_load(state.optimizer)
-    sd = _state_dict(state, is_loading=True, with_optimizer=load_optim, with_rng=load_rng)
+    sd = _state_dict(state, is_loading=True, with_optimizer=load_optim, with_rng=load_rng, metadata=metadata)
     loaded = load_sharded(sd, path)
     if load_optim:   # a schedule that differs from the checkpoint's fails before anything is loaded
         check_resumed_schedule(state, loaded["optimizer"], loaded["opt_param_scheduler"], cfg, path)
@@ -292,9 +356,34 @@ def _load_checkpoint(root: str, state, cfg: RunConfig, iteration: Optional[int])
         state.optimizer.load_state_dict(fitted)
         load_scheduler_state(state, loaded["opt_param_scheduler"], cfg, wanted)
     if load_rng:
-        _set_rng_state(loaded["rng_state"])
+        why = _set_rng_state(loaded["rng_state"])
+        if why is not None and rank() == 0:
+            warnings.warn(f"checkpoint {path}: RNG state not restored: {why}")
     mark_loaded(path)
-    if c.finetune or common.get("model_only"):
+    if c.finetune or model_only:
         return LoadedCheckpoint(0, 0, 0, path, not same_layout)
-    return LoadedCheckpoint(int(common["iteration"]), int(common["consumed_train_samples"]),
-                            int(common["consumed_valid_samples"]), path, not same_layout)
+
+    def counter(name: str) -> int:   # ours in the common state; Megatron-LM's in args
+        return int(common[name] if name in common else getattr(args, name, 0))
+
+    return LoadedCheckpoint(int(common["iteration"]), counter("consumed_train_samples"),
+                            counter("consumed_valid_samples"), path, not same_layout,
+                            float(common.get("num_floating_point_operations_so_far", 0)))
+
+
+def _saved_metadata(common: dict, path: str, *, resharding: bool) -> dict:
+    """The optimizer layout the checkpoint was saved in (its `content_metadata`, as Megatron-LM's loader
+    reads it); {} for checkpoints without one: ours before it, written in `_state_dict`'s defaults
+    (`fully_reshardable`, `chained_optim_avoid_prefix`).
+    A layout that cannot change TP/PP (Megatron-LM's default `dp_reshardable`) is refused then."""
+    from megatron.core.dist_checkpointing import load_content_metadata
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    saved = dict(load_content_metadata(preloaded_state_dict=common) or {})
+    kind = saved.get("distrib_optim_sharding_type")
+    if resharding and kind is not None and kind not in DistributedOptimizer.checkpoint_fully_reshardable_formats:
+        raise CheckpointError(f"{path}: its distributed-optimizer state is saved as {kind!r}, which cannot be "
+                              f"loaded into another tensor/pipeline-parallel layout; load it with the saved "
+                              f"layout, or with --no-load-optim (weights only), or re-save it with "
+                              f"'fully_reshardable' (Megatron-LM: --dist-ckpt-optim-fully-reshardable)")
+    return saved

@@ -2,12 +2,14 @@
 
 `TrainingDriver` owns what every training job does around its step: resuming from --load (iteration
 and consumed-sample counters), the iteration loop up to --train-iters, evaluation and checkpoint
-cadence (--eval-interval, --save-interval, a final save), stopping between iterations on a
-preemption signal, --exit-duration-in-mins or --exit-interval (`ExitWatch`), the save-checkpoint
-timer, the job's one scalar sink (`training.sinks`: TensorBoard and/or W&B on rank 0; `scalars`), and
-the run-time controls around each iteration: manual garbage collection (`ManualGC`) and the profiler
-(`training.profiling`). The job supplies its step (one iteration's work and its stdout line) and its
-evaluation as callables; the driver never looks at what a step computes.
+cadence (--eval-interval, --save-interval, a final save; with --async-save the publication of a
+finished background save is checked at the top of every iteration and awaited before the next save
+and before `run` returns), stopping between iterations on a preemption signal,
+--exit-duration-in-mins or --exit-interval (`ExitWatch`), the save-checkpoint timer, the job's one
+scalar sink (`training.sinks`: TensorBoard and/or W&B on rank 0; `scalars`), and the run-time controls
+around each iteration: manual garbage collection (`ManualGC`) and the profiler (`training.profiling`).
+The job supplies its step (one iteration's work and its stdout line) and its evaluation as callables;
+the driver never looks at what a step computes.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Callable, Optional
 import torch
 
 from megatron_rpt import distributed as dist
+from megatron_rpt.checkpoint.layout import checkpoint_path
+from megatron_rpt.checkpoint.sharded import finalize_async_saves, pending_async_saves
 from megatron_rpt.config.schema import RunConfig
 from megatron_rpt.training.sinks import open_sinks
 from megatron_rpt.training.timers import log_save_time
@@ -116,7 +120,12 @@ class TrainingDriver:
         self.iteration = self.start_iteration = 0
         self.consumed_train = self.consumed_valid = 0
         self.resumed_from: Optional[str] = None
-        self.saved: list = []
+        self.saved: list = []       # published checkpoints (async ones once every rank's writer is done)
+        self._pending: list = []    # iterations of async saves not yet published
+        # Megatron-LM's `num_floating_point_operations_so_far` in checkpoints: the resumed total plus
+        # flops_per_sample (training FLOPs of one sample; set by the pretraining loop, 0 in RPT) per sample.
+        self.flops_per_sample = 0.0
+        self._flops_at_resume, self._consumed_at_resume = 0.0, 0
         self.exit_reason = "train_iters"
         # The job's scalar sinks (TensorBoard and/or W&B, training.sinks): rank 0 only, None without either.
         self.writer = open_sinks(cfg, torch.distributed.get_rank())
@@ -149,25 +158,51 @@ class TrainingDriver:
             return None
         self.iteration = self.start_iteration = loaded.iteration
         self.consumed_train, self.consumed_valid = loaded.consumed_train_samples, loaded.consumed_valid_samples
+        self._flops_at_resume, self._consumed_at_resume = loaded.num_floating_point_operations_so_far, self.consumed_train
         self.resumed_from = loaded.path
         dist.print_rank_0(f"> resumed from {loaded.path} at iteration {loaded.iteration} (consumed {counted} "
                           f"{self.consumed_train}){' [resharded]' if loaded.resharded else ''}")
         return loaded
 
     def save(self, iteration: int) -> None:
-        """A full checkpoint (model, optimizer, scheduler, RNG, counters) of `iteration` to --save."""
+        """A full checkpoint (model, optimizer, scheduler, RNG, counters) of `iteration` to --save.
+        With --async-save the writing goes on in the background (published by `finish_saves` or the
+        per-iteration check in `run`); a save still pending is waited for first."""
         from megatron_rpt.training.checkpointing import save_checkpoint
 
         ckpt = self.cfg.checkpoint
-        if ckpt.save:
-            t0 = time.perf_counter()
-            with log_save_time(self.state.config.timers):
-                path = save_checkpoint(ckpt.save, iteration, self.state, self.cfg,
-                                       consumed_train_samples=self.consumed_train,
-                                       consumed_valid_samples=self.consumed_valid,
-                                       fully_parallel=ckpt.ckpt_fully_parallel_save)
-                self.saved.append(path)
-                dist.print_rank_0(f"> saved checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
+        if not ckpt.save:
+            return
+        if ckpt.async_save and pending_async_saves():
+            dist.print_rank_0(f"> waiting for the async save of iteration {self._pending[0]} before saving "
+                              f"iteration {iteration}")
+            self.finish_saves()
+        t0 = time.perf_counter()
+        path = checkpoint_path(ckpt.save, iteration)
+
+        def published() -> None:
+            self.saved.append(path)
+            if ckpt.async_save:
+                self._pending.remove(iteration)
+                dist.print_rank_0(f"> saved checkpoint {path} (async, published {time.perf_counter() - t0:.1f} s "
+                                  f"after it was scheduled)")
+
+        if ckpt.async_save:
+            self._pending.append(iteration)
+        with log_save_time(self.state.config.timers):   # with --async-save: the time in the loop
+            save_checkpoint(ckpt.save, iteration, self.state, self.cfg, consumed_train_samples=self.consumed_train,
+                            consumed_valid_samples=self.consumed_valid, fully_parallel=ckpt.ckpt_fully_parallel_save,
+                            async_save=ckpt.async_save, on_published=published,
+                            num_floating_point_operations_so_far=self._flops_at_resume + self.flops_per_sample * (
+                                self.consumed_train - self._consumed_at_resume))
+        if ckpt.async_save:
+            dist.print_rank_0(f"> scheduled async save of {path} ({time.perf_counter() - t0:.1f} s in the loop)")
+        else:
+            dist.print_rank_0(f"> saved checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
+
+    def finish_saves(self) -> None:
+        """Wait for every pending async save and publish it (collective; every exit path calls it)."""
+        finalize_async_saves(blocking=True)
 
     def run(self, step: Callable[[int], None], *, evaluate: Optional[Callable[[int], None]] = None,
             eval_at_start: bool = False, eval_at_end: bool = False) -> int:
@@ -197,6 +232,7 @@ class TrainingDriver:
             if every and eval_at_start and iteration == 0:
                 run_eval(0)
             while iteration < t.train_iters:
+                finalize_async_saves(blocking=False)   # publish a finished async save (as Megatron-LM, each iteration)
                 profiler.begin(iteration + 1)
                 step(iteration + 1)
                 iteration = self.iteration = iteration + 1
@@ -214,6 +250,7 @@ class TrainingDriver:
             profiler.close()
             if self.cfg.checkpoint.save and last_saved != iteration:
                 self.save(iteration)
+            self.finish_saves()   # the process must not end before the last checkpoint is published
             if every and eval_at_end and self.exit_reason == "train_iters":
                 run_eval(iteration)
         finally:

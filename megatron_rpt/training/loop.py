@@ -66,6 +66,7 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
     flops_per_token = job.flops_per_token
 
     driver = TrainingDriver(cfg, state, device, start_time=start_time, signals=signals, name="training")
+    driver.flops_per_sample = flops_per_token * m.seq_length
     driver.resume()
     result = PretrainResult(iteration=driver.iteration, start_iteration=driver.iteration,
                             resumed_from=driver.resumed_from)

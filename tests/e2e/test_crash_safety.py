@@ -53,14 +53,18 @@ def reference(tmp_path_factory):
     return losses(run(args(tmp_path_factory.mktemp("ref") / "ckpt")).stdout)
 
 
-@pytest.mark.parametrize("point", ["save-begin", "save-written", "save-published"])
-def test_sigkill_during_save_then_resume_matches_uninterrupted(tmp_path, reference, point):
+@pytest.mark.parametrize("point,extra", [("save-begin", []), ("save-written", []), ("save-published", []),
+                                         ("save-scheduled", ["--async-save"])],
+                         ids=["save-begin", "save-written", "save-published", "async-save-scheduled"])
+def test_sigkill_during_save_then_resume_matches_uninterrupted(tmp_path, reference, point, extra):
+    """async-save-scheduled: rank 0 dies while its writer process writes iteration 4 in the background
+    (rank 1 trains on); the resume (itself with --async-save) loads iteration 2."""
     ckpt = tmp_path / "ckpt"
-    killed = run(args(ckpt), env={"MRPT_FAULT_INJECT": f"{point}@4"}, check=False)
+    killed = run(args(ckpt, *extra), env={"MRPT_FAULT_INJECT": f"{point}@4"}, check=False)
     assert killed.returncode != 0
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "2"
     assert (ckpt / "iter_0000004").exists() == (point == "save-published")
-    resumed = run(args(ckpt)).stdout
+    resumed = run(args(ckpt, *extra)).stdout
     assert "iter_0000002" in resumed and "resumed from" in resumed
     got = losses(resumed)
     assert sorted(got) == [3, 4, 5, 6]

@@ -132,10 +132,11 @@ def _preempted(rank, world, argv, signal_after):
 
 
 def test_sigterm_saves_and_resumes_exactly(tmp_path):
+    """With --async-save: the exit path waits for the background save before the run returns."""
     layout = ["--tensor-model-parallel-size", "2"]
     straight = run(2, layout)
     ckpt = str(tmp_path / "ckpt")
-    first = run_ranks(_preempted, 2, SIX + layout + ["--save", ckpt, "--exit-signal-handler"], 2)[0]
+    first = run_ranks(_preempted, 2, SIX + layout + ["--save", ckpt, "--exit-signal-handler", "--async-save"], 2)[0]
     assert sorted(first["losses"]) == [1, 2]  # both ranks stopped after the iteration the signal hit
     assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read() == "2"
     second = run(2, layout + ["--save", ckpt, "--load", ckpt])
@@ -174,8 +175,10 @@ def test_keep_last_deletes_older_checkpoints(tmp_path, keep):
 
 
 def test_keep_last_keeps_the_checkpoint_resumed_from(tmp_path):
+    """The first run saves asynchronously: retention runs in the finalisation of each save, and
+    --exit-interval waits for the last one."""
     ckpt = str(tmp_path / "ckpt")
-    run(1, ["--save", ckpt, "--save-interval", "1", "--exit-interval", "3", "--ckpt-keep-last", "1"])
+    run(1, ["--save", ckpt, "--save-interval", "1", "--exit-interval", "3", "--ckpt-keep-last", "1", "--async-save"])
     assert _iters(ckpt) == ["iter_0000003"]
     resumed = run(1, ["--save", ckpt, "--load", ckpt, "--save-interval", "1", "--ckpt-keep-last", "1"])
     assert resumed["resumed_from"].endswith("iter_0000003") and sorted(resumed["losses"]) == [4, 5, 6]

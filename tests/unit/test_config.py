@@ -234,3 +234,24 @@ def test_export_refuses_architectures_without_a_hugging_face_family():
         _export_architecture(parse_args(family + ["--add-qkv-bias"]))
     with pytest.raises(ConversionError, match="--rotary-percent 1.0"):
         _export_architecture(parse_args(family + ["--rotary-percent", "0.5"]))
+
+
+def test_async_save_and_megatron_lm_checkpoint_args():
+    """--async-save is a real flag now; the persistent-worker and strategy flags of Megatron-LM's async
+    save are accepted and said to change nothing; `checkpoint_args` is the Namespace Megatron-LM's loader
+    reads (our fields under their dest names, derived values on top)."""
+    from megatron_rpt.config import parse_args
+    from megatron_rpt.config.megatron_lm import IGNORED, checkpoint_args, classify
+
+    assert "--async-save" not in IGNORED
+    cfg = parse_args(["--model-preset", "tiny", "--async-save"])
+    assert cfg.checkpoint.async_save and not parse_args(["--model-preset", "tiny"]).checkpoint.async_save
+    notices, problems = classify(["--use-persistent-ckpt-worker", "--async-strategy", "nvrx"])
+    assert problems == [] and [n.split(" ignored:")[0] for n in notices] == [
+        "> --use-persistent-ckpt-worker", "> --async-strategy nvrx"]
+    args = checkpoint_args(cfg, padded_vocab_size=384, consumed_train_samples=96)
+    assert (args.num_layers, args.hidden_size, args.tensor_model_parallel_size, args.async_save) == (
+        cfg.model.num_layers, cfg.model.hidden_size, 1, True)
+    assert (args.padded_vocab_size, args.consumed_train_samples, args.ckpt_format, args.add_position_embedding,
+            args.use_rotary_position_embeddings) == (384, 96, "torch_dist", True,
+                                                     cfg.model.position_embedding_type == "rope")

@@ -26,10 +26,13 @@ def _p9_optimizer_state_copy() -> None:
     """P9: `optimizer/distrib_optimizer.py:DistributedOptimizer._set_main_param_and_optimizer_states`
     (0.19.2 lines 1219-1225) with the torch AdamW fallback (no Apex/TE, GPU too): copies every key
     of the live state, including `step` that the checkpoint lacks (KeyError: 'step'), and writes
-    in place into a leaf that requires grad. Checked against megatron-core >=0.16,<0.20 (0.16.1, 0.19.2).
+    in place into a leaf that requires grad. With the `dp_reshardable` layout (Megatron-LM's default)
+    the loading state dict does carry a per-parameter `step`: the freshly prepared optimizer's (1),
+    copied over the saved step that `load_state_dict` had just set from the param groups, so bias
+    correction restarts (silent). Checked against megatron-core >=0.16,<0.20 (0.16.1, 0.19.2).
     Runs on GPU too (cpu_only=False: `install_upstream_fixes`).
 
-    Copies only the keys the checkpoint has, under no_grad.
+    Copies only the keys the checkpoint has, `step` never (it comes from the param groups), under no_grad.
     """
 
     def fix(mod: types.ModuleType) -> None:
@@ -44,7 +47,7 @@ def _p9_optimizer_state_copy() -> None:
             dst = {"param": main_param, **self.optimizer.state[main_param]}
             with torch.no_grad():
                 for key, value in tensors.items():
-                    if key in dst:
+                    if key in dst and key != "step":
                         dst[key].copy_(value)
 
         set_attr("P9", cls, "_set_main_param_and_optimizer_states", _set_main_param_and_optimizer_states)
