@@ -157,6 +157,14 @@ class OptimizerConfig:
                                   help="WSD: shape of the decay phase.")
     weight_decay: float = arg(0.01, help="AdamW weight decay.")
     clip_grad: float = arg(1.0, help="Gradient clipping by global norm (0 disables).")
+    # fp16 loss scaling (Megatron-LM's flags and defaults; Megatron-Core's grad scalers).
+    loss_scale: Optional[float] = arg(None, help="--fp16: a static loss scale (default: dynamic scaling).")
+    initial_loss_scale: float = arg(2.0 ** 32, help="--fp16: the dynamic loss scale to start from (iterations "
+                                    "whose gradients overflow are skipped while it comes down).")
+    min_loss_scale: float = arg(1.0, help="--fp16: the smallest dynamic loss scale.")
+    loss_scale_window: float = arg(1000, help="--fp16: iterations without overflow before the dynamic scale "
+                                   "doubles.")
+    hysteresis: int = arg(2, help="--fp16: overflows tolerated before the dynamic scale halves.")
     adam_beta1: float = arg(0.9, help="Adam beta1.")
     adam_beta2: float = arg(0.999, help="Adam beta2.")
     adam_eps: float = arg(1e-8, help="Adam epsilon.")

@@ -42,10 +42,11 @@ def ddp_config(cfg: RunConfig) -> DistributedDataParallelConfig:
         overlap_param_gather=p.overlap_param_gather,
         use_distributed_optimizer=p.use_distributed_optimizer,
         fp8_param_gather=cfg.fp8.fp8_param_gather,
-        # bf16/fp32: NaN/inf gradients skip the update (training.step.grads_are_finite, counted and
-        # limited by --nonfinite-grad-skip-limit) instead of Megatron-Core raising before the DP
-        # reduction; fp16 keeps the check beside its loss scaler (which handles inf).
-        check_for_nan_in_grad=cfg.training.fp16,
+        # No NaN check before the DP reduction: bf16/fp32 skip the update of NaN/inf gradients
+        # (training.step.grads_are_finite, counted and limited by --nonfinite-grad-skip-limit), and under fp16
+        # NaN/inf gradients are the dynamic loss scaler's signal (Megatron-LM turns the check off there too;
+        # with it on, the first overflow of the initial 2^32 scale ended the run).
+        check_for_nan_in_grad=False,
         bucket_size=None,
     )
 
@@ -80,6 +81,11 @@ def megatron_optimizer_config(cfg: RunConfig) -> MegatronOptimizerConfig:
         adam_eps=o.adam_eps,
         sgd_momentum=o.sgd_momentum,
         clip_grad=o.clip_grad,
+        loss_scale=o.loss_scale,
+        initial_loss_scale=o.initial_loss_scale,
+        min_loss_scale=o.min_loss_scale,
+        loss_scale_window=o.loss_scale_window,
+        hysteresis=o.hysteresis,
         bf16=t.bf16,
         fp16=t.fp16,
         params_dtype=params_dtype(cfg),

@@ -155,6 +155,21 @@ def test_grad_reduce_in_bf16_reaches_ddp():
     assert one_problem(["--train-iters", "1", "--grad-reduce-in-bf16"]).startswith("--grad-reduce-in-bf16 needs --bf16")
 
 
+def test_fp16_loss_scaling_flags_reach_megatron_core():
+    """Megatron-LM's fp16 flags and defaults reach the optimizer config; no NaN check before the DP reduction
+    (under dynamic scaling NaN/inf gradients are the scaler's signal, as Megatron-LM turns it off)."""
+    from megatron_rpt.training.optimizer import ddp_config, megatron_optimizer_config
+    default = megatron_optimizer_config(_cfg(["--train-iters", "1", "--fp16"]))
+    assert (default.loss_scale, default.initial_loss_scale, default.min_loss_scale, default.loss_scale_window,
+            default.hysteresis) == (None, 2.0 ** 32, 1.0, 1000, 2)
+    given = megatron_optimizer_config(_cfg(["--train-iters", "1", "--fp16", "--initial-loss-scale", "4096",
+                                            "--min-loss-scale", "2", "--loss-scale-window", "10", "--hysteresis",
+                                            "1", "--loss-scale", "128"]))
+    assert (given.loss_scale, given.initial_loss_scale, given.min_loss_scale, given.loss_scale_window,
+            given.hysteresis) == (128, 4096, 2, 10, 1)
+    assert ddp_config(_cfg(["--train-iters", "1", "--fp16"])).check_for_nan_in_grad is False
+
+
 def test_decoupled_lr_reaches_megatron_core():
     from megatron_rpt.training.optimizer import megatron_optimizer_config
     config = megatron_optimizer_config(_cfg(["--train-iters", "1", "--decoupled-lr", "5e-4", "--decoupled-min-lr",
