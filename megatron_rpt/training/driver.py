@@ -128,7 +128,7 @@ class TrainingDriver:
         self._flops_at_resume, self._consumed_at_resume = 0.0, 0
         self.exit_reason = "train_iters"
         # The job's scalar sinks (TensorBoard and/or W&B, training.sinks): rank 0 only, None without either.
-        self.writer = open_sinks(cfg, torch.distributed.get_rank())
+        self.writer = open_sinks(cfg)
 
     def scalars(self, prefix: str, values: dict, iteration: int) -> None:
         """Every int/float of `values` (bools and None left out) as `prefix/name` at `iteration`."""
@@ -189,16 +189,17 @@ class TrainingDriver:
 
         if ckpt.async_save:
             self._pending.append(iteration)
-        with log_save_time(self.state.config.timers):   # with --async-save: the time in the loop
+        # The timer's block follows the save's line (with --async-save it times the part in the loop).
+        with log_save_time(self.state.config.timers):
             save_checkpoint(ckpt.save, iteration, self.state, self.cfg, consumed_train_samples=self.consumed_train,
                             consumed_valid_samples=self.consumed_valid, fully_parallel=ckpt.ckpt_fully_parallel_save,
                             async_save=ckpt.async_save, on_published=published,
                             num_floating_point_operations_so_far=self._flops_at_resume + self.flops_per_sample * (
                                 self.consumed_train - self._consumed_at_resume))
-        if ckpt.async_save:
-            dist.print_rank_0(f"> scheduled async save of {path} ({time.perf_counter() - t0:.1f} s in the loop)")
-        else:
-            dist.print_rank_0(f"> saved checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
+            if ckpt.async_save:
+                dist.print_rank_0(f"> scheduled async save of {path} ({time.perf_counter() - t0:.1f} s in the loop)")
+            else:
+                dist.print_rank_0(f"> saved checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
 
     def finish_saves(self) -> None:
         """Wait for every pending async save and publish it (collective; every exit path calls it)."""

@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import torch
+
 from megatron_rpt.config.schema import RunConfig
 
 
@@ -79,11 +81,11 @@ class MetricSinks:
             self.wandb_run = None
 
 
-def open_sinks(cfg: RunConfig, rank: int) -> Optional[MetricSinks]:
+def open_sinks(cfg: RunConfig) -> Optional[MetricSinks]:
     """The job's sinks on global rank 0 (None elsewhere, or without --tensorboard-dir/--wandb-project).
     W&B gets the run configuration as its config (Megatron-LM gives its arguments)."""
     lg = cfg.logging
-    if rank != 0 or not writes_scalars(cfg):
+    if not writes_scalars(cfg) or torch.distributed.get_rank() != 0:
         return None
     tensorboard = wandb_run = None
     if lg.tensorboard_dir:
