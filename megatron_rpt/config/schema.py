@@ -141,7 +141,8 @@ class OptimizerConfig:
     lr: Optional[float] = arg(None, help="Peak learning rate.")
     min_lr: float = arg(0.0, help="Minimum learning rate at the end of decay.")
     lr_decay_style: str = arg("cosine", choices=("constant", "linear", "cosine", "inverse-square-root", "WSD"),
-                              help="Learning-rate decay style.")
+                              help="Learning-rate decay style (default cosine; Megatron-LM's is linear: give "
+                              "--lr-decay-style linear to match a Megatron-LM script that omits it).")
     lr_warmup_iters: int = arg(0, help="Linear warmup iterations.")
     lr_warmup_samples: int = arg(0, help="Linear warmup samples (sample-based training, --train-samples).")
     lr_warmup_fraction: Optional[float] = arg(None, help="Warmup as a fraction of the decay steps (--lr-decay-iters "

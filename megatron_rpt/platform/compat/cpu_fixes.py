@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from megatron_rpt.platform.compat.hooks import rebind_everywhere, set_attr, when_imported
+from megatron_rpt.platform.compat.hooks import new_with_config_flag_off, rebind_everywhere, set_attr, when_imported
 
 def _p6_split_sizes_to_numpy() -> None:
     """P6: `transformer/moe/moe_utils.py:maybe_move_tensor_to_cpu` converts to numpy only for
@@ -48,23 +48,13 @@ def _p7_torch_norm_sequence_parallel() -> None:
     `finalize_model_grads` all-reduces their (partial, per-sequence-shard) grads over TP.
     """
 
+    def tag(norm: Any, config: Any) -> Any:
+        for p in norm.parameters():
+            p.sequence_parallel = True
+        return norm
+
     def fix(mod: types.ModuleType) -> None:
-        cls = mod.WrappedTorchNorm
-        original_new = cls.__new__
-
-        def __new__(klass: type, config: Any, hidden_size: int, eps: float = 1e-5, *args: Any, **kwargs: Any) -> Any:
-            if not getattr(config, "sequence_parallel", False):
-                return original_new(klass, config, hidden_size, eps, *args, **kwargs)
-            config.sequence_parallel = False  # only to pass the assert; restored below
-            try:
-                norm = original_new(klass, config, hidden_size, eps, *args, **kwargs)
-            finally:
-                config.sequence_parallel = True
-            for p in norm.parameters():
-                p.sequence_parallel = True
-            return norm
-
-        set_attr("P7", cls, "__new__", staticmethod(__new__))
+        new_with_config_flag_off("P7", mod.WrappedTorchNorm, "sequence_parallel", tag)
 
     when_imported("P7", "megatron.core.transformer.torch_norm", fix)
 

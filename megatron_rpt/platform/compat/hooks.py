@@ -46,6 +46,25 @@ def set_attr(patch_id: str, obj: Any, name: str, value: Any) -> None:
     setattr(obj, name, value)
 
 
+def new_with_config_flag_off(patch_id: str, cls: type, flag: str, finish: Callable[[Any, Any], Any]) -> None:
+    """Replace `cls.__new__` (a factory taking `config` first, such as WrappedTorchNorm) so that a config with
+    `flag` set builds with the flag off (upstream asserts it is off), restored after, and the result passes
+    through `finish(built, config)`; configs without the flag build as before (P7, P17)."""
+    previous = cls.__new__
+
+    def __new__(klass: type, config: Any, *args: Any, **kwargs: Any) -> Any:
+        if not getattr(config, flag, False):
+            return previous(klass, config, *args, **kwargs)
+        setattr(config, flag, False)
+        try:
+            built = previous(klass, config, *args, **kwargs)
+        finally:
+            setattr(config, flag, True)
+        return finish(built, config)
+
+    set_attr(patch_id, cls, "__new__", staticmethod(__new__))
+
+
 def rebind_everywhere(patch_id: str, module: types.ModuleType, name: str, new: Any) -> None:
     """Replace module.name and every `from module import name` copy in loaded megatron modules.
 

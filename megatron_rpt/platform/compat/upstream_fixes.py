@@ -20,7 +20,7 @@ import torch
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from megatron_rpt.platform.compat.hooks import set_attr, when_imported
+from megatron_rpt.platform.compat.hooks import new_with_config_flag_off, set_attr, when_imported
 
 def _p9_optimizer_state_copy() -> None:
     """P9: `optimizer/distrib_optimizer.py:DistributedOptimizer._set_main_param_and_optimizer_states`
@@ -144,26 +144,17 @@ def _p17_zero_centred_torch_norm() -> None:
 
     zero_centred = {torch.nn.LayerNorm: ZeroCentredLayerNorm, torch.nn.RMSNorm: ZeroCentredRMSNorm}
 
+    def zero_centre(norm: Any, config: Any) -> Any:
+        target = zero_centred.get(type(norm))
+        if target is None:
+            raise ValueError(f"--apply-layernorm-1p: no zero-centred variant of {type(norm).__name__} "
+                             f"(normalization {config.normalization!r}); use LayerNorm or RMSNorm")
+        norm.__class__ = target
+        norm.reset_parameters()
+        return norm
+
     def fix(mod: types.ModuleType) -> None:
-        cls = mod.WrappedTorchNorm
-        previous_new = cls.__new__  # P7's on CPU (sequence parallelism), upstream's elsewhere
-
-        def __new__(klass: type, config: Any, hidden_size: int, eps: float = 1e-5, *args: Any, **kwargs: Any) -> Any:
-            if not getattr(config, "layernorm_zero_centered_gamma", False):
-                return previous_new(klass, config, hidden_size, eps, *args, **kwargs)
-            config.layernorm_zero_centered_gamma = False  # only to pass the assert; restored below
-            try:
-                norm = previous_new(klass, config, hidden_size, eps, *args, **kwargs)
-            finally:
-                config.layernorm_zero_centered_gamma = True
-            target = zero_centred.get(type(norm))
-            if target is None:
-                raise ValueError(f"--apply-layernorm-1p: no zero-centred variant of {type(norm).__name__} "
-                                 f"(normalization {config.normalization!r}); use LayerNorm or RMSNorm")
-            norm.__class__ = target
-            norm.reset_parameters()
-            return norm
-
-        set_attr("P17", cls, "__new__", staticmethod(__new__))
+        # wraps the __new__ in place: P7's on CPU (sequence parallelism), upstream's elsewhere
+        new_with_config_flag_off("P17", mod.WrappedTorchNorm, "layernorm_zero_centered_gamma", zero_centre)
 
     when_imported("P17", "megatron.core.transformer.torch_norm", fix)
