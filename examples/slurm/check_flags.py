@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     from megatron_rpt.config import ConfigError, data_parallel_size, parse_args, parse_rpt_args
+    from megatron_rpt.config.schedule import samples_after
     from megatron_rpt.validate import validate_config, validate_rpt_config
     from megatron_rpt.models.flops import count_parameters, training_flops_per_token
     from megatron_rpt.models.gpt import padded_vocab_size
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
           f"EP={ep} ETP={etp} DP={dp} expert-DP={world // (ep * etp * p.pipeline_model_parallel_size)}")
     print(f"  batch: {t.global_batch_size} x {m.seq_length} = {tokens:,} tokens per step{' at most' if rpt else ''}, "
           f"{t.global_batch_size // (t.micro_batch_size * dp)} micro-batches of {t.micro_batch_size} per rank, "
-          f"{t.train_iters} steps = {t.train_iters * tokens / 1e9:.1f}B tokens")
+          f"{t.train_iters} steps = {samples_after(cfg, t.train_iters) * m.seq_length / 1e9:.1f}B tokens")
     if rpt:
         r = cfg.rpt
         print(f"  RPT: {r.rpt_contexts_per_step} contexts x G={r.rpt_group_size} per step "
