@@ -24,6 +24,7 @@ Megatron-LM replaced it by --step-batch-size-schedule in April 2026):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -45,7 +46,6 @@ class Rampup:
             return self.final
         per_increment = self.samples / ((self.final - self.start) // self.increment)
         return self.start + int(consumed_samples / per_increment) * self.increment
-
 
     def settled(self, consumed_samples: int) -> bool:
         """Whether every step from `consumed_samples` on takes the final batch."""
@@ -78,9 +78,11 @@ def _count(text: str) -> int:
     return int(float(text[:-1] if scale > 1 else text) * scale)
 
 
+@functools.lru_cache(maxsize=8)
 def parse_step_schedule(text: str, seq_length: int) -> StepSchedule:
     """"THRESHOLD:BATCH ..." (tokens; commas or spaces between entries) -> a StepSchedule in samples;
-    ValueError naming the problem (Megatron-Core asserts the same rules)."""
+    ValueError naming the problem (Megatron-Core asserts the same rules). Cached: the loop asks for
+    each step's batch (`global_batch_size_at`), and the result is immutable."""
     flag = f"--step-batch-size-schedule {text!r}"
     steps = []
     for entry in text.replace(",", " ").split():
@@ -138,20 +140,19 @@ def samples_after(cfg, iterations: int) -> int:
     return consumed
 
 
-def iterations_for_samples(train_samples: int, global_batch_size: int, ramp=None) -> int:
-    """Megatron-LM's `update_train_iters`: the optimizer steps of a sample-based run (`ramp`: the run's
-    `batch_schedule`)."""
-    if ramp is None:
+def iterations_for_samples(train_samples: int, global_batch_size: int, schedule=None) -> int:
+    """Megatron-LM's `update_train_iters`: the optimizer steps of a sample-based run (`schedule`: the run's
+    `batch_schedule`, None for a fixed batch)."""
+    if schedule is None:
         return train_samples // global_batch_size
-    if isinstance(ramp, StepSchedule):   # while consumed < train samples: one more step
-        iterations = consumed = 0
-        while consumed < train_samples and not ramp.settled(consumed):
-            consumed += ramp.batch_size(consumed)
-            iterations += 1
-        return iterations + max(0, -(-(train_samples - consumed) // ramp.final))
     iterations = consumed = 0
-    while consumed <= ramp.samples and consumed <= train_samples:
-        consumed += ramp.batch_size(consumed)
+    if isinstance(schedule, StepSchedule):   # while consumed < train samples: one more step
+        while consumed < train_samples and not schedule.settled(consumed):
+            consumed += schedule.batch_size(consumed)
+            iterations += 1
+        return iterations + max(0, -(-(train_samples - consumed) // schedule.final))
+    while consumed <= schedule.samples and consumed <= train_samples:
+        consumed += schedule.batch_size(consumed)
         iterations += 1
     if train_samples > consumed:
         iterations += (train_samples - consumed) // global_batch_size

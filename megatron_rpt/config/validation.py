@@ -9,7 +9,6 @@ script in one pass. This package imports no other part of megatron_rpt but the p
 from __future__ import annotations
 
 import contextlib
-
 import math
 import os
 import re

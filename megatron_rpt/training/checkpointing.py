@@ -222,10 +222,13 @@ def _adopt_saved_group_schedule(optimizer, loaded_optimizer_state) -> None:
     except ImportError:
         return
     extra = [k for k in param_group_identifier_keys if k not in LEGACY_GROUP_KEYS]
+    if not extra:
+        return
     saved = {group_role(g): g for g in saved_param_groups(loaded_optimizer_state)}
     for group in param_groups(optimizer):
-        if extra and group_role(group) in saved:
-            group.update({k: saved[group_role(group)][k] for k in extra if k in saved[group_role(group)]})
+        match = saved.get(group_role(group))
+        if match is not None:
+            group.update({k: match[k] for k in extra if k in match})
 
 
 def _same_structure(loaded, requested):

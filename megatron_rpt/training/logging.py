@@ -44,7 +44,8 @@ def _format_stats(stats: dict) -> str:
 # Fields of the interval line (`MetricsLogger.record`) that `parse_log_line` reads back, by label.
 _LINE_FIELDS = {"consumed samples": "consumed_samples", "elapsed time per iteration (ms)": "ms_per_iter",
                 "learning rate": "lr", "global batch size": "global_batch_size", "lm loss": "loss",
-                "grad norm": "grad_norm", "num zeros": "num_zeros", "params norm": "params_norm", "tokens/s": "tokens_per_s", "TFLOP/s/device": "tflops_per_device",
+                "grad norm": "grad_norm", "num zeros": "num_zeros", "params norm": "params_norm",
+                "tokens/s": "tokens_per_s", "TFLOP/s/device": "tflops_per_device",
                 "MFU": "mfu", "peak mem (GiB)": "peak_mem_gib", "number of skipped iterations": "skipped",
                 "number of nan iterations": "nan_iterations"}
 

@@ -118,8 +118,8 @@ def pretrain(cfg: RunConfig) -> PretrainResult:
     def train_one(iteration: int) -> None:
         nonlocal consecutive_nonfinite
         forward_step.collect_stats = logger.wants_stats(iteration)
-        # --rampup-batch-size: this step's global batch is a function of the consumed samples only, so every
-        # rank (and a resumed run) takes the same one; the scheduler advances by it.
+        # --rampup-batch-size / --step-batch-size-schedule: this step's global batch is a function of the
+        # consumed samples only, so every rank (and a resumed run) takes the same one; the scheduler advances by it.
         batch = global_batch_size_at(cfg, driver.consumed_train)
         micro = batch // (t.micro_batch_size * dp)
         if monitor is not None:

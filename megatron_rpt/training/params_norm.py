@@ -30,11 +30,10 @@ def _not_tp_duplicate(param, expert: bool) -> bool:
 
 
 def _data(param, bf16: bool):
-    """(tensor to measure or None, whether it is a data-parallel shard): Megatron-LM's _get_param_data."""
-    if bf16:
-        if hasattr(param, "main_param"):
-            return param.main_param, bool(getattr(param, "main_param_sharded", False))
-        return param.data, False
+    """(tensor to measure, whether it is a data-parallel shard): Megatron-LM's _get_param_data. The
+    tensor is None where the distributed optimizer keeps none of the parameter's main copy here."""
+    if bf16 and hasattr(param, "main_param"):
+        return param.main_param, bool(getattr(param, "main_param_sharded", False))
     return param.data, False
 
 

@@ -85,8 +85,12 @@ class StepProfiler:
         self._prof.start()
 
     def _export(self, prof) -> None:
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        prof.export_chrome_trace(self.path)
+        folder, name = os.path.split(self.path)
+        os.makedirs(folder or ".", exist_ok=True)
+        # written under a temporary name, renamed when complete (the .gz suffix selects gzip)
+        tmp = os.path.join(folder, f".{name[:-len('.json.gz')]}.tmp.json.gz")
+        prof.export_chrome_trace(tmp)
+        os.replace(tmp, self.path)
         print(f"> profiler trace of iterations {self.window.start}..{self.window.stop - 1} (rank {self.rank}): "
               f"{self.path}", flush=True)
 
