@@ -39,6 +39,11 @@ class Task:
     splits: list[str]            # difficulty splits it belongs to ("easy" ⊇ "medium" ⊇ "hard")
 
     @property
+    def prompt_content(self) -> str:
+        """What fills the prompt template's {context}: the context text."""
+        return self.context
+
+    @property
     def target_token_bytes(self) -> list[bytes]:
         """The target tokens' bytes, what `rpt.reward.prefix_match_reward` takes."""
         return [bytes.fromhex(h) for h in self.target_bytes]
