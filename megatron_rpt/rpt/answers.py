@@ -20,9 +20,10 @@ ValueError ("signal only works in main thread") whatever `raise_on_error` says, 
 thread (of any process, forked workers included) the alarm replaces the process's SIGALRM handler
 and can only interrupt Python bytecode, not a long C-level computation. So math-verify never runs in
 the caller's process: a long-lived helper subprocess (plain `python -c`, it imports neither torch nor
-this package) runs it with its own timeouts off, under an address-space limit, and the caller waits
-at most `VERIFY_TIMEOUT_S` per comparison; a helper that is late or dead is killed and restarted, and
-the comparison counts as not equal. Callable from any thread (one lock) and any process.
+this package) runs it in its main thread with math-verify's timeouts of 1 s (which end slow Python-level
+parsing and simplification without losing the helper), under an address-space limit, and the caller
+waits at most `VERIFY_TIMEOUT_S` per comparison: a helper stuck in C code or dead is killed and
+restarted. A comparison that timed out counts as not equal. Callable from any thread (one lock) and any process.
 
 Model output never raises here: anything not a string, unencodable text (lone surrogates), answers
 longer than `MAX_ANSWER_CHARS`, numbers with more than `MAX_DIGITS` digits, or what math-verify
@@ -45,7 +46,8 @@ from typing import Optional
 
 from megatron_rpt.rpt.reward import extract_prediction
 
-VERIFY_TIMEOUT_S = 3.0        # per symbolic comparison (sympy simplification of a legitimate answer takes < 1 s)
+VERIFY_TIMEOUT_S = 5.0        # per symbolic comparison, the helper's hard deadline (then it is killed)
+_INNER_TIMEOUT_S = 1          # math-verify's own SIGALRM timeouts in the helper (whole seconds), per parse/verify
 START_TIMEOUT_S = 120.0       # the helper's start: importing math-verify and sympy (seconds on a busy machine)
 MAX_ANSWER_CHARS = 512        # longer answers are not compared symbolically (nor is any final answer that long)
 MAX_DIGITS = 100              # longer numbers are not parsed (exact string match still applies)
@@ -67,8 +69,8 @@ sys.stdout.write("ready\\n"); sys.stdout.flush()
 for line in sys.stdin:
     try:
         gold, pred = json.loads(line)
-        ok = verify(parse("$" + gold + "$", parsing_timeout=None), parse("$" + pred + "$", parsing_timeout=None),
-                    timeout_seconds=None)
+        ok = verify(parse("$" + gold + "$", parsing_timeout={_INNER_TIMEOUT_S}),
+                    parse("$" + pred + "$", parsing_timeout={_INNER_TIMEOUT_S}), timeout_seconds={_INNER_TIMEOUT_S})
     except BaseException:
         ok = False
     sys.stdout.write("1\\n" if ok else "0\\n"); sys.stdout.flush()
