@@ -59,6 +59,7 @@ from megatron_rpt.config.validation import fp8_row_multiple, sequence_length_mul
 from megatron_rpt.validate import validate_rpt_config
 from megatron_rpt.fileio import atomic_open
 from megatron_rpt.inference.base import RolloutEngine, SamplingConfig
+from megatron_rpt.inference.external.collective import rollout_group
 from megatron_rpt.models.gpt import token_head
 from megatron_rpt.rpt.evaluate import eval_splits, evaluate_tasks
 from megatron_rpt.rpt.grpo import group_advantages, informative_groups, policy_log_probs, policy_loss
@@ -322,10 +323,14 @@ class _RPTJob:
         if self.reward.model_scored:
             raise ConfigError([f"--rl-reward {r.rl_reward}: this loop computes text rewards only"])
         self.tasks = load_reward_tasks(self.reward, r.rpt_data, "--rpt-data")
-        self.eval_tasks = load_reward_tasks(self.reward, r.rpt_eval_data, "--rpt-eval-data") if r.rpt_eval_data else None
+        self.eval_tasks = (load_reward_tasks(self.reward, r.rpt_eval_data, "--rpt-eval-data")
+                           if r.rpt_eval_data else None)
         if self.eval_tasks is not None and r.rpt_eval_max_tasks:
             self.eval_tasks = self.eval_tasks[:r.rpt_eval_max_tasks]
         self.corpus = self.reward.task_kind == "corpus"
+        # The ranks sharing a data-parallel rank (TP x PP, x CP) score the same rollouts; a reward with a
+        # wall-clock limit (math-verify's) could still differ between them, so the first rank's are used.
+        self.reward_group = rollout_group()
         self.eval_splits = eval_splits(self.eval_tasks or [], self.corpus)
         self.template = load_template(r.rpt_prompt_template or self.reward.default_template)
         self.chat = getattr(job.tokenizer, "_tok", None) if r.rpt_chat_template else None
@@ -469,8 +474,14 @@ class _RPTJob:
     def _rewards(self, batch_tasks: list, rollouts: list) -> torch.Tensor:
         """[contexts, G] rewards of the rollouts of `batch_tasks` under --rl-reward."""
         score = self.reward.score
-        return torch.tensor([[score(o.text, task) for o in group] for task, group in zip(batch_tasks, rollouts)],
-                            dtype=torch.float32)
+        rewards = torch.tensor([[score(o.text, task) for o in group] for task, group in zip(batch_tasks, rollouts)],
+                               dtype=torch.float32)
+        if self.reward_group is not None:
+            group, src = self.reward_group
+            rewards = rewards.to(self.device)
+            torch.distributed.broadcast(rewards, src, group=group)
+            rewards = rewards.cpu()
+        return rewards
 
     def step(self, iteration: int) -> None:
         r, t = self.cfg.rpt, self.cfg.training
@@ -551,7 +562,8 @@ class _RPTJob:
             dist.print_rank_0(
                 f" iteration {iteration:8d}/{t.train_iters:8d} | consumed contexts: {self.driver.consumed_train} | "
                 f"reward: {metrics['reward']:.4f} | pass@{r.rpt_group_size}: {metrics[f'pass@{r.rpt_group_size}']:.4f} | "
-                f"kept groups: {metrics['kept_group_fraction']:.3f} | response length: {metrics['response_length']:.1f} "
+                f"kept groups: {metrics['kept_group_fraction']:.3f} | "
+                f"response length: {metrics['response_length']:.1f} "
                 f"(std {metrics['response_length_std']:.1f}) | answer rate: {metrics['answer_rate']:.3f} | "
                 f"policy loss: {report['policy_loss']:.5f} | entropy: {report['entropy']:.4f} | "
                 f"clip frac: {report['clip_fraction']:.4f} | ratio: {report['ratio']:.5f} | "
@@ -583,7 +595,8 @@ def rpt_train(cfg: RunConfig) -> RPTResult:
     result = RPTResult(iteration=driver.iteration, start_iteration=driver.iteration, resumed_from=driver.resumed_from)
     rpt = _RPTJob(cfg, job, driver, result)
     r = cfg.rpt
-    dist.print_rank_0(f"> RPT ({r.rl_reward}): {len(rpt.tasks)} tasks, {r.rpt_contexts_per_step} contexts x G={r.rpt_group_size} per "
+    dist.print_rank_0(f"> RPT ({r.rl_reward}): {len(rpt.tasks)} tasks, {r.rpt_contexts_per_step} contexts x "
+                      f"G={r.rpt_group_size} per "
                       f"step, engine {rpt.engine.name}, temperature {r.rpt_temperature}, max response "
                       f"{r.rpt_max_response_length} tokens, old policy "
                       f"{'from the engine' if r.rpt_use_rollout_logprobs else 'recomputed'}"

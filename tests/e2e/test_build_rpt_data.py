@@ -22,6 +22,7 @@ tests/cli.py), never in pytest.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
@@ -416,12 +417,13 @@ def _problems(prefix):
 def test_build_rl_data_reasoning_gym_chain_sum(tmp_path):
     """Counts, answers equal to the expression's value (Python's arithmetic), no question twice nor in
     both files, the same seed the same bytes, another seed other problems."""
-    import reasoning_gym  # noqa: F401 - imported once here (2 s), not in each forked run
+    importlib.import_module("reasoning_gym")   # imported once here (2 s), not in each forked run
     config = '{"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}'
     outputs = {}
     for name, seed in (("a", "7"), ("b", "7"), ("c", "8")):
         proc = run(sys.executable, "tools/build_rl_data.py", "--dataset", "chain_sum", "--dataset-config", config,
-                   "--train-size", "40", "--heldout-size", "12", "--seed", seed, "--output-prefix", str(tmp_path / name))
+                   "--train-size", "40", "--heldout-size", "12", "--seed", seed,
+                   "--output-prefix", str(tmp_path / name))
         assert "reasoning_gym/chain_sum: 40 train" in proc.stdout and "12 held-out" in proc.stdout
         outputs[name] = [(tmp_path / f"{name}_{s}.jsonl").read_bytes() for s in ("train", "heldout")]
     assert outputs["a"] == outputs["b"] and outputs["a"] != outputs["c"]

@@ -205,8 +205,8 @@ def test_task_file_of_the_wrong_kind_is_refused(tmp_path):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text(json.dumps({"id": "d:1", "doc_id": "d", "position": 1, "context": "a", "context_tokens": [1],
                                   "target_tokens": [2], "target_bytes": ["62"], "entropy": 0.1, "splits": []}) + "\n")
-    with pytest.raises(TaskError, match=f"--rpt-data {problems}: holds RLVR problem files \\(tools/build_rl_data.py\\), "
-                                        "but --rl-reward prefix_match reads RPT task files"):
+    with pytest.raises(TaskError, match=f"--rpt-data {problems}: holds RLVR problem files "
+                                        "\\(tools/build_rl_data.py\\), but --rl-reward prefix_match reads RPT task"):
         check_task_file(get_reward("prefix_match"), problems, "--rpt-data")
     with pytest.raises(TaskError, match="--rpt-eval-data .*holds RPT task files .* --rl-reward math_answer reads RLVR"):
         load_reward_tasks(get_reward("math_answer"), corpus, "--rpt-eval-data")

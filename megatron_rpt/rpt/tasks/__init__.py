@@ -23,6 +23,6 @@ from megatron_rpt.rpt.tasks.windows import (Document, Window, document_tokens, h
                                             plan_windows)
 
 __all__ = ["FORMAT", "KILL_ENV", "PROXY_DTYPES", "SPLITS", "TOP_K", "BuildConfig", "Document", "HFProxy",
-           "MegatronProxy", "Problem", "Task", "TaskError", "Window", "build_tasks", "check_vocabulary", "document_tokens",
-           "heldout_indices", "iter_documents", "load_problems", "load_tasks", "plan_windows", "scan_documents", "score_windows",
-           "splits_for", "task_file_kind", "top_k_entropy"]
+           "MegatronProxy", "Problem", "Task", "TaskError", "Window", "build_tasks", "check_vocabulary",
+           "document_tokens", "heldout_indices", "iter_documents", "load_problems", "load_tasks", "plan_windows",
+           "scan_documents", "score_windows", "splits_for", "task_file_kind", "top_k_entropy"]

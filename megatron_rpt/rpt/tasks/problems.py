@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_rpt.data.jsonl import iter_lines, parse_line
-from megatron_rpt.rpt.tasks.format import TaskError
+from megatron_rpt.rpt.tasks.format import TaskError, check_keys
 
 FORMAT = "mrpt-rl-problems/1"
 _RECORD_KEYS = ("id", "family", "source", "question", "answer", "solution", "splits")
@@ -47,14 +47,7 @@ class Problem:
 
 def _check_record(obj) -> Problem:
     """A Problem from one decoded record; ValueError with what is wrong."""
-    if not isinstance(obj, dict):
-        raise ValueError("not a JSON object")
-    missing = [k for k in _RECORD_KEYS if k not in obj]
-    if missing:
-        raise ValueError(f"missing key(s) {', '.join(missing)}")
-    extra = sorted(set(obj) - set(_RECORD_KEYS))
-    if extra:
-        raise ValueError(f"unknown key(s) {', '.join(extra)}")
+    check_keys(obj, _RECORD_KEYS)
     for key in ("id", "family", "source", "question", "answer"):
         if not isinstance(obj[key], str) or not obj[key].strip():
             raise ValueError(f"{key} must be a non-empty string")
