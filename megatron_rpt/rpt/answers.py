@@ -8,8 +8,9 @@ The answer of a response is the content of its last `\\boxed{...}` after `</thin
     of surrounding `$...$` (or `$$...$$`), a trailing period, runs of whitespace inside collapsed
     to one space; the Unicode minus sign is "-". Case is kept;
 (b) both are plain numbers (`parse_number`) of equal value, compared exactly as fractions:
-    integers, decimals, thousands separators in groups of three ("1,234.5"), a leading sign, a/b
-    fractions of such integers, and a trailing "%". A percent sign is a unit, not a factor of 1/100:
+    integers, decimals, thousands separators in groups of three ("1,234.5"), a leading sign,
+    e-notation ("1.5e-3", as reasoning-gym's power_function asks for), a/b fractions of integers,
+    and a trailing "%". A percent sign is a unit, not a factor of 1/100:
     "50%" equals "50" (GSM-style questions ask "what percent ..." and give the bare number) and does
     not equal "0.5". When both are numbers, (b) decides (no symbolic check);
 (c) otherwise math-verify (`math_verify.parse` of "$...$", `verify`) says the prediction equals
@@ -51,9 +52,10 @@ _INNER_TIMEOUT_S = 1          # math-verify's own SIGALRM timeouts in the helper
 START_TIMEOUT_S = 120.0       # the helper's start: importing math-verify and sympy (seconds on a busy machine)
 MAX_ANSWER_CHARS = 512        # longer answers are not compared symbolically (nor is any final answer that long)
 MAX_DIGITS = 100              # longer numbers are not parsed (exact string match still applies)
+MAX_EXPONENT = 400            # nor are numbers beyond 10^+-400 in e-notation (their value would be huge)
 _HELPER_MEMORY = 4 << 30      # RLIMIT_AS of the helper (bytes): a blow-up ends it with MemoryError, not the node
 
-_NUMBER = re.compile(r"([+-]?)(\d{1,3}(?:,\d{3})+|\d+)?(?:\.(\d+))?")
+_NUMBER = re.compile(r"([+-]?)(\d{1,3}(?:,\d{3})+|\d+)?(?:\.(\d+))?(?:[eE]([+-]?\d{1,4}))?")
 _WS = re.compile(r"\s+")
 
 # The helper: JSON [gold, prediction] per line in, "1" or "0" per line out.
@@ -96,9 +98,10 @@ def _decimal(text: str) -> Optional[Fraction]:
     if m is None or (m.group(2) is None and m.group(3) is None):
         return None
     whole, frac = (m.group(2) or "0").replace(",", ""), m.group(3) or ""
-    if len(whole) + len(frac) > MAX_DIGITS:
+    exponent = int(m.group(4) or 0) - len(frac)
+    if len(whole) + len(frac) > MAX_DIGITS or abs(exponent) > MAX_EXPONENT:
         return None
-    value = Fraction(int(whole + frac), 10 ** len(frac))
+    value = Fraction(int(whole + frac)) * Fraction(10) ** exponent
     return -value if m.group(1) == "-" else value
 
 
