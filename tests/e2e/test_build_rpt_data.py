@@ -462,3 +462,9 @@ def test_build_rl_data_champ(tmp_path):
     assert {s for p in train for s in p.splits} <= {"combinatorics", "inequality", "number-theory", "polynomial",
                                                     "sequence"}
     assert all(p.solution and p.source == "champ" for p in train)
+    # the held-out choice is the seed's: the same seed the same split, another seed another one
+    from megatron_rpt.demo_assets.corpus import champ_problems
+    from megatron_rpt.rpt.tasks.problem_sources import champ_problem_set
+    records = champ_problems()
+    assert champ_problem_set(records, 10, 3)[1] == heldout
+    assert champ_problem_set(records, 10, 4)[1] != heldout
