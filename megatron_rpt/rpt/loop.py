@@ -64,8 +64,8 @@ from megatron_rpt.models.gpt import token_head
 from megatron_rpt.rpt.evaluate import eval_splits, evaluate_tasks
 from megatron_rpt.rpt.grpo import group_advantages, informative_groups, policy_log_probs, policy_loss
 from megatron_rpt.rpt.prompts import build_prompt, load_template
-from megatron_rpt.rpt.tasks import TaskError
 from megatron_rpt.rpt.rewards import check_task_file, get_reward, load_reward_tasks
+from megatron_rpt.rpt.tasks import TaskError
 from megatron_rpt.training.context_parallel import split_for_this_cp_rank
 from megatron_rpt.training.driver import SignalFlag, TrainingDriver
 from megatron_rpt.training.setup import setup_job
@@ -508,7 +508,8 @@ class _RPTJob:
                   for j, o in enumerate(rollouts[g])]
                  for p in range(r.rpt_mini_batches)]
         resp_lens = [len(o.tokens) for group in rollouts for o in group]
-        answered = sum(self.reward.prediction(o.text) is not None for g in rollouts for o in g)
+        predict = self.reward.prediction        # an empty \boxed{} is no answer
+        answered = sum(bool(predict(o.text)) for g in rollouts for o in g) if predict else 0
         local = [rewards.sum().item(), rewards.numel(), float(rewards.max(dim=1).values.sum()), len(rewards),
                  float(keep.sum()), float(sum(resp_lens)), float(sum(o.finished for g in rollouts for o in g)),
                  float(sum(len(p) for p in prompts) * r.rpt_group_size), float(informative.sum()),
