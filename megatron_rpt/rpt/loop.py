@@ -320,8 +320,6 @@ class _RPTJob:
         self.cfg, self.job, self.driver, self.result = cfg, job, driver, result
         self.device, self.state = job.device, job.state
         self.reward = get_reward(r.rl_reward)
-        if self.reward.model_scored:
-            raise ConfigError([f"--rl-reward {r.rl_reward}: this loop computes text rewards only"])
         self.tasks = load_reward_tasks(self.reward, r.rpt_data, "--rpt-data")
         self.eval_tasks = (load_reward_tasks(self.reward, r.rpt_eval_data, "--rpt-eval-data")
                            if r.rpt_eval_data else None)
@@ -587,6 +585,9 @@ def rpt_train(cfg: RunConfig) -> RPTResult:
     signals = SignalFlag(cfg.training.exit_signal_handler)
     # A task file of the wrong kind for --rl-reward stops the run before the model is built.
     reward = get_reward(cfg.rpt.rl_reward)
+    if reward.model_scored:
+        raise ConfigError([f"--rl-reward {reward.name}: this loop computes text rewards only (scored from the "
+                           "responses' text)"])
     for flag, path in (("--rpt-data", cfg.rpt.rpt_data), ("--rpt-eval-data", cfg.rpt.rpt_eval_data)):
         if path and os.path.isfile(path):
             check_task_file(reward, path, flag)
