@@ -10,7 +10,7 @@ The answer of a response is the content of its last `\\boxed{...}` after `</thin
 (b) both are plain numbers (`parse_number`) of equal value, compared exactly as fractions:
     integers, decimals, thousands separators in groups of three ("1,234.5"), a leading sign,
     e-notation ("1.5e-3", as reasoning-gym's power_function asks for), a/b fractions of integers,
-    and a trailing "%". A percent sign is a unit, not a factor of 1/100:
+    and a trailing "%" or leading "$" (or "\\$"). A unit sign is dropped; percent is not a factor of 1/100:
     "50%" equals "50" (GSM-style questions ask "what percent ..." and give the bare number) and does
     not equal "0.5". When both are numbers, (b) decides (no symbolic check);
 (c) otherwise math-verify (`math_verify.parse` of "$...$", `verify`) says the prediction equals
@@ -57,6 +57,7 @@ _HELPER_MEMORY = 4 << 30      # RLIMIT_AS of the helper (bytes): a blow-up ends 
 
 _NUMBER = re.compile(r"([+-]?)(\d{1,3}(?:,\d{3})+|\d+)?(?:\.(\d+))?(?:[eE]([+-]?\d{1,4}))?")
 _WS = re.compile(r"\s+")
+_CURRENCY = re.compile(r"^\\?\$\s*(?=[-+.\d])")    # a leading dollar sign ("$24", LaTeX "\$24") before a number
 
 # The helper: JSON [gold, prediction] per line in, "1" or "0" per line out.
 _HELPER = f"""
@@ -108,6 +109,7 @@ def _decimal(text: str) -> Optional[Fraction]:
 def parse_number(text: str) -> Optional[Fraction]:
     """The exact value of a normalised plain number of (b), or None when it is not one."""
     s = text[:-1].rstrip() if text.endswith("%") else text
+    s = _CURRENCY.sub("", s, count=1)
     if "/" in s:
         num, _, den = s.partition("/")
         a, b = _decimal(num.strip()), _decimal(den.strip())
