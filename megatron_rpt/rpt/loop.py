@@ -1,4 +1,8 @@
-"""The RPT job (`mrpt-rpt`): contexts -> rollouts -> prefix rewards -> GRPO update, on the shared driver.
+"""The RL job (`mrpt-rpt`): tasks -> rollouts -> rewards -> GRPO update, on the shared driver.
+
+The reward is `--rl-reward` (`rpt.rewards`): RPT's prefix match on corpus task files (the default),
+RLVR's final-answer check on problem files; the task files are read as the reward needs them and a
+file of the other kind is refused at start-up.
 
 One iteration:
 1. the next `--rpt-contexts-per-step` tasks of a seeded per-epoch permutation (the position is the
@@ -8,7 +12,8 @@ One iteration:
    with their log-probs log softmax(z / T) (the embedded engine is collective over the
    model-parallel group; its seed is a function of seed, iteration and DP rank, so a resumed run
    samples the same rollouts);
-3. `rpt.reward.prefix_match_reward` scores each response against the target token bytes;
+3. the reward scores each response (`_rewards`, the one place rewards are computed): RPT's prefix
+   match against the target token bytes, RLVR's answer check against the reference answer;
 4. `rpt.grpo` turns rewards into group advantages; from `--rpt-dynamic-sampling-start` on, groups
    whose rewards are all equal are dropped;
 5. the old policy's log-probs are recomputed by the trainer, forward only, on the very micro-batches
@@ -54,12 +59,13 @@ from megatron_rpt.config.validation import fp8_row_multiple, sequence_length_mul
 from megatron_rpt.validate import validate_rpt_config
 from megatron_rpt.fileio import atomic_open
 from megatron_rpt.inference.base import RolloutEngine, SamplingConfig
+from megatron_rpt.inference.external.collective import rollout_group
 from megatron_rpt.models.gpt import token_head
-from megatron_rpt.rpt.evaluate import evaluate_tasks
+from megatron_rpt.rpt.evaluate import eval_splits, evaluate_tasks
 from megatron_rpt.rpt.grpo import group_advantages, informative_groups, policy_log_probs, policy_loss
 from megatron_rpt.rpt.prompts import build_prompt, load_template
-from megatron_rpt.rpt.reward import prefix_match_reward
-from megatron_rpt.rpt.tasks import load_tasks
+from megatron_rpt.rpt.rewards import check_task_file, get_reward, load_reward_tasks
+from megatron_rpt.rpt.tasks import TaskError
 from megatron_rpt.training.context_parallel import split_for_this_cp_rank
 from megatron_rpt.training.driver import SignalFlag, TrainingDriver
 from megatron_rpt.training.setup import setup_job
@@ -313,11 +319,18 @@ class _RPTJob:
         r, t, m = cfg.rpt, cfg.training, cfg.model
         self.cfg, self.job, self.driver, self.result = cfg, job, driver, result
         self.device, self.state = job.device, job.state
-        self.tasks = load_tasks(r.rpt_data)
-        self.eval_tasks = load_tasks(r.rpt_eval_data) if r.rpt_eval_data else None
+        self.reward = get_reward(r.rl_reward)
+        self.tasks = load_reward_tasks(self.reward, r.rpt_data, "--rpt-data")
+        self.eval_tasks = (load_reward_tasks(self.reward, r.rpt_eval_data, "--rpt-eval-data")
+                           if r.rpt_eval_data else None)
         if self.eval_tasks is not None and r.rpt_eval_max_tasks:
             self.eval_tasks = self.eval_tasks[:r.rpt_eval_max_tasks]
-        self.template = load_template(r.rpt_prompt_template)
+        self.corpus = self.reward.task_kind == "corpus"
+        # The ranks sharing a data-parallel rank (TP x PP, x CP) score the same rollouts; a reward with a
+        # wall-clock limit (math-verify's) could still differ between them, so the first rank's are used.
+        self.reward_group = rollout_group()
+        self.eval_splits = eval_splits(self.eval_tasks or [], self.corpus)
+        self.template = load_template(r.rpt_prompt_template or self.reward.default_template)
         self.chat = getattr(job.tokenizer, "_tok", None) if r.rpt_chat_template else None
         if r.rpt_chat_template and self.chat is None:
             raise ConfigError(["--rpt-chat-template needs --tokenizer-type HuggingFaceTokenizer (a chat template)"])
@@ -343,12 +356,17 @@ class _RPTJob:
         self.engine.close()
 
     def prompt_ids(self, task) -> list:
-        """The task's prompt ids; a context too long for --seq-length minus the response budget loses
-        its oldest text (the paper caps prompts at 4,096 tokens), never its end."""
+        """The task's prompt ids; a corpus context too long for --seq-length minus the response budget
+        loses its oldest text (the paper caps prompts at 4,096 tokens), never its end. A problem is
+        never cut (it would lose what it asks): one too long is an error naming it."""
         if task.id not in self.prompt_cache:
             tokenizer, template, chat = self.job.tokenizer, self.template, self.chat
-            context = task.context
+            context = task.prompt_content
             ids = tokenizer.tokenize(build_prompt(context, template, chat_tokenizer=chat))
+            if len(ids) > self.max_prompt and not self.corpus:
+                raise TaskError(f"problem {task.id!r}: its prompt has {len(ids)} tokens, more than --seq-length "
+                                f"{self.cfg.model.seq_length} minus --rpt-max-response-length "
+                                f"{self.cfg.rpt.rpt_max_response_length}")
             while len(ids) > self.max_prompt and context:
                 context = context[max(1, len(context) * (len(ids) - self.max_prompt) // len(ids) // 2 + 1):]
                 ids = tokenizer.tokenize(build_prompt(context, template, chat_tokenizer=chat))
@@ -356,7 +374,7 @@ class _RPTJob:
                 raise ConfigError([f"the prompt template alone has {len(ids)} tokens, more than --seq-length "
                                    f"{self.cfg.model.seq_length} minus --rpt-max-response-length "
                                    f"{self.cfg.rpt.rpt_max_response_length}"])
-            self.truncated += context != task.context
+            self.truncated += context != task.prompt_content
             self.prompt_cache[task.id] = ids
         return self.prompt_cache[task.id]
 
@@ -370,10 +388,10 @@ class _RPTJob:
         t0 = time.perf_counter()
         # Held-out tasks are split over DP ranks; every rank of a model-parallel group evaluates the same ones.
         mine = self.eval_tasks[self.dp_rank::self.dp]
-        metrics = evaluate_tasks(self.engine, mine, self.prompt_ids, k=cfg.rpt.rpt_eval_samples,
+        metrics = evaluate_tasks(self.engine, mine, self.prompt_ids, spec=self.reward, k=cfg.rpt.rpt_eval_samples,
                                  sampling=self.sampling(_seed(t.seed, iteration, self.dp_rank, 7)),
-                                 reduce=lambda v: _sum_over_dp(v, self.device),
-                                 max_context_tokens=cfg.model.seq_length - 1)
+                                 reduce=lambda v: _sum_over_dp(v, self.device), standard=self.corpus,
+                                 max_context_tokens=cfg.model.seq_length - 1, splits=self.eval_splits)
         self.result.evaluations[iteration] = metrics
         if cfg.checkpoint.save and self.job.env.rank == 0:
             # Next to the checkpoints, so before/after comparisons survive the job's log; rewritten
@@ -451,6 +469,18 @@ class _RPTJob:
         return ({**_summarise(sums, peak), "updates": len(grad_norms),
                  "num_zeros": sum(zeros) / len(zeros) if zeros else None}, grad_norms)
 
+    def _rewards(self, batch_tasks: list, rollouts: list) -> torch.Tensor:
+        """[contexts, G] rewards of the rollouts of `batch_tasks` under --rl-reward."""
+        score = self.reward.score
+        rewards = torch.tensor([[score(o.text, task) for o in group] for task, group in zip(batch_tasks, rollouts)],
+                               dtype=torch.float32)
+        if self.reward_group is not None:
+            group, src = self.reward_group
+            rewards = rewards.to(self.device)
+            torch.distributed.broadcast(rewards, src, group=group)
+            rewards = rewards.cpu()
+        return rewards
+
     def step(self, iteration: int) -> None:
         r, t = self.cfg.rpt, self.cfg.training
         t_start = time.perf_counter()
@@ -464,8 +494,7 @@ class _RPTJob:
         rollouts = self.engine.generate(prompts, r.rpt_group_size,
                                         self.sampling(_seed(t.seed, iteration - 1, self.dp_rank)))
         t_rollout = time.perf_counter() - t_start
-        rewards = torch.tensor([[prefix_match_reward(o.text, task.target_token_bytes) for o in group]
-                                for task, group in zip(batch_tasks, rollouts)], dtype=torch.float32)
+        rewards = self._rewards(batch_tasks, rollouts)
         advantages = group_advantages(rewards)
         informative = informative_groups(rewards)
         dynamic = r.rpt_dynamic_sampling_start is not None and iteration - 1 >= r.rpt_dynamic_sampling_start
@@ -477,11 +506,15 @@ class _RPTJob:
                   for j, o in enumerate(rollouts[g])]
                  for p in range(r.rpt_mini_batches)]
         resp_lens = [len(o.tokens) for group in rollouts for o in group]
+        predict = self.reward.prediction        # an empty \boxed{} is no answer
+        answered = sum(bool(predict(o.text)) for g in rollouts for o in g) if predict else 0
         local = [rewards.sum().item(), rewards.numel(), float(rewards.max(dim=1).values.sum()), len(rewards),
                  float(keep.sum()), float(sum(resp_lens)), float(sum(o.finished for g in rollouts for o in g)),
-                 float(sum(len(p) for p in prompts) * r.rpt_group_size), float(informative.sum())]
+                 float(sum(len(p) for p in prompts) * r.rpt_group_size), float(informative.sum()),
+                 float(sum(n * n for n in resp_lens)), float(answered)]
         (reward_sum, n_rollouts, groups_solved, n_groups, kept, resp_tokens, finished, prompt_tokens,
-         n_informative) = _sum_over_dp(local, self.device)
+         n_informative, resp_tokens_sq, n_answered) = _sum_over_dp(local, self.device)
+        mean_len = resp_tokens / max(n_rollouts, 1)
 
         t_train0 = time.perf_counter()
         report, grad_norms = self._update(parts)
@@ -492,7 +525,10 @@ class _RPTJob:
             "reward": reward_sum / max(n_rollouts, 1), f"pass@{r.rpt_group_size}": groups_solved / max(n_groups, 1),
             "kept_group_fraction": kept / max(n_groups, 1),
             "informative_group_fraction": n_informative / max(n_groups, 1),
-            "response_length": resp_tokens / max(n_rollouts, 1), "finished_fraction": finished / max(n_rollouts, 1),
+            "response_length": mean_len, "finished_fraction": finished / max(n_rollouts, 1),
+            # population std over the step's responses; answer_rate: responses with an extractable answer
+            "response_length_std": math.sqrt(max(resp_tokens_sq / max(n_rollouts, 1) - mean_len ** 2, 0.0)),
+            "answer_rate": n_answered / max(n_rollouts, 1),
             **report, "updated": bool(grad_norms), "grad_norm": grad_norm,
             "lr": float(self.state.optimizer.param_groups[0]["lr"]),
             "rollout_tokens_per_s": resp_tokens / max(t_rollout, 1e-9),
@@ -525,7 +561,9 @@ class _RPTJob:
             dist.print_rank_0(
                 f" iteration {iteration:8d}/{t.train_iters:8d} | consumed contexts: {self.driver.consumed_train} | "
                 f"reward: {metrics['reward']:.4f} | pass@{r.rpt_group_size}: {metrics[f'pass@{r.rpt_group_size}']:.4f} | "
-                f"kept groups: {metrics['kept_group_fraction']:.3f} | response length: {metrics['response_length']:.1f} | "
+                f"kept groups: {metrics['kept_group_fraction']:.3f} | "
+                f"response length: {metrics['response_length']:.1f} "
+                f"(std {metrics['response_length_std']:.1f}) | answer rate: {metrics['answer_rate']:.3f} | "
                 f"policy loss: {report['policy_loss']:.5f} | entropy: {report['entropy']:.4f} | "
                 f"clip frac: {report['clip_fraction']:.4f} | ratio: {report['ratio']:.5f} | "
                 f"|logp-engine| max: {report['max_abs_logp_diff']:.2e} | mismatch kl: {report['mismatch_kl']:.2e} | "
@@ -545,13 +583,22 @@ def rpt_train(cfg: RunConfig) -> RPTResult:
     """Run (or resume) RPT as configured on the current launcher's ranks."""
     start_time = time.time()
     signals = SignalFlag(cfg.training.exit_signal_handler)
+    # A task file of the wrong kind for --rl-reward stops the run before the model is built.
+    reward = get_reward(cfg.rpt.rl_reward)
+    if reward.model_scored:
+        raise ConfigError([f"--rl-reward {reward.name}: this loop computes text rewards only (scored from the "
+                           "responses' text)"])
+    for flag, path in (("--rpt-data", cfg.rpt.rpt_data), ("--rpt-eval-data", cfg.rpt.rpt_eval_data)):
+        if path and os.path.isfile(path):
+            check_task_file(reward, path, flag)
     job = setup_job(cfg, validate=validate_rpt_config, check_data=False)
     driver = TrainingDriver(cfg, job.state, job.device, start_time=start_time, signals=signals, name="RPT")
     driver.resume(counted="contexts")
     result = RPTResult(iteration=driver.iteration, start_iteration=driver.iteration, resumed_from=driver.resumed_from)
     rpt = _RPTJob(cfg, job, driver, result)
     r = cfg.rpt
-    dist.print_rank_0(f"> RPT: {len(rpt.tasks)} tasks, {r.rpt_contexts_per_step} contexts x G={r.rpt_group_size} per "
+    dist.print_rank_0(f"> RPT ({r.rl_reward}): {len(rpt.tasks)} tasks, {r.rpt_contexts_per_step} contexts x "
+                      f"G={r.rpt_group_size} per "
                       f"step, engine {rpt.engine.name}, temperature {r.rpt_temperature}, max response "
                       f"{r.rpt_max_response_length} tokens, old policy "
                       f"{'from the engine' if r.rpt_use_rollout_logprobs else 'recomputed'}"

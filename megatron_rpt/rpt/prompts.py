@@ -1,4 +1,4 @@
-"""RPT prompt templates: the paper's "v0" template, user template files, and prompt building.
+"""RL prompt templates: RPT's "v0", RLVR's "math", RLP's bare "rlp", user template files, and prompt building.
 
 A template is plain text with exactly one `{context}` placeholder (the paper writes it
 `{prompt_content}`). Filling it is plain string splicing, never `str.format`: contexts are corpus
@@ -23,7 +23,19 @@ V0_TEMPLATE = (
     "\n\n### Context\n" + PLACEHOLDER
 )
 
-TEMPLATES = {"v0": V0_TEMPLATE}
+# RLVR's math problems (--rl-reward math_answer): reasoning in <think> </think>, the final answer boxed
+# (what rpt.answers extracts). The problem is the {context}.
+MATH_TEMPLATE = (
+    "Solve the following problem. Reason step by step inside <think> </think>, then give the final answer "
+    "after </think>, enclosed in \\boxed{} (only the answer: a number or an expression, no units or words)."
+    "\n\n### Problem\n" + PLACEHOLDER
+)
+
+# RLP (--rl-reward information_gain): the raw corpus text, no instruction (the model thinks, then
+# the next tokens of the text are scored).
+RLP_TEMPLATE = PLACEHOLDER
+
+TEMPLATES = {"v0": V0_TEMPLATE, "math": MATH_TEMPLATE, "rlp": RLP_TEMPLATE}
 
 
 class PromptError(ValueError):
@@ -40,7 +52,7 @@ def check_template(template: str, source: str = "template") -> str:
 
 
 def load_template(spec: str) -> str:
-    """A built-in template by name ("v0") or a UTF-8 text file's template.
+    """A built-in template by name (`TEMPLATES`) or a UTF-8 text file's template.
 
     A file's single final newline is the end of its last line (editors add it), not template text,
     and is dropped; any other whitespace is kept as written.

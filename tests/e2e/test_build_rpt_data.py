@@ -22,9 +22,11 @@ tests/cli.py), never in pytest.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
+import re
 import signal
 import sys
 from pathlib import Path
@@ -403,3 +405,66 @@ def test_tokenizer_problems_are_one_clear_error(w, tmp_path):
                tmp_path / "o", check=False)
     assert proc.returncode == 2 and "tokenizer" in proc.stderr and "vocabular" in proc.stderr
     assert not list(tmp_path.glob("o_*")) and not list(tmp_path.glob("o.*"))   # nothing written
+
+
+# ----------------------------------------------------------------------------- RLVR: tools/build_rl_data.py
+
+def _problems(prefix):
+    from megatron_rpt.rpt.tasks import load_problems
+    return load_problems(f"{prefix}_train.jsonl"), load_problems(f"{prefix}_heldout.jsonl")
+
+
+def test_build_rl_data_reasoning_gym_chain_sum(tmp_path):
+    """Counts, answers equal to the expression's value (Python's arithmetic), no question twice nor in
+    both files, the same seed the same bytes, another seed other problems."""
+    importlib.import_module("reasoning_gym")   # imported once here (2 s), not in each forked run
+    config = '{"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}'
+    outputs = {}
+    for name, seed in (("a", "7"), ("b", "7"), ("c", "8")):
+        proc = run(sys.executable, "tools/build_rl_data.py", "--dataset", "chain_sum", "--dataset-config", config,
+                   "--train-size", "40", "--heldout-size", "12", "--seed", seed,
+                   "--output-prefix", str(tmp_path / name))
+        assert "reasoning_gym/chain_sum: 40 train" in proc.stdout and "12 held-out" in proc.stdout
+        outputs[name] = [(tmp_path / f"{name}_{s}.jsonl").read_bytes() for s in ("train", "heldout")]
+    assert outputs["a"] == outputs["b"] and outputs["a"] != outputs["c"]
+    train, heldout = _problems(tmp_path / "a")
+    assert len(train) == 40 and len(heldout) == 12
+    questions = [p.question for p in train + heldout]
+    assert len(set(questions)) == len(questions)
+    for p in train + heldout:
+        expression = p.question.rsplit(":", 1)[1].rstrip("= ").strip()
+        assert re.fullmatch(r"[0-9 +-]+", expression) and int(p.answer) == eval(expression), p   # digits, + and - only
+        assert p.family == "math" and p.source == "reasoning_gym/chain_sum" and p.splits == []
+    meta = json.loads((tmp_path / "a.meta.json").read_text())
+    assert meta["format"] == "mrpt-rl-problems/1" and meta["seed"] == 7 and meta["dataset_config"]["max_terms"] == 3
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    # 1-digit sums of two terms have 19 x 19 distinct questions at most: asking for more is one error
+    proc = run(sys.executable, "tools/build_rl_data.py", "--dataset", "chain_sum", "--dataset-config",
+               '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}', "--train-size", "400",
+               "--output-prefix", str(tmp_path / "d"), check=False)
+    assert proc.returncode == 2 and "distinct train questions" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_build_rl_data_champ(tmp_path):
+    """CHAMP: problems without a short final answer are skipped and counted; held-out is a seeded choice."""
+    proc = run(sys.executable, "tools/build_rl_data.py", "--champ", "--heldout-size", "10", "--seed", "3",
+               "--output-prefix", str(tmp_path / "champ"))
+    train, heldout = _problems(tmp_path / "champ")
+    meta = json.loads((tmp_path / "champ.meta.json").read_text())
+    assert len(train) + len(heldout) + meta["skipped_without_short_answer"] == 270 and len(heldout) == 10
+    assert f"{meta['skipped_without_short_answer']} skipped" in proc.stdout
+    assert not {p.id for p in train} & {p.id for p in heldout}
+    answers = {p.id: p.answer for p in train + heldout}
+    assert answers["champ/P_Combinatorics_1"] == "239"                       # kept as written
+    by_answer = {p.answer for p in train + heldout}
+    assert not {"No", "Yes"} & by_answer                                     # yes/no and prose are skipped
+    assert all(not re.search("[A-Za-z]{2}", a) for a in by_answer)
+    assert {s for p in train for s in p.splits} <= {"combinatorics", "inequality", "number-theory", "polynomial",
+                                                    "sequence"}
+    assert all(p.solution and p.source == "champ" for p in train)
+    # the held-out choice is the seed's: the same seed the same split, another seed another one
+    from megatron_rpt.demo_assets.corpus import champ_problems
+    from megatron_rpt.rpt.tasks.problem_sources import champ_problem_set
+    records = champ_problems()
+    assert champ_problem_set(records, 10, 3)[1] == heldout
+    assert champ_problem_set(records, 10, 4)[1] != heldout

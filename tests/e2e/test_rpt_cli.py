@@ -41,3 +41,18 @@ def test_malformed_task_file_is_named(tmp_path):
                "--rpt-max-response-length", "8")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"{tasks}:1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_task_file_of_the_wrong_kind_for_the_reward(tmp_path):
+    """An RPT task file for --rl-reward math_answer stops the run at start-up with one error."""
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"id": "d:1", "doc_id": "d", "position": 1, "context": "a", "context_tokens": [1], '
+                     '"target_tokens": [2], "target_bytes": ["62"], "entropy": 0.1, "splits": []}\n')
+    proc = rpt("--rl-reward", "math_answer", "--rpt-data", str(tasks), "--rpt-contexts-per-step", "1",
+               "--rpt-group-size", "2", "--rpt-max-response-length", "8")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert (f"--rpt-data {tasks}: holds RPT task files (tools/build_rpt_data.py), but --rl-reward math_answer "
+            "reads RLVR problem files (tools/build_rl_data.py)") in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = rpt("--rl-reward", "nope")
+    assert proc.returncode == 2 and "--rl-reward: invalid choice: 'nope'" in proc.stderr

@@ -10,6 +10,7 @@ same gate; dynamic sampling drops all-equal groups.
 """
 
 import json
+import math
 import os
 
 import pytest
@@ -40,7 +41,25 @@ def task_files(tmp_path_factory):
                     "id": f"{name}{i}:{len(words)}", "doc_id": f"{name}{i}", "position": len(words),
                     "context": " ".join(words), "context_tokens": [vocab[w] for w in words], "target_tokens": [vocab[a]],
                     "target_bytes": [a.encode().hex()], "entropy": 1.2, "splits": ["easy", "medium"]}) + "\n")
+    # RLVR: problems "qa" (answer 0.5) and "qb" (answer -3) with one token per boxed answer
+    rl_vocab = {w: i for i, w in enumerate(RL_WORDS)}
+    tok = Tokenizer(models.WordLevel(rl_vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(root / "rl_tokenizer.json"))
+    for name, n in (("train", 16), ("heldout", 4)):
+        with open(root / f"problems_{name}.jsonl", "w") as f:
+            for i in range(n):
+                question, answer = ("qa", "0.5") if i % 2 == 0 else ("qb", "-3")
+                f.write(json.dumps({"id": f"{name}{i}", "family": "math", "source": "test", "question": question,
+                                    "answer": answer, "solution": None, "splits": ["half"] if i % 2 else []}) + "\n")
     return root
+
+
+# RLVR words; RL_CORRECT: by hand, the boxed words that are each problem's answer (1/2, 0.5 and
+# \frac{1}{2} are all 0.5: the string, numeric and math-verify comparisons of rpt.answers)
+RL_WORDS = ["</s>", "\\boxed{1/2}", "\\boxed{0.5}", "\\boxed{\\frac{1}{2}}", "\\boxed{3}", "\\boxed{-3}", "\\boxed{x}",
+            "qa", "qb", "<unk>", "x"]
+RL_CORRECT = {"0.5": {"\\boxed{1/2}", "\\boxed{0.5}", "\\boxed{\\frac{1}{2}}"}, "-3": {"\\boxed{-3}"}}
 
 
 QWEN3_TINY = [*model_flags_argv(QWEN3_FAMILY), "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
@@ -86,6 +105,52 @@ def test_reward_rises_and_first_step_gate(task_files):
     assert after["all/avg@4"] > before["all/avg@4"] + 0.4
     assert after["all/pass@4"] >= after["all/avg@4"]
     assert after["medium/avg@4"] == after["all/avg@4"] and after["hard/tasks"] == 0
+
+
+def _run_recording_rewards(rank, world, argv):
+    """`_run`, also returning every step's (answers, response texts and lengths, rewards)."""
+    import megatron_rpt.rpt.loop as loop
+    seen, rewards = [], loop._RPTJob._rewards
+
+    def recording(self, tasks, rollouts):
+        out = rewards(self, tasks, rollouts)
+        seen.append(([t.answer for t in tasks], [[o.text for o in g] for g in rollouts],
+                     [[len(o.tokens) for o in g] for g in rollouts], out.tolist()))
+        return out
+    loop._RPTJob._rewards = recording
+    return {**_run(rank, world, argv), "seen": seen}
+
+
+def test_rlvr_math_answer_rewards(task_files):
+    """--rl-reward math_answer on problem files: every reward is the hand-made answer check of its
+    response (the last boxed word; math-verify runs in this forked rank's helper), and the logged
+    reward, answer_rate and response_length_std are those of the responses; evaluation reports the
+    problems' splits without the next-token (standard) mode."""
+    args = _args(task_files, ["--rl-reward", "math_answer", "--train-iters", "2", "--rpt-max-response-length", "2",
+                              "--rpt-data", str(task_files / "problems_train.jsonl"),
+                              "--tokenizer-model", str(task_files / "rl_tokenizer.json"),
+                              "--rpt-eval-data", str(task_files / "problems_heldout.jsonl"), "--rpt-eval-samples", "2",
+                              "--log-interval", "1"])
+    out = run_ranks(_run_recording_rewards, 1, args, timeout=300)[0]
+    assert len(out["seen"]) == 2
+    for it, (answers, texts, lengths, rewards) in enumerate(out["seen"], 1):
+        flat = [(a, t) for a, group in zip(answers, texts) for t in group]
+        boxed = [[w for w in t.split() if w.startswith("\\boxed")] for _, t in flat]
+        expected = [float(bool(b) and b[-1] in RL_CORRECT[a]) for (a, _), b in zip(flat, boxed)]
+        assert [r for row in rewards for r in row] == expected
+        m = out["metrics"][it]
+        assert m["reward"] == pytest.approx(sum(expected) / len(expected), abs=1e-12)
+        assert m["answer_rate"] == pytest.approx(sum(map(bool, boxed)) / len(boxed), abs=1e-12)
+        n = [x for row in lengths for x in row]
+        mean = sum(n) / len(n)
+        assert m["response_length"] == pytest.approx(mean, abs=1e-12)
+        assert m["response_length_std"] == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in n) / len(n)), abs=1e-9)
+    assert any(0 < sum(row) < len(row) for _, _, _, rows in out["seen"] for row in rows)   # GRPO had signal
+    assert any(r == 1.0 and t.split()[-1] == "\\boxed{\\frac{1}{2}}"       # a math-verify verdict was needed
+               for _, texts, _, rows in out["seen"] for g, rs in zip(texts, rows) for t, r in zip(g, rs) if t.split())
+    for e in out["evaluations"].values():
+        assert e["all/tasks"] == 4 and e["half/tasks"] == 2 and "all/standard_acc" not in e
+        assert 0.0 <= e["all/avg@2"] <= e["all/pass@2"] <= 1.0
 
 
 def test_resume_is_exact(task_files, tmp_path):

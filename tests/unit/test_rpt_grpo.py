@@ -114,14 +114,71 @@ def test_pass_ks():
 
 
 def test_majority_vote():
-    target = [b" x", b" =", b" 3"]
+    from megatron_rpt.rpt.rewards import get_reward
+    spec = get_reward("prefix_match")
+
+    class Task:
+        target_token_bytes = [b" x", b" =", b" 3"]
+    task = Task()
     wins = ["</think> \\boxed{ x}", "</think> \\boxed{ y}", "</think> \\boxed{ x =}", "\\boxed{ x}", "no answer"]
-    assert majority_vote_reward(wins, target) == 1.0
+    assert majority_vote_reward(wins, spec, task) == 1.0
     loses = ["</think> \\boxed{ y}", "</think> \\boxed{ y}", "</think> \\boxed{ x}"]
-    assert majority_vote_reward(loses, target) == 0.0
+    assert majority_vote_reward(loses, spec, task) == 0.0
     tie = ["</think> \\boxed{ x =}", "</think> \\boxed{ z}"]       # tie: the earliest prediction wins
-    assert majority_vote_reward(tie, target) == 1.0
-    assert majority_vote_reward(["nothing", "\\boxed{}"], target) == 0.0
+    assert majority_vote_reward(tie, spec, task) == 1.0
+    assert majority_vote_reward(["nothing", "\\boxed{}"], spec, task) == 0.0
+
+
+class _CannedEngine:
+    """Rollout engine of fixed responses: prompt [i] gets RESPONSES[i] (k of them)."""
+    name = "canned"
+
+    def __init__(self, responses):
+        self.responses, self.calls = responses, []
+
+    def generate(self, prompts, n, sampling):
+        from megatron_rpt.inference.base import Rollout
+        self.calls.append((prompts, n))
+        return [[Rollout([1], [0.0], text, True) for text in self.responses[p[0]][:n]] for p in prompts]
+
+
+def test_evaluate_math_answers_against_hand_computed_metrics():
+    """k = 4 canned responses per problem, scored by math_answer; every metric worked out by hand."""
+    from megatron_rpt.inference.base import SamplingConfig
+    from megatron_rpt.rpt.evaluate import eval_splits, evaluate_tasks
+    from megatron_rpt.rpt.rewards import get_reward
+    from megatron_rpt.rpt.tasks.problems import Problem
+
+    def problem(i, answer, splits):
+        return Problem(f"p{i}", "math", "test", f"question {i}", answer, None, splits)
+    problems = [problem(0, "0.5", ["easy"]), problem(1, "12", ["hard"]), problem(2, "x+1", [])]
+    b = "</think>\\boxed{%s}"
+    engine = _CannedEngine([
+        # rewards 1 1 0 0 (c=2); votes: "1/2" 1, "\\frac{1}{2}" 1 (symbolic forms vote apart), "2/5" 2 -> cons 0
+        [b % "1/2", b % "\\frac{1}{2}", b % "0.4", b % "0.40"],
+        # rewards 0 1 1 0 (c=2); votes: "12" 2 (12 and 12.0), "13" 1, no answer -> cons 1
+        ["no answer", b % "12", b % "12.0", b % "13"],
+        # rewards 1 1 1 1 (c=4) -> cons 1
+        [b % "x+1", b % "$x+1$", b % "1+x", b % "x + 1"],
+    ])
+    splits = eval_splits(problems, corpus=False)
+    assert splits == ("all", "easy", "hard")
+    m = evaluate_tasks(engine, problems, lambda t: [int(t.id[1:])], spec=get_reward("math_answer"), k=4,
+                       sampling=SamplingConfig(max_new_tokens=8), standard=False, splits=splits,
+                       reduce=lambda v: [2 * x for x in v])      # as if a second rank had the same problems
+    assert engine.calls == [([[0], [1], [2]], 4)]                # no standard (next-token) mode for problems
+    pass1, pass2 = 1 - 2 / 4, 1 - 1 / 6                          # c=2 of 4: 1 - C(2,j)/C(4,j)
+    expected = {
+        "all/tasks": 6, "all/avg@4": 2 / 3, "all/cons@4": 2 / 3, "all/pass@1": (pass1 + pass1 + 1) / 3,
+        "all/pass@2": (pass2 + pass2 + 1) / 3, "all/pass@4": 1.0,
+        "easy/tasks": 2, "easy/avg@4": 0.5, "easy/cons@4": 0.0, "easy/pass@1": pass1, "easy/pass@2": pass2,
+        "easy/pass@4": 1.0,
+        "hard/tasks": 2, "hard/avg@4": 0.5, "hard/cons@4": 1.0, "hard/pass@1": pass1, "hard/pass@2": pass2,
+        "hard/pass@4": 1.0,
+    }
+    assert m.keys() == expected.keys()
+    for key, value in expected.items():
+        assert m[key] == pytest.approx(value, abs=1e-12), key
 
 
 def test_policy_log_probs_temperature_must_be_positive():

@@ -256,3 +256,43 @@ def test_load_tasks_bad_json_and_missing_keys(tmp_path):
     path.write_text(json.dumps({k: v for k, v in GOOD.items() if k != "entropy"}) + "\n")
     with pytest.raises(TaskError, match=f"{path}:1: malformed task record: missing key\\(s\\) entropy"):
         load_tasks(path)
+
+
+# ----------------------------------------------------------------------------- RLVR problem files
+
+PROBLEM = {"id": "chain_sum/train/0", "family": "math", "source": "reasoning_gym/chain_sum",
+           "question": "State the final answer: 4 - 1 - 7 =", "answer": "-4", "solution": None, "splits": ["easy"]}
+
+
+def test_load_problems_round_trip(tmp_path):
+    from megatron_rpt.rpt.tasks import Problem, load_problems, task_file_kind
+    p = Problem(**{**PROBLEM, "id": "b", "solution": "4 - 1 = 3, 3 - 7 = -4", "splits": []})
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(PROBLEM) + "\n\n" + p.to_json() + "\n")
+    problems = load_problems(path)
+    assert problems == [Problem(**PROBLEM), p]
+    assert problems[0].prompt_content == PROBLEM["question"]
+    assert task_file_kind(path) == "problem"
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"answer": ""}, "answer must be a non-empty string"),
+    ({"question": 3}, "question must be a non-empty string"),
+    ({"solution": 1}, "solution must be a string or null"),
+    ({"splits": "easy"}, "splits must be a list of non-empty strings"),
+    ({"splits": ["all"]}, "'all' is implied"),
+    ({"extra": 1}, "unknown key\\(s\\) extra"),
+    ({"id": "chain_sum/train/0"}, "problem id 'chain_sum/train/0' already on line 1"),
+])
+def test_load_problems_names_the_bad_line(tmp_path, change, message):
+    from megatron_rpt.rpt.tasks import load_problems
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(PROBLEM) + "\n" + json.dumps({**PROBLEM, "id": "other", **change}) + "\n")
+    with pytest.raises(TaskError, match=f"{path}:2: .*{message}"):
+        load_problems(path)
+    path.write_text(json.dumps({k: v for k, v in PROBLEM.items() if k != "answer"}) + "\n")
+    with pytest.raises(TaskError, match=f"{path}:1: malformed problem record: missing key\\(s\\) answer"):
+        load_problems(path)
+    path.write_text("[1]\n")
+    with pytest.raises(TaskError, match=f"{path}:1: malformed problem record: not a JSON object"):
+        load_problems(path)

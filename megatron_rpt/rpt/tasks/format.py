@@ -39,6 +39,11 @@ class Task:
     splits: list[str]            # difficulty splits it belongs to ("easy" ⊇ "medium" ⊇ "hard")
 
     @property
+    def prompt_content(self) -> str:
+        """What fills the prompt template's {context}: the context text."""
+        return self.context
+
+    @property
     def target_token_bytes(self) -> list[bytes]:
         """The target tokens' bytes, what `rpt.reward.prefix_match_reward` takes."""
         return [bytes.fromhex(h) for h in self.target_bytes]
@@ -56,16 +61,22 @@ def _is_int_list(x) -> bool:
     return isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in x)
 
 
-def _check_record(obj) -> Task:
-    """A Task from one decoded record; ValueError with what is wrong."""
+def check_keys(obj, keys: tuple) -> dict:
+    """`obj` when it is a JSON object with exactly `keys`; ValueError naming what is missing or extra."""
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
-    missing = [k for k in _RECORD_KEYS if k not in obj]
+    missing = [k for k in keys if k not in obj]
     if missing:
         raise ValueError(f"missing key(s) {', '.join(missing)}")
-    extra = sorted(set(obj) - set(_RECORD_KEYS))
+    extra = sorted(set(obj) - set(keys))
     if extra:
         raise ValueError(f"unknown key(s) {', '.join(extra)}")
+    return obj
+
+
+def _check_record(obj) -> Task:
+    """A Task from one decoded record; ValueError with what is wrong."""
+    check_keys(obj, _RECORD_KEYS)
     if not isinstance(obj["doc_id"], str) or not obj["doc_id"]:
         raise ValueError("doc_id must be a non-empty string")
     pos = obj["position"]
