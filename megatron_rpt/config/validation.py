@@ -721,6 +721,10 @@ def check_rpt_config(cfg: RunConfig, world_size: int, *, check_files: bool = Tru
         problems.append(f"--rpt-eval-max-tasks must be >= 1 (got {r.rpt_eval_max_tasks})")
     if r.rpt_eval_samples < 1:
         problems.append(f"--rpt-eval-samples must be >= 1 (got {r.rpt_eval_samples})")
+    if not 0.0 < r.rlp_ema_decay < 1.0:
+        problems.append(f"--rlp-ema-decay must be in (0, 1) (got {r.rlp_ema_decay}): the EMA teacher's tau")
+    if r.rlp_target_tokens < 1:
+        problems.append(f"--rlp-target-tokens must be >= 1 (got {r.rlp_target_tokens})")
     if p.num_layers_per_virtual_pipeline_stage is not None:
         problems.append("--num-layers-per-virtual-pipeline-stage is not supported by mrpt-rpt (Megatron-Core's "
                         "inference engine runs one model chunk per rank)")
