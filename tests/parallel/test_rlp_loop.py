@@ -20,7 +20,11 @@ TAU = 0.9      # a decay that moves the EMA visibly in a few steps (the paper's 
 
 @pytest.fixture(scope="module")
 def rlp_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rlp_synthetic")
+    return write_files(tmp_path_factory.mktemp("rlp_synthetic"))
+
+
+def write_files(root):
+    """A word-level tokenizer with the thought markers, and task files with two target tokens each."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     vocab = {w: i for i, w in enumerate(WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -56,119 +60,138 @@ def _params(chunks):
     return {n: p.detach().float().cpu().clone() for c in chunks for n, p in unwrap(c).named_parameters()}
 
 
-def _full_logits(model, tokens):
-    """[b, s, V] float64 logits of `model` (chunk list) gathered over tensor parallelism."""
+def _reference_scores(model, batches, count):
+    """float64 sum over each row's target positions of log softmax(logits)[label], the logits of `model`
+    (chunk list) on the very micro-batches the loop scored, gathered over tensor parallelism."""
     import torch
     from megatron.core import parallel_state as ps
-    b, s = tokens.shape
-    with torch.no_grad():
-        logits = model[0](tokens, torch.arange(s).expand(b, s), None)
-    parts = [torch.empty_like(logits) for _ in range(ps.get_tensor_model_parallel_world_size())]
-    torch.distributed.all_gather(parts, logits.contiguous(), group=ps.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=-1).double()
-
-
-def _reference_scores(model, sequences, n):
-    """float64 sum of log softmax(logits)[next token] over each sequence's last n tokens."""
-    import torch
     out = []
-    for seq in sequences:
-        tokens = torch.tensor([seq[:-1]])
-        logp = torch.log_softmax(_full_logits(model, tokens)[0], dim=-1)
-        out.append(sum(float(logp[len(seq) - 1 - n + i, seq[len(seq) - n + i]]) for i in range(n)))
-    return out
+    for batch in batches:
+        with torch.no_grad():
+            logits = model[0](batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+        parts = [torch.empty_like(logits) for _ in range(ps.get_tensor_model_parallel_world_size())]
+        torch.distributed.all_gather(parts, logits.contiguous(), group=ps.get_tensor_model_parallel_group())
+        logp = torch.log_softmax(torch.cat(parts, dim=-1).double(), dim=-1)
+        picked = logp.gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
+        out += (picked * batch["loss_mask"].double()).sum(dim=1).tolist()
+    return out[:count]
 
 
-def _run(rank, world, argv, check_first_scores=False):
-    """rpt_train with the RLP object caught: its first batch's scores checked against float64 references
-    (before any update), the final policy and EMA shadow returned."""
+def _run(rank, world, argv, check_scores=False, no_extra=None):
+    """rpt_train with RLP's pieces caught: every score checked against a float64 reference, theta at the
+    EMA's initialisation and at each update recorded, the final policy and EMA returned. `no_extra`: a
+    checkpoint folder whose EMA entry load_extra_state must report missing."""
     import megatron_rpt.rpt.rlp as rlp
     from megatron_rpt.config import parse_rpt_args
     from megatron_rpt.rpt.loop import rpt_train
-    seen, init = {}, rlp.RLP.__init__
+    from megatron_rpt.training.checkpointing import load_extra_state
+    seen = {"checked": [], "thetas": []}
+    init, score, initialise, update = rlp.RLP.__init__, rlp.RLP.score, rlp.EMATeacher.initialise, rlp.EMATeacher.update
 
     def caught_init(self, cfg, rpt_job):
         init(self, cfg, rpt_job)
         seen.update(rlp=self, job=rpt_job, loaded_ema=self.ema.initialised)
-
-    score = rlp.RLP.score
+        if no_extra is not None:     # reports the entry missing and changes nothing
+            before = _params(self.ema.shadow)
+            seen["no_extra_loaded"] = load_extra_state(no_extra, self.ema)
+            assert all(before[n].equal(t) for n, t in _params(self.ema.shadow).items())
 
     def checked_score(self, job, model, sequences):
-        values = score(self, job, model, sequences)
-        if check_first_scores and len(seen.setdefault("checked", [])) < 2:   # the first batch's
-            reference = _reference_scores(model, sequences, self.n)
+        batches, schedule = [], job._schedule
+        job._schedule = lambda m, step, b, length, forward_only: (batches.extend(b), schedule(m, step, b, length,
+                                                                                             forward_only))[1]
+        try:
+            values = score(self, job, model, sequences)
+        finally:
+            job._schedule = schedule
+        if check_scores:
+            reference = _reference_scores(model, batches, len(sequences))
             err = max((abs(a - b) for a, b in zip(values, reference)), default=0.0)
-            assert err < 2e-5, (err, values, reference)
-            seen["checked"].append((len(sequences), err))
+            assert err < 1e-5, (err, values, reference)
+            seen["checked"].append(len(sequences))
         return values
-
-    initialise = rlp.EMATeacher.initialise
 
     def caught_initialise(self, policy):
         if not self.initialised:
             seen["theta0"] = _params(policy)
         initialise(self, policy)
 
-    rlp.RLP.__init__, rlp.RLP.score, rlp.EMATeacher.initialise = caught_init, checked_score, caught_initialise
+    def caught_update(self, policy):
+        seen["thetas"].append(_params(policy))
+        update(self, policy)
+
+    rlp.RLP.__init__, rlp.RLP.score = caught_init, checked_score
+    rlp.EMATeacher.initialise, rlp.EMATeacher.update = caught_initialise, caught_update
     res = rpt_train(parse_rpt_args(argv))
     r = seen["rlp"]
-    return {"metrics": res.metrics, "evaluations": res.evaluations, "checked": seen.get("checked"),
-            "policy": _params(seen["job"].state.model), "shadow": _params(r.ema.shadow),
-            "forward": _params(r.ema.chunks), "theta0": seen.get("theta0"), "loaded_ema": seen["loaded_ema"]}
+    return {"metrics": res.metrics, "evaluations": res.evaluations, "checked": seen["checked"],
+            "policy": _params(seen["job"].state.model), "shadow": _params(r.ema.shadow), "forward": _params(r.ema.chunks),
+            "theta0": seen.get("theta0"), "thetas": seen["thetas"], "loaded_ema": seen["loaded_ema"],
+            "no_extra_loaded": seen.get("no_extra_loaded")}
 
 
-def test_rlp_ema_starts_from_a_checkpoint_without_one_bf16(rlp_files, tmp_path):
-    """A prefix_match checkpoint (no EMA state) -> RLP resumes its policy and sets phi <- theta at the
-    first batch (here the evaluation at the start, on the same weights); after the one update,
-    phi = tau theta_0 + (1 - tau) theta_1 (float64 hand reference; bf16 policy, fp32 shadow, the forward
-    copy its bf16 rounding). N = 2 target tokens; held-out evaluation."""
-    start = str(tmp_path / "start")
-    run_ranks(_run, 1, _args(rlp_files, ["--train-iters", "1", "--save", start, "--rl-reward", "prefix_match",
-                                         "--rpt-max-response-length", "1", "--bf16"]), timeout=300)
-    out = run_ranks(_run, 1, _args(rlp_files, ["--train-iters", "2", "--load", start, "--bf16",
-                                               "--rlp-target-tokens", "2", "--rpt-eval-data",
-                                               str(rlp_files / "tasks_heldout.jsonl")]), timeout=300)[0]
-    assert out["loaded_ema"] is False
-    m = out["metrics"][2]
-    assert m["ratio"] == 1.0 and m["updates"] == 1 and m["train_tokens"] > 0
-    assert m["reward"] == pytest.approx(m["s_pred"] - m["s_ema"], abs=1e-5)
-    assert 0.0 <= m["closed_fraction"] <= 1.0 and 0.0 < m["thought_length"] <= 4.0
-    theta0, theta1, shadow, forward = out["theta0"], out["policy"], out["shadow"], out["forward"]
-    assert theta0.keys() == shadow.keys() == forward.keys()
-    moved = 0
-    for name in theta0:
-        ref = TAU * theta0[name].double() + (1 - TAU) * theta1[name].double()
-        assert (shadow[name].double() - ref).abs().max() <= 1e-6 * (1 + ref.abs().max()), name
-        assert forward[name].equal(shadow[name].bfloat16().float()), name     # the forward copy is the shadow
-        moved += not shadow[name].equal(theta0[name])
-    assert moved > 0
-    ev = out["evaluations"]
-    assert sorted(ev) == [1, 2] and ev[2]["tasks"] == 4
-    assert 0.0 <= ev[2]["no_think_acc"] <= 1.0 and 0.0 <= ev[2]["after_thought_acc@1"] <= 1.0
+def _strip_ema(src, dst):
+    """A copy of checkpoint folder `src` whose common state lists no extras (as saved without RLP)."""
+    import shutil
+
+    import torch
+    shutil.copytree(src, dst)
+    common = torch.load(dst / "common.pt", weights_only=False)
+    assert common.pop("checkpoint_extras") == ["rlp_ema"]
+    torch.save(common, dst / "common.pt")
 
 
-def test_rlp_resume_is_exact_and_scores_match_float64(rlp_files, tmp_path):
-    """Straight 4 iterations vs saved at 2 and resumed: metrics, policy and EMA shadow bit for bit; the
-    first batch's S_pred (4 x 4 thoughts) and S_ema (4 contexts) match float64 references (fp32 model)."""
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    full = run_ranks(_run, 1, _args(rlp_files, ["--train-iters", "4", "--save", a, "--save-interval", "2"]),
-                     check_first_scores=True, timeout=300)[0]
-    assert [n for n, _ in full["checked"]] == [16, 4]
-    resumed = run_ranks(_run, 1, _args(rlp_files, ["--train-iters", "4", "--load", a, "--ckpt-step", "2",
-                                                   "--save", b]), timeout=300)[0]
-    assert resumed["loaded_ema"] is True and sorted(resumed["metrics"]) == [3, 4]
-    for it in (3, 4):
-        for key in ("reward", "s_pred", "s_ema", "policy_loss", "grad_norm", "thought_length"):
-            assert resumed["metrics"][it][key] == full["metrics"][it][key], (it, key)
-    for part in ("policy", "shadow"):
+def test_rlp_bf16_ema_scores_and_exact_resume(rlp_files, tmp_path):
+    """bf16 policy, fp32 EMA shadow, N = 2 target tokens, held-out evaluation at the start and the end:
+    - every S_pred / S_ema matches a float64 log-softmax of the scoring model's logits (policy or EMA) on
+      the same micro-batches;
+    - phi starts at theta_0 (lazy init: the first batch, here the evaluation at the start) and after the
+      three updates equals the float64 recurrence phi <- tau phi + (1 - tau) theta_k; the forward copy is
+      the shadow rounded to bf16;
+    - saved at iteration 2 and resumed: iteration 3's metrics, policy and EMA shadow equal the straight
+      run's bit for bit; a checkpoint whose common state lists no EMA (a checkpoint saved without RLP, a
+      pretraining one) loads none (the EMA then starts from theta at the first batch, as above)."""
+    a = tmp_path / "a"
+    common = ["--bf16", "--rlp-target-tokens", "2", "--train-iters", "3"]
+    full = run_ranks(_run, 1, _args(rlp_files, common + ["--save", str(a), "--save-interval", "2", "--eval-interval", "3", "--rpt-eval-data",
+                                                         str(rlp_files / "tasks_heldout.jsonl")]),
+                     check_scores=True, timeout=300)[0]
+    # evaluation: greedy and sampled thoughts' S_pred + S_ema of 4 tasks; each update: 4 x 4 thoughts + 4 contexts
+    assert full["checked"] == [4, 4, 4, 4] + [16, 4] * 3 + [4, 4, 4, 4]
+    assert full["loaded_ema"] is False and len(full["thetas"]) == 3
+    m = full["metrics"]
+    assert m[1]["ratio"] == 1.0 and all(m[i]["updates"] == 1 for i in (1, 2, 3))
+    assert m[1]["reward"] == pytest.approx(m[1]["s_pred"] - m[1]["s_ema"], abs=1e-5)
+    assert 0.0 < m[1]["thought_length"] <= 4.0 and 0.0 <= m[1]["closed_fraction"] <= 1.0
+    phi = {n: t.double() for n, t in full["theta0"].items()}
+    for theta in full["thetas"]:
+        phi = {n: TAU * phi[n] + (1 - TAU) * theta[n].double() for n in phi}
+    assert phi.keys() == full["shadow"].keys() == full["forward"].keys()
+    for name, ref in phi.items():
+        assert (full["shadow"][name].double() - ref).abs().max() <= 1e-6 * (1 + ref.abs().max()), name
+        assert full["forward"][name].equal(full["shadow"][name].bfloat16().float()), name
+    assert any(not full["shadow"][n].equal(full["theta0"][n]) for n in phi)
+    ev = full["evaluations"]
+    assert sorted(ev) == [0, 3] and ev[3]["tasks"] == 4
+    assert all(0.0 <= ev[3][k] <= 1.0 for k in ("no_think_acc", "after_thought_acc_greedy", "after_thought_acc@1"))
+
+    _strip_ema(a / "iter_0000002", tmp_path / "no_ema")
+    resumed = run_ranks(_run, 1, _args(rlp_files, common + ["--load", str(a), "--ckpt-step", "2"]),
+                        no_extra=tmp_path / "no_ema", timeout=300)[0]
+    assert resumed["loaded_ema"] is True and resumed["no_extra_loaded"] is False
+    assert sorted(resumed["metrics"]) == [3]
+    for key in ("reward", "s_pred", "s_ema", "policy_loss", "grad_norm", "thought_length"):
+        assert resumed["metrics"][3][key] == m[3][key], key
+    for part in ("policy", "shadow", "forward"):
         assert all(resumed[part][n].equal(full[part][n]) for n in full[part]), part
 
 
 def test_rlp_tensor_parallel_2_scores_match_float64(rlp_files):
-    """TP=2 (vocab-parallel log-probs), N = 2 target tokens (the sum of two log-probs)."""
-    outs = run_ranks(_run, 2, _args(rlp_files, ["--train-iters", "1", "--tensor-model-parallel-size", "2",
-                                                "--rlp-target-tokens", "2"]),
-                     check_first_scores=True, timeout=300)
-    assert [n for n, _ in outs[0]["checked"]] == [16, 4]
-    assert outs[0]["metrics"][1]["reward"] == outs[1]["metrics"][1]["reward"]
+    """TP=2: vocab-parallel S_pred / S_ema against float64 log-softmaxes of the logits gathered over TP; fp32
+    (the EMA's chunks are its own state), N = 1; both TP ranks see the same rewards."""
+    outs = run_ranks(_run, 2, _args(rlp_files, ["--train-iters", "1", "--tensor-model-parallel-size", "2"]),
+                     check_scores=True, timeout=300)
+    assert outs[0]["checked"] == outs[1]["checked"] == [16, 4]
+    for key in ("reward", "s_pred", "s_ema", "policy_loss", "ratio"):
+        assert outs[0]["metrics"][1][key] == outs[1]["metrics"][1][key], key
     assert outs[0]["metrics"][1]["ratio"] == 1.0
