@@ -192,9 +192,9 @@ class RLP:
         check_target_tokens(rpt_job.tasks, r.rpt_data, self.n)
         check_target_tokens(rpt_job.eval_tasks or [], r.rpt_eval_data, self.n)
         # scoring sequence: context + <think> + thought (<= max response) + </think> + N targets, all but the
-        # last token fed: it must fit --seq-length
-        self.max_context = (cfg.model.seq_length + 1 - r.rpt_max_response_length - len(self.open_ids)
-                            - len(self.close_ids) - self.n)
+        # last token fed, must fit --seq-length; so must the evaluation's one-token step after </think>
+        self.max_context = (cfg.model.seq_length - r.rpt_max_response_length - len(self.open_ids)
+                            - len(self.close_ids) - max(self.n - 1, 1))
         if self.max_context < 1:
             raise ConfigError([f"--seq-length {cfg.model.seq_length} leaves no room for a context: RLP's scoring "
                                f"sequence is context + {len(self.open_ids)} '<think>' tokens + up to "

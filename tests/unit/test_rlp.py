@@ -114,7 +114,9 @@ def test_bad_flags():
     from megatron_rpt.config.validation import check_rpt_config
     for flags, message in ((["--rlp-ema-decay", "1.0"], "--rlp-ema-decay must be in (0, 1)"),
                            (["--rlp-ema-decay", "0"], "--rlp-ema-decay must be in (0, 1)"),
-                           (["--rlp-target-tokens", "0"], "--rlp-target-tokens must be >= 1")):
+                           (["--rlp-target-tokens", "0"], "--rlp-target-tokens must be >= 1"),
+                           (["--use-distributed-optimizer", "--overlap-param-gather"],
+                            "--overlap-param-gather is not supported with --rl-reward information_gain")):
         cfg = parse_rpt_args(["--rpt-data", "x.jsonl", "--rl-reward", "information_gain", *flags])
         assert any(message in p for p in check_rpt_config(cfg, 1, check_files=False)), flags
     tasks = [types.SimpleNamespace(id="d:3", target_tokens=[4, 5]), types.SimpleNamespace(id="e:2", target_tokens=[4])]
