@@ -495,26 +495,42 @@ class _RPTJob:
         first = self.driver.consumed_train + self.dp_rank * self.local_contexts
         return [self.tasks[self.sampler(first + i)] for i in range(self.local_contexts)]
 
+    def rollouts(self, prompts: list, iteration: int) -> list:
+        """G rollouts per prompt from the policy of this iteration (see the module docstring, 2)."""
+        r = self.cfg.rpt
+        if self.engine.name != "megatron" and not r.rollout_frozen_policy:
+            # An external server samples from the trainer's weights of this iteration: model only,
+            # written and exported by the engine (which skips an iteration it already serves).
+            self.engine.sync_weights(iteration - 1)
+        return self.engine.generate(prompts, r.rpt_group_size,
+                                    self.sampling(_seed(self.cfg.training.seed, iteration - 1, self.dp_rank)))
+
+    def kept_groups(self, rewards: torch.Tensor, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(informative, kept) groups: dynamic sampling from --rpt-dynamic-sampling-start on."""
+        start = self.cfg.rpt.rpt_dynamic_sampling_start
+        informative = informative_groups(rewards)
+        return informative, informative if start is not None and iteration - 1 >= start else torch.ones_like(informative)
+
+    def train(self, parts: list) -> tuple[dict, list, float]:
+        """`_update` of the rollout batch, timed (seconds); its contexts are consumed."""
+        t0 = time.perf_counter()
+        report, grad_norms = self._update(parts)
+        self.driver.consumed_train += self.cfg.rpt.rpt_contexts_per_step
+        return report, grad_norms, time.perf_counter() - t0
+
     def step(self, iteration: int) -> None:
-        r, t = self.cfg.rpt, self.cfg.training
+        r = self.cfg.rpt
         if self.rlp is not None:     # RLP: its own rollouts, rewards and metrics, the same update and logging
             return self._finish_step(iteration, self.rlp.step(self, iteration))
         t_start = time.perf_counter()
         batch_tasks = self.batch_tasks()
         prompts = [self.prompt_ids(task) for task in batch_tasks]
-        if self.engine.name != "megatron" and not r.rollout_frozen_policy:
-            # An external server samples from the trainer's weights of this iteration: model only,
-            # written and exported by the engine (which skips an iteration it already serves).
-            self.engine.sync_weights(iteration - 1)
-        rollouts = self.engine.generate(prompts, r.rpt_group_size,
-                                        self.sampling(_seed(t.seed, iteration - 1, self.dp_rank)))
+        rollouts = self.rollouts(prompts, iteration)
         t_rollout = time.perf_counter() - t_start
         rewards = torch.tensor([[prefix_match_reward(o.text, task.target_token_bytes) for o in group]
                                 for task, group in zip(batch_tasks, rollouts)], dtype=torch.float32)
         advantages = group_advantages(rewards)
-        informative = informative_groups(rewards)
-        dynamic = r.rpt_dynamic_sampling_start is not None and iteration - 1 >= r.rpt_dynamic_sampling_start
-        keep = informative if dynamic else torch.ones_like(informative)
+        informative, keep = self.kept_groups(rewards, iteration)
         per_part = self.local_contexts // r.rpt_mini_batches
         parts = [[TrainSequence(tokens=list(prompts[g]) + o.tokens, prompt_len=len(prompts[g]),
                                 rollout_log_probs=o.log_probs, advantage=float(advantages[g, j]))
@@ -528,10 +544,7 @@ class _RPTJob:
         (reward_sum, n_rollouts, groups_solved, n_groups, kept, resp_tokens, finished, prompt_tokens,
          n_informative) = _sum_over_dp(local, self.device)
 
-        t_train0 = time.perf_counter()
-        report, grad_norms = self._update(parts)
-        t_train = time.perf_counter() - t_train0
-        self.driver.consumed_train += r.rpt_contexts_per_step
+        report, grad_norms, t_train = self.train(parts)
         grad_norm = sum(grad_norms) / len(grad_norms) if grad_norms else None
         metrics = {
             "reward": reward_sum / max(n_rollouts, 1), f"pass@{r.rpt_group_size}": groups_solved / max(n_groups, 1),

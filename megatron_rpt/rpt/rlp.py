@@ -254,24 +254,19 @@ class RLP:
     def step(self, job, iteration: int) -> dict:
         """One RLP iteration (rpt.loop's module docstring, with the reward and advantages above); returns
         the iteration's metrics."""
-        from megatron_rpt.rpt.grpo import informative_groups
-        from megatron_rpt.rpt.loop import TrainSequence, _seed, _sum_over_dp
+        from megatron_rpt.rpt.loop import TrainSequence, _sum_over_dp
 
-        r, t = self.cfg.rpt, self.cfg.training
+        r = self.cfg.rpt
         t_start = time.perf_counter()
         tasks = job.batch_tasks()
         prompts = [self.prompt(task) for task in tasks]
         self.truncated += sum(len(task.context_tokens) > self.max_context for task in tasks)
-        if job.engine.name != "megatron" and not r.rollout_frozen_policy:
-            job.engine.sync_weights(iteration - 1)
-        rollouts = job.engine.generate(prompts, r.rpt_group_size, job.sampling(_seed(t.seed, iteration - 1, job.dp_rank)))
+        rollouts = job.rollouts(prompts, iteration)
         t_rollout = time.perf_counter() - t_start
         thoughts, s_pred, s_ema = self.thoughts_and_scores(job, tasks, rollouts)
         rewards = information_gain(s_pred, s_ema)
         advantages = rlp_advantages(rewards)
-        informative = informative_groups(rewards)
-        dynamic = r.rpt_dynamic_sampling_start is not None and iteration - 1 >= r.rpt_dynamic_sampling_start
-        keep = informative if dynamic else torch.ones_like(informative)
+        _, keep = job.kept_groups(rewards, iteration)
         per_part = job.local_contexts // r.rpt_mini_batches
         parts = [[TrainSequence(tokens=prompts[g] + c.tokens, prompt_len=len(prompts[g]), rollout_log_probs=c.log_probs,
                                 advantage=float(advantages[g, j]), sequence_weight=thought_weight(c))
@@ -283,10 +278,7 @@ class RLP:
                  float((rewards > 0).sum())]
         (reward_sum, n_thoughts, pred_sum, ema_sum, n_groups, thought_tokens, closed, kept,
          positive) = _sum_over_dp(local, job.device)
-        t_train0 = time.perf_counter()
-        report, grad_norms = job._update(parts)
-        t_train = time.perf_counter() - t_train0
-        job.driver.consumed_train += r.rpt_contexts_per_step
+        report, grad_norms, t_train = job.train(parts)
         n, groups = max(n_thoughts, 1.0), max(n_groups, 1.0)
         metrics = {
             "reward": reward_sum / n, "s_pred": pred_sum / n, "s_ema": ema_sum / groups,
