@@ -26,6 +26,10 @@ One iteration:
 With expert parallelism the ranks of an expert all-to-all hold different data, so every forward
 they run is matched: the engine decodes in lockstep (`MegatronEngine(lockstep_group=...)`) and the
 update pads every rank to the same micro-batch count and length (padding carries no loss).
+With `--rl-reward information_gain` (RLP, `rpt.rlp`; docs/rlp.md) the prompts, rewards, advantages,
+metrics and evaluation are RLP's (thoughts after "<think>", scored by the information gain over an EMA
+teacher, updated with per-thought weights) and the EMA teacher is updated after each optimizer step;
+the places are marked "RLP".
 Resuming, the iteration loop, --eval-interval / --save-interval and the exit conditions are the
 shared `training.driver.TrainingDriver`; metrics go to stdout every `--log-interval` and to
 TensorBoard; evaluation (`rpt.evaluate`) runs on held-out tasks at the start, every

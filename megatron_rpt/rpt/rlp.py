@@ -155,7 +155,7 @@ class EMATeacher:
 
     def update(self, policy: list) -> None:
         """phi <- tau phi + (1 - tau) theta, in fp32, after an optimizer step that updated theta."""
-        if not self.initialised:   # no batch before the step cannot happen in the loop; defined anyway
+        if not self.initialised:   # (the loop always scores a batch first; an update without one starts phi)
             self.initialise(policy)
             return
         self._refresh(policy, average=True)
