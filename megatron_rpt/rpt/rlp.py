@@ -171,11 +171,11 @@ class EMATeacher:
     def load_state(self, loaded: dict) -> None:
         from megatron_rpt.checkpoint.sharded import load_model_state
         load_model_state(self.shadow, loaded, key=EMA_KEY)
-        params, _ = self._pairs(self.shadow)     # (shadow, shadow, forward): refresh the forward copy
-        for _, shadow, forward in params:
+        params, buffers = self._pairs(self.shadow)     # (shadow, shadow, forward): refresh the forward copy
+        for _, shadow, forward in params + buffers:     # (persistent buffers come with the checkpoint)
             if forward is not shadow:
                 forward.copy_(shadow)
-        self.initialised = True      # buffers are taken from the policy at the next update
+        self.initialised = True
 
 
 class RLP:
