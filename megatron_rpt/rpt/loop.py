@@ -309,14 +309,14 @@ def frozen_model_chunks(cfg: RunConfig, job, *, params_dtype: Optional[torch.dty
     in eval mode: the KL reference and RLP's EMA teacher (rpt.rlp). Under --bf16/--fp16 they are wrapped
     in Float16Module like the policy, unless `params_dtype` asks for bare chunks of that dtype. The weights
     are not initialised (no RNG is drawn): the caller loads or copies them."""
-    import dataclasses
-
     from megatron.core.transformer.module import Float16Module
 
     from megatron_rpt.models.gpt import build_model_chunks, transformer_config
 
-    config = dataclasses.replace(transformer_config(cfg, job.platform), perform_initialization=False,
-                                 **({"params_dtype": params_dtype} if params_dtype is not None else {}))
+    config = transformer_config(cfg, job.platform)   # a new object: set, not replaced (no second __post_init__)
+    config.perform_initialization = False
+    if params_dtype is not None:
+        config.params_dtype = params_dtype
     chunks = build_model_chunks(cfg, job.platform, job.vocab_size, job.device, config)
     if (cfg.training.bf16 or cfg.training.fp16) and params_dtype is None:
         chunks = [Float16Module(config, c) for c in chunks]
