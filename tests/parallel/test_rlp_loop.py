@@ -142,25 +142,22 @@ def _strip_ema(src, dst):
 
 
 def test_rlp_bf16_ema_scores_and_exact_resume(rlp_files, tmp_path):
-    """bf16 policy, fp32 EMA shadow, N = 2 target tokens, held-out evaluation at the start and the end:
+    """bf16 policy, fp32 EMA shadow, N = 2 target tokens:
     - every S_pred / S_ema matches a float64 log-softmax of the scoring model's logits (policy or EMA) on
       the same micro-batches;
-    - phi starts at theta_0 (lazy init: the first batch, here the evaluation at the start) and after the
-      three updates equals the float64 recurrence phi <- tau phi + (1 - tau) theta_k; the forward copy is
-      the shadow rounded to bf16;
-    - saved at iteration 2 and resumed: iteration 3's metrics, policy and EMA shadow equal the straight
-      run's bit for bit; a checkpoint whose common state lists no EMA (a checkpoint saved without RLP, a
-      pretraining one) loads none (the EMA then starts from theta at the first batch, as above)."""
+    - phi starts at theta_0 (lazy init at the first batch) and after the two updates equals the float64
+      recurrence phi <- tau phi + (1 - tau) theta_k; the forward copy is the shadow rounded to bf16;
+    - saved at iteration 1 and resumed: iteration 2's metrics, policy, EMA shadow and forward copy equal
+      the straight run's bit for bit; a checkpoint whose common state lists no EMA (a checkpoint saved
+      without RLP, a pretraining one) loads none (the EMA then starts from theta at the first batch)."""
     a = tmp_path / "a"
-    common = ["--bf16", "--rlp-target-tokens", "2", "--train-iters", "3"]
-    full = run_ranks(_run, 1, _args(rlp_files, common + ["--save", str(a), "--save-interval", "2", "--eval-interval", "3", "--rpt-eval-data",
-                                                         str(rlp_files / "tasks_heldout.jsonl")]),
+    common = ["--bf16", "--rlp-target-tokens", "2", "--train-iters", "2"]
+    full = run_ranks(_run, 1, _args(rlp_files, common + ["--save", str(a), "--save-interval", "1"]),
                      check_scores=True, timeout=300)[0]
-    # evaluation: greedy and sampled thoughts' S_pred + S_ema of 4 tasks; each update: 4 x 4 thoughts + 4 contexts
-    assert full["checked"] == [4, 4, 4, 4] + [16, 4] * 3 + [4, 4, 4, 4]
-    assert full["loaded_ema"] is False and len(full["thetas"]) == 3
+    assert full["checked"] == [16, 4] * 2         # each update: S_pred of 4 x 4 thoughts, S_ema of 4 contexts
+    assert full["loaded_ema"] is False and len(full["thetas"]) == 2
     m = full["metrics"]
-    assert m[1]["ratio"] == 1.0 and all(m[i]["updates"] == 1 for i in (1, 2, 3))
+    assert m[1]["ratio"] == 1.0 and all(m[i]["updates"] == 1 for i in (1, 2))
     assert m[1]["reward"] == pytest.approx(m[1]["s_pred"] - m[1]["s_ema"], abs=1e-5)
     assert 0.0 < m[1]["thought_length"] <= 4.0 and 0.0 <= m[1]["closed_fraction"] <= 1.0
     phi = {n: t.double() for n, t in full["theta0"].items()}
@@ -171,27 +168,33 @@ def test_rlp_bf16_ema_scores_and_exact_resume(rlp_files, tmp_path):
         assert (full["shadow"][name].double() - ref).abs().max() <= 1e-6 * (1 + ref.abs().max()), name
         assert full["forward"][name].equal(full["shadow"][name].bfloat16().float()), name
     assert any(not full["shadow"][n].equal(full["theta0"][n]) for n in phi)
-    ev = full["evaluations"]
-    assert sorted(ev) == [0, 3] and ev[3]["tasks"] == 4
-    assert all(0.0 <= ev[3][k] <= 1.0 for k in ("no_think_acc", "after_thought_acc_greedy", "after_thought_acc@1"))
 
-    _strip_ema(a / "iter_0000002", tmp_path / "no_ema")
-    resumed = run_ranks(_run, 1, _args(rlp_files, common + ["--load", str(a), "--ckpt-step", "2"]),
+    _strip_ema(a / "iter_0000001", tmp_path / "no_ema")
+    resumed = run_ranks(_run, 1, _args(rlp_files, common + ["--load", str(a), "--ckpt-step", "1"]),
                         no_extra=tmp_path / "no_ema", timeout=300)[0]
     assert resumed["loaded_ema"] is True and resumed["no_extra_loaded"] is False
-    assert sorted(resumed["metrics"]) == [3]
+    assert sorted(resumed["metrics"]) == [2]
     for key in ("reward", "s_pred", "s_ema", "policy_loss", "grad_norm", "thought_length"):
-        assert resumed["metrics"][3][key] == m[3][key], key
+        assert resumed["metrics"][2][key] == m[2][key], key
     for part in ("policy", "shadow", "forward"):
         assert all(resumed[part][n].equal(full[part][n]) for n in full[part]), part
 
 
-def test_rlp_tensor_parallel_2_scores_match_float64(rlp_files):
+def test_rlp_tensor_parallel_2_scores_match_float64_and_evaluation(rlp_files):
     """TP=2: vocab-parallel S_pred / S_ema against float64 log-softmaxes of the logits gathered over TP; fp32
-    (the EMA's chunks are its own state), N = 1; both TP ranks see the same rewards."""
-    outs = run_ranks(_run, 2, _args(rlp_files, ["--train-iters", "1", "--tensor-model-parallel-size", "2"]),
+    (the EMA's chunks are its own state), N = 1; both TP ranks see the same rewards; held-out evaluation
+    at the start and the end (greedy and sampled thoughts)."""
+    outs = run_ranks(_run, 2, _args(rlp_files, ["--train-iters", "1", "--tensor-model-parallel-size", "2",
+                                                "--eval-interval", "1", "--rpt-eval-data",
+                                                str(rlp_files / "tasks_heldout.jsonl")]),
                      check_scores=True, timeout=300)
-    assert outs[0]["checked"] == outs[1]["checked"] == [16, 4]
+    # evaluation: greedy and sampled thoughts' S_pred + S_ema of 4 tasks; the update: 4 x 4 thoughts + 4 contexts
+    assert outs[0]["checked"] == outs[1]["checked"] == [4, 4, 4, 4, 16, 4, 4, 4, 4, 4]
+    ev = outs[0]["evaluations"]
+    assert ev == outs[1]["evaluations"] and sorted(ev) == [0, 1] and ev[1]["tasks"] == 4
+    assert all(0.0 <= ev[1][k] <= 1.0 for k in ("no_think_acc", "after_thought_acc_greedy", "after_thought_acc@1",
+                                                "closed_fraction_greedy"))
+    assert ev[1]["info_gain_greedy"] != 0.0
     for key in ("reward", "s_pred", "s_ema", "policy_loss", "ratio"):
         assert outs[0]["metrics"][1][key] == outs[1]["metrics"][1][key], key
     assert outs[0]["metrics"][1]["ratio"] == 1.0
