@@ -115,6 +115,7 @@ def test_bad_flags():
     for flags, message in ((["--rlp-ema-decay", "1.0"], "--rlp-ema-decay must be in (0, 1)"),
                            (["--rlp-ema-decay", "0"], "--rlp-ema-decay must be in (0, 1)"),
                            (["--rlp-target-tokens", "0"], "--rlp-target-tokens must be >= 1"),
+                           (["--rpt-chat-template"], "--rpt-chat-template does not apply to --rl-reward"),
                            (["--use-distributed-optimizer", "--overlap-param-gather"],
                             "--overlap-param-gather is not supported with --rl-reward information_gain")):
         cfg = parse_rpt_args(["--rpt-data", "x.jsonl", "--rl-reward", "information_gain", *flags])
