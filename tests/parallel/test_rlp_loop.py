@@ -142,7 +142,7 @@ def _strip_ema(src, dst):
 
 
 def test_rlp_ema_scores_and_exact_resume(rlp_files, tmp_path):
-    """N = 2 target tokens, fp32 (bf16 costs this CPU twice the time: the fp32 shadow of a bf16 policy is
+    """N = 2 target tokens, fp32 (bf16 matmuls are slow on CPU; the fp32 shadow of a bf16 policy is
     checked in tests/unit/test_rlp.py):
     - every S_pred / S_ema matches a float64 log-softmax of the scoring model's logits (policy or EMA) on
       the same micro-batches;
