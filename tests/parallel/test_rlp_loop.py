@@ -1,10 +1,10 @@
 """RLP (`--rl-reward information_gain`, rpt.rlp) on the RPT loop, forked gloo ranks, the tiny test model.
 
-Checked: S_pred and S_ema of the first batch against float64 log-softmaxes of the model's own logits
-(the policy's and the EMA teacher's, gathered over TP=2 in the TP run); the first update's ratio is 1;
-the EMA teacher of a checkpoint without one (a prefix_match RPT checkpoint) starts at the policy's
-weights and after one update equals tau theta_0 + (1 - tau) theta_1 computed by hand; resuming an RLP
-run mid-way gives the straight run's metrics, policy and EMA shadow bit for bit.
+Checked: every S_pred and S_ema against float64 log-softmaxes of the scoring model's own logits on the
+same micro-batches (the policy's and the EMA teacher's; gathered over TP in the TP=2 run, which also
+evaluates); the first update's ratio is 1; the EMA of a run against the float64 recurrence from the
+lazily initialised theta_0; resuming mid-way gives the straight run's metrics, policy and EMA bit for
+bit; a checkpoint whose common state lists no EMA entry loads none.
 """
 
 import json
