@@ -23,7 +23,6 @@ marked points (docs/rlp.md lists every convention and where the paper is silent)
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -275,9 +274,9 @@ class RLP:
         flat = [c for group in thoughts for c in group]
         local = [float(rewards.sum()), float(rewards.numel()), float(s_pred.sum()), float(s_ema.sum()), float(len(tasks)),
                  float(sum(len(c.tokens) for c in flat)), float(sum(c.closed for c in flat)), float(keep.sum()),
-                 float((rewards > 0).sum())]
+                 float((rewards > 0).sum()), float(sum(len(o.tokens) for group in rollouts for o in group))]
         (reward_sum, n_thoughts, pred_sum, ema_sum, n_groups, thought_tokens, closed, kept,
-         positive) = _sum_over_dp(local, job.device)
+         positive, sampled) = _sum_over_dp(local, job.device)
         report, grad_norms, t_train = job.train(parts)
         n, groups = max(n_thoughts, 1.0), max(n_groups, 1.0)
         metrics = {
@@ -286,13 +285,11 @@ class RLP:
             "kept_group_fraction": kept / groups, **report, "updated": bool(grad_norms),
             "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else None,
             "lr": float(job.state.optimizer.param_groups[0]["lr"]),
-            "rollout_tokens_per_s": thought_tokens / max(t_rollout, 1e-9),
+            "rollout_tokens_per_s": sampled / max(t_rollout, 1e-9),
             "train_tokens_per_s": report["train_tokens"] / max(t_train, 1e-9),
             "time_rollout_s": t_rollout, "time_train_s": t_train, "prompts_truncated": self.truncated,
         }
-        if not math.isfinite(report["policy_loss"]):
-            raise FloatingPointError(f"iteration {iteration}: policy loss is {report['policy_loss']}")
-        return metrics
+        return metrics     # the loop checks that the policy loss is finite
 
     @staticmethod
     def log_fields(metrics: dict) -> str:
