@@ -163,7 +163,7 @@ def main(argv=None) -> int:
         if log.exists():
             log.unlink()    # a fresh run's lines only (the reward curve is parsed from it)
         run(launch + ["-m", "megatron_rpt.train_rpt", *MODEL, *tokenizer_flags,
-                      "--load", str(ckpt), "--save", str(save), "--save-interval", str(a.steps),
+                      "--load", str(ckpt), "--finetune", "--save", str(save), "--save-interval", str(a.steps),
                       "--rpt-data", str(train_tasks), "--rpt-eval-data", str(heldout_tasks),
                       "--rpt-eval-samples", str(a.eval_samples), "--rpt-prompt-template", str(template),
                       "--rpt-contexts-per-step", str(a.contexts), "--rpt-group-size", str(a.group_size),
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
     print(f"    {'mode':34s} {'before':>8s} {'after':>8s}")
     for key, name in (("all/standard_acc", "standard (greedy next token)"),
                       (f"all/avg@{k}", f"reasoning avg@{k} (sampled, T=1)"),
-                      (f"all/pass@1", "reasoning pass@1"),
+                      ("all/pass@1", "reasoning pass@1"),
                       (f"all/pass@{k}", f"reasoning pass@{k}"),
                       (f"all/cons@{k}", f"reasoning cons@{k} (majority)")):
         print(f"    {name:34s} {before[key]:8.3f} {after[key]:8.3f}")

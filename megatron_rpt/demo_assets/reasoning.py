@@ -11,8 +11,8 @@ The leading `Q:` tells a model which kind it reads, so a short-form context (`7+
 followed by a digit and a worked one by `<think>`. The short-form answer needs the whole chain in
 one forward pass (hard for a tiny model); each worked step needs one table look-up of the last
 three tokens (easy). RPT tasks are the answer positions of short-form documents; the reasoning
-prompt `Q:{context}` (`PROMPT_TEMPLATE`) turns such a context into the start of a worked document,
-so a model that learned the worked form can compute the next token and write it in `\\boxed{}`.
+prompt `Q:{context}` (`PROMPT_TEMPLATE`, after the document separator) turns such a context into the
+start of a worked document, so a model that learned the worked form can compute the next token and write it in `\\boxed{}`.
 
 The tokenizer (`write_tokenizer`) is a fixed character vocabulary in a Hugging Face folder: every
 digit, operator and letter is one token, `<think>`, `</think>` and `\\boxed{` are one token each,
@@ -32,7 +32,9 @@ OPS = "+-*"
 THINK, END_THINK, BOX = "<think>", "</think>", "\\boxed{"
 EOD = "<|endoftext|>"
 WORKED_PREFIX = "Q:"
-PROMPT_TEMPLATE = WORKED_PREFIX + "{context}"      # reasoning prompt: a short-form context, as a worked question
+# The reasoning prompt: a short-form context as the start of a worked document, after the separator
+# that precedes every document in the pretraining stream (`tasks_for`).
+PROMPT_TEMPLATE = EOD + WORKED_PREFIX + "{context}"
 # Every character the documents use ("▁" stands for a space, which the documents never contain).
 CHARS = "0123456789" + OPS + "=,:Q}" + "\u2581"
 
@@ -148,13 +150,19 @@ def write_tokenizer(folder: str | Path) -> Path:
 def tasks_for(problems: Iterable[Problem], tokenizer, *, prefix: str) -> list:
     """RPT tasks (`rpt.tasks.Task`) at the answer position of each problem's short-form document:
     context = the question and `=`, target = the answer digit's token. Entropy is 0 (no proxy: the
-    positions are chosen by construction, so the tasks belong to no difficulty split)."""
+    positions are chosen by construction, so the tasks belong to no difficulty split).
+
+    The context tokens start with the end-of-document token, as every document does in the
+    pretraining stream (documents are concatenated, each after the previous one's EOD): without it a
+    model cannot tell a short-form question from the tail of a worked one (`Q:` cut off), and
+    standard mode would measure that confusion. The context text is the document's own text;
+    `PROMPT_TEMPLATE` puts the separator back in front of `Q:`."""
     from megatron_rpt.rpt.tasks import Task
 
     out = []
     for i, p in enumerate(problems):
-        doc = tokenizer.tokenize(p.short_document())
-        context = tokenizer.tokenize(p.short_context())
+        doc = [tokenizer.eod] + tokenizer.tokenize(p.short_document())
+        context = [tokenizer.eod] + tokenizer.tokenize(p.short_context())
         if doc[:len(context)] != context or len(doc) != len(context) + 1:
             raise ValueError(f"problem {p.question}: the answer is not one token after the context")
         target = doc[len(context):]

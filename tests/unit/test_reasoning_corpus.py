@@ -83,10 +83,11 @@ def test_tasks_target_the_answer_token_and_a_correct_box_scores(tokenizer, tmp_p
     for task, p in zip(tasks, corpus.heldout):
         assert isinstance(task, Task)
         doc = tokenizer.tokenize(p.short_document())
-        assert task.context_tokens + task.target_tokens == doc
+        assert task.context_tokens + task.target_tokens == [tokenizer.eod] + doc   # as in the pretraining stream
         assert tokenizer.detokenize(task.target_tokens) == str(p.answer)
         assert task.target_token_bytes == [str(p.answer).encode()]
-        worked = p.worked_document()
+        worked = R.EOD + p.worked_document()
+        assert tokenizer.tokenize(worked)[0] == tokenizer.eod
         prompt = build_prompt(task.context, R.PROMPT_TEMPLATE)
         assert worked.startswith(prompt)                          # the reasoning prompt opens the worked form
         response = worked[len(prompt):]
