@@ -87,12 +87,12 @@ def main(argv=None) -> int:
     ap.add_argument("--output-dir", default="runs/demo-rpt")
     ap.add_argument("--documents", type=int, default=20000, help="pretraining documents (problems)")
     ap.add_argument("--heldout", type=int, default=64, help="held-out problems (evaluation tasks)")
-    ap.add_argument("--pretrain-iters", type=int, default=400)
+    ap.add_argument("--pretrain-iters", type=int, default=600)
     ap.add_argument("--steps", type=int, default=20, help="RPT steps")
     ap.add_argument("--contexts", type=int, default=8, help="contexts per RPT step")
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--eval-samples", type=int, default=4, help="k of reasoning-mode avg@k / pass@k")
-    ap.add_argument("--rpt-lr", type=float, default=1e-3)
+    ap.add_argument("--rpt-lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=1234)
     a = ap.parse_args(argv)
     os.environ["PYTHONUNBUFFERED"] = "1"   # the trainer's lines reach the log as they are printed
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     if not (ckpt / "latest_checkpointed_iteration.txt").exists():
         run(launch + ["-m", "megatron_rpt.pretrain", *MODEL, *tokenizer_flags,
                       "--micro-batch-size", "32", "--global-batch-size", "32",
-                      "--lr", "3e-3", "--min-lr", "3e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "20",
+                      "--lr", "4e-3", "--min-lr", "4e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "30",
                       "--train-iters", str(a.pretrain_iters), "--weight-decay", "0.1", "--clip-grad", "1.0",
                       "--adam-beta2", "0.95", "--data-path", str(document), "--split", "100,0,0",
                       "--save", str(ckpt), "--save-interval", str(a.pretrain_iters), "--eval-iters", "0",

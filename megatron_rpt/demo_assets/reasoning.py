@@ -14,11 +14,15 @@ three tokens (easy). RPT tasks are the answer positions of short-form documents;
 prompt `Q:{context}` (`PROMPT_TEMPLATE`, after the document separator) turns such a context into the
 start of a worked document, so a model that learned the worked form can compute the next token and write it in `\\boxed{}`.
 
-The tokenizer (`write_tokenizer`) is a fixed character vocabulary in a Hugging Face folder: every
-digit, operator and letter is one token, `<think>`, `</think>` and `\\boxed{` are one token each,
-and no token carries a leading space, so the answer token's bytes are exactly the digit a correct
-`\\boxed{d}` holds (`rpt.reward.prefix_match_reward`). Everything here is deterministic given the
-seed (`random.Random`); held-out problems never occur in the training corpus.
+The tokenizer (`write_tokenizer`) is a fixed vocabulary in a Hugging Face folder: characters, plus
+one token per operation-and-operand pair (`+5`, `*3`: 30 tokens), plus `<think>`, `</think>` and
+`\\boxed{` as one token each. The pairs make a worked step's `op b` one copy from the question: with
+separate tokens a 2-layer model pretrained for minutes copied the operation right 99% of the time but
+the operand digit only ~40% (it has to find the digit after the i-th operation; repeated digits
+mislead it), so chains failed on copying, not arithmetic. A digit after `=` stays a token of its
+own and no token carries a leading space, so the answer token's bytes are exactly the digit a
+correct `\\boxed{d}` holds (`rpt.reward.prefix_match_reward`). Everything here is deterministic
+given the seed (`random.Random`); held-out problems never occur in the training corpus.
 """
 
 from __future__ import annotations
@@ -97,7 +101,7 @@ class ReasoningCorpus:
 
 
 def build_corpus(num_documents: int, num_heldout: int, *, seed: int = 1234, worked_fraction: float = 0.5,
-                 min_ops: int = 3, max_ops: int = 4) -> ReasoningCorpus:
+                 min_ops: int = 2, max_ops: int = 4) -> ReasoningCorpus:
     """`num_documents` distinct problems, a `worked_fraction` of them written in worked form and the
     rest in short form, plus `num_heldout` further distinct problems for evaluation."""
     if not 1 <= min_ops <= max_ops:
@@ -124,8 +128,8 @@ def build_corpus(num_documents: int, num_heldout: int, *, seed: int = 1234, work
 
 
 def write_tokenizer(folder: str | Path) -> Path:
-    """The fixed character vocabulary as a Hugging Face tokenizer folder (--tokenizer-type
-    HuggingFaceTokenizer): a BPE without merges over `CHARS`, with `<think>`, `</think>`, `\\boxed{`
+    """The fixed vocabulary as a Hugging Face tokenizer folder (--tokenizer-type HuggingFaceTokenizer):
+    a BPE over `CHARS` whose only merges are operation + digit, with `<think>`, `</think>`, `\\boxed{`
     and the end-of-document token as added tokens. Spaces map to "▁" (so `token_bytes` applies)."""
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers
     from tokenizers.models import BPE
@@ -135,7 +139,9 @@ def write_tokenizer(folder: str | Path) -> Path:
     if (folder / "tokenizer.json").exists() and (folder / "tokenizer_config.json").exists():
         return folder
     vocab = {EOD: 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
-    tok = Tokenizer(BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    merges = [(op, d) for op in OPS for d in "0123456789"]
+    vocab.update({op + d: len(vocab) + i for i, (op, d) in enumerate(merges)})
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
     tok.normalizer = normalizers.Replace(" ", "\u2581")
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Fuse()])
     tok.add_tokens([AddedToken(t, normalized=False) for t in (THINK, END_THINK, BOX)])

@@ -76,6 +76,7 @@ def test_tasks_target_the_answer_token_and_a_correct_box_scores(tokenizer, tmp_p
         assert tokenizer.detokenize(ids) == doc
         assert b"".join(tokenizer.token_bytes(ids, at_start=True)) == doc.encode()
     assert len(tokenizer.tokenize("<think></think>\\boxed{")) == 3
+    assert [tokenizer.detokenize([i]) for i in tokenizer.tokenize("7+5*3-8=8")] == ["7", "+5", "*3", "-8", "=", "8"]
     tasks = R.tasks_for(corpus.heldout, tokenizer, prefix="h")
     path = tmp_path / "t_heldout.jsonl"
     R.write_tasks(path, tasks)
