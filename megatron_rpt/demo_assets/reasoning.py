@@ -123,7 +123,7 @@ def build_corpus(num_documents: int, num_heldout: int, *, seed: int = 1234, work
     n_worked = round(worked_fraction * num_documents)
     worked, short = train[:n_worked], train[n_worked:]
     documents = [p.worked_document() for p in worked] + [p.short_document() for p in short]
-    rng.shuffle(documents)
+    random.Random(seed + 1).shuffle(documents)     # the same corpus whatever num_heldout is
     return ReasoningCorpus(documents, short, heldout)
 
 
