@@ -116,8 +116,8 @@ def main(argv=None) -> int:
         corpus = R.build_corpus(a.documents, a.heldout, seed=a.seed)
         tokenizer = HuggingFaceTokenizer(str(tok_dir))
         tasks.parent.mkdir(parents=True, exist_ok=True)
-        R.write_tasks(train_tasks, R.tasks_for(corpus.short, tokenizer, prefix="train"))
-        R.write_tasks(heldout_tasks, R.tasks_for(corpus.heldout, tokenizer, prefix="heldout"))
+        R.write_tasks(train_tasks, R.task_records(corpus.short, tokenizer, prefix="train"))
+        R.write_tasks(heldout_tasks, R.task_records(corpus.heldout, tokenizer, prefix="heldout"))
         from megatron_rpt.fileio import atomic_open
         with atomic_open(corpus_file) as f:
             f.writelines(json.dumps({"text": d}) + "\n" for d in corpus.documents)
