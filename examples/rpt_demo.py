@@ -57,6 +57,11 @@ def parse_steps(log_text: str) -> dict:
     return steps
 
 
+def _running_mean(values: list, width: int = 5) -> list:
+    return [sum(values[max(0, i + 1 - width):i + 1]) / len(values[max(0, i + 1 - width):i + 1])
+            for i in range(len(values))]
+
+
 def plot(path: Path, steps: dict, before: dict, after: dict, k: int) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -64,7 +69,10 @@ def plot(path: Path, steps: dict, before: dict, after: dict, k: int) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     its = sorted(steps)
-    a.plot(its, [steps[i]["reward"] for i in its], marker="o", ms=3)
+    rewards = [steps[i]["reward"] for i in its]
+    a.plot(its, rewards, marker="o", ms=3, alpha=0.5, label="per step")
+    a.plot(its, _running_mean(rewards), label="mean of the last 5 steps")
+    a.legend(loc="lower right")
     a.set(xlabel="RPT step", ylabel="mean reward (G rollouts x contexts)", title="training reward", ylim=(0, 1))
     a.grid(alpha=0.3)
     labels = ["standard\n(greedy next token)", f"reasoning\navg@{k}", f"reasoning\npass@{k}"]
@@ -189,6 +197,9 @@ def main(argv=None) -> int:
     for i in sorted(steps):
         s = steps[i]
         print(f"    step {i:3d}  reward {s['reward']:.3f}  {'#' * round(40 * s['reward'])}")
+    its = sorted(steps)
+    first, last = [steps[i]["reward"] for i in its[:5]], [steps[i]["reward"] for i in its[-5:]]
+    print(f"    mean reward, first 5 steps: {sum(first) / len(first):.3f}; last 5 steps: {sum(last) / len(last):.3f}")
     rates = [s["rollout_tok_s"] for s in steps.values()]
     print(f"\n==> held-out next-token accuracy ({before['all/tasks']} answer tokens never seen in pretraining)")
     print(f"    {'mode':34s} {'before':>8s} {'after':>8s}")
