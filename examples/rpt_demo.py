@@ -129,8 +129,9 @@ def main(argv=None) -> int:
         from megatron_rpt.fileio import atomic_open
         with atomic_open(corpus_file) as f:
             f.writelines(json.dumps({"text": d}) + "\n" for d in corpus.documents)
-        print(f"    {len(corpus.documents)} documents, e.g.\n      {corpus.documents[0]}\n      "
-              f"{next(d for d in corpus.documents if not d.startswith(R.WORKED_PREFIX))}", flush=True)
+        worked = next(d for d in corpus.documents if d.startswith(R.WORKED_PREFIX))
+        short = next(d for d in corpus.documents if not d.startswith(R.WORKED_PREFIX))
+        print(f"    {len(corpus.documents)} documents, e.g.\n      {worked}\n      {short}", flush=True)
     template = out / "prompt_template.txt"
     template.write_text(R.PROMPT_TEMPLATE + "\n", encoding="utf-8")
     _timed(times, "corpus + tokenizer + tasks", t0)
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
     if not (ckpt / "latest_checkpointed_iteration.txt").exists():
         run(launch + ["-m", "megatron_rpt.pretrain", *MODEL, *tokenizer_flags,
                       "--micro-batch-size", "32", "--global-batch-size", "32",
-                      "--lr", "4e-3", "--min-lr", "4e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "30",
+                      "--lr", "4e-3", "--min-lr", "4e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", str(min(30, a.pretrain_iters // 5)),
                       "--train-iters", str(a.pretrain_iters), "--weight-decay", "0.1", "--clip-grad", "1.0",
                       "--adam-beta2", "0.95", "--data-path", str(document), "--split", "100,0,0",
                       "--save", str(ckpt), "--save-interval", str(a.pretrain_iters), "--eval-iters", "0",
