@@ -27,7 +27,7 @@ runs, so every time below is inflated; on idle cores pretraining runs ~250 ms pe
   350-1700 ms each under that load), RPT 48-408 s for the whole stage (the same 30 steps; each
   evaluation 1.3-1.7 s at moderate load, 57-78 s at load 14; rollouts 4,000-4,800 tok/s unloaded,
   down to 66 tok/s under load). Pretraining is the cost; on 2 idle cores the whole demo should take
-  about 5 minutes, but we could not measure that here.
+  4-5 minutes (an estimate from the per-iteration times at low load; not measured end to end here).
 - with RPT lr 5e-4 (8 contexts a step) the policy fell apart: reward 0.77 -> 0.27 in 20 steps,
   reasoning avg 0.80 -> 0.26 (fresh Adam moments make every update ~lr x sign(g), and 64 rollouts a
   step give noisy signs); lr 1e-4 with 16 contexts is the default for that reason.
