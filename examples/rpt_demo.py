@@ -2,13 +2,17 @@
 
 1. a synthetic corpus (megatron_rpt.demo_assets.reasoning): chains of single-digit operations mod 10,
    half written with worked steps (`Q:7+5*3-8=<think>7+5=2,2*3=6,6-8=8</think>\\boxed{8}`), half
-   short (`7+5*3-8=8`), and a fixed character tokenizer (every digit one token, no leading spaces);
+   short (`7+5*3-8=8`), and a fixed tokenizer (characters, one token per operation+operand pair
+   such as `*3`, `<think>`/`</think>`/`\\boxed{` one token each; the answer digit is its own token);
 2. the corpus to Megatron's indexed format (tools/preprocess_data.py);
-3. pretraining a 0.4M-parameter model from scratch on it (mrpt-pretrain, torchrun, 1 rank);
+3. pretraining a 0.4M-parameter model from scratch on it (mrpt-pretrain, torchrun, 1 rank: on 2
+   cores tensor parallelism only adds communication to a model this small);
 4. RPT tasks: the answer positions of short-form documents (the next corpus token is the answer;
-   written directly through megatron_rpt.rpt.tasks, no entropy filter: the positions are chosen by
-   construction), training tasks from the corpus, held-out tasks from problems it never contains;
-5. RPT (mrpt-rpt): the prompt `Q:{context}` turns a short-form context into a worked question,
+   written as task records by demo_assets.reasoning, read by rpt.tasks.load_tasks; no entropy
+   filter, since the positions are chosen by construction), training tasks from the corpus,
+   held-out tasks from problems it never contains;
+5. RPT (mrpt-rpt): the prompt `Q:{context}` (after the end-of-document token that precedes every
+   document in pretraining) turns a short-form context into a worked question,
    G=8 responses per context at temperature 1, prefix-match reward on the `\\boxed{}` digit, GRPO;
    held-out next-token accuracy before and after: standard mode (the greedy next token of the raw
    context) and reasoning mode (avg@k / pass@k of sampled worked responses);
@@ -51,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 from cpu_demo import run  # noqa: E402  (the pretraining demo's step runner)
 
-# The model: the `tiny` preset cut to 2 layers (0.4M parameters; the vocabulary is 24 characters).
+# The model: the `tiny` preset cut to 2 layers (0.4M parameters; the vocabulary has 54 tokens).
 MODEL = ["--model-preset", "tiny", "--num-layers", "2", "--seq-length", "128", "--max-position-embeddings", "128"]
 
 
