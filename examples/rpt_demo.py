@@ -188,8 +188,9 @@ def main(argv=None) -> int:
     evals_file = save / "rpt_eval.jsonl"
     if not (evals_file.exists() and any(json.loads(x)["iteration"] == a.steps
                                         for x in evals_file.read_text().splitlines())):
-        if log.exists():
-            log.unlink()    # a fresh run's lines only (the reward curve is parsed from it)
+        for stale in (log, evals_file):   # a fresh run's lines only (the curve and the table are read from them)
+            if stale.exists():
+                stale.unlink()
         run(launch + ["-m", "megatron_rpt.train_rpt", *MODEL, *tokenizer_flags,
                       "--load", str(ckpt), "--finetune", "--save", str(save), "--save-interval", str(a.steps),
                       "--rpt-data", str(train_tasks), "--rpt-eval-data", str(heldout_tasks),
