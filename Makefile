@@ -29,7 +29,7 @@ demo-rpt-smollm2: $(STAMP)
 	$(PY) examples/rpt_smollm2_demo.py --output-dir runs/demo-rpt-smollm2
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=25 tests
 
 # The suite without the tests marked `slow` (tests/conftest.py: end-to-end, SLURM, external servers, fresh
 # interpreters): every other unit and multi-rank test, about 6 minutes on 2 cores.

@@ -729,6 +729,16 @@ def check_rpt_config(cfg: RunConfig, world_size: int, *, check_files: bool = Tru
     if r.rl_reward == "information_gain" and r.rpt_chat_template:
         problems.append("--rpt-chat-template does not apply to --rl-reward information_gain: RLP's prompt is the bare "
                         "context's token ids + '<think>' (docs/rlp.md)")
+    if r.rl_reward == "information_gain" and r.rpt_prompt_template is not None:
+        problems.append("--rpt-prompt-template does not apply to --rl-reward information_gain: RLP's prompt is the "
+                        "bare context's token ids + '<think>' (docs/rlp.md)")
+    if r.rl_reward != "information_gain":
+        given = [flag for flag, value, default in (("--rlp-ema-decay", r.rlp_ema_decay, 0.999),
+                                                   ("--rlp-target-tokens", r.rlp_target_tokens, 1))
+                 if value != default]
+        if given:
+            problems.append(f"{' and '.join(given)} only apply to --rl-reward information_gain (RLP); this run's "
+                            f"reward is {r.rl_reward}")
     if r.rl_reward == "information_gain" and p.overlap_param_gather:
         problems.append("--overlap-param-gather is not supported with --rl-reward information_gain: RLP's EMA "
                         "teacher reads the weights right after each optimizer step, before the overlapped "

@@ -116,10 +116,19 @@ def test_bad_flags():
                            (["--rlp-ema-decay", "0"], "--rlp-ema-decay must be in (0, 1)"),
                            (["--rlp-target-tokens", "0"], "--rlp-target-tokens must be >= 1"),
                            (["--rpt-chat-template"], "--rpt-chat-template does not apply to --rl-reward"),
+                           (["--rpt-prompt-template", "v0"], "--rpt-prompt-template does not apply to --rl-reward"),
                            (["--use-distributed-optimizer", "--overlap-param-gather"],
                             "--overlap-param-gather is not supported with --rl-reward information_gain")):
         cfg = parse_rpt_args(["--rpt-data", "x.jsonl", "--rl-reward", "information_gain", *flags])
         assert any(message in p for p in check_rpt_config(cfg, 1, check_files=False)), flags
+    # RLP's own flags on another reward would be silently unused: refused
+    for reward in ("prefix_match", "math_answer"):
+        cfg = parse_rpt_args(["--rpt-data", "x.jsonl", "--rl-reward", reward, "--rlp-ema-decay", "0.99",
+                              "--rlp-target-tokens", "2"])
+        assert (f"--rlp-ema-decay and --rlp-target-tokens only apply to --rl-reward information_gain (RLP); this "
+                f"run's reward is {reward}") in check_rpt_config(cfg, 1, check_files=False)
+    assert not [p for p in check_rpt_config(parse_rpt_args(["--rpt-data", "x.jsonl", "--rlp-ema-decay", "0.999"]), 1,
+                                            check_files=False) if "--rlp-" in p]
     tasks = [types.SimpleNamespace(id="d:3", target_tokens=[4, 5]), types.SimpleNamespace(id="e:2", target_tokens=[4])]
     check_target_tokens(tasks[:1], "t.jsonl", 2)
     with pytest.raises(ConfigError, match=r"--rlp-target-tokens 2: t.jsonl: task e:2 has 1 target token"):
