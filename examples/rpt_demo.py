@@ -20,25 +20,20 @@
 Every step is skipped when its output exists (delete --output-dir to start over); seeds are fixed and
 whatever the run gives is what is printed.
 
-What we observed (2026-12-07, `nproc` 2, shared with other sessions: load average 6-15 during the
-runs, so every time below is inflated; on idle cores pretraining runs ~250 ms per iteration):
-- before any RPT the pretrained model answers held-out questions directly (standard mode) 29% of the
-  time (chance is 10%) and, thinking at temperature 1 (reasoning mode), 73% (avg@8; pass@8 96%);
-- 30 RPT steps (16 contexts x G=8, lr 1e-4): mean reward 0.72 over the first 5 steps, 0.78 over the
-  last 5 (per step 0.62-0.89, noisy with 128 rollouts a step); held-out reasoning avg@8 0.733 -> 0.808,
-  cons@8 0.875 -> 0.914, pass@8 0.961 -> 0.992; standard mode 0.289 -> 0.312;
-- times: corpus + tokenizer + tasks 5 s, preprocessing 4 s, pretraining 412 s (600 iterations at
-  350-1700 ms each under that load), RPT 48-408 s for the whole stage (the same 30 steps; each
-  evaluation 1.3-1.7 s at moderate load, 57-78 s at load 14; rollouts 4,000-4,800 tok/s unloaded,
-  down to 66 tok/s under load). Pretraining is the cost; on 2 idle cores the whole demo should take
-  4-5 minutes (an estimate from the per-iteration times at low load; not measured end to end here).
-- with RPT lr 5e-4 (8 contexts a step) the policy fell apart: reward 0.77 -> 0.27 in 20 steps,
-  reasoning avg 0.80 -> 0.26 (fresh Adam moments make every update ~lr x sign(g), and 64 rollouts a
-  step give noisy signs); lr 1e-4 with 16 contexts is the default for that reason.
-These numbers come from a run whose corpus shuffle differed from the committed one (the shuffle now
-ignores --heldout; same problems, another document order), so a fresh run prints different details.
-A fresh run of the committed defaults was stopped at pretraining iteration 450 of 600 (load 14-37,
-up to 6.5 s per iteration; 250 ms per iteration in a quiet minute), so it has no numbers here.
+What the committed defaults print (2026-12-07; two runs, identical output: everything is seeded):
+- before RPT the pretrained model answers held-out questions directly (standard mode) 28.9% of the time
+  (chance is 10%) and, thinking at temperature 1 (reasoning mode), 92.5% (avg@8; cons@8 98.4%, pass@8 100%);
+- 30 RPT steps (16 contexts x G=8, lr 1e-4): mean reward 0.936 over the first 5 steps, 0.955 over the
+  last 5 (per step 0.89-0.98); held-out reasoning avg@8 0.925 -> 0.946, cons@8 0.984 -> 1.000; standard
+  mode 0.289 -> 0.258 (RPT trains the thinking, not the direct answer);
+- times: 13.1 and 11.8 minutes end to end, on 2 cores shared with other jobs (load average 10-16):
+  corpus + tokenizer + tasks 3-6 s, preprocessing 3 s, pretraining 509-738 s, RPT 35-190 s (each
+  evaluation 3.3 s at moderate load, up to 115 s under load; rollouts up to 7,400 tok/s). On idle cores
+  pretraining ran 156-160 ms per iteration (~100 s for 600), so the demo takes about 3 minutes there
+  (an estimate from those iterations, not an end-to-end idle run).
+- an earlier setting, RPT lr 5e-4 with 8 contexts a step, made the policy fall apart (reward 0.77 -> 0.27
+  in 20 steps): fresh Adam moments make every update ~lr x sign(g), and 64 rollouts a step give noisy
+  signs; lr 1e-4 with 16 contexts is the default for that reason.
 The real-model path (SmolLM2-135M on math text, where a few CPU steps give reward ~0) is
 `make demo-rpt-smollm2` (examples/rpt_smollm2_demo.py).
 """
