@@ -25,7 +25,7 @@ What the committed defaults print (2026-12-07; two runs, identical output: every
   (chance is 10%) and, thinking at temperature 1 (reasoning mode), 92.5% (avg@8; cons@8 98.4%, pass@8 100%);
 - 30 RPT steps (16 contexts x G=8, lr 1e-4): mean reward 0.936 over the first 5 steps, 0.955 over the
   last 5 (per step 0.89-0.98); held-out reasoning avg@8 0.925 -> 0.946, cons@8 0.984 -> 1.000; standard
-  mode 0.289 -> 0.258 (RPT trains the thinking, not the direct answer);
+  mode 0.289 -> 0.258 (4 of 128 tasks; RPT updates the reasoning responses, not the direct answer);
 - times: 13.1 and 11.8 minutes end to end, on 2 cores shared with other jobs (load average 10-16):
   corpus + tokenizer + tasks 3-6 s, preprocessing 3 s, pretraining 509-738 s, RPT 35-190 s (each
   evaluation 3.3 s at moderate load, up to 115 s under load; rollouts up to 7,400 tok/s). On idle cores
