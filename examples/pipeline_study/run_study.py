@@ -42,8 +42,10 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,13 +55,14 @@ LOSSES = {    # name: pretraining loss flags (generalized loss; CE is beta = lam
     "beta=-0.25": ["--loss-beta", "-0.25"],
     "lambda_low=-0.1": ["--loss-lambda-low", "-0.1"],
 }
-# The model: the `tiny` preset cut to 2 layers, as `make demo-rpt` (examples/rpt_demo.py).
-MODEL = ["--model-preset", "tiny", "--num-layers", "2", "--seq-length", "128", "--max-position-embeddings", "128"]
+# The model: the `tiny` preset cut to 2 layers, as `make demo-rpt` (examples/rpt_demo.py), with 64-token
+# sequences (a prompt is <= 12 tokens, a response <= 40; a pretraining sequence holds ~2.5 documents).
+MODEL = ["--model-preset", "tiny", "--num-layers", "2", "--seq-length", "64", "--max-position-embeddings", "64"]
 PROBLEM_TEMPLATE = "<|endoftext|>Q:{context}="     # reasoning.PROMPT_TEMPLATE with the `=` the question lacks
 
 CONFIGS = {
-    "full": dict(documents=20000, rl_train=256, eval_problems=64, pretrain_iters=500, pretrain_batch=32,
-                 rl_steps=20, stage1_steps=10, contexts=8, group=8, eval_samples=16, max_response=40,
+    "full": dict(documents=20000, rl_train=256, eval_problems=32, pretrain_iters=300, pretrain_batch=32,
+                 rl_steps=12, stage1_steps=6, contexts=8, group=8, eval_samples=16, max_response=40,
                  rl_lr=5e-4, seeds=[1, 2, 3], losses=list(LOSSES)),
     "small": dict(documents=2000, rl_train=8, eval_problems=4, pretrain_iters=2, pretrain_batch=4,
                   rl_steps=2, stage1_steps=1, contexts=2, group=2, eval_samples=4, max_response=32,
@@ -169,7 +172,6 @@ class Study:
         self.out = Path(args.output_dir).resolve()
         self.results = Path(args.results_dir).resolve()
         self.stages = self.results / "stages"
-        self.times: dict = {}
         self.rlp = importlib.util.find_spec("megatron_rpt.rpt.rlp") is not None
 
     # -- data
@@ -247,11 +249,13 @@ class Study:
         return res
 
     # -- RL
-    def rl(self, name: str, reward: str, init: Path, steps: int, seed: int, evaluate: bool,
+    def rl(self, name: str, reward: str, init_stage: str, steps: int, seed: int, evaluate: bool,
            extra: list = ()) -> dict:
+        """One GRPO run from the checkpoint of stage `init_stage`."""
         js = self.stages / f"{name}.json"
         if js.exists():
             return json.loads(js.read_text())
+        init = Path(json.loads((self.stages / f"{init_stage}.json").read_text())["checkpoint"])
         c, save = self.c, self.out / "ckpt" / name
         shutil.rmtree(save, ignore_errors=True)
         kind = "problem" if reward == "math_answer" else "corpus"
@@ -278,7 +282,7 @@ class Study:
             raise RuntimeError(f"{name} stopped at iteration {r.iteration} ({r.exit_reason}); see its log")
         eval_tasks = load_problems(self.problems["heldout"]) if evaluate else []
         eval_rows, train_rows = _rollout_records(rec, r, reward, eval_tasks, steps, c["eval_samples"])
-        res = {"stage": name, "reward": reward, "init": str(init), "seed": seed, "steps": steps, "argv": argv,
+        res = {"stage": name, "reward": reward, "init": str(init), "init_stage": init_stage, "seed": seed, "steps": steps, "argv": argv,
                "seconds": time.perf_counter() - t0, "checkpoint": str(save),
                "metrics": {str(i): {k: m.get(k) for k in STEP_KEYS} | {f"pass@{c['group']}": m[f"pass@{c['group']}"]}
                            for i, m in r.metrics.items()},
@@ -291,33 +295,67 @@ class Study:
               flush=True)
         return res
 
-    def run(self) -> dict:
+    def plan(self) -> dict:
+        """stage name -> (what runs it, the stages it needs), in the order a single process runs them:
+        the pretraining runs, then seed by seed every RL stage (a cut-short study has whole seeds)."""
         c = self.c
-        t0 = time.perf_counter()
-        self.data()
-        self.times["data"] = time.perf_counter() - t0
-        out = {"config": c, "pretrain": {}, "rlvr": {}, "pipelines": {}, "rlp_available": self.rlp}
-        for loss in c["losses"]:
-            t0 = time.perf_counter()
-            out["pretrain"][loss] = self.pretrain(loss)
-            self.times[f"pretrain {loss}"] = time.perf_counter() - t0
-        n, m, total = c["stage1_steps"], c["rl_steps"] - c["stage1_steps"], c["rl_steps"]
+        n, total = c["stage1_steps"], c["rl_steps"]
+        stages = {f"pretrain_{loss}": (partial(self.pretrain, loss), []) for loss in c["losses"]}
         for seed in c["seeds"]:
             for loss in c["losses"]:
-                t0 = time.perf_counter()
-                init = Path(out["pretrain"][loss]["checkpoint"])
-                out["rlvr"].setdefault(loss, {})[seed] = self.rl(f"rlvr_{loss}_s{seed}", "math_answer", init, total,
-                                                                 seed, evaluate=True)
-                self.times[f"rlvr {loss} s{seed}"] = time.perf_counter() - t0
-            ce = Path(out["pretrain"]["ce"]["checkpoint"])
-            for first, reward, extra in (("rpt", "prefix_match", []), ("rlp", "information_gain", [])):
+                stages[f"rlvr_{loss}_s{seed}"] = (partial(self.rl, f"rlvr_{loss}_s{seed}", "math_answer", f"pretrain_{loss}",
+                                                          total, seed, True), [f"pretrain_{loss}"])
+            for first, reward in (("rpt", "prefix_match"), ("rlp", "information_gain")):
                 if first == "rlp" and not self.rlp:
                     continue
-                t0 = time.perf_counter()
-                s1 = self.rl(f"{first}_ce_s{seed}", reward, ce, n, seed, evaluate=False, extra=extra)
-                s2 = self.rl(f"{first}_rlvr_ce_s{seed}", "math_answer", Path(s1["checkpoint"]), m, seed, evaluate=True)
-                out["pipelines"].setdefault(first, {})[seed] = {"stage1": s1, "rlvr": s2}
-                self.times[f"{first} -> rlvr s{seed}"] = time.perf_counter() - t0
+                s1, s2 = f"{first}_ce_s{seed}", f"{first}_rlvr_ce_s{seed}"
+                stages[s1] = (partial(self.rl, s1, reward, "pretrain_ce", n, seed, False), ["pretrain_ce"])
+                stages[s2] = (partial(self.rl, s2, "math_answer", s1, total - n, seed, True), [s1])
+        return stages
+
+    def done(self, name: str) -> bool:
+        return (self.stages / f"{name}.json").exists()
+
+    def run(self, parallel: int, argv: list) -> dict:
+        """Every stage not done: in this process one after the other (parallel 1), or up to `parallel`
+        child processes at a time (`--stage NAME`), each started when the stages it needs are done."""
+        t0 = time.perf_counter()
+        self.data()
+        plan = self.plan()
+        if parallel <= 1:
+            for name, (fn, _) in plan.items():
+                if not self.done(name):
+                    fn()
+        else:
+            pending = [name for name in plan if not self.done(name)]
+            running: dict = {}
+            threads = max(1, (os.cpu_count() or 1) // parallel)
+            while pending or running:
+                for name in [x for x in pending if all(self.done(d) for d in plan[x][1])][:parallel - len(running)]:
+                    pending.remove(name)
+                    print(f"==> {name} (child process, log {self.out / 'logs' / (name + '.log')})", flush=True)
+                    running[name] = subprocess.Popen([sys.executable, __file__, *argv, "--stage", name], cwd=ROOT,
+                                                     env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+                for name, proc in list(running.items()):
+                    if proc.poll() is not None:
+                        del running[name]
+                        if proc.returncode or not self.done(name):
+                            for other in running.values():
+                                other.terminate()
+                            sys.exit(f"pipeline study: stage {name} failed; see {self.out / 'logs' / (name + '.log')}")
+                if pending and not running:
+                    sys.exit(f"pipeline study: stages {pending} wait for stages that are not done")
+                time.sleep(1)
+        self.seconds = time.perf_counter() - t0
+        c = self.c
+        load = lambda name: json.loads((self.stages / f"{name}.json").read_text())  # noqa: E731
+        out = {"config": c, "rlp_available": self.rlp,
+               "pretrain": {loss: load(f"pretrain_{loss}") for loss in c["losses"]},
+               "rlvr": {loss: {seed: load(f"rlvr_{loss}_s{seed}") for seed in c["seeds"]} for loss in c["losses"]},
+               "pipelines": {}}
+        for first in ("rpt", "rlp") if self.rlp else ("rpt",):
+            out["pipelines"][first] = {seed: {"stage1": load(f"{first}_ce_s{seed}"), "rlvr": load(f"{first}_rlvr_ce_s{seed}")}
+                                       for seed in c["seeds"]}
         return out
 
 
@@ -365,14 +403,14 @@ def _pass_ks(k: int) -> list:
     return pass_ks(k)
 
 
-def table(out: dict, summary: dict, times: dict, total_s: float, command: str) -> str:
+def table(out: dict, summary: dict, stages: dict, wall_s: float, command: str) -> str:
     c = out["config"]
     keys = summary["keys"]
     n_seeds = len(c["seeds"])
     spread = "mean ± sample std over seeds" if n_seeds > 1 else "one seed"
     lines = [f"# Pipeline study: pretraining loss -> RLVR, and RPT / RLP before RLVR (`{command}`)", "",
              f"Model: 2-layer `tiny` (0.4M parameters); corpus: {c['documents']} digit-chain documents; "
-             f"pretraining {c['pretrain_iters']} iterations x {c['pretrain_batch']} sequences of 128 tokens, "
+             f"pretraining {c['pretrain_iters']} iterations x {c['pretrain_batch']} sequences of 64 tokens, "
              f"seed {PRETRAIN_SEED}, top-k K = {K_TOP}. GRPO: {c['contexts']} problems x G = {c['group']} per step, "
              f"temperature 1, lr {c['rl_lr']}, training seeds {c['seeds']}. Evaluation: {c['eval_problems']} "
              f"held-out problems x {c['eval_samples']} samples (temperature 1); {spread}.", "",
@@ -407,8 +445,11 @@ def table(out: dict, summary: dict, times: dict, total_s: float, command: str) -
                          + " | ".join(_ms([s[key] for s in res[when].values()]) for key in keys) + " |")
     if "rlp" not in summary["pipelines"]:
         lines += ["", "RLP -> RLVR: not run (`--rl-reward information_gain` has no loop in this tree)."]
-    lines += ["", f"Time: {total_s / 60:.1f} min in all (stages skipped as done count ~0):", "",
-              "| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in times.items()]
+    stage_s = {name: st["seconds"] for name, st in stages.items()}
+    lines += ["", f"Time: {sum(stage_s.values()) / 60:.1f} min of stage runs in all (each stage's own wall-clock "
+              f"time, as recorded in its JSON; with --parallel 2 two ran at a time: the study took {wall_s / 60:.1f} "
+              "min of wall-clock time when it was run; the data step, ~10 s, is not counted):", "",
+              "| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in stage_s.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -469,16 +510,26 @@ def main(argv=None) -> int:
     ap.add_argument("--results-dir", default=str(Path(__file__).resolve().parent / "results"),
                     help="stages/*.json, study.md, study.png")
     ap.add_argument("--small", action="store_true", help="the smallest configuration (the test's)")
+    ap.add_argument("--parallel", type=int, default=1, help="stages run at a time (child processes when > 1)")
+    ap.add_argument("--stage", help=argparse.SUPPRESS)      # child process: run this one stage
     a = ap.parse_args(argv)
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
-    cfg = CONFIGS["small" if a.small else "full"]
-    t0 = time.perf_counter()
-    study = Study(a, cfg)
-    out = study.run()
-    summary = summarize(out)
+    study = Study(a, CONFIGS["small" if a.small else "full"])
+    if a.stage:
+        study.data()
+        study.plan()[a.stage][0]()
+        return 0
+    todo = [name for name in study.plan() if not study.done(name)]
+    child_argv = ["--output-dir", a.output_dir, "--results-dir", a.results_dir] + (["--small"] if a.small else [])
+    out = study.run(a.parallel, child_argv)
     results = Path(a.results_dir).resolve()
+    if todo:    # the wall-clock time of the invocation that ran stages (a rerun that only redraws keeps it)
+        _write_json(results / "run_time.json", {"wall_s": study.seconds, "stages_run": todo, "parallel": a.parallel})
+    wall = json.loads((results / "run_time.json").read_text())["wall_s"] if (results / "run_time.json").exists() else 0.0
+    summary = summarize(out)
     command = "python examples/pipeline_study/run_study.py" + (" --small" if a.small else "")
-    md = table(out, summary, study.times, time.perf_counter() - t0, command)
+    stages = {name: json.loads((study.stages / f"{name}.json").read_text()) for name in study.plan()}
+    md = table(out, summary, stages, wall, command)
     _write_json(results / "summary.json", summary)
     (results / "study.md").write_text(md, encoding="utf-8")
     plot(out, summary, results / "study.png")
