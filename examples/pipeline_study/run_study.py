@@ -64,6 +64,11 @@ CONFIGS = {
     "full": dict(documents=20000, rl_train=256, eval_problems=32, pretrain_iters=300, pretrain_batch=32,
                  rl_steps=12, stage1_steps=6, contexts=8, group=8, eval_samples=16, max_response=40,
                  rl_lr=5e-4, seeds=[1, 2, 3], losses=list(LOSSES)),
+    # The second configuration (run after the first's RLVR raised the entropy and lowered the reward at
+    # lr 5e-4): the demo's pretraining budget, a 5x smaller RL learning rate, twice the RL steps.
+    "long": dict(documents=20000, rl_train=256, eval_problems=64, pretrain_iters=600, pretrain_batch=32,
+                 rl_steps=24, stage1_steps=12, contexts=8, group=8, eval_samples=16, max_response=40,
+                 rl_lr=1e-4, seeds=[1, 2, 3], losses=list(LOSSES)),
     "small": dict(documents=2000, rl_train=8, eval_problems=4, pretrain_iters=2, pretrain_batch=4,
                   rl_steps=2, stage1_steps=1, contexts=2, group=2, eval_samples=4, max_response=32,
                   rl_lr=5e-4, seeds=[1], losses=["ce"]),
@@ -262,7 +267,9 @@ class Study:
         data = self.problems["train"] if kind == "problem" else self.rpt_tasks
         argv = [*MODEL, *self._tokenizer_flags(), "--rl-reward", reward,
                 "--load", str(init), "--finetune", "--save", str(save), "--save-interval", str(steps),
-                "--rpt-data", str(data), "--rpt-prompt-template", str(self.templates[kind]),
+                "--rpt-data", str(data),
+                # RLP prompts with the bare context + <think> (docs/rlp.md): no template
+                *([] if reward == "information_gain" else ["--rpt-prompt-template", str(self.templates[kind])]),
                 "--rpt-contexts-per-step", str(c["contexts"]), "--rpt-group-size", str(c["group"]),
                 "--rpt-max-response-length", str(c["max_response"]), "--rpt-temperature", "1.0",
                 "--micro-batch-size", str(c["contexts"] * c["group"]), "--train-iters", str(steps),
@@ -336,6 +343,9 @@ class Study:
                     print(f"==> {name} (child process, log {self.out / 'logs' / (name + '.log')})", flush=True)
                     running[name] = subprocess.Popen([sys.executable, __file__, *argv, "--stage", name], cwd=ROOT,
                                                      env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+                if pending and not running:     # nothing started and nothing to wait for
+                    sys.exit(f"pipeline study: stages {pending} wait for stages that are not done")
+                time.sleep(1)
                 for name, proc in list(running.items()):
                     if proc.poll() is not None:
                         del running[name]
@@ -343,9 +353,6 @@ class Study:
                             for other in running.values():
                                 other.terminate()
                             sys.exit(f"pipeline study: stage {name} failed; see {self.out / 'logs' / (name + '.log')}")
-                if pending and not running:
-                    sys.exit(f"pipeline study: stages {pending} wait for stages that are not done")
-                time.sleep(1)
         self.seconds = time.perf_counter() - t0
         c = self.c
         load = lambda name: json.loads((self.stages / f"{name}.json").read_text())  # noqa: E731
@@ -403,6 +410,11 @@ def _pass_ks(k: int) -> list:
     return pass_ks(k)
 
 
+def _change(res: dict, key: str) -> list:
+    """after - before of `key`, seed by seed."""
+    return [res["after"][seed][key] - res["before"][seed][key] for seed in res["before"]]
+
+
 def table(out: dict, summary: dict, stages: dict, wall_s: float, command: str) -> str:
     c = out["config"]
     keys = summary["keys"]
@@ -415,15 +427,23 @@ def table(out: dict, summary: dict, stages: dict, wall_s: float, command: str) -
              f"temperature 1, lr {c['rl_lr']}, training seeds {c['seeds']}. Evaluation: {c['eval_problems']} "
              f"held-out problems x {c['eval_samples']} samples (temperature 1); {spread}.", "",
              f"## RLVR ({c['rl_steps']} steps) after each pretraining loss", "",
-             "| pretraining loss | final lm loss | when | " + " | ".join(keys) + " |",
-             "|---|---|---|" + "---|" * len(keys)]
+             "| pretraining loss | when | " + " | ".join(keys) + " |",
+             "|---|---|" + "---|" * len(keys)]
     for loss, res in summary["rlvr"].items():
-        losses = out["pretrain"][loss]["losses"]
-        final = losses[max(losses, key=int)]
         for when in ("before", "after"):
             per_seed = res[when].values()
-            lines.append(f"| {loss} | {final:.3f} | {when} RL | "
+            lines.append(f"| {loss} | {when} RL | "
                          + " | ".join(_ms([s[key] for s in per_seed]) for key in keys) + " |")
+        lines.append(f"| {loss} | change | " + " | ".join(_ms(_change(res, key)) for key in keys) + " |")
+    lines += ["", "Pretraining (one run per loss; the loss's own statistics of the logged steps of the last 20% "
+              "of iterations, one batch each, averaged: plain CE is comparable across losses):", "",
+              "| pretraining loss | train CE | entropy | pi(target) | top-1 | top-5 mass | seconds |",
+              "|---|---|---|---|---|---|---|"]
+    for loss, pre in out["pretrain"].items():
+        tail = [v for it, v in pre["train"].items() if int(it) > 0.8 * c["pretrain_iters"]]
+        mean = {key: statistics.mean(v[key] for v in tail) for key in tail[0]}
+        lines.append(f"| {loss} | {mean['cross_entropy']:.3f} | {mean['entropy']:.3f} | {mean['target_prob']:.3f} | "
+                     f"{mean['top1']:.3f} | {mean['topk_mass']:.3f} | {pre['seconds']:.0f} |")
     lines += ["", "Per-step RL metrics (mean over seeds, first -> last step):", "",
               "| pretraining loss | reward | entropy | response length | response length std | answer rate |",
               "|---|---|---|---|---|---|"]
@@ -443,6 +463,9 @@ def table(out: dict, summary: dict, stages: dict, wall_s: float, command: str) -
         for when in ("before", "after"):
             lines.append(f"| {names[first]} | {when} RLVR | "
                          + " | ".join(_ms([s[key] for s in res[when].values()]) for key in keys) + " |")
+        lines.append(f"| {names[first]} | change | " + " | ".join(_ms(_change(res, key)) for key in keys) + " |")
+    lines += ["", "'change': after minus before, per seed (paired), then mean ± std over seeds. The seeds of one "
+              "pretrained model share its weights before RL: the spread of 'before' is the evaluation's sampling noise."]
     if "rlp" not in summary["pipelines"]:
         lines += ["", "RLP -> RLVR: not run (`--rl-reward information_gain` has no loop in this tree)."]
     stage_s = {name: st["seconds"] for name, st in stages.items()}
@@ -471,11 +494,14 @@ def plot(out: dict, summary: dict, path: Path) -> None:
                             color=line.get_color(), alpha=0.15)
 
     ax = axes[0, 0]
-    for loss, res in summary["rlvr"].items():
+    for i, (loss, res) in enumerate(summary["rlvr"].items()):
         for when, style in (("before", "--"), ("after", "-")):
-            band(ax, ks, [s["pass_curve"] for s in res[when].values()], f"{loss} {when} RL", linestyle=style)
-    ax.set(xscale="log", xlabel="k", ylabel="pass@k (held-out)", title="pass@k before / after RLVR (band: seeds' range)")
-    ax.set_xticks(ks[::1] if k <= 4 else [1, 2, 4, 8, 16][:len([x for x in (1, 2, 4, 8, 16) if x <= k])])
+            band(ax, ks, [s["pass_curve"] for s in res[when].values()], f"{loss} {when} RL", linestyle=style,
+                 color=f"C{i}")
+    ticks = [j for j in (1, 2, 4, 8, 16) if j <= k]
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, [str(j) for j in ticks])
+    ax.set(xlabel="k", ylabel="pass@k (held-out)", title="pass@k before / after RLVR (band: seeds' range)")
     ax.legend(fontsize=7)
     for ax, key, title in ((axes[0, 1], "reward", "RLVR training reward"), (axes[0, 2], "entropy", "policy entropy"),
                            (axes[1, 0], "response_length", "response length (tokens)"),
@@ -506,28 +532,35 @@ def plot(out: dict, summary: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--output-dir", default="runs/pipeline_study", help="checkpoints, data, logs")
-    ap.add_argument("--results-dir", default=str(Path(__file__).resolve().parent / "results"),
-                    help="stages/*.json, study.md, study.png")
-    ap.add_argument("--small", action="store_true", help="the smallest configuration (the test's)")
+    ap.add_argument("--output-dir", help="checkpoints, data, logs (default runs/pipeline_study[_CONFIG])")
+    ap.add_argument("--results-dir", help="stages/*.json, study.md, study.png (default: results/ next to this "
+                                          "script for --config full, results/CONFIG otherwise)")
+    ap.add_argument("--config", choices=list(CONFIGS), default="full",
+                    help="full: the study; long: longer pretraining, lower RL lr, more steps; small: the test's")
+    ap.add_argument("--small", action="store_true", help="the same as --config small")
     ap.add_argument("--parallel", type=int, default=1, help="stages run at a time (child processes when > 1)")
     ap.add_argument("--stage", help=argparse.SUPPRESS)      # child process: run this one stage
     a = ap.parse_args(argv)
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
-    study = Study(a, CONFIGS["small" if a.small else "full"])
+    if a.small:
+        a.config = "small"
+    tail = "" if a.config == "full" else a.config
+    a.output_dir = a.output_dir or "runs/pipeline_study" + (f"_{tail}" if tail else "")
+    a.results_dir = a.results_dir or str(Path(__file__).resolve().parent / "results" / tail)
+    study = Study(a, CONFIGS[a.config])
     if a.stage:
         study.data()
         study.plan()[a.stage][0]()
         return 0
     todo = [name for name in study.plan() if not study.done(name)]
-    child_argv = ["--output-dir", a.output_dir, "--results-dir", a.results_dir] + (["--small"] if a.small else [])
+    child_argv = ["--output-dir", a.output_dir, "--results-dir", a.results_dir, "--config", a.config]
     out = study.run(a.parallel, child_argv)
     results = Path(a.results_dir).resolve()
     if todo:    # the wall-clock time of the invocation that ran stages (a rerun that only redraws keeps it)
         _write_json(results / "run_time.json", {"wall_s": study.seconds, "stages_run": todo, "parallel": a.parallel})
     wall = json.loads((results / "run_time.json").read_text())["wall_s"] if (results / "run_time.json").exists() else 0.0
     summary = summarize(out)
-    command = "python examples/pipeline_study/run_study.py" + (" --small" if a.small else "")
+    command = "python examples/pipeline_study/run_study.py" + (f" --config {a.config}" if a.config != "full" else "")
     stages = {name: json.loads((study.stages / f"{name}.json").read_text()) for name in study.plan()}
     md = table(out, summary, stages, wall, command)
     _write_json(results / "summary.json", summary)

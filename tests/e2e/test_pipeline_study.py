@@ -20,7 +20,7 @@ from tests.cli import run_cli
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = "examples/pipeline_study/run_study.py"
 COMMITTED = ROOT / "examples" / "pipeline_study" / "results"
-BOX = re.compile(r"</think>.*\\boxed\{([^{}]*)\}[^\\]*$", re.S)
+BOX = re.compile(r"\\boxed\{([^{}\\]*)\}[^{}\\]*$")
 
 
 def pass_at(n: int, c: int, k: int) -> Fraction:
@@ -28,8 +28,12 @@ def pass_at(n: int, c: int, k: int) -> Fraction:
 
 
 def boxed_after_think(text: str):
-    """The last \\boxed{} content after </think>, when the text is that simple (else None)."""
-    m = BOX.search(text)
+    """The content of the one `\\boxed{}` after the first `</think>` when that part of the text is that
+    simple (one box, no other braces or backslashes after it), else None."""
+    _, sep, region = text.partition("</think>")
+    if not sep or region.count("\\boxed{") != 1:
+        return None
+    m = BOX.search(region)
     return m.group(1) if m else None
 
 
@@ -50,6 +54,8 @@ def check_stage(stage: dict, problems: dict, k_max: int) -> None:
                     assert r == 0.0, text
                 elif box is not None and box == answer:
                     assert r == 1.0, text
+                elif box is not None and re.fullmatch(r"[0-9]", box):
+                    assert r == 0.0, text       # another digit
             c = sum(r == 1.0 for r in rewards)
             for j in range(1, k + 1):
                 sums[f"pass@{j}"] += pass_at(k, c, j)
@@ -96,7 +102,7 @@ def check_summary(results: Path, stages: dict) -> None:
             if len(by_seed) == 1:
                 (values,) = by_seed.values()
                 cells = " | ".join(f"{values[key]:.3f}" for key in summary["keys"])
-                assert f"| {when} RL | {cells} |" in table, (loss, when)
+                assert f"| {loss} | {when} RL | {cells} |" in table, (loss, when)
 
 
 def _load(results: Path) -> dict:
