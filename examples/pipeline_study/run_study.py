@@ -70,7 +70,7 @@ CONFIGS = {
                  rl_steps=24, stage1_steps=12, contexts=8, group=8, eval_samples=16, max_response=40,
                  rl_lr=1e-4, seeds=[1, 2, 3], losses=list(LOSSES)),
     "small": dict(documents=2000, rl_train=8, eval_problems=4, pretrain_iters=2, pretrain_batch=4,
-                  rl_steps=2, stage1_steps=1, contexts=2, group=2, eval_samples=4, max_response=32,
+                  rl_steps=2, stage1_steps=1, contexts=2, group=2, eval_samples=4, max_response=16,
                   rl_lr=5e-4, seeds=[1], losses=["ce"]),
 }
 DATA_SEED = 1234
