@@ -291,7 +291,7 @@ class Study:
         eval_rows, train_rows = _rollout_records(rec, r, reward, eval_tasks, steps, c["eval_samples"])
         res = {"stage": name, "reward": reward, "init": str(init), "init_stage": init_stage, "seed": seed, "steps": steps, "argv": argv,
                "seconds": time.perf_counter() - t0, "checkpoint": str(save),
-               "metrics": {str(i): {k: m.get(k) for k in STEP_KEYS} | {f"pass@{c['group']}": m[f"pass@{c['group']}"]}
+               "metrics": {str(i): {k: m.get(k) for k in STEP_KEYS} | {f"pass@{c['group']}": m.get(f"pass@{c['group']}")}
                            for i, m in r.metrics.items()},
                "evaluations": {str(i): m for i, m in r.evaluations.items()},
                "eval_responses": eval_rows, "train_responses": train_rows}
