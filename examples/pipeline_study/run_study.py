@@ -435,6 +435,14 @@ def table(out: dict, summary: dict, stages: dict, wall_s: float, command: str) -
             lines.append(f"| {loss} | {when} RL | "
                          + " | ".join(_ms([s[key] for s in per_seed]) for key in keys) + " |")
         lines.append(f"| {loss} | change | " + " | ".join(_ms(_change(res, key)) for key in keys) + " |")
+    k = c["eval_samples"]
+    lines += ["", f"pass@k for every k = 1..{k} (unbiased estimator over the recorded rewards, mean over seeds):", "",
+              "| pretraining loss | when | " + " | ".join(str(j) for j in range(1, k + 1)) + " |",
+              "|---|---|" + "---|" * k]
+    for loss, res in summary["rlvr"].items():
+        for when in ("before", "after"):
+            curves = [s["pass_curve"] for s in res[when].values()]
+            lines.append(f"| {loss} | {when} RL | " + " | ".join(f"{statistics.mean(v):.3f}" for v in zip(*curves)) + " |")
     lines += ["", "Pretraining (one run per loss; the loss's own statistics of the logged steps of the last 20% "
               "of iterations, one batch each, averaged: plain CE is comparable across losses):", "",
               "| pretraining loss | train CE | entropy | pi(target) | top-1 | top-5 mass | seconds |",
