@@ -141,15 +141,18 @@ def test_small_study_metrics_follow_from_its_responses(tmp_path):
     assert again.returncode == 0 and "mrpt-" not in again.stdout, again.stdout[-2000:]
 
 
-@pytest.mark.skipif(not (COMMITTED / "summary.json").exists(), reason="no committed full-study results")
-def test_committed_results_follow_from_their_responses():
-    stages = _load(COMMITTED)
+@pytest.mark.parametrize("config", ["", "long"])
+def test_committed_results_follow_from_their_responses(config):
+    results = COMMITTED / config
+    if not (results / "summary.json").exists():
+        pytest.skip(f"no committed results in {results}")
+    stages = _load(results)
     heldout = [s for s in stages.values() if s.get("evaluations")]
     assert heldout
     answers = {r["id"]: r["answer"] for s in heldout for rows in s["eval_responses"].values() for r in rows}
     for stage in heldout:
         check_stage(stage, answers, 16)
-    check_summary(COMMITTED, stages)
+    check_summary(results, stages)
 
 
 if __name__ == "__main__":
