@@ -18,19 +18,21 @@ short form `7+5*3-8=8`) with a 2-layer `tiny` model (0.4M parameters, 54-token v
 4. pipelines at the same GRPO budget, from the CE model, per seed: RLVR for N+M steps (stage 3's CE
    run) vs RPT (--rl-reward prefix_match on the corpus tasks) for N steps then RLVR for M, vs RLP
    (--rl-reward information_gain on the same corpus tasks and seed, so the same contexts) for N then
-   RLVR for M. The RLP stage runs only where the RLP loop exists in this tree (`megatron_rpt.rpt.rlp`);
-   otherwise its stages are recorded as not run.
+   RLVR for M. The RLP stages run only where the RLP loop exists in this tree (`megatron_rpt.rpt.rlp`);
+   otherwise they are left out and the report says so.
 
-Every stage runs in this process (mrpt-pretrain / mrpt-rpt's own functions, one after the other;
-each tears its process group down) and writes OUTPUT/stages/<stage>.json when complete; a stage
-whose JSON exists is skipped (delete it to rerun). Besides the loop's metrics, the JSON holds each
-evaluation's responses and rewards and each step's per-response rewards and lengths, recorded by a
-wrapper of the rollout engine (the loop writes aggregates only), so the metrics can be recomputed
-from the responses (tests/e2e/test_pipeline_study.py does). Results: RESULTS/stages/*.json,
-RESULTS/study.md, RESULTS/study.png.
+Every stage runs in-process (mrpt-pretrain / mrpt-rpt's own functions, one after the other; each
+tears its process group down), or with `--parallel N` in up to N child processes started when the
+stages they need are done, and writes RESULTS/stages/<stage>.json when complete; a stage whose JSON
+exists is skipped (delete it to rerun). Besides the loop's metrics, the JSON holds each evaluation's
+responses, lengths and rewards and each step's response lengths, recorded by a wrapper of the
+rollout engine (the loop writes aggregates only), so the metrics can be recomputed from the
+responses (tests/e2e/test_pipeline_study.py does). Results: RESULTS/stages/*.json,
+RESULTS/summary.json, RESULTS/study.md, RESULTS/study.png; checkpoints, data and logs under OUTPUT.
 
-    python examples/pipeline_study/run_study.py            # the full study (see README.md for its time)
-    python examples/pipeline_study/run_study.py --small    # the test's configuration (seconds)
+    python examples/pipeline_study/run_study.py --parallel 2          # the study (README.md: its time)
+    python examples/pipeline_study/run_study.py --config long --parallel 2
+    python examples/pipeline_study/run_study.py --small              # the test's configuration
 """
 
 from __future__ import annotations
