@@ -71,6 +71,12 @@ CONFIGS = {
     "long": dict(documents=20000, rl_train=256, eval_problems=64, pretrain_iters=600, pretrain_batch=32,
                  rl_steps=24, stage1_steps=12, contexts=8, group=8, eval_samples=16, max_response=40,
                  rl_lr=1e-4, seeds=[1, 2, 3], losses=list(LOSSES)),
+    # `long` again from pretraining seeds 2 and 3 (one RL seed, no RPT/RLP pipelines): whether a
+    # difference between the losses after RL outlives the pretraining run it came from.
+    **{f"long_p{p}": dict(documents=20000, rl_train=256, eval_problems=64, pretrain_iters=600, pretrain_batch=32,
+                          rl_steps=24, stage1_steps=12, contexts=8, group=8, eval_samples=16, max_response=40,
+                          rl_lr=1e-4, seeds=[1], losses=list(LOSSES), pretrain_seed=p, pipelines=False)
+       for p in (2, 3)},
     "small": dict(documents=2000, rl_train=8, eval_problems=4, pretrain_iters=2, pretrain_batch=4,
                   rl_steps=2, stage1_steps=1, contexts=2, group=2, eval_samples=4, max_response=16,
                   rl_lr=5e-4, seeds=[1], losses=["ce"]),
@@ -241,7 +247,7 @@ class Study:
                 "--adam-beta2", "0.95", "--data-path", str(self.document), "--split", "100,0,0",
                 "--save", str(ckpt), "--save-interval", str(c["pretrain_iters"]), "--eval-iters", "0",
                 "--log-interval", str(max(1, c["pretrain_iters"] // 20)), "--no-log-memory",
-                "--seed", str(PRETRAIN_SEED), "--loss-function", "generalized", "--loss-topk", str(K_TOP),
+                "--seed", str(c.get("pretrain_seed", PRETRAIN_SEED)), "--loss-function", "generalized", "--loss-topk", str(K_TOP),
                 *LOSSES[loss]]
         print(f"==> {name}: mrpt-pretrain {' '.join(argv)}", flush=True)
         from megatron_rpt.config import parse_args
@@ -315,7 +321,7 @@ class Study:
                 stages[f"rlvr_{loss}_s{seed}"] = (partial(self.rl, f"rlvr_{loss}_s{seed}", "math_answer", f"pretrain_{loss}",
                                                           total, seed, True), [f"pretrain_{loss}"])
             for first, reward in (("rpt", "prefix_match"), ("rlp", "information_gain")):
-                if first == "rlp" and not self.rlp:
+                if (first == "rlp" and not self.rlp) or not c.get("pipelines", True):
                     continue
                 s1, s2 = f"{first}_ce_s{seed}", f"{first}_rlvr_ce_s{seed}"
                 stages[s1] = (partial(self.rl, s1, reward, "pretrain_ce", n, seed, False), ["pretrain_ce"])
@@ -362,7 +368,7 @@ class Study:
                "pretrain": {loss: load(f"pretrain_{loss}") for loss in c["losses"]},
                "rlvr": {loss: {seed: load(f"rlvr_{loss}_s{seed}") for seed in c["seeds"]} for loss in c["losses"]},
                "pipelines": {}}
-        for first in ("rpt", "rlp") if self.rlp else ("rpt",):
+        for first in (("rpt", "rlp") if self.rlp else ("rpt",)) if c.get("pipelines", True) else ():
             out["pipelines"][first] = {seed: {"stage1": load(f"{first}_ce_s{seed}"), "rlvr": load(f"{first}_rlvr_ce_s{seed}")}
                                        for seed in c["seeds"]}
         return out
@@ -425,7 +431,7 @@ def table(out: dict, summary: dict, stages: dict, wall_s: float, command: str) -
     lines = [f"# Pipeline study: pretraining loss -> RLVR, and RPT / RLP before RLVR (`{command}`)", "",
              f"Model: 2-layer `tiny` (0.4M parameters); corpus: {c['documents']} digit-chain documents; "
              f"pretraining {c['pretrain_iters']} iterations x {c['pretrain_batch']} sequences of 64 tokens, "
-             f"seed {PRETRAIN_SEED}, top-k K = {K_TOP}. GRPO: {c['contexts']} problems x G = {c['group']} per step, "
+             f"seed {c.get('pretrain_seed', PRETRAIN_SEED)}, top-k K = {K_TOP}. GRPO: {c['contexts']} problems x G = {c['group']} per step, "
              f"temperature 1, lr {c['rl_lr']}, training seeds {c['seeds']}. Evaluation: {c['eval_problems']} "
              f"held-out problems x {c['eval_samples']} samples (temperature 1); {spread}.", "",
              f"## RLVR ({c['rl_steps']} steps) after each pretraining loss", "",
