@@ -73,22 +73,25 @@ def parallel_layout() -> dict:
     }
 
 
-def model_state_dict(model_chunks) -> dict:
-    """The sharded state dict of the model chunks under their checkpoint keys."""
+def model_state_dict(model_chunks, key: str = "model") -> dict:
+    """The sharded state dict of the model chunks under their checkpoint keys (`key`, or `key`0, `key`1...
+    per virtual stage). A `key` other than "model" (another copy of the model: RLP's EMA teacher) also
+    prefixes every tensor's name with "`key`." so that its tensors do not collide with the policy's."""
     chunks = [unwrap(m) for m in model_chunks]  # keys without DDP/Float16Module prefixes (as Megatron-LM)
+    prefix = "" if key == "model" else key + "."
     if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+        return {key: chunks[0].sharded_state_dict(prefix=prefix)}
+    return {f"{key}{i}": chunk.sharded_state_dict(prefix=prefix) for i, chunk in enumerate(chunks)}
 
 
-def load_model_state(model_chunks, loaded: dict) -> None:
+def load_model_state(model_chunks, loaded: dict, key: str = "model") -> None:
     """Copy a loaded `model_state_dict` into the chunks (strict: every key present, none extra)."""
     chunks = [unwrap(m) for m in model_chunks]
-    if len(chunks) == 1:
-        chunks[0].load_state_dict(loaded["model"], strict=True)
-    else:
-        for i, chunk in enumerate(chunks):
-            chunk.load_state_dict(loaded[f"model{i}"], strict=True)
+    prefix = "" if key == "model" else key + "."
+    names = [key] if len(chunks) == 1 else [f"{key}{i}" for i in range(len(chunks))]
+    for name, chunk in zip(names, chunks):
+        chunk.load_state_dict({k[len(prefix):] if prefix and k.startswith(prefix) else k: v
+                               for k, v in loaded[name].items()}, strict=True)
 
 
 def save_sharded(root: str, iteration: int, sharded_state_dict: dict, cfg: RunConfig, *, model_only: bool,

@@ -512,6 +512,10 @@ class RPTConfig:
                                 "of 1); 1 = on-policy, one update per batch, as the paper.")
     rpt_eval_samples: int = arg(1, help="Responses per held-out task in evaluation (k of pass@k/avg@k/cons@k).")
     rpt_eval_max_tasks: Optional[int] = arg(None, help="Evaluate on the first N held-out tasks only.")
+    rlp_ema_decay: float = arg(0.999, help="RLP: decay tau of the EMA no-think teacher, phi <- tau phi + (1 - tau) "
+                               "theta after each optimizer step (the paper's 0.999; 0 < tau < 1).")
+    rlp_target_tokens: int = arg(1, help="RLP: target tokens N scored after the thought; the reward sums their "
+                                 "teacher-forced log-probs (1: the paper's next token; at most the tasks' target length).")
 
 
 @dataclass

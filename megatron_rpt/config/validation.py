@@ -722,6 +722,17 @@ def check_rpt_config(cfg: RunConfig, world_size: int, *, check_files: bool = Tru
         problems.append(f"--rpt-eval-max-tasks must be >= 1 (got {r.rpt_eval_max_tasks})")
     if r.rpt_eval_samples < 1:
         problems.append(f"--rpt-eval-samples must be >= 1 (got {r.rpt_eval_samples})")
+    if not 0.0 < r.rlp_ema_decay < 1.0:
+        problems.append(f"--rlp-ema-decay must be in (0, 1) (got {r.rlp_ema_decay}): the EMA teacher's tau")
+    if r.rlp_target_tokens < 1:
+        problems.append(f"--rlp-target-tokens must be >= 1 (got {r.rlp_target_tokens})")
+    if r.rl_reward == "information_gain" and r.rpt_chat_template:
+        problems.append("--rpt-chat-template does not apply to --rl-reward information_gain: RLP's prompt is the bare "
+                        "context's token ids + '<think>' (docs/rlp.md)")
+    if r.rl_reward == "information_gain" and p.overlap_param_gather:
+        problems.append("--overlap-param-gather is not supported with --rl-reward information_gain: RLP's EMA "
+                        "teacher reads the weights right after each optimizer step, before the overlapped "
+                        "all-gather has delivered them")
     if p.num_layers_per_virtual_pipeline_stage is not None:
         problems.append("--num-layers-per-virtual-pipeline-stage is not supported by mrpt-rpt (Megatron-Core's "
                         "inference engine runs one model chunk per rank)")

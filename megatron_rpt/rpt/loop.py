@@ -1,8 +1,8 @@
 """The RL job (`mrpt-rpt`): tasks -> rollouts -> rewards -> GRPO update, on the shared driver.
 
 The reward is `--rl-reward` (`rpt.rewards`): RPT's prefix match on corpus task files (the default),
-RLVR's final-answer check on problem files; the task files are read as the reward needs them and a
-file of the other kind is refused at start-up.
+RLVR's final-answer check on problem files, RLP's information gain (below) on corpus task files; the
+task files are read as the reward needs them and a file of the other kind is refused at start-up.
 
 One iteration:
 1. the next `--rpt-contexts-per-step` tasks of a seeded per-epoch permutation (the position is the
@@ -31,6 +31,10 @@ One iteration:
 With expert parallelism the ranks of an expert all-to-all hold different data, so every forward
 they run is matched: the engine decodes in lockstep (`MegatronEngine(lockstep_group=...)`) and the
 update pads every rank to the same micro-batch count and length (padding carries no loss).
+With `--rl-reward information_gain` (RLP, `rpt.rlp`; docs/rlp.md) the prompts, rewards, advantages,
+metrics and evaluation are RLP's (thoughts after "<think>", scored by the information gain over an EMA
+teacher, updated with per-thought weights) and the EMA teacher is updated after each optimizer step;
+the places are marked "RLP".
 Resuming, the iteration loop, --eval-interval / --save-interval and the exit conditions are the
 shared `training.driver.TrainingDriver`; metrics go to stdout every `--log-interval` and to
 TensorBoard; evaluation (`rpt.evaluate`) runs on held-out tasks at the start, every
@@ -76,8 +80,10 @@ from megatron_rpt.training.step import (grads_are_finite, optimizer_step, reduce
 from megatron_rpt.training.timers import TimerReport
 
 # Per-micro-batch sums reduced over the batch (order of the packed report tensor).
+# "count" is what the loss is normalised by (Megatron-Core's per-token-loss count): the tokens (RPT) or the
+# thoughts (RLP, rpt.rlp).
 _SUMS = ("loss", "tokens", "entropy", "ratio", "clipped", "kl", "approx_kl", "abs_logp_diff", "mismatch_kl",
-         "tis_weight")
+         "tis_weight", "count")
 
 
 @dataclass
@@ -121,6 +127,9 @@ class TrainSequence:
     prompt_len: int
     rollout_log_probs: list     # per response token, as the rollout engine reported them
     advantage: float
+    # RLP (rpt.rlp): each response token's loss is weighted by this (1/|c|) and the sequence counts 1 in
+    # the loss's normaliser instead of its token count; None: plain token mean (RPT)
+    sequence_weight: Optional[float] = None
 
 
 def _micro_batches(seqs: list, micro_batch_size: int, length_multiple: int, max_length: int,
@@ -128,7 +137,10 @@ def _micro_batches(seqs: list, micro_batch_size: int, length_multiple: int, max_
     """Right-padded micro-batches of one length L (Megatron's schedule needs one shape per step), at
     least `count` of them (the extra ones carry no loss); `length` forces L (>= what the sequences
     need). Position j predicts tokens[j + 1]; only response tokens carry loss. `old_log_probs` starts
-    as the engine's; the trainer's recompute replaces it."""
+    as the engine's; the trainer's recompute replaces it. With `sequence_weight`s (RLP) the batch also
+    has `token_weight` (the weight on response positions) and `loss_count` (1 at position 0 of each
+    sequence, so that one context-parallel rank counts it)."""
+    weighted = any(s.sequence_weight is not None for s in seqs)
     need = min(max_length, -(-max((len(s.tokens) - 1 for s in seqs), default=1) // length_multiple) * length_multiple)
     if length is None:
         length = need
@@ -143,6 +155,7 @@ def _micro_batches(seqs: list, micro_batch_size: int, length_multiple: int, max_
         mask = torch.zeros(micro_batch_size, length)
         engine = torch.zeros(micro_batch_size, length)
         adv = torch.zeros(micro_batch_size, 1)
+        weight, count = torch.zeros(micro_batch_size, length), torch.zeros(micro_batch_size, length)
         for i, s in enumerate(chunk):
             ids = torch.tensor(s.tokens, dtype=torch.long)
             n = len(s.tokens) - 1
@@ -152,9 +165,14 @@ def _micro_batches(seqs: list, micro_batch_size: int, length_multiple: int, max_
             mask[i, start:n] = 1.0
             engine[i, start:n] = torch.tensor(s.rollout_log_probs, dtype=torch.float32)
             adv[i, 0] = s.advantage
+            if weighted:
+                weight[i, start:n] = s.sequence_weight
+                count[i, 0] = 1.0
         batch = {"tokens": tokens, "labels": labels, "loss_mask": mask, "rollout_log_probs": engine,
                  "old_log_probs": engine.clone(), "advantages": adv,
                  "position_ids": torch.arange(length).unsqueeze(0).expand(micro_batch_size, length).contiguous()}
+        if weighted:
+            batch.update(token_weight=weight, loss_count=count)
         if attention_mask:
             batch["attention_mask"] = torch.triu(torch.ones(1, 1, length, length, dtype=torch.bool), diagonal=1)
         batches.append(batch)
@@ -210,16 +228,19 @@ class PolicyForwardStep:
             weight = torch.clamp(torch.exp(old - engine), max=self.tis_cap)   # data: no gradient
             loss = loss * weight
         d = torch.where(keep, (old if self.recomputed else logp.detach()) - engine, 0.0)
-        total = torch.sum(loss * mask)
         tokens = mask.sum()
+        if "token_weight" in batch:     # RLP: sum_i 1/|c_i| sum_u loss, normalised by the thoughts
+            total, count = torch.sum(loss * mask * batch["token_weight"]), batch["loss_count"].sum()
+        else:
+            total, count = torch.sum(loss * mask), tokens
 
         def s(x):
             return torch.where(keep, x.float(), 0.0).sum()
 
         diff = d.abs()
         report = torch.stack([total.detach(), tokens, s(stats["entropy"].t()), s(info["ratio"]), s(info["clipped"]),
-                              s(info["kl"]), s(info["approx_kl"]), diff.sum(), s(torch.expm1(d) - d), s(weight)])
-        return total, tokens.to(torch.int), {"rpt": report, "max_abs_logp_diff": diff.max()}
+                              s(info["kl"]), s(info["approx_kl"]), diff.sum(), s(torch.expm1(d) - d), s(weight), count])
+        return total, count.round().to(torch.int), {"rpt": report, "max_abs_logp_diff": diff.max()}
 
     def __call__(self, data_iterator, model):
         batch = {k: v.to(self.device) for k, v in next(data_iterator).items()}
@@ -246,7 +267,7 @@ def _reduce_report(outputs: list, device: torch.device) -> tuple[dict, float]:
 def _summarise(sums: dict, peak: float) -> dict:
     """Token means of the summed reports (over every update of the iteration)."""
     n = max(sums["tokens"], 1.0)
-    return {"policy_loss": sums["loss"] / n, "train_tokens": int(sums["tokens"]),
+    return {"policy_loss": sums["loss"] / max(sums["count"], 1.0), "train_tokens": int(sums["tokens"]),
             "entropy": sums["entropy"] / n, "ratio": sums["ratio"] / n, "clip_fraction": sums["clipped"] / n,
             "kl": sums["kl"] / n, "approx_kl": sums["approx_kl"] / n,
             "mean_abs_logp_diff": sums["abs_logp_diff"] / n, "max_abs_logp_diff": peak,
@@ -289,24 +310,37 @@ def _lockstep(cfg: RunConfig) -> bool:
     return cfg.parallel.expert_model_parallel_size > 1
 
 
-def build_reference(cfg: RunConfig, job) -> list:
-    """The frozen reference policy of the KL term: this rank's model chunks (same layout, no DDP,
-    no gradients) with the weights of --rpt-ref-load's latest checkpoint."""
-    import types
-
+def frozen_model_chunks(cfg: RunConfig, job, *, params_dtype: Optional[torch.dtype] = None) -> list:
+    """This rank's model chunks in the policy's layout (TP/PP/EP, vocab-parallel), without DDP or gradients,
+    in eval mode: the KL reference and RLP's EMA teacher (rpt.rlp). Under --bf16/--fp16 they are wrapped
+    in Float16Module like the policy, unless `params_dtype` asks for bare chunks of that dtype. The weights
+    are not initialised (no RNG is drawn): the caller loads or copies them."""
     from megatron.core.transformer.module import Float16Module
 
     from megatron_rpt.models.gpt import build_model_chunks, transformer_config
-    from megatron_rpt.checkpoint.layout import CheckpointError
-    from megatron_rpt.training.checkpointing import load_checkpoint
 
-    config = transformer_config(cfg, job.platform)
+    config = transformer_config(cfg, job.platform)   # a new object: set, not replaced (no second __post_init__)
+    config.perform_initialization = False
+    if params_dtype is not None:
+        config.params_dtype = params_dtype
     chunks = build_model_chunks(cfg, job.platform, job.vocab_size, job.device, config)
-    if cfg.training.bf16 or cfg.training.fp16:
+    if (cfg.training.bf16 or cfg.training.fp16) and params_dtype is None:
         chunks = [Float16Module(config, c) for c in chunks]
     for chunk in chunks:
         chunk.requires_grad_(False)
         chunk.eval()
+    return chunks
+
+
+def build_reference(cfg: RunConfig, job) -> list:
+    """The frozen reference policy of the KL term: `frozen_model_chunks` with the weights of
+    --rpt-ref-load's latest checkpoint."""
+    import types
+
+    from megatron_rpt.checkpoint.layout import CheckpointError
+    from megatron_rpt.training.checkpointing import load_checkpoint
+
+    chunks = frozen_model_chunks(cfg, job)
     if load_checkpoint(cfg.rpt.rpt_ref_load, types.SimpleNamespace(model=chunks, optimizer=None), cfg) is None:
         raise CheckpointError(f"--rpt-ref-load: no checkpoint in {cfg.rpt.rpt_ref_load}")
     return chunks
@@ -349,6 +383,10 @@ class _RPTJob:
             self.reference = build_reference(cfg, job)
             dist.print_rank_0(f"> KL reference policy: {r.rpt_ref_load} (beta {r.grpo_kl_beta})")
         self.engine = build_engine(cfg, job)
+        self.rlp = None         # RLP (rpt.rlp): the information-gain reward, its EMA teacher and evaluation
+        if r.rl_reward == "information_gain":
+            from megatron_rpt.rpt.rlp import RLP
+            self.rlp = RLP(cfg, self)
         self.timers = TimerReport(job.state.config.timers, cfg.logging)
         self.last_printed = driver.iteration          # the start iteration: timers cover what follows
 
@@ -388,10 +426,14 @@ class _RPTJob:
         t0 = time.perf_counter()
         # Held-out tasks are split over DP ranks; every rank of a model-parallel group evaluates the same ones.
         mine = self.eval_tasks[self.dp_rank::self.dp]
-        metrics = evaluate_tasks(self.engine, mine, self.prompt_ids, spec=self.reward, k=cfg.rpt.rpt_eval_samples,
-                                 sampling=self.sampling(_seed(t.seed, iteration, self.dp_rank, 7)),
-                                 reduce=lambda v: _sum_over_dp(v, self.device), standard=self.corpus,
-                                 max_context_tokens=cfg.model.seq_length - 1, splits=self.eval_splits)
+        if self.rlp is not None:     # RLP
+            metrics = self.rlp.evaluate(self, mine, _seed(t.seed, iteration, self.dp_rank, 7))
+        else:
+            metrics = evaluate_tasks(self.engine, mine, self.prompt_ids, spec=self.reward,
+                                     k=cfg.rpt.rpt_eval_samples,
+                                     sampling=self.sampling(_seed(t.seed, iteration, self.dp_rank, 7)),
+                                     reduce=lambda v: _sum_over_dp(v, self.device), standard=self.corpus,
+                                     max_context_tokens=cfg.model.seq_length - 1, splits=self.eval_splits)
         self.result.evaluations[iteration] = metrics
         if cfg.checkpoint.save and self.job.env.rank == 0:
             # Next to the checkpoints, so before/after comparisons survive the job's log; rewritten
@@ -462,6 +504,8 @@ class _RPTJob:
             if updated:
                 self.state.scheduler.step(increment=t.global_batch_size // len(parts))
                 grad_norms.append(float(grad_norm))
+                if self.rlp is not None:    # RLP: phi <- tau phi + (1 - tau) theta after each update
+                    self.rlp.ema.update(self.state.model)
                 if num_zeros is not None:
                     zeros.append(float(num_zeros))
             release_unused_memory(t.empty_unused_memory_level, 2)
@@ -481,24 +525,46 @@ class _RPTJob:
             rewards = rewards.cpu()
         return rewards
 
-    def step(self, iteration: int) -> None:
-        r, t = self.cfg.rpt, self.cfg.training
-        t_start = time.perf_counter()
+    def batch_tasks(self) -> list:
+        """This DP rank's tasks of the next iteration (see the module docstring, 1)."""
         first = self.driver.consumed_train + self.dp_rank * self.local_contexts
-        batch_tasks = [self.tasks[self.sampler(first + i)] for i in range(self.local_contexts)]
-        prompts = [self.prompt_ids(task) for task in batch_tasks]
+        return [self.tasks[self.sampler(first + i)] for i in range(self.local_contexts)]
+
+    def rollouts(self, prompts: list, iteration: int) -> list:
+        """G rollouts per prompt from the policy of this iteration (see the module docstring, 2)."""
+        r = self.cfg.rpt
         if self.engine.name != "megatron" and not r.rollout_frozen_policy:
             # An external server samples from the trainer's weights of this iteration: model only,
             # written and exported by the engine (which skips an iteration it already serves).
             self.engine.sync_weights(iteration - 1)
-        rollouts = self.engine.generate(prompts, r.rpt_group_size,
-                                        self.sampling(_seed(t.seed, iteration - 1, self.dp_rank)))
+        return self.engine.generate(prompts, r.rpt_group_size,
+                                    self.sampling(_seed(self.cfg.training.seed, iteration - 1, self.dp_rank)))
+
+    def kept_groups(self, rewards: torch.Tensor, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(informative, kept) groups: dynamic sampling from --rpt-dynamic-sampling-start on."""
+        start = self.cfg.rpt.rpt_dynamic_sampling_start
+        informative = informative_groups(rewards)
+        return informative, informative if start is not None and iteration - 1 >= start else torch.ones_like(informative)
+
+    def train(self, parts: list) -> tuple[dict, list, float]:
+        """`_update` of the rollout batch, timed (seconds); its contexts are consumed."""
+        t0 = time.perf_counter()
+        report, grad_norms = self._update(parts)
+        self.driver.consumed_train += self.cfg.rpt.rpt_contexts_per_step
+        return report, grad_norms, time.perf_counter() - t0
+
+    def step(self, iteration: int) -> None:
+        r = self.cfg.rpt
+        if self.rlp is not None:     # RLP: its own rollouts, rewards and metrics, the same update and logging
+            return self._finish_step(iteration, self.rlp.step(self, iteration))
+        t_start = time.perf_counter()
+        batch_tasks = self.batch_tasks()
+        prompts = [self.prompt_ids(task) for task in batch_tasks]
+        rollouts = self.rollouts(prompts, iteration)
         t_rollout = time.perf_counter() - t_start
         rewards = self._rewards(batch_tasks, rollouts)
         advantages = group_advantages(rewards)
-        informative = informative_groups(rewards)
-        dynamic = r.rpt_dynamic_sampling_start is not None and iteration - 1 >= r.rpt_dynamic_sampling_start
-        keep = informative if dynamic else torch.ones_like(informative)
+        informative, keep = self.kept_groups(rewards, iteration)
         per_part = self.local_contexts // r.rpt_mini_batches
         parts = [[TrainSequence(tokens=list(prompts[g]) + o.tokens, prompt_len=len(prompts[g]),
                                 rollout_log_probs=o.log_probs, advantage=float(advantages[g, j]))
@@ -516,10 +582,7 @@ class _RPTJob:
          n_informative, resp_tokens_sq, n_answered) = _sum_over_dp(local, self.device)
         mean_len = resp_tokens / max(n_rollouts, 1)
 
-        t_train0 = time.perf_counter()
-        report, grad_norms = self._update(parts)
-        t_train = time.perf_counter() - t_train0
-        self.driver.consumed_train += r.rpt_contexts_per_step
+        report, grad_norms, t_train = self.train(parts)
         grad_norm = sum(grad_norms) / len(grad_norms) if grad_norms else None
         metrics = {
             "reward": reward_sum / max(n_rollouts, 1), f"pass@{r.rpt_group_size}": groups_solved / max(n_groups, 1),
@@ -536,12 +599,15 @@ class _RPTJob:
             "time_rollout_s": t_rollout, "time_train_s": t_train,
             "prompts_truncated": self.truncated,   # so far, on this rank (contexts cut to fit --seq-length)
         }
+        self._finish_step(iteration, metrics)
+
+    def _finish_step(self, iteration: int, metrics: dict) -> None:
         if self.cfg.logging.log_params_norm and self._logged(iteration):   # collective, same steps everywhere
-            metrics["params_norm"] = params_l2_norm(self.state.model, bf16=t.bf16, device=self.device)
+            metrics["params_norm"] = params_l2_norm(self.state.model, bf16=self.cfg.training.bf16, device=self.device)
         self.result.metrics[iteration] = metrics
-        self._log(iteration, metrics, report)
-        if not math.isfinite(report["policy_loss"]):
-            raise FloatingPointError(f"iteration {iteration}: policy loss is {report['policy_loss']}")
+        self._log(iteration, metrics)
+        if not math.isfinite(metrics["policy_loss"]):
+            raise FloatingPointError(f"iteration {iteration}: policy loss is {metrics['policy_loss']}")
 
     def _printed(self, iteration: int) -> bool:
         return iteration % self.cfg.logging.log_interval == 0 or iteration == self.cfg.training.train_iters
@@ -551,7 +617,7 @@ class _RPTJob:
         return self._printed(iteration) or (writes_scalars(self.cfg)
                                             and iteration % self.cfg.logging.tensorboard_log_interval == 0)
 
-    def _log(self, iteration: int, metrics: dict, report: dict) -> None:
+    def _log(self, iteration: int, metrics: dict) -> None:
         r, t, g = self.cfg.rpt, self.cfg.training, metrics["grad_norm"]
         if iteration % self.cfg.logging.tensorboard_log_interval == 0:
             self.driver.scalars("rpt", metrics, iteration)
@@ -560,16 +626,17 @@ class _RPTJob:
                 ("num_zeros", "num zeros", ".1f"), ("params_norm", "params norm", ".3f")) if metrics.get(key) is not None)
             dist.print_rank_0(
                 f" iteration {iteration:8d}/{t.train_iters:8d} | consumed contexts: {self.driver.consumed_train} | "
-                f"reward: {metrics['reward']:.4f} | pass@{r.rpt_group_size}: {metrics[f'pass@{r.rpt_group_size}']:.4f} | "
-                f"kept groups: {metrics['kept_group_fraction']:.3f} | "
-                f"response length: {metrics['response_length']:.1f} "
-                f"(std {metrics['response_length_std']:.1f}) | answer rate: {metrics['answer_rate']:.3f} | "
-                f"policy loss: {report['policy_loss']:.5f} | entropy: {report['entropy']:.4f} | "
-                f"clip frac: {report['clip_fraction']:.4f} | ratio: {report['ratio']:.5f} | "
-                f"|logp-engine| max: {report['max_abs_logp_diff']:.2e} | mismatch kl: {report['mismatch_kl']:.2e} | "
-                + (f"tis weight: {report['tis_weight']:.4f} | " if r.rpt_tis_cap is not None else "")
+                + (self.rlp.log_fields(metrics) if self.rlp is not None else   # RLP
+                   f"reward: {metrics['reward']:.4f} | pass@{r.rpt_group_size}: {metrics[f'pass@{r.rpt_group_size}']:.4f} | "
+                   f"kept groups: {metrics['kept_group_fraction']:.3f} | "
+                   f"response length: {metrics['response_length']:.1f} (std {metrics['response_length_std']:.1f}) | "
+                   f"answer rate: {metrics['answer_rate']:.3f} | ")
+                + f"policy loss: {metrics['policy_loss']:.5f} | entropy: {metrics['entropy']:.4f} | "
+                f"clip frac: {metrics['clip_fraction']:.4f} | ratio: {metrics['ratio']:.5f} | "
+                f"|logp-engine| max: {metrics['max_abs_logp_diff']:.2e} | mismatch kl: {metrics['mismatch_kl']:.2e} | "
+                + (f"tis weight: {metrics['tis_weight']:.4f} | " if r.rpt_tis_cap is not None else "")
                 + f"lr: {metrics['lr']:.3e} | grad norm: {'-' if g is None else f'{g:.4f}'} | " + extra
-                + f"updates: {report['updates']} | "
+                + f"updates: {metrics['updates']} | "
                 f"rollout: {metrics['time_rollout_s']:.1f} s ({metrics['rollout_tokens_per_s']:.1f} tok/s) | "
                 f"train: {metrics['time_train_s']:.1f} s ({metrics['train_tokens_per_s']:.1f} tok/s)")
             # Megatron-Core's timers of the interval (collective: every rank prints at the same iterations)
@@ -585,9 +652,6 @@ def rpt_train(cfg: RunConfig) -> RPTResult:
     signals = SignalFlag(cfg.training.exit_signal_handler)
     # A task file of the wrong kind for --rl-reward stops the run before the model is built.
     reward = get_reward(cfg.rpt.rl_reward)
-    if reward.model_scored:
-        raise ConfigError([f"--rl-reward {reward.name}: this loop computes text rewards only (scored from the "
-                           "responses' text)"])
     for flag, path in (("--rpt-data", cfg.rpt.rpt_data), ("--rpt-eval-data", cfg.rpt.rpt_eval_data)):
         if path and os.path.isfile(path):
             check_task_file(reward, path, flag)

@@ -6,7 +6,8 @@ On-disk layout, atomic publication, retention and sharded I/O are `megatron_rpt.
 Contents: model (one entry per virtual pipeline chunk), optimizer (distributed optimizer with the
 `fully_reshardable` layout, so TP/PP/DP may change on load), LR scheduler, iteration, consumed
 train/valid samples (the data position), per-rank RNG states, the run configuration and the
-parallel layout it was saved with. A model-only checkpoint (`model_only=True`, a state without an
+parallel layout it was saved with, and the entries of the state's `checkpoint_extras` (training state a
+job adds under its own key: RLP's EMA teacher; `load_extra_state`). A model-only checkpoint (`model_only=True`, a state without an
 optimizer, or `save_weights`) has the model and the metadata only: `--load` starts from its weights
 at iteration 0 with a fresh optimizer.
 """
@@ -134,7 +135,32 @@ def _state_dict(state, *, is_loading: bool, with_optimizer: bool, with_rng: bool
         sd["opt_param_scheduler"] = state.scheduler.state_dict()
     if with_rng:
         sd["rng_state"] = _rng_sharded_object(None if is_loading else _rng_state())
+    if with_optimizer and not is_loading:
+        sd.update(_extras(state))
     return sd
+
+
+def _extras(state) -> dict:
+    """The sharded entries of `state.checkpoint_extras`: objects with a `checkpoint_key` and a
+    `sharded_state_dict()` (None: nothing to save yet), loaded back by `load_extra_state`."""
+    entries = {}
+    for extra in getattr(state, "checkpoint_extras", ()):
+        sd = extra.sharded_state_dict()
+        if sd is not None:
+            entries[extra.checkpoint_key] = sd
+    return entries
+
+
+def load_extra_state(path: str, extra) -> bool:
+    """Load `extra`'s entry (see `_extras`) from the checkpoint folder `path` with `extra.load_state(loaded)`;
+    False, loading nothing, when the checkpoint has none (saved without it, e.g. by pretraining)."""
+    from megatron.core import dist_checkpointing
+
+    if extra.checkpoint_key not in dist_checkpointing.load_common_state_dict(path).get("checkpoint_extras", ()):
+        return False
+    key = extra.checkpoint_key
+    extra.load_state(load_sharded({key: extra.sharded_state_dict(loading=True)}, path)[key])
+    return True
 
 
 def save_checkpoint(root: str, iteration: int, state, cfg: RunConfig, *, consumed_train_samples: int,
@@ -159,6 +185,7 @@ def save_checkpoint(root: str, iteration: int, state, cfg: RunConfig, *, consume
     sd = _state_dict(state, is_loading=False, with_optimizer=not model_only, with_rng=not model_only,
                      metadata=metadata)
     keep_last = cfg.checkpoint.ckpt_keep_last if keep_last is None else keep_last
+    extras = [e.checkpoint_key for e in getattr(state, "checkpoint_extras", ()) if e.checkpoint_key in sd]
 
     def published() -> None:
         if keep_last is not None and rank() == 0:   # the save is complete on every rank
@@ -174,7 +201,8 @@ def save_checkpoint(root: str, iteration: int, state, cfg: RunConfig, *, consume
                                 "consumed_valid_samples": consumed_valid_samples,
                                 "num_floating_point_operations_so_far": num_floating_point_operations_so_far,
                                 "args": _megatron_lm_args(state, cfg, consumed_train_samples, consumed_valid_samples,
-                                                          model_only)},
+                                                          model_only),
+                                **({"checkpoint_extras": extras} if extras else {})},
                         async_save=async_save, on_published=published, content_metadata=metadata)
 
 

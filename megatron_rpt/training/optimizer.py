@@ -7,7 +7,7 @@ and `OptimizerParamScheduler` (constant, linear, cosine, inverse-square-root, WS
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
@@ -29,6 +29,9 @@ class TrainState:
     optimizer: object
     scheduler: OptimizerParamScheduler
     config: TransformerConfig
+    # more training state saved with the checkpoint under its own key (RLP's EMA teacher; see
+    # training.checkpointing.load_extra_state)
+    checkpoint_extras: list = field(default_factory=list)
 
 
 def ddp_config(cfg: RunConfig) -> DistributedDataParallelConfig:
