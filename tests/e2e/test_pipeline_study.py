@@ -118,16 +118,20 @@ def test_small_study_metrics_follow_from_its_responses(tmp_path):
     proc = run_cli(SCRIPT, "--small", "--output-dir", str(out), "--results-dir", str(results), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = _load(results)
-    expected = {"pretrain_ce", "rlvr_ce_s1", "rpt_ce_s1", "rpt_rlvr_ce_s1"}
-    assert expected <= set(stages), sorted(stages)
+    expected = {"pretrain_ce", "rlvr_ce_s1", "rpt_ce_s1", "rpt_rlvr_ce_s1", "rlp_ce_s1", "rlp_rlvr_ce_s1"}
+    assert set(stages) == expected, sorted(stages)
     problems = _problems(out / "problems" / "chains_heldout.jsonl")
-    for name in ("rlvr_ce_s1", "rpt_rlvr_ce_s1"):
+    for name in ("rlvr_ce_s1", "rpt_rlvr_ce_s1", "rlp_rlvr_ce_s1"):
         check_stage(stages[name], problems, 4)
         # the loop's own record next to the checkpoints says the same
         lines = [json.loads(x) for x in (Path(stages[name]["checkpoint"]) / "rpt_eval.jsonl").read_text().splitlines()]
         assert {str(x.pop("iteration")): x for x in lines} == stages[name]["evaluations"]
-    assert stages["rpt_ce_s1"]["evaluations"] == {} and stages["rpt_ce_s1"]["reward"] == "prefix_match"
-    assert stages["rpt_rlvr_ce_s1"]["init"] == stages["rpt_ce_s1"]["checkpoint"]
+    for first, reward in (("rpt", "prefix_match"), ("rlp", "information_gain")):
+        assert stages[f"{first}_ce_s1"]["evaluations"] == {} and stages[f"{first}_ce_s1"]["reward"] == reward
+        assert stages[f"{first}_rlvr_ce_s1"]["init"] == stages[f"{first}_ce_s1"]["checkpoint"]
+        # RPT and RLP read the same corpus tasks with the same seed: the same contexts
+        assert stages[f"{first}_ce_s1"]["argv"][stages[f"{first}_ce_s1"]["argv"].index("--rpt-data") + 1] \
+            == str(out / "tasks" / "corpus_train.jsonl")
     # held-out problems are neither RL-train problems nor in the pretraining corpus
     train = {r["question"] for r in map(json.loads, (out / "problems" / "chains_train.jsonl").read_text().splitlines())}
     heldout = {r["question"] for r in map(json.loads, (out / "problems" / "chains_heldout.jsonl").read_text().splitlines())}
