@@ -71,11 +71,11 @@ CONFIGS = {
     "long": dict(documents=20000, rl_train=256, eval_problems=64, pretrain_iters=600, pretrain_batch=32,
                  rl_steps=24, stage1_steps=12, contexts=8, group=8, eval_samples=16, max_response=40,
                  rl_lr=1e-4, seeds=[1, 2, 3], losses=list(LOSSES)),
-    # `long` again from pretraining seeds 2 and 3 (one RL seed, no RPT/RLP pipelines): whether a
-    # difference between the losses after RL outlives the pretraining run it came from.
+    # `long` again from pretraining seeds 2 and 3 (one RL seed, no RPT/RLP pipelines), CE and lambda_low
+    # only (the time left): whether long's difference between them after RL outlives the pretraining run.
     **{f"long_p{p}": dict(documents=20000, rl_train=256, eval_problems=64, pretrain_iters=600, pretrain_batch=32,
                           rl_steps=24, stage1_steps=12, contexts=8, group=8, eval_samples=16, max_response=40,
-                          rl_lr=1e-4, seeds=[1], losses=list(LOSSES), pretrain_seed=p, pipelines=False)
+                          rl_lr=1e-4, seeds=[1], losses=["ce", "lambda_low=-0.1"], pretrain_seed=p, pipelines=False)
        for p in (2, 3)},
     "small": dict(documents=2000, rl_train=8, eval_problems=4, pretrain_iters=2, pretrain_batch=4,
                   rl_steps=2, stage1_steps=1, contexts=2, group=2, eval_samples=4, max_response=16,
