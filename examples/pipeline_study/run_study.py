@@ -84,7 +84,9 @@ CONFIGS = {
 DATA_SEED = 1234
 PRETRAIN_SEED = 1234
 STEP_KEYS = ("reward", "entropy", "response_length", "response_length_std", "answer_rate", "kl",
-             "clip_fraction", "informative_group_fraction", "time_rollout_s", "time_train_s")
+             "clip_fraction", "informative_group_fraction", "time_rollout_s", "time_train_s",
+             # RLP's (reward = information gain)
+             "s_pred", "s_ema", "thought_length", "closed_fraction", "positive_gain_fraction")
 
 
 # ---------------------------------------------------------------- recording the rollouts
