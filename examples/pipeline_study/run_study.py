@@ -174,11 +174,12 @@ def _run_logged(fn, log: Path):
             destroy_distributed()
 
 
-def _write_json(path: Path, obj) -> None:
+def _write_json(path: Path, obj, indent=None) -> None:
+    """Compact by default: the stages' JSON holds every evaluation response (committed results)."""
     from megatron_rpt.fileio import atomic_open
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(str(path)) as f:
-        f.write(json.dumps(obj, indent=1))
+        f.write(json.dumps(obj, indent=indent))
 
 
 class Study:
@@ -579,13 +580,13 @@ def main(argv=None) -> int:
     runs = json.loads(times.read_text())["runs"] if times.exists() else []
     if todo:
         runs.append({"wall_s": study.seconds, "stages_run": todo, "parallel": a.parallel})
-        _write_json(times, {"runs": runs})
+        _write_json(times, {"runs": runs}, indent=1)
     wall = sum(r["wall_s"] for r in runs)
     summary = summarize(out)
     command = "python examples/pipeline_study/run_study.py" + (f" --config {a.config}" if a.config != "full" else "")
     stages = {name: json.loads((study.stages / f"{name}.json").read_text()) for name in study.plan()}
     md = table(out, summary, stages, wall, command)
-    _write_json(results / "summary.json", summary)
+    _write_json(results / "summary.json", summary, indent=1)
     (results / "study.md").write_text(md, encoding="utf-8")
     plot(out, summary, results / "study.png")
     print(md)
