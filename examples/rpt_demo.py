@@ -2,13 +2,17 @@
 
 1. a synthetic corpus (megatron_rpt.demo_assets.reasoning): chains of single-digit operations mod 10,
    half written with worked steps (`Q:7+5*3-8=<think>7+5=2,2*3=6,6-8=8</think>\\boxed{8}`), half
-   short (`7+5*3-8=8`), and a fixed character tokenizer (every digit one token, no leading spaces);
+   short (`7+5*3-8=8`), and a fixed tokenizer (characters, one token per operation+operand pair
+   such as `*3`, `<think>`/`</think>`/`\\boxed{` one token each; the answer digit is its own token);
 2. the corpus to Megatron's indexed format (tools/preprocess_data.py);
-3. pretraining a 0.4M-parameter model from scratch on it (mrpt-pretrain, torchrun, 1 rank);
+3. pretraining a 0.4M-parameter model from scratch on it (mrpt-pretrain, torchrun, 1 rank: on 2
+   cores tensor parallelism only adds communication to a model this small);
 4. RPT tasks: the answer positions of short-form documents (the next corpus token is the answer;
-   written directly through megatron_rpt.rpt.tasks, no entropy filter: the positions are chosen by
-   construction), training tasks from the corpus, held-out tasks from problems it never contains;
-5. RPT (mrpt-rpt): the prompt `Q:{context}` turns a short-form context into a worked question,
+   written as task records by demo_assets.reasoning, read by rpt.tasks.load_tasks; no entropy
+   filter, since the positions are chosen by construction), training tasks from the corpus,
+   held-out tasks from problems it never contains;
+5. RPT (mrpt-rpt): the prompt `Q:{context}` (after the end-of-document token that precedes every
+   document in pretraining) turns a short-form context into a worked question,
    G=8 responses per context at temperature 1, prefix-match reward on the `\\boxed{}` digit, GRPO;
    held-out next-token accuracy before and after: standard mode (the greedy next token of the raw
    context) and reasoning mode (avg@k / pass@k of sampled worked responses);
@@ -16,10 +20,27 @@
 Every step is skipped when its output exists (delete --output-dir to start over); seeds are fixed and
 whatever the run gives is what is printed.
 
-Observed (2 shared cores, see examples/README.md for the numbers of a full run): standard-mode
-accuracy stays near what a direct guess can get, reasoning mode is far above it, and RPT raises the
-reward and the reasoning accuracy in a few dozen steps. The real-model path (SmolLM2-135M on math
-text, where a few CPU steps give reward ~0) is `make demo-rpt-smollm2` (examples/rpt_smollm2_demo.py).
+What we observed (2026-12-07, `nproc` 2, shared with other sessions: load average 6-15 during the
+runs, so every time below is inflated; on idle cores pretraining runs ~250 ms per iteration):
+- before any RPT the pretrained model answers held-out questions directly (standard mode) 29% of the
+  time (chance is 10%) and, thinking at temperature 1 (reasoning mode), 73% (avg@8; pass@8 96%);
+- 30 RPT steps (16 contexts x G=8, lr 1e-4): mean reward 0.72 over the first 5 steps, 0.78 over the
+  last 5 (per step 0.62-0.89, noisy with 128 rollouts a step); held-out reasoning avg@8 0.733 -> 0.808,
+  cons@8 0.875 -> 0.914, pass@8 0.961 -> 0.992; standard mode 0.289 -> 0.312;
+- times: corpus + tokenizer + tasks 5 s, preprocessing 4 s, pretraining 412 s (600 iterations at
+  350-1700 ms each under that load), RPT 48-408 s for the whole stage (the same 30 steps; each
+  evaluation 1.3-1.7 s at moderate load, 57-78 s at load 14; rollouts 4,000-4,800 tok/s unloaded,
+  down to 66 tok/s under load). Pretraining is the cost; on 2 idle cores the whole demo should take
+  4-5 minutes (an estimate from the per-iteration times at low load; not measured end to end here).
+- with RPT lr 5e-4 (8 contexts a step) the policy fell apart: reward 0.77 -> 0.27 in 20 steps,
+  reasoning avg 0.80 -> 0.26 (fresh Adam moments make every update ~lr x sign(g), and 64 rollouts a
+  step give noisy signs); lr 1e-4 with 16 contexts is the default for that reason.
+These numbers come from a run whose corpus shuffle differed from the committed one (the shuffle now
+ignores --heldout; same problems, another document order), so a fresh run prints different details.
+A fresh run of the committed defaults was stopped at pretraining iteration 450 of 600 (load 14-37,
+up to 6.5 s per iteration; 250 ms per iteration in a quiet minute), so it has no numbers here.
+The real-model path (SmolLM2-135M on math text, where a few CPU steps give reward ~0) is
+`make demo-rpt-smollm2` (examples/rpt_smollm2_demo.py).
 """
 
 from __future__ import annotations
@@ -36,7 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 from cpu_demo import run  # noqa: E402  (the pretraining demo's step runner)
 
-# The model: the `tiny` preset cut to 2 layers (0.4M parameters; the vocabulary is 24 characters).
+# The model: the `tiny` preset cut to 2 layers (0.4M parameters; the vocabulary has 54 tokens).
 MODEL = ["--model-preset", "tiny", "--num-layers", "2", "--seq-length", "128", "--max-position-embeddings", "128"]
 
 
@@ -57,6 +78,11 @@ def parse_steps(log_text: str) -> dict:
     return steps
 
 
+def _running_mean(values: list, width: int = 5) -> list:
+    return [sum(values[max(0, i + 1 - width):i + 1]) / len(values[max(0, i + 1 - width):i + 1])
+            for i in range(len(values))]
+
+
 def plot(path: Path, steps: dict, before: dict, after: dict, k: int) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -64,7 +90,10 @@ def plot(path: Path, steps: dict, before: dict, after: dict, k: int) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     its = sorted(steps)
-    a.plot(its, [steps[i]["reward"] for i in its], marker="o", ms=3)
+    rewards = [steps[i]["reward"] for i in its]
+    a.plot(its, rewards, marker="o", ms=3, alpha=0.5, label="per step")
+    a.plot(its, _running_mean(rewards), label="mean of the last 5 steps")
+    a.legend(loc="lower right")
     a.set(xlabel="RPT step", ylabel="mean reward (G rollouts x contexts)", title="training reward", ylim=(0, 1))
     a.grid(alpha=0.3)
     labels = ["standard\n(greedy next token)", f"reasoning\navg@{k}", f"reasoning\npass@{k}"]
@@ -86,13 +115,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--output-dir", default="runs/demo-rpt")
     ap.add_argument("--documents", type=int, default=20000, help="pretraining documents (problems)")
-    ap.add_argument("--heldout", type=int, default=64, help="held-out problems (evaluation tasks)")
+    ap.add_argument("--heldout", type=int, default=128, help="held-out problems (evaluation tasks)")
     ap.add_argument("--pretrain-iters", type=int, default=600)
-    ap.add_argument("--steps", type=int, default=20, help="RPT steps")
-    ap.add_argument("--contexts", type=int, default=8, help="contexts per RPT step")
+    ap.add_argument("--steps", type=int, default=30, help="RPT steps")
+    ap.add_argument("--contexts", type=int, default=16, help="contexts per RPT step")
     ap.add_argument("--group-size", type=int, default=8)
-    ap.add_argument("--eval-samples", type=int, default=4, help="k of reasoning-mode avg@k / pass@k")
-    ap.add_argument("--rpt-lr", type=float, default=5e-4)
+    ap.add_argument("--eval-samples", type=int, default=8, help="k of reasoning-mode avg@k / pass@k")
+    ap.add_argument("--rpt-lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=1234)
     a = ap.parse_args(argv)
     os.environ["PYTHONUNBUFFERED"] = "1"   # the trainer's lines reach the log as they are printed
@@ -116,13 +145,14 @@ def main(argv=None) -> int:
         corpus = R.build_corpus(a.documents, a.heldout, seed=a.seed)
         tokenizer = HuggingFaceTokenizer(str(tok_dir))
         tasks.parent.mkdir(parents=True, exist_ok=True)
-        R.write_tasks(train_tasks, R.tasks_for(corpus.short, tokenizer, prefix="train"))
-        R.write_tasks(heldout_tasks, R.tasks_for(corpus.heldout, tokenizer, prefix="heldout"))
+        R.write_tasks(train_tasks, R.task_records(corpus.short, tokenizer, prefix="train"))
+        R.write_tasks(heldout_tasks, R.task_records(corpus.heldout, tokenizer, prefix="heldout"))
         from megatron_rpt.fileio import atomic_open
         with atomic_open(corpus_file) as f:
             f.writelines(json.dumps({"text": d}) + "\n" for d in corpus.documents)
-        print(f"    {len(corpus.documents)} documents, e.g.\n      {corpus.documents[0]}\n      "
-              f"{next(d for d in corpus.documents if not d.startswith(R.WORKED_PREFIX))}", flush=True)
+        worked = next(d for d in corpus.documents if d.startswith(R.WORKED_PREFIX))
+        short = next(d for d in corpus.documents if not d.startswith(R.WORKED_PREFIX))
+        print(f"    {len(corpus.documents)} documents, e.g.\n      {worked}\n      {short}", flush=True)
     template = out / "prompt_template.txt"
     template.write_text(R.PROMPT_TEMPLATE + "\n", encoding="utf-8")
     _timed(times, "corpus + tokenizer + tasks", t0)
@@ -145,7 +175,7 @@ def main(argv=None) -> int:
     if not (ckpt / "latest_checkpointed_iteration.txt").exists():
         run(launch + ["-m", "megatron_rpt.pretrain", *MODEL, *tokenizer_flags,
                       "--micro-batch-size", "32", "--global-batch-size", "32",
-                      "--lr", "4e-3", "--min-lr", "4e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "30",
+                      "--lr", "4e-3", "--min-lr", "4e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", str(min(30, a.pretrain_iters // 5)),
                       "--train-iters", str(a.pretrain_iters), "--weight-decay", "0.1", "--clip-grad", "1.0",
                       "--adam-beta2", "0.95", "--data-path", str(document), "--split", "100,0,0",
                       "--save", str(ckpt), "--save-interval", str(a.pretrain_iters), "--eval-iters", "0",
@@ -160,8 +190,9 @@ def main(argv=None) -> int:
     evals_file = save / "rpt_eval.jsonl"
     if not (evals_file.exists() and any(json.loads(x)["iteration"] == a.steps
                                         for x in evals_file.read_text().splitlines())):
-        if log.exists():
-            log.unlink()    # a fresh run's lines only (the reward curve is parsed from it)
+        for stale in (log, evals_file):   # a fresh run's lines only (the curve and the table are read from them)
+            if stale.exists():
+                stale.unlink()
         run(launch + ["-m", "megatron_rpt.train_rpt", *MODEL, *tokenizer_flags,
                       "--load", str(ckpt), "--finetune", "--save", str(save), "--save-interval", str(a.steps),
                       "--rpt-data", str(train_tasks), "--rpt-eval-data", str(heldout_tasks),
@@ -189,6 +220,9 @@ def main(argv=None) -> int:
     for i in sorted(steps):
         s = steps[i]
         print(f"    step {i:3d}  reward {s['reward']:.3f}  {'#' * round(40 * s['reward'])}")
+    its = sorted(steps)
+    first, last = [steps[i]["reward"] for i in its[:5]], [steps[i]["reward"] for i in its[-5:]]
+    print(f"    mean reward, first 5 steps: {sum(first) / len(first):.3f}; last 5 steps: {sum(last) / len(last):.3f}")
     rates = [s["rollout_tok_s"] for s in steps.values()]
     print(f"\n==> held-out next-token accuracy ({before['all/tasks']} answer tokens never seen in pretraining)")
     print(f"    {'mode':34s} {'before':>8s} {'after':>8s}")

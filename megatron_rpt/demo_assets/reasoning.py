@@ -37,7 +37,7 @@ THINK, END_THINK, BOX = "<think>", "</think>", "\\boxed{"
 EOD = "<|endoftext|>"
 WORKED_PREFIX = "Q:"
 # The reasoning prompt: a short-form context as the start of a worked document, after the separator
-# that precedes every document in the pretraining stream (`tasks_for`).
+# that precedes every document in the pretraining stream (`task_records`).
 PROMPT_TEMPLATE = EOD + WORKED_PREFIX + "{context}"
 # Every character the documents use ("▁" stands for a space, which the documents never contain).
 CHARS = "0123456789" + OPS + "=,:Q}" + "\u2581"
@@ -123,7 +123,7 @@ def build_corpus(num_documents: int, num_heldout: int, *, seed: int = 1234, work
     n_worked = round(worked_fraction * num_documents)
     worked, short = train[:n_worked], train[n_worked:]
     documents = [p.worked_document() for p in worked] + [p.short_document() for p in short]
-    rng.shuffle(documents)
+    random.Random(seed + 1).shuffle(documents)     # the same corpus whatever num_heldout is
     return ReasoningCorpus(documents, short, heldout)
 
 
@@ -153,18 +153,17 @@ def write_tokenizer(folder: str | Path) -> Path:
     return folder
 
 
-def tasks_for(problems: Iterable[Problem], tokenizer, *, prefix: str) -> list:
-    """RPT tasks (`rpt.tasks.Task`) at the answer position of each problem's short-form document:
-    context = the question and `=`, target = the answer digit's token. Entropy is 0 (no proxy: the
-    positions are chosen by construction, so the tasks belong to no difficulty split).
+def task_records(problems: Iterable[Problem], tokenizer, *, prefix: str) -> list[dict]:
+    """RPT task records (the `mrpt-rpt-tasks/1` fields that `rpt.tasks.load_tasks` reads; this package
+    sits below `rpt` and does not import it) at the answer position of each problem's short-form
+    document: context = the question and `=`, target = the answer digit's token. Entropy is 0 (no
+    proxy: the positions are chosen by construction, so the tasks belong to no difficulty split).
 
     The context tokens start with the end-of-document token, as every document does in the
     pretraining stream (documents are concatenated, each after the previous one's EOD): without it a
     model cannot tell a short-form question from the tail of a worked one (`Q:` cut off), and
     standard mode would measure that confusion. The context text is the document's own text;
     `PROMPT_TEMPLATE` puts the separator back in front of `Q:`."""
-    from megatron_rpt.rpt.tasks import Task
-
     out = []
     for i, p in enumerate(problems):
         doc = [tokenizer.eod] + tokenizer.tokenize(p.short_document())
@@ -176,15 +175,18 @@ def tasks_for(problems: Iterable[Problem], tokenizer, *, prefix: str) -> list:
         if b"".join(target_bytes) != str(p.answer).encode():
             raise ValueError(f"problem {p.question}: target bytes {target_bytes} are not the answer {p.answer}")
         doc_id = f"{prefix}{i}"
-        out.append(Task(id=f"{doc_id}:{len(context)}", doc_id=doc_id, position=len(context),
-                        context=p.short_context(), context_tokens=context, target_tokens=target,
-                        target_bytes=[b.hex() for b in target_bytes], entropy=0.0, splits=[]))
+        out.append({"id": f"{doc_id}:{len(context)}", "doc_id": doc_id, "position": len(context),
+                    "context": p.short_context(), "context_tokens": context, "target_tokens": target,
+                    "target_bytes": [b.hex() for b in target_bytes], "entropy": 0.0, "splits": []})
     return out
 
 
-def write_tasks(path: str | Path, tasks: Sequence) -> None:
+def write_tasks(path: str | Path, records: Sequence[dict]) -> None:
+    """One JSON record per line, written complete or not at all."""
+    import json
+
     from megatron_rpt.fileio import atomic_open
 
     with atomic_open(str(path)) as f:
-        for t in tasks:
-            f.write(t.to_json() + "\n")
+        for r in records:
+            f.write(json.dumps(r) + "\n")

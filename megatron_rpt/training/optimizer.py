@@ -152,7 +152,8 @@ _SCHEDULER_SETTINGS = {
     "lr_decay_style": "--lr-decay-style", "start_wd": "--weight-decay",
 }
 _RESUME_FLAGS = ("pass --override-opt-param-scheduler to train with the command line's schedule (continuing from "
-                 "the checkpoint's step count) or --use-checkpoint-opt_param-scheduler to keep the checkpoint's")
+                 "the checkpoint's step count) or --use-checkpoint-opt_param-scheduler to keep the checkpoint's; "
+                 "to start a new job from its weights (e.g. RPT or RLVR after pretraining), --finetune")
 
 
 def check_same_param_groups(saved_run_config: dict, cfg: RunConfig, path: str) -> None:

@@ -112,7 +112,8 @@ def test_decoupled_lr_and_the_three_resume_modes(tmp_path):
     assert [p.split(" in the checkpoint")[0] for p in error] == [
         f"resuming from {ckpt}/iter_0000002: --lr is 0.006 on the command line but 0.003",
         f"resuming from {ckpt}/iter_0000002: --decoupled-lr is 0.02 on the command line but 0.01"]
-    assert all("--override-opt-param-scheduler" in p and "--use-checkpoint-opt_param-scheduler" in p for p in error)
+    assert all("--override-opt-param-scheduler" in p and "--use-checkpoint-opt_param-scheduler" in p
+               and "--finetune" in p for p in error)
     # dropping --decoupled-lr changes the optimizer's param groups: refused in every mode
     error = run_ranks(_pretrain_lrs, 1, _without(resume, "--decoupled-lr", "--decoupled-min-lr")
                       + ["--override-opt-param-scheduler"], timeout=240)[0]["error"]

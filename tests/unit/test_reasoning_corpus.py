@@ -13,7 +13,7 @@ from megatron_rpt.data.tokenizers.huggingface_tokenizer import HuggingFaceTokeni
 from megatron_rpt.demo_assets import reasoning as R
 from megatron_rpt.rpt.prompts import build_prompt
 from megatron_rpt.rpt.reward import prefix_match_reward
-from megatron_rpt.rpt.tasks import Task, load_tasks
+from megatron_rpt.rpt.tasks import load_tasks
 
 
 def _reference(question: str) -> list[int]:
@@ -77,12 +77,11 @@ def test_tasks_target_the_answer_token_and_a_correct_box_scores(tokenizer, tmp_p
         assert b"".join(tokenizer.token_bytes(ids, at_start=True)) == doc.encode()
     assert len(tokenizer.tokenize("<think></think>\\boxed{")) == 3
     assert [tokenizer.detokenize([i]) for i in tokenizer.tokenize("7+5*3-8=8")] == ["7", "+5", "*3", "-8", "=", "8"]
-    tasks = R.tasks_for(corpus.heldout, tokenizer, prefix="h")
     path = tmp_path / "t_heldout.jsonl"
-    R.write_tasks(path, tasks)
-    assert load_tasks(path) == tasks
+    R.write_tasks(path, R.task_records(corpus.heldout, tokenizer, prefix="h"))
+    tasks = load_tasks(path)                                      # the task-file reader validates every record
+    assert len(tasks) == 20
     for task, p in zip(tasks, corpus.heldout):
-        assert isinstance(task, Task)
         doc = tokenizer.tokenize(p.short_document())
         assert task.context_tokens + task.target_tokens == [tokenizer.eod] + doc   # as in the pretraining stream
         assert tokenizer.detokenize(task.target_tokens) == str(p.answer)
