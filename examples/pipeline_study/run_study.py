@@ -219,7 +219,7 @@ class Study:
                                                                   "seed": DATA_SEED})
             tokenizer = HuggingFaceTokenizer(str(self.tok))
             self.rpt_tasks.parent.mkdir(parents=True, exist_ok=True)
-            R.write_tasks(self.rpt_tasks, R.tasks_for(corpus.short, tokenizer, prefix="corpus"))
+            R.write_tasks(self.rpt_tasks, R.task_records(corpus.short, tokenizer, prefix="corpus"))
             corpus_file = out / "corpus.jsonl"
             with atomic_open(str(corpus_file)) as f:
                 f.writelines(json.dumps({"text": d}) + "\n" for d in corpus.documents)
