@@ -37,7 +37,7 @@ def boxed_after_think(text: str):
     return m.group(1) if m else None
 
 
-def check_stage(stage: dict, problems: dict, k_max: int) -> None:
+def check_stage(stage: dict, problems: dict) -> None:
     """Every evaluation and step of one RL stage against its recorded responses."""
     assert set(stage["evaluations"]) == set(stage["eval_responses"])
     for it, rows in stage["eval_responses"].items():
@@ -122,7 +122,7 @@ def test_small_study_metrics_follow_from_its_responses(tmp_path):
     assert set(stages) == expected, sorted(stages)
     problems = _problems(out / "problems" / "chains_heldout.jsonl")
     for name in ("rlvr_ce_s1", "rpt_rlvr_ce_s1", "rlp_rlvr_ce_s1"):
-        check_stage(stages[name], problems, 4)
+        check_stage(stages[name], problems)
         # the loop's own record next to the checkpoints says the same
         lines = [json.loads(x) for x in (Path(stages[name]["checkpoint"]) / "rpt_eval.jsonl").read_text().splitlines()]
         assert {str(x.pop("iteration")): x for x in lines} == stages[name]["evaluations"]
@@ -155,7 +155,7 @@ def test_committed_results_follow_from_their_responses(config):
     assert heldout
     answers = {r["id"]: r["answer"] for s in heldout for rows in s["eval_responses"].values() for r in rows}
     for stage in heldout:
-        check_stage(stage, answers, 16)
+        check_stage(stage, answers)
     check_summary(results, stages)
 
 
