@@ -145,7 +145,7 @@ def test_small_study_metrics_follow_from_its_responses(tmp_path):
     assert again.returncode == 0 and "mrpt-" not in again.stdout, again.stdout[-2000:]
 
 
-@pytest.mark.parametrize("config", ["", "long", "long_p2", "long_p3", "full_main_corpus"])
+@pytest.mark.parametrize("config", ["", "long", "long_p2", "long_p3", "full_main_corpus", "long_main_corpus"])
 def test_committed_results_follow_from_their_responses(config):
     results = COMMITTED / config
     if not (results / "summary.json").exists():
