@@ -141,7 +141,11 @@ def _micro_batches(seqs: list, micro_batch_size: int, length_multiple: int, max_
     has `token_weight` (the weight on response positions) and `loss_count` (1 at position 0 of each
     sequence, so that one context-parallel rank counts it)."""
     weighted = any(s.sequence_weight is not None for s in seqs)
-    need = min(max_length, -(-max((len(s.tokens) - 1 for s in seqs), default=1) // length_multiple) * length_multiple)
+    longest = max((len(s.tokens) - 1 for s in seqs), default=1)
+    if longest > max_length:
+        # the callers cap prompts at seq_length - max response length; reaching this is a bug, not input
+        raise ValueError(f"a prompt + response of {longest + 1} tokens exceeds --seq-length {max_length} + 1")
+    need = min(max_length, -(-longest // length_multiple) * length_multiple)
     if length is None:
         length = need
     elif length < need:

@@ -186,3 +186,27 @@ def test_policy_log_probs_temperature_must_be_positive():
     for bad in (0.0, -0.8, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="temperature"):
             policy_log_probs(torch.zeros(2, 4), torch.zeros(2, dtype=torch.long), vocab_size=4, temperature=bad)
+
+
+def test_micro_batches_layout_padding_and_overlong_sequences():
+    """Two sequences in micro-batches of 1, length rounded up to the multiple: tokens/labels are the
+    sequence shifted by one, loss only from the position predicting the first response token, the
+    engine's log-probs placed there, padding zero; `count` adds loss-free micro-batches; a sequence
+    longer than --seq-length + 1 is refused by name instead of failing on a tensor shape."""
+    from megatron_rpt.rpt.loop import TrainSequence, _micro_batches
+
+    seqs = [TrainSequence([1, 2, 3, 4, 5], 3, [-0.5, -0.25], 2.0), TrainSequence([6, 7, 8], 2, [-1.0], -1.0)]
+    batches, length = _micro_batches(seqs, 1, 8, 16, attention_mask=False, count=3)
+    assert length == 8 and len(batches) == 3
+    first, second, extra = batches
+    assert first["tokens"][0].tolist() == [1, 2, 3, 4, 0, 0, 0, 0]
+    assert first["labels"][0].tolist() == [2, 3, 4, 5, 0, 0, 0, 0]
+    assert first["loss_mask"][0].tolist() == [0, 0, 1, 1, 0, 0, 0, 0]
+    assert first["rollout_log_probs"][0].tolist() == [0, 0, -0.5, -0.25, 0, 0, 0, 0]
+    assert float(first["advantages"][0, 0]) == 2.0 and "token_weight" not in first
+    assert second["loss_mask"][0].tolist() == [0, 1, 0, 0, 0, 0, 0, 0]
+    assert float(extra["loss_mask"].sum()) == 0.0
+    with pytest.raises(ValueError, match="micro-batch length 4 < 8"):
+        _micro_batches(seqs, 1, 8, 16, attention_mask=False, length=4)
+    with pytest.raises(ValueError, match="exceeds --seq-length 3"):
+        _micro_batches(seqs, 1, 1, 3, attention_mask=False)
