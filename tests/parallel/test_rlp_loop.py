@@ -30,7 +30,6 @@ def write_files(root):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(root / "tokenizer.json"))
-    (root / "template.txt").write_text("{context}")      # for the prefix_match run that starts one test
     for name, n in (("train", 32), ("heldout", 4)):
         with open(root / f"tasks_{name}.jsonl", "w") as f:
             for i in range(n):
@@ -48,7 +47,6 @@ def _args(root, extra=()):
     return [*QWEN3_TINY, "--seq-length", "12", "--max-position-embeddings", "12", "--make-vocab-size-divisible-by", "1",
             "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(root / "tokenizer.json"),
             "--rpt-data", str(root / "tasks_train.jsonl"), "--rl-reward", "information_gain",
-            "--rpt-prompt-template", str(root / "template.txt"),
             "--rpt-contexts-per-step", "4", "--rpt-group-size", "4", "--rpt-max-response-length", "4",
             "--rpt-temperature", "1.0", "--micro-batch-size", "16", "--lr", "0.01", "--lr-decay-style", "constant",
             "--weight-decay", "0.0", "--eval-interval", "0", "--log-interval", "1", "--seed", "7",
