@@ -20,17 +20,17 @@
 Every step is skipped when its output exists (delete --output-dir to start over); seeds are fixed and
 whatever the run gives is what is printed.
 
-What the committed defaults print (2026-12-07; two runs, identical output: everything is seeded):
+What the committed defaults print (2026-12-07; three runs, identical output: everything is seeded):
 - before RPT the pretrained model answers held-out questions directly (standard mode) 28.9% of the time
   (chance is 10%) and, thinking at temperature 1 (reasoning mode), 92.5% (avg@8; cons@8 98.4%, pass@8 100%);
 - 30 RPT steps (16 contexts x G=8, lr 1e-4): mean reward 0.936 over the first 5 steps, 0.955 over the
   last 5 (per step 0.89-0.98); held-out reasoning avg@8 0.925 -> 0.946, cons@8 0.984 -> 1.000; standard
   mode 0.289 -> 0.258 (4 of 128 tasks; RPT updates the reasoning responses, not the direct answer);
-- times: 13.1 and 11.8 minutes end to end, on 2 cores shared with other jobs (load average 10-16):
-  corpus + tokenizer + tasks 3-6 s, preprocessing 3 s, pretraining 509-738 s, RPT 35-190 s (each
-  evaluation 3.3 s at moderate load, up to 115 s under load; rollouts up to 7,400 tok/s). On idle cores
-  pretraining ran 156-160 ms per iteration (~100 s for 600), so the demo takes about 3 minutes there
-  (an estimate from those iterations, not an end-to-end idle run).
+- times: on idle 2 cores (an end-to-end run of `make demo-rpt` with .venv present, 2026-12-07) 3 min
+  2 s: corpus + tokenizer + tasks 4.2 s, preprocessing 3.8 s, pretraining 126.6 s, RPT 45.9 s (the two
+  evaluations 5.1 and 4.0 s; rollouts 3,800-5,900 tok/s), with the same printed numbers as above. On 2
+  cores shared with other jobs (load average 10-16) two runs took 13.1 and 11.8 minutes (pretraining
+  509-738 s, one evaluation up to 115 s).
 - an earlier setting, RPT lr 5e-4 with 8 contexts a step, made the policy fall apart (reward 0.77 -> 0.27
   in 20 steps): fresh Adam moments make every update ~lr x sign(g), and 64 rollouts a step give noisy
   signs; lr 1e-4 with 16 contexts is the default for that reason.
