@@ -12,10 +12,12 @@
 Every step is skipped when its output exists (delete --output-dir to start over).
 
 What to expect: the machinery on a real imported checkpoint, not learning. A 135M model is no
-reasoner: on a fresh checkout (issue 22) the run took 11m25s on 2 CPU cores, every step had reward
-0.0000 and grad norm 0 (all G responses of a group score 0, so GRPO's advantages are 0 and nothing
-moves), held-out accuracy did not change, rollouts ran at 8.5-11.8 tok/s and the two evaluations took
-182 s and 216 s (8 tasks x 2 samples then; now 4 x 2, about half). `make demo-rpt` shows RPT learning
+reasoner: every step has reward 0.0000 and grad norm 0 (all G responses of a group score 0, so GRPO's
+advantages are 0 and nothing moves) and held-out accuracy does not change. Measured on 2 idle cores
+(2026-12-07, .venv present): 9 min 40 s end to end: import 8 s, tasks with the entropy proxy 44 s,
+RPT 494 s, of which the two evaluations (4 tasks x 2 samples) took 142 s and 126 s and the three
+steps' rollouts 21-47 s (7.5-14.7 tok/s). (Issue 22's run of the earlier version, 8 evaluation tasks:
+11 min 25 s.) `make demo-rpt` shows RPT learning
 (a tiny model pretrained on a corpus where thinking helps); tests/parallel/test_rpt_loop.py checks it.
 """
 
