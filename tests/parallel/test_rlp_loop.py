@@ -78,21 +78,18 @@ def _reference_scores(model, batches, count):
 def _run(rank, world, argv, check_scores=False, no_extra=None):
     """rpt_train with RLP's pieces caught: every score checked against a float64 reference, theta at the
     EMA's initialisation and at each update recorded, the final policy and EMA returned. `no_extra`: a
-    checkpoint folder whose EMA entry load_extra_state must report missing."""
+    folder where the trained state is then saved without its extras (as pretraining saves it, through
+    the same save_checkpoint), whose EMA entry load_extra_state must report missing, loading nothing."""
     import megatron_rpt.rpt.rlp as rlp
     from megatron_rpt.config import parse_rpt_args
     from megatron_rpt.rpt.loop import rpt_train
-    from megatron_rpt.training.checkpointing import load_extra_state
+    from megatron_rpt.training.checkpointing import load_extra_state, save_checkpoint
     seen = {"checked": [], "thetas": []}
     init, score, initialise, update = rlp.RLP.__init__, rlp.RLP.score, rlp.EMATeacher.initialise, rlp.EMATeacher.update
 
     def caught_init(self, cfg, rpt_job):
         init(self, cfg, rpt_job)
         seen.update(rlp=self, job=rpt_job, loaded_ema=self.ema.initialised)
-        if no_extra is not None:     # reports the entry missing and changes nothing
-            before = _params(self.ema.shadow)
-            seen["no_extra_loaded"] = load_extra_state(no_extra, self.ema)
-            assert all(before[n].equal(t) for n, t in _params(self.ema.shadow).items())
 
     def checked_score(self, job, model, sequences):
         batches, schedule = [], job._schedule
@@ -122,21 +119,21 @@ def _run(rank, world, argv, check_scores=False, no_extra=None):
     rlp.EMATeacher.initialise, rlp.EMATeacher.update = caught_initialise, caught_update
     res = rpt_train(parse_rpt_args(argv))
     r = seen["rlp"]
+    if no_extra is not None:
+        state = seen["job"].state
+        extras, state.checkpoint_extras = state.checkpoint_extras, []
+        try:
+            path = save_checkpoint(str(no_extra), 1, state, seen["job"].cfg, consumed_train_samples=0,
+                                   consumed_valid_samples=0)
+        finally:
+            state.checkpoint_extras = extras
+        before = _params(r.ema.shadow)
+        seen["no_extra_loaded"] = load_extra_state(path, r.ema)    # reports the entry missing, changes nothing
+        assert all(before[n].equal(t) for n, t in _params(r.ema.shadow).items())
     return {"metrics": res.metrics, "evaluations": res.evaluations, "checked": seen["checked"],
             "policy": _params(seen["job"].state.model), "shadow": _params(r.ema.shadow), "forward": _params(r.ema.chunks),
             "theta0": seen.get("theta0"), "thetas": seen["thetas"], "loaded_ema": seen["loaded_ema"],
             "no_extra_loaded": seen.get("no_extra_loaded")}
-
-
-def _strip_ema(src, dst):
-    """A copy of checkpoint folder `src` whose common state lists no extras (as saved without RLP)."""
-    import shutil
-
-    import torch
-    shutil.copytree(src, dst)
-    common = torch.load(dst / "common.pt", weights_only=False)
-    assert common.pop("checkpoint_extras") == ["rlp_ema"]
-    torch.save(common, dst / "common.pt")
 
 
 def test_rlp_ema_scores_and_exact_resume(rlp_files, tmp_path):
@@ -168,7 +165,6 @@ def test_rlp_ema_scores_and_exact_resume(rlp_files, tmp_path):
         assert full["forward"][name].equal(full["shadow"][name]), name
     assert any(not full["shadow"][n].equal(full["theta0"][n]) for n in phi)
 
-    _strip_ema(a / "iter_0000001", tmp_path / "no_ema")
     resumed = run_ranks(_run, 1, _args(rlp_files, common + ["--load", str(a), "--ckpt-step", "1"]),
                         no_extra=tmp_path / "no_ema", timeout=300)[0]
     assert resumed["loaded_ema"] is True and resumed["no_extra_loaded"] is False
