@@ -557,6 +557,18 @@ class _RPTJob:
         self.driver.consumed_train += self.cfg.rpt.rpt_contexts_per_step
         return report, grad_norms, time.perf_counter() - t0
 
+    def update_metrics(self, report: dict, grad_norms: list, *, t_rollout: float, t_train: float,
+                       rollout_tokens: float, train_tokens: float, truncated: int) -> dict:
+        """The metrics every reward's iteration ends with: the update's `report`, whether it updated and
+        its mean grad norm, the lr, rollout and train throughput and times, prompts truncated so far."""
+        return {**report, "updated": bool(grad_norms),
+                "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else None,
+                "lr": float(self.state.optimizer.param_groups[0]["lr"]),
+                "rollout_tokens_per_s": rollout_tokens / max(t_rollout, 1e-9),
+                "train_tokens_per_s": train_tokens / max(t_train, 1e-9),
+                "time_rollout_s": t_rollout, "time_train_s": t_train,
+                "prompts_truncated": truncated}   # so far, on this rank (contexts cut to fit --seq-length)
+
     def step(self, iteration: int) -> None:
         r = self.cfg.rpt
         if self.rlp is not None:     # RLP: its own rollouts, rewards and metrics, the same update and logging
@@ -587,7 +599,6 @@ class _RPTJob:
         mean_len = resp_tokens / max(n_rollouts, 1)
 
         report, grad_norms, t_train = self.train(parts)
-        grad_norm = sum(grad_norms) / len(grad_norms) if grad_norms else None
         metrics = {
             "reward": reward_sum / max(n_rollouts, 1), f"pass@{r.rpt_group_size}": groups_solved / max(n_groups, 1),
             "kept_group_fraction": kept / max(n_groups, 1),
@@ -596,12 +607,9 @@ class _RPTJob:
             # population std over the step's responses; answer_rate: responses with an extractable answer
             "response_length_std": math.sqrt(max(resp_tokens_sq / max(n_rollouts, 1) - mean_len ** 2, 0.0)),
             "answer_rate": n_answered / max(n_rollouts, 1),
-            **report, "updated": bool(grad_norms), "grad_norm": grad_norm,
-            "lr": float(self.state.optimizer.param_groups[0]["lr"]),
-            "rollout_tokens_per_s": resp_tokens / max(t_rollout, 1e-9),
-            "train_tokens_per_s": (prompt_tokens * kept / max(n_groups, 1) + report["train_tokens"]) / max(t_train, 1e-9),
-            "time_rollout_s": t_rollout, "time_train_s": t_train,
-            "prompts_truncated": self.truncated,   # so far, on this rank (contexts cut to fit --seq-length)
+            **self.update_metrics(report, grad_norms, t_rollout=t_rollout, t_train=t_train, rollout_tokens=resp_tokens,
+                                  train_tokens=prompt_tokens * kept / max(n_groups, 1) + report["train_tokens"],
+                                  truncated=self.truncated),
         }
         self._finish_step(iteration, metrics)
 

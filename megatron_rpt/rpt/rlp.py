@@ -282,12 +282,9 @@ class RLP:
         metrics = {
             "reward": reward_sum / n, "s_pred": pred_sum / n, "s_ema": ema_sum / groups,
             "positive_gain_fraction": positive / n, "thought_length": thought_tokens / n, "closed_fraction": closed / n,
-            "kept_group_fraction": kept / groups, **report, "updated": bool(grad_norms),
-            "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else None,
-            "lr": float(job.state.optimizer.param_groups[0]["lr"]),
-            "rollout_tokens_per_s": sampled / max(t_rollout, 1e-9),
-            "train_tokens_per_s": report["train_tokens"] / max(t_train, 1e-9),
-            "time_rollout_s": t_rollout, "time_train_s": t_train, "prompts_truncated": self.truncated,
+            "kept_group_fraction": kept / groups,
+            **job.update_metrics(report, grad_norms, t_rollout=t_rollout, t_train=t_train, rollout_tokens=sampled,
+                                 train_tokens=report["train_tokens"], truncated=self.truncated),
         }
         return metrics     # the loop checks that the policy loss is finite
 
