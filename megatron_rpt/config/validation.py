@@ -733,9 +733,9 @@ def check_rpt_config(cfg: RunConfig, world_size: int, *, check_files: bool = Tru
         problems.append("--rpt-prompt-template does not apply to --rl-reward information_gain: RLP's prompt is the "
                         "bare context's token ids + '<think>' (docs/rlp.md)")
     if r.rl_reward != "information_gain":
-        given = [flag for flag, value, default in (("--rlp-ema-decay", r.rlp_ema_decay, 0.999),
-                                                   ("--rlp-target-tokens", r.rlp_target_tokens, 1))
-                 if value != default]
+        defaults = type(r)()        # config.schema's defaults of the flags
+        given = [flag for flag, name in (("--rlp-ema-decay", "rlp_ema_decay"), ("--rlp-target-tokens", "rlp_target_tokens"))
+                 if getattr(r, name) != getattr(defaults, name)]
         if given:
             problems.append(f"{' and '.join(given)} only apply to --rl-reward information_gain (RLP); this run's "
                             f"reward is {r.rl_reward}")
