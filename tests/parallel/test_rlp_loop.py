@@ -12,7 +12,7 @@ import json
 import pytest
 
 from tests.dist_harness import run_ranks
-from tests.parallel.test_rpt_loop import QWEN3_TINY
+from tests.parallel.test_rpt_loop import QWEN3_TINY, word_tokenizer
 
 WORDS = ["</s>", "<think>", "</think>", "A", "B", "C", "D", "qA", "qB", "qC", "qD", "x", "<unk>"]
 TAU = 0.9      # a decay that moves the EMA visibly in a few steps (the paper's 0.999 is the default)
@@ -25,11 +25,7 @@ def rlp_files(tmp_path_factory):
 
 def write_files(root):
     """A word-level tokenizer with the thought markers, and task files with two target tokens each."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    vocab = {w: i for i, w in enumerate(WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(root / "tokenizer.json"))
+    vocab = word_tokenizer(root / "tokenizer.json", WORDS)
     for name, n in (("train", 32), ("heldout", 4)):
         with open(root / f"tasks_{name}.jsonl", "w") as f:
             for i in range(n):

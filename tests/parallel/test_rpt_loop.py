@@ -23,14 +23,21 @@ ANSWERS = ["A", "B", "C", "D"]
 WORDS = ["</s>"] + [f"\\boxed{{{a}}}" for a in ANSWERS] + ANSWERS + [f"q{a}" for a in ANSWERS] + ["<unk>", "x"]
 
 
+def word_tokenizer(path, words: list) -> dict:
+    """A whitespace-split word-level tokenizer of `words` (id = index; "<unk>" among them) saved as the
+    tokenizer.json `path`; returns its vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path))
+    return vocab
+
+
 @pytest.fixture(scope="module")
 def task_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("rpt_synthetic")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    vocab = {w: i for i, w in enumerate(WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(root / "tokenizer.json"))
+    vocab = word_tokenizer(root / "tokenizer.json", WORDS)
     (root / "template.txt").write_text("{context}")
     for name, n in (("train", 64), ("heldout", 16)):
         with open(root / f"tasks_{name}.jsonl", "w") as f:
@@ -42,10 +49,7 @@ def task_files(tmp_path_factory):
                     "context": " ".join(words), "context_tokens": [vocab[w] for w in words], "target_tokens": [vocab[a]],
                     "target_bytes": [a.encode().hex()], "entropy": 1.2, "splits": ["easy", "medium"]}) + "\n")
     # RLVR: problems "qa" (answer 0.5) and "qb" (answer -3) with one token per boxed answer
-    rl_vocab = {w: i for i, w in enumerate(RL_WORDS)}
-    tok = Tokenizer(models.WordLevel(rl_vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(root / "rl_tokenizer.json"))
+    word_tokenizer(root / "rl_tokenizer.json", RL_WORDS)
     for name, n in (("train", 16), ("heldout", 4)):
         with open(root / f"problems_{name}.jsonl", "w") as f:
             for i in range(n):
