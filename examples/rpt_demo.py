@@ -129,6 +129,7 @@ def main(argv=None) -> int:
 
     from megatron_rpt.data.tokenizers.huggingface_tokenizer import HuggingFaceTokenizer
     from megatron_rpt.demo_assets import reasoning as R
+    from megatron_rpt.fileio import write_jsonl
 
     # 1. corpus, tokenizer, tasks (pure Python, seconds)
     t0 = time.perf_counter()
@@ -140,11 +141,9 @@ def main(argv=None) -> int:
         corpus = R.build_corpus(a.documents, a.heldout, seed=a.seed)
         tokenizer = HuggingFaceTokenizer(str(tok_dir))
         tasks.parent.mkdir(parents=True, exist_ok=True)
-        R.write_tasks(train_tasks, R.task_records(corpus.short, tokenizer, prefix="train"))
-        R.write_tasks(heldout_tasks, R.task_records(corpus.heldout, tokenizer, prefix="heldout"))
-        from megatron_rpt.fileio import atomic_open
-        with atomic_open(corpus_file) as f:
-            f.writelines(json.dumps({"text": d}) + "\n" for d in corpus.documents)
+        write_jsonl(train_tasks, R.task_records(corpus.short, tokenizer, prefix="train"))
+        write_jsonl(heldout_tasks, R.task_records(corpus.heldout, tokenizer, prefix="heldout"))
+        write_jsonl(corpus_file, ({"text": d} for d in corpus.documents))
         worked = next(d for d in corpus.documents if d.startswith(R.WORKED_PREFIX))
         short = next(d for d in corpus.documents if not d.startswith(R.WORKED_PREFIX))
         print(f"    {len(corpus.documents)} documents, e.g.\n      {worked}\n      {short}", flush=True)

@@ -194,7 +194,9 @@ class Study:
     def data(self) -> None:
         from megatron_rpt.data.tokenizers.huggingface_tokenizer import HuggingFaceTokenizer
         from megatron_rpt.demo_assets import reasoning as R
-        from megatron_rpt.fileio import atomic_open
+        from megatron_rpt.fileio import write_jsonl
+        from megatron_rpt.rpt.tasks.problem_sources import write_problem_files
+        from megatron_rpt.rpt.tasks.problems import Problem
         c, out = self.c, self.out
         self.tok = R.write_tokenizer(out / "tokenizer")
         self.document = out / "data" / "chains_text_document"
@@ -206,23 +208,18 @@ class Study:
             in_corpus = {p.question for p in corpus.short} | {d[len(R.WORKED_PREFIX):].split("=")[0]
                                                               for d in corpus.documents if d.startswith("Q:")}
             sets = {"train": corpus.heldout[:c["rl_train"]], "heldout": corpus.heldout[c["rl_train"]:]}
-            self.problems["train"].parent.mkdir(parents=True, exist_ok=True)
-            for name, probs in sets.items():
-                if any(p.question in in_corpus for p in probs):
-                    raise RuntimeError("a held-out problem is in the pretraining corpus")
-                with atomic_open(str(self.problems[name])) as f:
-                    for i, p in enumerate(probs):
-                        f.write(json.dumps({"id": f"{name}{i}", "family": "digit_chain", "source": "demo_assets/reasoning",
-                                            "question": p.question, "answer": str(p.answer),
-                                            "solution": p.worked_document(), "splits": []}) + "\n")
-            _write_json(out / "problems" / "chains.meta.json", {"format": "mrpt-rl-problems/1", "documents": c["documents"],
-                                                                  "seed": DATA_SEED})
+            if any(p.question in in_corpus for probs in sets.values() for p in probs):
+                raise RuntimeError("a held-out problem is in the pretraining corpus")
+            train, heldout = ([Problem(id=f"{name}{i}", family="digit_chain", source="demo_assets/reasoning",
+                                       question=p.question, answer=str(p.answer), solution=p.worked_document(),
+                                       splits=[]) for i, p in enumerate(probs)] for name, probs in sets.items())
+            write_problem_files(str(out / "problems" / "chains"), train, heldout,
+                                {"documents": c["documents"], "seed": DATA_SEED})
             tokenizer = HuggingFaceTokenizer(str(self.tok))
             self.rpt_tasks.parent.mkdir(parents=True, exist_ok=True)
-            R.write_tasks(self.rpt_tasks, R.task_records(corpus.short, tokenizer, prefix="corpus"))
+            write_jsonl(self.rpt_tasks, R.task_records(corpus.short, tokenizer, prefix="corpus"))
             corpus_file = out / "corpus.jsonl"
-            with atomic_open(str(corpus_file)) as f:
-                f.writelines(json.dumps({"text": d}) + "\n" for d in corpus.documents)
+            write_jsonl(corpus_file, ({"text": d} for d in corpus.documents))
             from megatron_rpt.data.preprocess import preprocess
             (out / "data").mkdir(parents=True, exist_ok=True)
             with open(out / "preprocess.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):

@@ -30,7 +30,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 OPS = "+-*"
 THINK, END_THINK, BOX = "<think>", "</think>", "\\boxed{"
@@ -179,14 +179,3 @@ def task_records(problems: Iterable[Problem], tokenizer, *, prefix: str) -> list
                     "context": p.short_context(), "context_tokens": context, "target_tokens": target,
                     "target_bytes": [b.hex() for b in target_bytes], "entropy": 0.0, "splits": []})
     return out
-
-
-def write_tasks(path: str | Path, records: Sequence[dict]) -> None:
-    """One JSON record per line, written complete or not at all."""
-    import json
-
-    from megatron_rpt.fileio import atomic_open
-
-    with atomic_open(str(path)) as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")

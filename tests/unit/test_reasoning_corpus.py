@@ -11,6 +11,7 @@ import pytest
 
 from megatron_rpt.data.tokenizers.huggingface_tokenizer import HuggingFaceTokenizer
 from megatron_rpt.demo_assets import reasoning as R
+from megatron_rpt.fileio import write_jsonl
 from megatron_rpt.rpt.prompts import build_prompt
 from megatron_rpt.rpt.reward import prefix_match_reward
 from megatron_rpt.rpt.tasks import load_tasks
@@ -78,7 +79,7 @@ def test_tasks_target_the_answer_token_and_a_correct_box_scores(tokenizer, tmp_p
     assert len(tokenizer.tokenize("<think></think>\\boxed{")) == 3
     assert [tokenizer.detokenize([i]) for i in tokenizer.tokenize("7+5*3-8=8")] == ["7", "+5", "*3", "-8", "=", "8"]
     path = tmp_path / "t_heldout.jsonl"
-    R.write_tasks(path, R.task_records(corpus.heldout, tokenizer, prefix="h"))
+    write_jsonl(path, R.task_records(corpus.heldout, tokenizer, prefix="h"))
     tasks = load_tasks(path)                                      # the task-file reader validates every record
     assert len(tasks) == 20
     for task, p in zip(tasks, corpus.heldout):
